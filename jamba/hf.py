@@ -333,9 +333,29 @@ def run_plan(plan: Plan, get: Callable[[str], torch.Tensor]) -> Iterator[Tuple[s
         yield target, fn([get(s) for s in srcs])
 
 
-def state_dict_to_hf(sd: Mapping[str, torch.Tensor], cfg: JambaConfig) -> Dict[str, torch.Tensor]:
-    """Our state dict -> transformers 5.x JambaForCausalLM state dict (lm_head omitted when tied)."""
-    return dict(run_plan(plan_to_hf(sd.keys(), cfg), sd.__getitem__))
+def state_dict_to_hf(sd: Mapping[str, torch.Tensor], cfg: JambaConfig, layout: str = "5.x") -> Dict[str, torch.Tensor]:
+    """Our state dict -> transformers JambaForCausalLM state dict (lm_head omitted when tied), in the
+    stacked 5.x expert layout or the per-expert 4.x layout (layout="4.x")."""
+    items = run_plan(plan_to_hf(sd.keys(), cfg), sd.__getitem__)
+    return dict(split_experts_4x(items) if layout == "4.x" else items)
+
+
+def split_experts_4x(items: Iterable[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:
+    """HF 5.x (key, tensor) pairs -> the 4.x per-expert layout (`experts.{j}.{gate,up,down}_proj.weight`),
+    which transformers 4.x loads and 5.x converts on load."""
+    for k, v in items:
+        if k.endswith(".experts.gate_up_proj"):
+            prefix = k[: -len(".gate_up_proj")]
+            gate, up = v.chunk(2, dim=1)
+            for j in range(v.shape[0]):
+                yield f"{prefix}.{j}.gate_proj.weight", gate[j].contiguous()
+                yield f"{prefix}.{j}.up_proj.weight", up[j].contiguous()
+        elif k.endswith(".experts.down_proj"):
+            prefix = k[: -len(".down_proj")]
+            for j in range(v.shape[0]):
+                yield f"{prefix}.{j}.down_proj.weight", v[j].contiguous()
+        else:
+            yield k, v
 
 
 def state_dict_from_hf(sd: Mapping[str, torch.Tensor], cfg: JambaConfig) -> Dict[str, torch.Tensor]:
@@ -701,9 +721,13 @@ def _resolve_config(path: Path, cfg) -> JambaConfig:
 # ================================================================================================
 
 def export_hf(checkpoint, out_dir, config=None, *, dtype: Optional[torch.dtype] = None,
-              max_shard_size="5GB", tokenizer=None, use_mamba_kernels: bool = True, **hf_overrides) -> Path:
+              max_shard_size="5GB", tokenizer=None, use_mamba_kernels: bool = True, layout: str = "5.x",
+              **hf_overrides) -> Path:
     """Write an HF Jamba directory (config.json, safetensors, jamba_config.json, optionally the tokenizer)
-    from one of our checkpoints (see read_our_checkpoint) or an in-memory model of ours."""
+    from one of our checkpoints (see read_our_checkpoint) or an in-memory model of ours. layout="5.x"
+    stacks the experts (transformers >= 5); "4.x" writes per-expert tensors (transformers 4.x and 5.x)."""
+    if layout not in ("5.x", "4.x"):
+        raise ValueError(f"layout={layout!r}: choose '5.x' (stacked experts) or '4.x' (per-expert tensors)")
     out_dir = Path(out_dir)
     if hasattr(checkpoint, "state_dict"):
         cfg = _model_config(checkpoint)
@@ -730,7 +754,9 @@ def export_hf(checkpoint, out_dir, config=None, *, dtype: Optional[torch.dtype] 
     first = get(keys[0])
     out_dtype = dtype or first.dtype
     hf_cfg.dtype = str(out_dtype).replace("torch.", "")
-    save_safetensors(run_plan(plan, get), out_dir, max_shard_size=max_shard_size, dtype=dtype)
+    items = run_plan(plan, get)
+    save_safetensors(split_experts_4x(items) if layout == "4.x" else items, out_dir,
+                     max_shard_size=max_shard_size, dtype=dtype)
     hf_cfg.save_pretrained(str(out_dir))
     (out_dir / OUR_CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log.info("exported %d tensors to %s", len(plan), out_dir)
@@ -777,6 +803,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--tokenizer", help="sentencepiece .model (or an HF tokenizer dir) to save beside the weights")
     e.add_argument("--max-shard-size", default="5GB")
     e.add_argument("--no-mamba-kernels", action="store_true", help="write use_mamba_kernels=false")
+    e.add_argument("--hf-layout", choices=["5.x", "4.x"], default="5.x",
+                   help="expert tensors stacked (transformers>=5, default) or per expert (also loads in 4.x)")
     i = sub.add_parser("import", help="HF Jamba directory -> our checkpoint (jamba_config.json + safetensors)")
     i.add_argument("hf_dir")
     i.add_argument("out")
@@ -789,7 +817,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "export":
             out = export_hf(args.checkpoint, args.out_dir, args.config, dtype=dtype,
                             max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
-                            use_mamba_kernels=not args.no_mamba_kernels)
+                            use_mamba_kernels=not args.no_mamba_kernels, layout=args.hf_layout)
             print(f"wrote {out} (load with transformers.JambaForCausalLM.from_pretrained({str(out)!r}))")
         else:
             cfg = import_hf(args.hf_dir, args.out, dtype=dtype, max_shard_size=args.max_shard_size)

@@ -120,21 +120,7 @@ def _hf_random_state_dict(cfg, per_expert=False):
 
 def to_per_expert_layout(sd):
     """transformers 5.x stacked experts -> the per-expert keys of 4.x checkpoints (e.g. Jamba-v0.1 files)."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(".experts.gate_up_proj"):
-            prefix = k[: -len(".gate_up_proj")]
-            gate, up = v.chunk(2, dim=1)
-            for j in range(v.shape[0]):
-                out[f"{prefix}.{j}.gate_proj.weight"] = gate[j].clone()
-                out[f"{prefix}.{j}.up_proj.weight"] = up[j].clone()
-        elif k.endswith(".experts.down_proj"):
-            prefix = k[: -len(".down_proj")]
-            for j in range(v.shape[0]):
-                out[f"{prefix}.{j}.down_proj.weight"] = v[j].clone()
-        else:
-            out[k] = v
-    return out
+    return dict(hf.split_experts_4x(sd.items()))
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -153,7 +139,11 @@ def test_state_dict_layouts(tied):
                        hf.interleave_in_proj(sd5["model.layers.0.mamba.in_proj.weight"]))
     assert ("lm_head.weight" in ours) == (not tied)
     # 4.x per-expert layout gives the same tensors
-    ours4 = hf.state_dict_from_hf(to_per_expert_layout(sd5), cfg)
+    sd4 = to_per_expert_layout(sd5)
+    assert torch.equal(sd4["model.layers.1.feed_forward.experts.3.up_proj.weight"], sd5[f"{e}.gate_up_proj"][3, I:])
+    assert torch.equal(sd4["model.layers.1.feed_forward.experts.2.down_proj.weight"], sd5[f"{e}.down_proj"][2])
+    assert sd4.keys() == hf.state_dict_to_hf(ours, cfg, layout="4.x").keys()
+    ours4 = hf.state_dict_from_hf(sd4, cfg)
     assert ours4.keys() == ours.keys()
     assert all(torch.equal(ours[k], ours4[k]) for k in ours)
     # and back to 5.x is the identity

@@ -1,0 +1,281 @@
+"""Parity of our JambaForCausalLM with transformers' JambaForCausalLM on the same (random) weights.
+
+CPU, fp32, tiny sizes. HF's model (use_mamba_kernels=False: its pure-PyTorch sequential scan) is the
+reference; every parameter is randomised (A_log, D, all norms, dt bias, conv, router...) so that a wrong
+layout or a skipped op shows up. Errors are reported as max|ours - hf| / max|hf|.
+"""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("jamba.model", reason="our model (jamba/model.py) is not there yet")
+
+from jamba import hf  # noqa: E402
+from jamba.config import JambaConfig  # noqa: E402
+
+
+BASE = dict(vocab_size=256, hidden_size=32, num_attention_heads=4, intermediate_size=48, mamba_d_state=8,
+            mamba_dt_rank=4, router_aux_loss_coef=0.05)
+LAYOUTS = {
+    # Jamba's own layout in small: attention 1 in 8 (offset 4), MoE every 2nd layer, top-2 of 4, GQA 4/2.
+    "jamba8": dict(num_hidden_layers=8, attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2,
+                   expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, num_key_value_heads=2),
+    # Attention first and every 3rd, MoE at 2 mod 3, top-1 of 8, multi-query, tied embeddings.
+    "p3_top1_mqa_tied": dict(num_hidden_layers=6, attn_layer_period=3, attn_layer_offset=0, expert_layer_period=3,
+                             expert_layer_offset=2, num_experts=8, num_experts_per_tok=1, num_key_value_heads=1,
+                             tie_word_embeddings=True),
+    # Dense (num_experts=1), full MHA, in_proj bias, no conv bias, dt_rank auto (= 2).
+    "dense_mha_bias": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, num_experts=1,
+                           num_experts_per_tok=1, num_key_value_heads=4, mamba_proj_bias=True,
+                           mamba_conv_bias=False, mamba_dt_rank=None),
+    # Explicit (periodic) pattern string, MoE on the attention layers.
+    "pattern": dict(num_hidden_layers=4, layer_pattern="AE MD AE MD", num_experts=4, num_experts_per_tok=2,
+                    num_key_value_heads=2),
+}
+B, L = 2, 32
+
+
+def make_cfg(name) -> JambaConfig:
+    return JambaConfig(**{**BASE, **LAYOUTS[name]})
+
+
+@torch.no_grad()
+def randomize_(model, seed=0):
+    """Every parameter of an HF (or our) Jamba model to a random, well-scaled value."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(p, std=1.0):
+        return torch.randn(p.shape, generator=g) * std
+
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.copy_(torch.log(torch.rand(p.shape, generator=g) * 8 + 0.5))
+        elif name.endswith(".D"):
+            p.copy_(rn(p))
+        elif "norm" in name:  # all RMSNorm weights (input, pre_ff, final, dt, b, c)
+            p.copy_(1 + rn(p, 0.3))
+        elif name.endswith("dt_proj.bias"):  # inverse softplus of dt in [1e-3, 0.3]
+            dt = torch.exp(torch.rand(p.shape, generator=g) * (torch.log(torch.tensor(0.3)) - torch.log(
+                torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3)))
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))
+        elif name.endswith("conv1d.weight"):
+            p.copy_(rn(p, 0.5))
+        elif name.endswith("bias"):
+            p.copy_(rn(p, 0.2))
+        elif name.endswith("embed_tokens.weight"):
+            p.copy_(rn(p))
+        elif name.endswith("router.weight"):
+            p.copy_(rn(p, 2.0 / p.shape[-1] ** 0.5))  # decisive routing (no near-ties)
+        else:  # linear / stacked expert weights (out, in): fan-in scaling
+            p.copy_(rn(p, 1.0 / p.shape[-1] ** 0.5))
+    return model
+
+
+def hf_random(cfg, seed=0):
+    hf_cfg = hf.config_to_hf(cfg, use_mamba_kernels=False, pad_token_id=None)
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return randomize_(transformers.JambaForCausalLM(hf_cfg), seed).eval()
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def inputs(cfg, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (B, L), generator=g)
+
+
+def aligned_labels(x):
+    """Our labels are aligned (labels[:, t] = target of position t); HF shifts labels=x internally."""
+    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def pair(request):
+    cfg = make_cfg(request.param)
+    ref = hf_random(cfg)
+    ours = hf.from_hf(ref, base=cfg).eval()
+    return request.param, cfg, ref, ours
+
+
+def test_logits(pair):
+    name, cfg, ref, ours = pair
+    x = inputs(cfg)
+    with torch.no_grad():
+        want = ref(x).logits
+        got = ours(x).logits
+    assert got.shape == (B, L, cfg.vocab_size)
+    err = rel_err(got, want)
+    print(f"[{name}] logits max rel err {err:.2e}")
+    assert err < 1e-4, f"{name}: logits differ from HF by {err:.2e} (relative to max |logit|)"
+
+
+def test_losses(pair):
+    name, cfg, ref, ours = pair
+    x = inputs(cfg, seed=2)
+    with torch.no_grad():
+        out = ours(x, labels=aligned_labels(x))
+        lm = ref(x, labels=x).loss
+        torch.testing.assert_close(out.lm_loss, lm, rtol=1e-5, atol=0)
+        if cfg.num_experts > 1:
+            r = ref(x, labels=x, output_router_logits=True)
+            torch.testing.assert_close(out.aux_loss, r.aux_loss, rtol=1e-5, atol=0)
+            torch.testing.assert_close(out.loss, r.loss, rtol=1e-5, atol=0)  # lm + coef * aux
+            print(f"[{name}] lm {out.lm_loss:.6f} vs {lm:.6f}, aux {out.aux_loss:.6f} vs {r.aux_loss:.6f}")
+        else:
+            torch.testing.assert_close(out.loss, lm, rtol=1e-5, atol=0)
+
+
+def test_gradients(pair):
+    name, cfg, ref, ours = pair
+    x = inputs(cfg, seed=3)
+    ref.train(), ours.train()
+    try:
+        ref.zero_grad(set_to_none=True), ours.zero_grad(set_to_none=True)
+        ref(x, labels=x, output_router_logits=cfg.num_experts > 1).loss.backward()
+        ours(x, labels=aligned_labels(x)).loss.backward()
+    finally:
+        ref.eval(), ours.eval()
+    ours_grads = {k: p.grad for k, p in ours.named_parameters()}
+    assert all(g is not None for g in ours_grads.values()), [k for k, g in ours_grads.items() if g is None]
+    mapped = hf.state_dict_to_hf(ours_grads, cfg)
+    ref_grads = {k: p.grad for k, p in ref.named_parameters()}
+    assert mapped.keys() == ref_grads.keys()
+    worst = max(((rel_err(mapped[k], ref_grads[k]), k) for k in ref_grads))
+    print(f"[{name}] grads: worst max rel err {worst[0]:.2e} ({worst[1]})")
+    for k, g in ref_grads.items():
+        # fp32; a gradient is a sum over B*L positions and layers, so allow 1e-4 of its largest entry.
+        assert rel_err(mapped[k], g) < 1e-4, f"{name}: grad of {k} differs by {rel_err(mapped[k], g):.2e}"
+
+
+def test_round_trip_is_identity(pair):
+    name, cfg, ref, ours = pair
+    back = hf.from_hf(hf.to_hf(ours), base=cfg)
+    a, b = ours.state_dict(), back.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hf_sd = ref.state_dict()
+    hf_again = hf.to_hf(ours).state_dict()
+    assert hf_sd.keys() == hf_again.keys() and all(torch.equal(hf_sd[k], hf_again[k]) for k in hf_sd)
+
+
+@pytest.mark.parametrize("name", ["jamba8", "p3_top1_mqa_tied"])
+def test_export_then_from_pretrained(tmp_path, name):
+    cfg = make_cfg(name)
+    ref = hf_random(cfg, seed=5)
+    ours = hf.from_hf(ref, base=cfg).eval()
+    x = inputs(cfg, seed=6)
+    with torch.no_grad():
+        want = ours(x).logits
+    # 1) in-memory model -> directory; 2) the CLI from a .safetensors state dict + our config JSON.
+    hf.export_hf(ours, tmp_path / "a", max_shard_size="40KB")
+    from safetensors.torch import save_file
+    sd = {k: v for k, v in ours.state_dict().items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(sd, str(tmp_path / "ck.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
+    assert hf.main(["export", str(tmp_path / "ck.safetensors"), str(tmp_path / "b"),
+                    "--config", str(tmp_path / "cfg.json"), "--no-mamba-kernels"]) == 0
+    for d in ("a", "b"):
+        loaded = transformers.JambaForCausalLM.from_pretrained(str(tmp_path / d)).eval()
+        with torch.no_grad():
+            err = rel_err(loaded(x).logits, want)
+        print(f"[{name}] export {d} -> from_pretrained: logits max rel err {err:.2e}")
+        assert err < 1e-4
+        assert (tmp_path / d / "jamba_config.json").exists()
+    assert (tmp_path / "a" / "model.safetensors.index.json").exists()
+
+
+def test_export_from_dcp_checkpoint(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    cfg = make_cfg("jamba8")
+    ours = hf.from_hf(hf_random(cfg, seed=7), base=cfg).eval()
+    x = inputs(cfg, seed=8)
+    with torch.no_grad():
+        want = ours(x).logits
+    ckpt = tmp_path / "run" / "checkpoints" / "step_10"
+    # a training checkpoint: model nested under "model", with other state beside it
+    dcp.save({"model": ours.state_dict(), "extra": {"step": torch.tensor(10)}}, checkpoint_id=str(ckpt),
+             no_dist=True)
+    (tmp_path / "run" / "jamba_config.json").write_text(json.dumps(cfg.to_dict()))  # found two levels up
+    assert hf.main(["export", str(ckpt), str(tmp_path / "out")]) == 0
+    loaded = transformers.JambaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        err = rel_err(loaded(x).logits, want)
+    assert err < 1e-4, err
+
+
+@pytest.mark.parametrize("layout", ["5.x", "4.x"])
+def test_import_hf_directory(tmp_path, layout):
+    cfg = make_cfg("jamba8")
+    ref = hf_random(cfg, seed=9)
+    x = inputs(cfg, seed=10)
+    with torch.no_grad():
+        want = ref(x).logits
+    sd = ref.state_dict()
+    if layout == "4.x":
+        sd = dict(hf.split_experts_4x(sd.items()))
+    hf_dir = tmp_path / "hf"
+    hf.save_safetensors(sd.items(), hf_dir, max_shard_size="60KB")  # sharded with an index
+    ref.config.save_pretrained(str(hf_dir))
+    assert (hf_dir / "model.safetensors.index.json").exists()
+    # load_hf: straight into our model
+    ours = hf.load_hf(hf_dir)
+    assert not ours.training
+    with torch.no_grad():
+        err = rel_err(ours(x).logits, want)
+    print(f"[{layout}] load_hf logits max rel err {err:.2e}")
+    assert err < 1e-4
+    # CLI import -> our checkpoint directory -> our model
+    assert hf.main(["import", str(hf_dir), str(tmp_path / "ours")]) == 0
+    again = hf.load_checkpoint(tmp_path / "ours")
+    a, b = ours.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: our model with the CUDA kernels (bf16) against our fp32 reference path on the same weights.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_kernels_bf16_against_fp32_reference():
+    from jamba.model import JambaForCausalLM
+
+    cfg = JambaConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=2, intermediate_size=512, attn_layer_period=4, attn_layer_offset=2,
+                      expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2,
+                      mamba_d_state=16, router_aux_loss_coef=0.01)
+    torch.manual_seed(0)
+    ref = randomize_(JambaForCausalLM(cfg), seed=11)  # fp32 on CPU: the pure-PyTorch reference path
+    fast = JambaForCausalLM(cfg)
+    fast.load_state_dict(ref.state_dict())
+    fast = fast.to(device="cuda", dtype=torch.bfloat16)  # CUDA: selective_scan_fn, causal_conv1d, SDPA, grouped mm
+    g = torch.Generator().manual_seed(12)
+    x = torch.randint(0, cfg.vocab_size, (2, 512), generator=g)
+    with torch.no_grad():
+        want = ref(x).logits
+        got = fast(x.cuda()).logits.float().cpu()
+    # bf16 has an 8-bit mantissa (eps 7.8e-3); weights, activations and 8 residual layers are rounded,
+    # so logits agree to a few bf16 ulps of the largest logit. Measured errors are printed.
+    err = rel_err(got, want)
+    print(f"gpu bf16 logits max rel err {err:.2e}")
+    assert err < 5e-2
+    # Backward: the relative error of each gradient in the Frobenius norm (robust to the few tokens whose
+    # top-k expert choice flips under bf16 rounding of the router input).
+    labels = aligned_labels(x)
+    ref.zero_grad(), fast.zero_grad()
+    ref(x, labels=labels).loss.backward()
+    fast(x.cuda(), labels=labels.cuda()).loss.backward()
+    fast_grads = dict(fast.named_parameters())
+    worst = 0.0
+    for k, p in ref.named_parameters():
+        gf = fast_grads[k].grad.float().cpu()
+        e = ((gf - p.grad).norm() / p.grad.norm().clamp_min(1e-12)).item()
+        worst = max(worst, e)
+        assert e < 1e-1, f"grad of {k}: bf16 kernel path differs from fp32 reference by {e:.2e} (norm-relative)"
+    print(f"gpu bf16 grads worst norm-relative err {worst:.2e}")
