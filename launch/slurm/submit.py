@@ -68,7 +68,7 @@ def submit(job: SlurmJob, sbatch: str = "sbatch") -> str:
     return job_id
 
 
-def dry_run(job: SlurmJob, out=sys.stdout) -> str:
+def dry_run(job: SlurmJob, out=None) -> str:
     """Print the exact script, the submit command, and (by running the script's own dry-run branch) the
     environment and srun/torchrun command for N nodes x G GPUs. Submits and starts nothing."""
     paths = resolved_paths(job)
@@ -104,5 +104,5 @@ def dry_run(job: SlurmJob, out=sys.stdout) -> str:
         text.append("# (OMP_NUM_THREADS above is from this machine's CPUs; on the nodes it is their CPUs / "
                     f"{job.gpus_per_node} unless cpus_per_task or OMP_NUM_THREADS is set)")
     joined = "\n".join(text) + "\n"
-    out.write(joined)
+    (out or sys.stdout).write(joined)
     return joined
