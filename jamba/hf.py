@@ -535,10 +535,10 @@ def _materialise(model, tensors, dtype, device):
     return model
 
 
-def load_hf(hf_dir, *, dtype: Optional[torch.dtype] = torch.float32, device="cpu"):
+def load_hf(hf_dir, *, dtype: Optional[torch.dtype] = None, device="cpu"):
     """Our JambaForCausalLM (eval mode) from an HF Jamba directory (config.json + safetensors, either
-    expert layout). `model(input_ids).logits` is [B, L, V]. Tensors are read shard by shard and assigned
-    into a meta-built model, so memory is one copy of the weights."""
+    expert layout). `model(input_ids).logits` is [B, L, V]. dtype None keeps the checkpoint's dtype.
+    Tensors are read shard by shard and assigned into a meta-built model: memory is one copy of the weights."""
     hf_dir = Path(hf_dir)
     base = None
     if (hf_dir / OUR_CONFIG_NAME).exists():
@@ -629,27 +629,32 @@ def _strip_prefix(keys: Iterable[str], anchor: str = "model.embed_tokens.weight"
     raise KeyError(f"no '*{anchor}' tensor found: not a checkpoint of our JambaForCausalLM")
 
 
-def read_our_checkpoint(path, cfg: JambaConfig) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Our model's (key, tensor) pairs from a training checkpoint: a torch Distributed Checkpoint
+def open_our_checkpoint(path, cfg: JambaConfig) -> Tuple[List[str], Callable[[str], torch.Tensor]]:
+    """(keys, get) over our model's tensors in a training checkpoint: a torch Distributed Checkpoint
     directory (only the model tensors are read, unsharded, no process group needed), a directory of
-    our safetensors, or a .pt / .safetensors file (a state dict, possibly nested under 'model')."""
+    our safetensors, or a .pt / .safetensors file (a state dict, possibly nested, e.g. under 'model').
+    safetensors and .pt are read lazily (memory map); DCP is loaded once (the model's tensors only)."""
     path = Path(path)
     if path.is_dir() and (path / ".metadata").exists():
-        yield from _read_dcp(path, cfg)
-        return
+        sd = _read_dcp(path, cfg)
+        return list(sd), sd.__getitem__
     if path.is_dir() or path.suffix == ".safetensors":
         src = SafetensorsSource(path)
         prefix = _strip_prefix(src.keys())
-        for k in src.keys():
-            if k.startswith(prefix):
-                yield k[len(prefix):], src.get(k)
-        return
+        keys = [k[len(prefix):] for k in src.keys() if k.startswith(prefix)]
+        return keys, lambda k: src.get(prefix + k)
     obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     flat = _flatten(obj)
     prefix = _strip_prefix(flat.keys())
-    for k, v in flat.items():
-        if k.startswith(prefix) and isinstance(v, torch.Tensor):
-            yield k[len(prefix):], v
+    sd = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    return list(sd), sd.__getitem__
+
+
+def read_our_checkpoint(path, cfg: JambaConfig) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Our model's (key, tensor) pairs from a training checkpoint (see open_our_checkpoint), one at a time."""
+    keys, get = open_our_checkpoint(path, cfg)
+    for k in keys:
+        yield k, get(k)
 
 
 def _flatten(obj, prefix="") -> Dict[str, object]:
@@ -662,7 +667,7 @@ def _flatten(obj, prefix="") -> Dict[str, object]:
     return out
 
 
-def _read_dcp(path: Path, cfg: JambaConfig) -> Iterator[Tuple[str, torch.Tensor]]:
+def _read_dcp(path: Path, cfg: JambaConfig) -> Dict[str, torch.Tensor]:
     # Lazy import: jamba/ does not use torch.distributed; reading a DCP checkpoint on one process does
     # not need a process group (no_dist=True), only DCP's file reader.
     import torch.distributed.checkpoint as dcp
@@ -681,8 +686,7 @@ def _read_dcp(path: Path, cfg: JambaConfig) -> Iterator[Tuple[str, torch.Tensor]
         md = meta[full]
         want[full] = torch.empty(md.size, dtype=md.properties.dtype)
     dcp.load(want, storage_reader=reader, no_dist=True)
-    for full, t in want.items():
-        yield full[len(prefix):], t
+    return {full[len(prefix):]: t for full, t in want.items()}
 
 
 def write_our_checkpoint(tensors: Iterable[Tuple[str, torch.Tensor]], cfg: JambaConfig, out_dir,
@@ -735,11 +739,10 @@ def export_hf(checkpoint, out_dir, config=None, *, dtype: Optional[torch.dtype] 
         keys, get = list(sd), sd.__getitem__
     else:
         cfg = _resolve_config(Path(checkpoint), config)
-        cache = dict(read_our_checkpoint(checkpoint, cfg))  # lazy tensors (mmap / DCP-loaded), one copy
-        keys, get = list(cache), cache.__getitem__
+        keys, get = open_our_checkpoint(checkpoint, cfg)  # lazy: one tensor (group) at a time
     tok_ids = {}
     if tokenizer is not None:
-        tok_ids = _export_tokenizer(tokenizer, out_dir)
+        tok_ids = _export_tokenizer(tokenizer, out_dir, cfg.vocab_size)
     for k, v in tok_ids.items():
         hf_overrides.setdefault(k, v)
     hf_overrides.setdefault("pad_token_id", None)
@@ -763,8 +766,11 @@ def export_hf(checkpoint, out_dir, config=None, *, dtype: Optional[torch.dtype] 
     return out_dir
 
 
-def _export_tokenizer(tokenizer, out_dir: Path) -> dict:
-    """Save a sentencepiece model as an HF (Llama-style) tokenizer; returns its special token ids."""
+def _export_tokenizer(tokenizer, out_dir: Path, vocab_size: int) -> dict:
+    """Save a sentencepiece model (or an HF tokenizer directory) as an HF tokenizer in out_dir
+    (Llama-style: tokenizer.model + tokenizer.json, no BOS/EOS added); returns its special token ids."""
+    import tempfile
+
     import transformers
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -772,8 +778,23 @@ def _export_tokenizer(tokenizer, out_dir: Path) -> dict:
     if path.is_dir():  # already an HF tokenizer directory
         tok = transformers.AutoTokenizer.from_pretrained(str(path))
     else:
-        tok = transformers.LlamaTokenizer(vocab_file=str(path), add_bos_token=False, add_eos_token=False,
-                                          legacy=False)
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+        tc = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False}
+        for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()),
+                        ("pad_token", sp.pad_id())):
+            tc[name] = sp.id_to_piece(i) if i >= 0 else None
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(path, Path(tmp) / "tokenizer.model")
+            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tc))
+            tok = transformers.AutoTokenizer.from_pretrained(tmp)
+        sample = "Hello world: 12 + 30 = 42.\nThe  quick brown fox."
+        if tok.encode(sample, add_special_tokens=False) != sp.encode(sample):
+            log.warning("the HF tokenizer built from %s does not encode like sentencepiece on a sample", path)
+        shutil.copy(path, out_dir / "tokenizer.model")
+    if len(tok) > vocab_size:
+        raise ConfigError(f"tokenizer {path} has {len(tok)} tokens but model.vocab_size={vocab_size}")
     tok.save_pretrained(str(out_dir))
     return {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
             if getattr(tok, k, None) is not None}

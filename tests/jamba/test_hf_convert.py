@@ -199,3 +199,20 @@ def test_cli_refuses_unexportable_config(tmp_path, capsys):
     rc = hf.main(["export", str(tmp_path / "ck.pt"), str(tmp_path / "out"), "--config", str(tmp_path / "c.json")])
     assert rc == 2
     assert "use_rope" in capsys.readouterr().err
+
+
+def test_tokenizer_export_matches_sentencepiece(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    text = "\n".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(200))
+    (tmp_path / "c.txt").write_text(text)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=80,
+                                   model_type="bpe", pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2)
+    ids = hf._export_tokenizer(tmp_path / "sp.model", tmp_path / "out", vocab_size=128)
+    assert ids == {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    s = "the lazy fox 42 jumps"
+    assert tok.encode(s, add_special_tokens=False) == sp.encode(s)
+    assert tok.decode(sp.encode(s)) == s
+    with pytest.raises(ConfigError, match="vocab_size"):
+        hf._export_tokenizer(tmp_path / "sp.model", tmp_path / "out2", vocab_size=64)
