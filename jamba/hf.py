@@ -623,9 +623,9 @@ def _is_hf_config(p: Path) -> bool:
 
 def _strip_prefix(keys: Iterable[str], anchor: str = "model.embed_tokens.weight") -> str:
     """The prefix before our parameter names in a training checkpoint (e.g. 'model.' for {'model': sd})."""
-    for k in keys:
-        if k.endswith(anchor):
-            return k[: -len(anchor)]
+    prefixes = [k[: -len(anchor)] for k in keys if k.endswith(anchor)]
+    if prefixes:
+        return min(prefixes, key=len)  # e.g. "model." of {"model": ..., "optim": {"state": {...}}}
     raise KeyError(f"no '*{anchor}' tensor found: not a checkpoint of our JambaForCausalLM")
 
 

@@ -198,10 +198,14 @@ def test_export_from_dcp_checkpoint(tmp_path):
     x = inputs(cfg, seed=8)
     with torch.no_grad():
         want = ours(x).logits
-    ckpt = tmp_path / "run" / "checkpoints" / "step_10"
-    # a training checkpoint: model nested under "model", with other state beside it
-    dcp.save({"model": ours.state_dict(), "extra": {"step": torch.tensor(10)}}, checkpoint_id=str(ckpt),
-             no_dist=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000000010"
+    # the layout of trainer/checkpoint.py: {"model": ..., "optim": ...} from get_state_dict after a step
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    opt = torch.optim.AdamW(ours.parameters(), lr=0.0)
+    ours(x, labels=aligned_labels(x)).loss.backward()
+    opt.step()
+    model_sd, optim_sd = get_state_dict(ours, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt), no_dist=True)
     (tmp_path / "run" / "jamba_config.json").write_text(json.dumps(cfg.to_dict()))  # found two levels up
     assert hf.main(["export", str(ckpt), str(tmp_path / "out")]) == 0
     loaded = transformers.JambaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
