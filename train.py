@@ -1,0 +1,89 @@
+"""Pretrain a Jamba-style hybrid LM.  `python train.py` trains the tiny model on the embedded corpus (CPU).
+
+    python train.py model=small optim.lr=1e-3                  # Hydra overrides (conf/ lists the groups)
+    torchrun --nproc_per_node 2 train.py parallel=fsdp         # several processes (gloo on CPU, NCCL on GPU)
+    python train.py -m optim.lr=1e-3,3e-4                      # a sweep: one run directory per point
+
+The run directory (Hydra's output dir, runs/<name>/<overrides>) holds the resolved config, metrics.jsonl,
+checkpoints and the tokenizer; running the same command again resumes from its newest complete checkpoint.
+Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (requeue and re-run to resume), 1 error.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import register_configs, to_object, validate_run
+
+log = logging.getLogger("train")
+register_configs()
+OmegaConf.register_new_resolver("run_suffix", lambda s: f"/{s}" if s else "", replace=True)
+
+
+def run(dcfg: DictConfig, run_dir: str) -> int:
+    import torch
+
+    from trainer import build, distributed
+    from trainer.checkpoint import CheckpointManager
+    from trainer.curriculum import Curriculum
+    from trainer.loop import Trainer
+    from trainer.metrics import MetricsLogger, gpu_peak_tflops
+    from trainer.optim import build_optimizer
+
+    # 1. Validate everything before any process group exists.
+    cfg, world = to_object(dcfg), distributed.world_from_env()
+    t = cfg.train
+    layout = build.Layout(cfg.parallel, world.world_size, cfg.model, max(s.seq_len for s in cfg.curriculum.stages))
+    validate_run(cfg, layout.dp_size)
+    device = distributed.resolve_device(t.device, world)
+    curriculum = Curriculum(cfg.curriculum, t.global_batch_tokens, t.max_steps, layout.dp_size)
+
+    metrics = None
+    distributed.init_distributed(world, device)
+    try:
+        run_path = Path(run_dir)
+        if world.is_main:
+            run_path.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(dcfg, run_path / "config.yaml", resolve=True)
+        # 2. Model: meta -> parallel layout -> to_empty -> init_weights (same seed on every rank).
+        torch.use_deterministic_algorithms(t.deterministic)
+        build.seed_everything(t.seed)
+        model = layout.build_model(cfg.model, device, t.seed)
+        build.seed_everything(t.seed + world.rank)  # runtime randomness differs per rank
+        _, make_loader, make_eval = build.build_data(cfg, run_path, layout.dp_rank, layout.dp_size, world.is_main)
+        optimizer = build_optimizer(model, cfg.optim, device.type)
+        ckpt = CheckpointManager(run_path, cfg.checkpoint, world)
+        flops = None
+        try:
+            from jamba.flops import flops_per_token
+            flops = lambda seq_len: flops_per_token(cfg.model, seq_len)  # noqa: E731
+        except ImportError:
+            pass
+        trainer = Trainer(cfg, model, optimizer, curriculum, make_loader, make_eval, ckpt, None, world, device,
+                          layout.dp_size, flops_per_token=flops,
+                          peak_tflops=gpu_peak_tflops(device, cfg.logging.peak_tflops))
+        trainer.restore()
+        metrics = MetricsLogger(run_path, cfg.logging, world.is_main, t.max_steps, trainer.state.step,
+                                OmegaConf.to_container(dcfg, resolve=True))
+        trainer.metrics = metrics
+        # 3. Train.
+        return trainer.fit()
+    finally:
+        if metrics is not None:
+            metrics.close()
+        distributed.destroy_distributed()
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def main(dcfg: DictConfig) -> None:
+    code = run(dcfg, HydraConfig.get().runtime.output_dir)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Builders used by train.py: the parallel layout, the model, the data loaders, the run directory.
+
+Everything here is glue between the owners' APIs (jamba, parallel, data) and the step loop, kept out of
+train.py so that train.py stays a readable page and tests can build the same pieces in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from jamba.config import ConfigError, JambaConfig
+from trainer.config import RunConfig
+from trainer.curriculum import Stage
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---- parallel layout + model ----------------------------------------------------------------------
+class Layout:
+    """The parallel layout (PARALLEL's ParallelDims), validated at construction -- before any process group."""
+
+    def __init__(self, parallel_cfg: Any, world_size: int, model_cfg: JambaConfig, seq_len: int):
+        from parallel import ParallelConfig, ParallelDims
+
+        if not isinstance(parallel_cfg, ParallelConfig):
+            parallel_cfg = ParallelConfig(**dict(parallel_cfg))
+        self.dims = ParallelDims(parallel_cfg, world_size, model=model_cfg, seq_len=seq_len)
+        self.world_size = world_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank
+
+    def build_model(self, model_cfg: JambaConfig, device: torch.device, seed: int) -> nn.Module:
+        """Meta-device construction (no memory), the parallel layout (TP/EP/FSDP2 on meta), then materialise
+        on `device` and run the model's init table (`init_weights`) with the same seed on every rank."""
+        from jamba.model import JambaForCausalLM
+
+        with torch.device("meta"):
+            model = JambaForCausalLM(model_cfg)
+        if self.world_size > 1:
+            from parallel import parallelize
+
+            self.dims.build_mesh(device.type)
+            model = parallelize(model, self.dims, device.type) or model
+            log.info("parallel layout: %s", self.dims)
+        model.to_empty(device=device)
+        model.init_weights(seed=seed)
+        return model
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def build_data(cfg: RunConfig, run_dir: Path, dp_rank: int, dp_size: int, is_main: bool
+               ) -> Tuple[Any, Callable, Optional[Callable]]:
+    """Tokenizer (copied into the run directory), and loader factories for training and validation."""
+    import data
+
+    tok = data.load_tokenizer(cfg.data) if hasattr(data, "load_tokenizer") else None
+    if tok is not None and tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
+                          f"raise model.vocab_size to at least {tok.vocab_size} or use a smaller tokenizer")
+    src = getattr(tok, "path", None)
+    if is_main and src and os.path.isfile(src):
+        shutil.copy2(src, run_dir / ("tokenizer" + Path(src).suffix))
+
+    def make_loader(stage: Stage, state: Optional[dict]):
+        loader = data.build_dataloader(cfg.data, tok, seq_len=stage.seq_len,
+                                       micro_batch_size=stage.micro_batch_size, dp_rank=dp_rank,
+                                       dp_world_size=dp_size, seed=cfg.train.seed)
+        if state is not None:
+            loader.load_state_dict(state)
+        return loader
+
+    def make_eval_loader(stage: Stage):
+        return data.build_dataloader(cfg.data, tok, seq_len=stage.seq_len,
+                                     micro_batch_size=stage.micro_batch_size, dp_rank=dp_rank,
+                                     dp_world_size=dp_size, seed=cfg.train.seed, split="validation")
+
+    return tok, make_loader, (make_eval_loader if cfg.train.eval_every else None)

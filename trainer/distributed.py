@@ -1,0 +1,90 @@
+"""Process-group lifecycle and the few collectives the step loop needs (scalars only).
+
+`world_from_env()` reads torchrun's environment without creating anything, so the config can be validated
+against the world size first; `init_distributed()` then creates the group (gloo on CPU, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> World:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (single process when absent)."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_device(requested: str, world: World) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from jamba.config import ConfigError
+            raise ConfigError("train.device='cuda' but torch.cuda.is_available() is False; use train.device=cpu")
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(world: World, device: torch.device, timeout_min: float = 30) -> bool:
+    """Create the default process group when launched with WORLD_SIZE > 1; True if one was created."""
+    if world.world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = dict(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(**kwargs)
+    log.info("process group: %s, rank %d of %d", backend, world.rank, world.world_size)
+    return True
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_scalars(values: torch.Tensor, op: str = "avg", group=None) -> torch.Tensor:
+    """All-reduce a small 1-D float64 tensor (avg / sum / max); identity without a process group."""
+    if not is_dist():
+        return values
+    if op == "avg":
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+        return values / dist.get_world_size(group)
+    dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
+    return values
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,309 @@
+"""The step loop: curriculum stage -> gradient accumulation -> clip -> (skip if non-finite) -> AdamW step,
+with validation, metrics, checkpoints and signal handling at step boundaries.
+
+The loop knows nothing about the parallel layout: the model comes in already parallelised (FSDP2 / TP / EP
+reduce their own gradients) and the data loaders come from `make_loader` already sharded by data-parallel
+rank. Everything that decides a step's numbers (params, optimizer state, step, data position, RNG) is in
+the checkpoint, so a resumed run reproduces the uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, set_rng_state
+from trainer.config import RunConfig
+from trainer.curriculum import Curriculum, Stage
+from trainer.distributed import World, all_reduce_scalars
+from trainer.metrics import MetricsLogger, Throughput, memory_gb, moe_balance
+from trainer.optim import lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after `train.max_consecutive_nonfinite` steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps done (including skipped ones): the next step to run."""
+    tokens: int = 0
+    """Training tokens consumed, all ranks."""
+    skipped: int = 0
+    """Steps skipped for a non-finite loss or gradient, in total."""
+    nonfinite_in_a_row: int = 0
+    stage: int = 0
+
+
+class StopSignal:
+    """Remembers the first of the given signals; the loop checks it (agreed across ranks) after each step."""
+
+    def __init__(self, names: Iterable[str]):
+        self.received: Optional[str] = None
+        self._previous = {}
+        for name in names:
+            sig = getattr(signal, name)
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler
+                log.warning("cannot install a %s handler outside the main thread", name)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            log.warning("got %s: checkpointing after this step, then exiting with code %d",
+                        self.received, EXIT_PREEMPTED)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global gradient L2 norm (a plain tensor), clipping to max_norm when > 0.
+
+    DTensor gradients (FSDP2, TP) on several meshes (EP experts live on their own mesh) are grouped by
+    mesh: each group's norm comes from `torch.nn.utils.get_total_norm` and is made a full tensor, then the
+    groups combine. With a single mesh this equals `torch.nn.utils.clip_grad_norm_`."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    groups: Dict[Any, List[torch.Tensor]] = {}
+    for g in grads:
+        mesh = getattr(g, "device_mesh", None)
+        groups.setdefault(id(mesh) if mesh is not None else None, []).append(g)
+    sq = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        sq.append(norm.float() ** 2)
+    total = torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def autocast_context(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Runs `cfg.train.max_steps` optimizer steps. Collaborators are passed in (built by train.py):
+
+    make_loader(stage, state) -> iterable of {"input_ids", "labels"} with state_dict()/load_state_dict()
+    make_eval_loader(stage) -> iterable of held-out batches (same shapes), restarted at each validation
+    grad_sync(model) -> None: optional extra gradient reduction (plain data parallelism without FSDP)
+    flops_per_token(seq_len) -> float: training FLOPs per token, for MFU (with peak_tflops)
+    """
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 curriculum: Curriculum, make_loader: Callable, make_eval_loader: Optional[Callable],
+                 ckpt: CheckpointManager, metrics: MetricsLogger, world: World, device: torch.device,
+                 dp_size: int, grad_sync: Optional[Callable] = None,
+                 flops_per_token: Optional[Callable[[int], float]] = None, peak_tflops: Optional[float] = None):
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.curriculum, self.make_loader, self.make_eval_loader = curriculum, make_loader, make_eval_loader
+        self.ckpt, self.metrics, self.world, self.device = ckpt, metrics, world, device
+        self.dp_size, self.grad_sync = dp_size, grad_sync
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.state = TrainState()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.loader = None
+        self._iter = None
+        self._loader_stage = -1
+        self.stop: Optional[StopSignal] = None
+
+    # ---- resume -------------------------------------------------------------------------------
+    def restore(self) -> bool:
+        """Load the newest complete checkpoint of the run directory, if any (and checkpoint.resume)."""
+        path = self.ckpt.latest() if self.cfg.checkpoint.resume else None
+        if path is None:
+            return False
+        trainer_state, rank_state = self.ckpt.load(path, self.model, self.optimizer)
+        self.state = TrainState(**{k: trainer_state[k] for k in asdict(TrainState()) if k in trainer_state})
+        expected = self.curriculum.stage_at(self.state.step).index
+        if expected != self.state.stage:
+            log.warning("checkpoint says curriculum stage %d at step %d, the current config says stage %d; "
+                        "following the config", self.state.stage, self.state.step, expected)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+            data = rank_state["data"]
+            if data is not None and data.get("stage") == expected:
+                self._open_loader(self.curriculum.stage_at(self.state.step), data.get("loader"))
+        return True
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _open_loader(self, stage: Stage, loader_state: Optional[dict]) -> None:
+        prev = self.loader.state_dict() if self.loader is not None else None
+        self.loader = self.make_loader(stage, loader_state if loader_state is not None else prev)
+        self._iter = iter(self.loader)
+        self._loader_stage = stage.index
+        if self.world.is_main and self.state.step > 0 and loader_state is None:
+            log.info("curriculum stage %d from step %d: seq_len %d, micro-batch %d, grad accumulation %d",
+                     stage.index, stage.start_step, stage.seq_len, stage.micro_batch_size, stage.grad_accum)
+
+    def _next_batch(self) -> Dict[str, torch.Tensor]:
+        try:
+            return next(self._iter)
+        except StopIteration:  # a finite corpus: start the next epoch
+            log.info("data loader exhausted at step %d: starting over", self.state.step)
+            self._iter = iter(self.loader)
+            return next(self._iter)
+
+    def data_state(self) -> Dict[str, Any]:
+        return {"stage": self._loader_stage, "loader": self.loader.state_dict() if self.loader else None}
+
+    # ---- one step -----------------------------------------------------------------------------
+    def train_step(self, stage: Stage) -> Dict[str, Any]:
+        model, cfg = self.model, self.cfg
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # lm, aux, z loss summed over micro-batches
+        counts = None
+        sync_toggle = hasattr(model, "set_requires_gradient_sync")
+        for micro in range(stage.grad_accum):
+            batch = self._next_batch()
+            input_ids = batch["input_ids"].to(self.device, non_blocking=True)  # (B, L)
+            labels = batch["labels"].to(self.device, non_blocking=True)  # (B, L)
+            if sync_toggle:  # FSDP2: reduce-scatter gradients only on the last micro-batch
+                model.set_requires_gradient_sync(micro == stage.grad_accum - 1)
+            with autocast_context(self.device, cfg.train.precision):
+                out = model(input_ids, labels=labels, doc_ids=batch.get("doc_ids"))
+            (out.loss / stage.grad_accum).backward()
+            lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
+            sums[0] += lm.detach().double()
+            for i, name in ((1, "aux_loss"), (2, "z_loss")):
+                value = getattr(out, name, None)
+                if value is not None:
+                    sums[i] += value.detach().double()
+            ec = getattr(out, "expert_counts", None)
+            if ec is not None:
+                counts = ec.detach().cpu() if counts is None else counts + ec.detach().cpu()
+        if self.grad_sync is not None:
+            self.grad_sync(model)
+        grad_norm = clip_grad_norm(self.params, cfg.optim.grad_clip)
+        # One all-reduce for the scalars every rank must agree on: losses (avg) and the stop flag (max).
+        stop = 1.0 if self.stop is not None and self.stop.received else 0.0
+        packed = torch.cat([sums / stage.grad_accum, sums.new_tensor([stop])])
+        reduced = all_reduce_scalars(packed, "avg").cpu()
+        loss, aux, z = reduced[:3].tolist()
+        stop_any = float(reduced[3]) > 0
+        grad_norm = float(grad_norm)
+        lr = lr_at(self.state.step, cfg.optim, cfg.train.max_steps)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+            self.state.nonfinite_in_a_row = 0
+        else:
+            self.state.skipped += 1
+            self.state.nonfinite_in_a_row += 1
+            log.warning("step %d: non-finite %s (loss %s, grad norm %s): skipped (%d in a row, %d in total)",
+                        self.state.step, "loss" if not math.isfinite(loss) else "gradient", loss, grad_norm,
+                        self.state.nonfinite_in_a_row, self.state.skipped)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.state.nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{self.state.nonfinite_in_a_row} steps in a row (up to step {self.state.step}) had a non-finite "
+                f"loss or gradient (last loss {loss}, grad norm {grad_norm}); halting. Lower optim.lr, keep "
+                f"optim.grad_clip > 0, check the data, or resume from an earlier checkpoint in "
+                f"{self.ckpt.root}. (Limit: train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite})")
+        return {"loss": loss, "aux_loss": aux if getattr(out, "aux_loss", None) is not None else None,
+                "z_loss": z if getattr(out, "z_loss", None) is not None else None,
+                "grad_norm": grad_norm, "lr": lr, "finite": finite, "stop": stop_any, "expert_counts": counts}
+
+    @torch.no_grad()
+    def evaluate(self, stage: Stage) -> Optional[Dict[str, float]]:
+        if self.make_eval_loader is None:
+            return None
+        self.model.eval()
+        it = iter(self.make_eval_loader(stage))
+        total = torch.zeros(2, dtype=torch.float64)
+        for _ in range(self.cfg.train.eval_batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            with autocast_context(self.device, self.cfg.train.precision):
+                out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
+                                 doc_ids=batch.get("doc_ids"))
+            lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
+            total += torch.tensor([float(lm), 1.0], dtype=torch.float64)
+        self.model.train()
+        total = all_reduce_scalars(total.to(self.device), "sum").cpu()
+        if total[1] == 0:
+            log.warning("validation split gave no batches: no validation loss")
+            return None
+        val = float(total[0] / total[1])
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    # ---- the run ------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to max_steps. Returns 0, or EXIT_PREEMPTED after a signal-triggered checkpoint."""
+        cfg = self.cfg
+        max_steps = cfg.train.max_steps
+        if self.state.step >= max_steps:
+            log.info("run already complete (step %d of %d): nothing to do", self.state.step, max_steps)
+            return 0
+        self.stop = StopSignal(cfg.checkpoint.signals)
+        try:
+            return self._fit(max_steps)
+        finally:
+            self.stop.restore()
+
+    def _fit(self, max_steps: int) -> int:
+        cfg, st = self.cfg, self.state
+        meter = Throughput(self.device)
+        while st.step < max_steps:
+            stage = self.curriculum.stage_at(st.step)
+            if stage.index != self._loader_stage:
+                self._open_loader(stage, None)
+            st.stage = stage.index
+            out = self.train_step(stage)
+            step_tokens = self.curriculum.tokens_per_step(stage, self.dp_size)
+            st.step += 1
+            st.tokens += step_tokens
+            meter.add(step_tokens)
+            last = st.step == max_steps
+            if st.step % cfg.logging.log_every == 0 or last or not out["finite"]:
+                tps = meter.read()
+                record = {"step": st.step, "tokens": st.tokens, "loss": out["loss"], "lr": out["lr"],
+                          "grad_norm": out["grad_norm"], "tokens_per_s": tps, "aux_loss": out["aux_loss"],
+                          "z_loss": out["z_loss"], "skipped": st.skipped, "stage": stage.index,
+                          "seq_len": stage.seq_len, "mem_gb": memory_gb(self.device)}
+                if self.flops_per_token is not None and self.peak_tflops:
+                    record["mfu"] = (self.flops_per_token(stage.seq_len) * tps
+                                     / (self.peak_tflops * 1e12 * self.world.world_size))
+                record.update(moe_balance(out["expert_counts"]))
+                self.metrics.log(record)
+            self.metrics.advance(st.step, out["loss"])
+            if cfg.train.eval_every and (st.step % cfg.train.eval_every == 0 or last):
+                val = self.evaluate(stage)
+                if val is not None:
+                    self.metrics.log_eval({"step": st.step, "tokens": st.tokens, **val})
+            if out["stop"]:
+                self.save()
+                log.warning("stopped by %s at step %d after saving a checkpoint; exit code %d (re-run the same "
+                            "command to resume)", self.stop.received or "a signal on another rank", st.step,
+                            EXIT_PREEMPTED)
+                return EXIT_PREEMPTED
+            if (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0) or (last and cfg.checkpoint.save_final):
+                self.save()
+        return 0
+
+    def save(self):
+        return self.ckpt.save(self.state.step, self.model, self.optimizer, asdict(self.state), self.data_state())

@@ -1,0 +1,188 @@
+"""Metrics: metrics.jsonl, log lines, the tqdm progress bar and wandb (all on rank 0), MFU and memory.
+
+metrics.jsonl holds one JSON object per logged step: step, tokens, loss, lr, grad_norm, tokens_per_s, plus
+aux_loss, z_loss, skipped, stage, seq_len, mfu (GPU), moe_load_max / moe_load_min, mem_gb; validation
+records carry val_loss and val_ppl. wandb gets the same records. Its run id lives in <run_dir>/wandb_id, so
+a resumed or requeued job continues the same wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from trainer.config import LoggingConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak TFLOP/s of one accelerator (no sparsity), matched by substring of the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "A10G": 125.0, "B200": 2250.0, "GH200": 989.0}
+
+
+def gpu_peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):  # longest match first ("H100 PCIe" before "H100")
+        if key in name:
+            return PEAK_TFLOPS[key]
+    log.warning("unknown GPU %r: no MFU (set logging.peak_tflops)", name)
+    return None
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA max allocated, else the process's max resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb / 2**20
+
+
+def moe_balance(counts: Optional[torch.Tensor]) -> Dict[str, float]:
+    """Expert load relative to the mean, worst over MoE layers: max (>= 1) and min (<= 1); 1/1 = balanced."""
+    if counts is None or counts.numel() == 0:
+        return {}
+    c = counts.double()
+    mean = c.mean(dim=-1, keepdim=True).clamp_min(1e-9)
+    rel = c / mean
+    return {"moe_load_max": rel.max().item(), "moe_load_min": rel.min().item()}
+
+
+def _wandb_mode(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks' calls are no-ops. `log(record)` for training, `log_eval` for validation."""
+
+    def __init__(self, run_dir: str | os.PathLike, cfg: LoggingConfig, is_main: bool, total_steps: int,
+                 start_step: int = 0, config_dict: Optional[dict] = None):
+        self.cfg, self.is_main, self.run_dir = cfg, is_main, Path(run_dir)
+        self.bar = None
+        self.wandb = None
+        self._fh = None
+        if not is_main:
+            return
+        self._fh = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+        self._init_wandb(config_dict)
+
+    def _init_wandb(self, config_dict: Optional[dict]) -> None:
+        mode = _wandb_mode(self.cfg.wandb.mode)
+        if mode == "disabled":
+            return
+        id_file = self.run_dir / "wandb_id"
+        try:
+            import wandb
+
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(
+                project=self.cfg.wandb.project, entity=self.cfg.wandb.entity, id=run_id, resume="allow",
+                name=self.cfg.wandb.name or self.run_dir.name, tags=list(self.cfg.wandb.tags), mode=mode,
+                dir=str(self.run_dir), config=config_dict,
+                settings=wandb.Settings(init_timeout=self.cfg.wandb.init_timeout_s, silent=True))
+            log.info("wandb: mode %s, run id %s", mode, run_id)
+        except Exception as e:  # never let the logger stop a training run
+            log.warning("wandb disabled: init failed in mode %s (%s: %s)", mode, type(e).__name__, e)
+            self.wandb = None
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._fh.write(json.dumps(clean) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                           step=record["step"])
+
+    def log(self, record: Dict[str, Any]) -> None:
+        """A training record: jsonl + wandb + a log line."""
+        if not self.is_main:
+            return
+        self.write(record)
+        line = (f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s")
+        if record.get("mfu") is not None:
+            line += f" | MFU {100 * record['mfu']:.1f}%"
+        if "moe_load_max" in record:
+            line += f" | MoE load max/min {record['moe_load_max']:.2f}/{record['moe_load_min']:.2f}"
+        if record.get("aux_loss") is not None:
+            line += f" | aux {record['aux_loss']:.4f}"
+        line += f" | mem {record['mem_gb']:.2f} GB"
+        if record.get("skipped"):
+            line += f" | skipped {record['skipped']}"
+        self._print(line)
+
+    def log_eval(self, record: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.write(record)
+        self._print(f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}")
+
+    def _print(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            log.info(line)
+
+    def advance(self, step: int, loss: Optional[float] = None) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            if loss is not None and math.isfinite(loss):
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception as e:  # pragma: no cover
+                log.warning("wandb.finish failed: %s", e)
+            self.wandb = None
+
+
+class Throughput:
+    """Tokens/s over the steps since the last reading (wall clock, synchronised on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t0 = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        self.t0, self.tokens = now, 0
+        return rate
