@@ -1,0 +1,14 @@
+"""Parallelism for an unmodified `jamba` model: one validated device mesh, FSDP2 data parallelism,
+DTensor tensor parallelism, expert parallelism and reshardable distributed checkpoints.
+
+    dims = ParallelDims(ParallelConfig(**cfg.parallel), world_size, model=model_cfg, seq_len=L)
+    dims.build_mesh("cuda")
+    model = parallelize(model, dims)        # in place; returns the model
+    loader = build_dataloader(..., dp_rank=dims.dp_rank, dp_world_size=dims.dp_size)
+"""
+
+from parallel.config import ParallelConfig
+from parallel.dims import ParallelDims
+from parallel.parallelize import parallelize
+
+__all__ = ["ParallelConfig", "ParallelDims", "parallelize"]

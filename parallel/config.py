@@ -1,0 +1,64 @@
+"""Typed schema of the `parallel` config group (conf/parallel/*.yaml).
+
+One `ParallelConfig` describes how the world of processes is carved into a device mesh. The
+degrees multiply to the world size: dp_replicate * dp_shard * cp * tp = WORLD_SIZE. Expert
+parallelism does not add ranks: `ep` is carved out of the dp_shard * cp ranks (experts are sharded
+over `ep`, and their FSDP runs over the remaining dp_shard * cp / ep "expert data parallel" ranks).
+`ParallelDims` (parallel/dims.py) validates all of it against the world size and the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from jamba.config import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout and numerics. Every field can be set from the CLI: `parallel.tp=2`."""
+
+    dp_replicate: int = 1
+    """Replicated data parallelism (DDP-like; the outer axis of HSDP: replicate across nodes).
+    -1 = fill (only when dp_shard is not -1)."""
+    dp_shard: int = -1
+    """Sharded data parallelism (FSDP2). -1 = fill: WORLD_SIZE / (dp_replicate * cp * tp)."""
+    tp: int = 1
+    """Tensor parallelism: attention by heads, MLP/experts by intermediate size, Mamba by d_inner,
+    embedding and lm_head by vocabulary. Keep it within a node (NVLink)."""
+    ep: int = 1
+    """Expert parallelism: each EP rank holds num_experts / ep experts. Must divide dp_shard * cp
+    (ep borrows data-parallel ranks; tokens are exchanged by all-to-all)."""
+    cp: int = 1
+    """Context parallelism (sequence sharding). Reserved for a later issue: must be 1 for now."""
+    sequence_parallel: bool = False
+    """With tp > 1: keep activations of the norm regions sharded on the sequence over the TP group
+    (saves activation memory; needs seq_len % tp == 0). Not implemented yet: must be False."""
+    param_dtype: str = "auto"
+    """Dtype of the unsharded parameters used in forward/backward (FSDP2 MixedPrecisionPolicy).
+    auto = bfloat16 on GPU, float32 on CPU. Master weights and optimizer state stay float32."""
+    reduce_dtype: str = "auto"
+    """Dtype of gradient reduce-scatter / all-reduce. auto = float32."""
+    reshard_after_forward: Optional[bool] = None
+    """FSDP2: free unsharded parameters after forward (ZeRO-3 style). None = True for decoder layers
+    and False for the root module (its parameters are needed again right at the start of backward)."""
+
+    def __post_init__(self) -> None:
+        # Shape checks that do not need the world size or the model (those live in ParallelDims).
+        for name in ("tp", "ep", "cp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name}={value!r} must be a positive integer")
+        for name in ("dp_replicate", "dp_shard"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or (value < 1 and value != -1):
+                raise ConfigError(f"parallel.{name}={value!r} must be a positive integer or -1 (fill)")
+        if self.dp_replicate == -1 and self.dp_shard == -1:
+            raise ConfigError("parallel.dp_replicate and parallel.dp_shard cannot both be -1 (fill); set one")
+        for name in ("param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value not in DTYPES:
+                raise ConfigError(f"parallel.{name}={value!r} must be one of {list(DTYPES)}")

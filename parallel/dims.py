@@ -1,0 +1,232 @@
+"""`ParallelDims`: validate every parallel degree against the world size and the model, then build
+the one device mesh (and its named views) that everything in `parallel/` uses.
+
+Validation needs no process group, so a bad layout fails before `torchrun` workers do any work:
+
+    dims = ParallelDims(ParallelConfig(tp=3), world_size=8, model=get_preset("small"))
+    -> ConfigError: parallel.tp=3 must divide model.num_attention_heads=8: choose tp in [1, 2, 4, 8]
+
+Mesh layout (outermost first; tp innermost so a TP group sits on one node's NVLink):
+
+    dense mesh   ("dp_replicate", "dp_shard", "cp", "tp")
+      "dp"           = dp_replicate x dp_shard        the data loader's rank/size (cp/tp ranks share a batch)
+      "dp_shard_cp"  = dp_shard x cp                  FSDP2 shards dense parameters over it
+      "dp_cp"        = dp_replicate x dp_shard x cp   every rank that sees different tokens (loss, MoE stats)
+    expert mesh  ("dp_replicate", "efsdp", "ep", "tp") over the same ranks, where efsdp * ep = dp_shard * cp
+      "ep"           experts sharded on dim 0; tokens exchanged by all-to-all (contiguous ranks)
+      "efsdp"        FSDP2 of the expert parameters ("expert data parallel" within a replica)
+      "edp"          = dp_replicate x efsdp: the ranks that hold the same experts (gradients reduced here)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from jamba.config import ConfigError, JambaConfig
+from parallel.config import ParallelConfig
+
+DENSE_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+EXPERT_DIMS = ("dp_replicate", "efsdp", "ep", "tp")
+
+
+def _divisors(n: int, limit: int = 1 << 30) -> List[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+@dataclass
+class ParallelDims:
+    """Resolved and validated parallel degrees. `dp_shard=-1` is filled from the world size.
+
+    Args:
+        cfg: the `parallel` config group.
+        world_size: number of processes; None reads WORLD_SIZE from the environment (default 1).
+        model: the model config; when given, every degree is checked against the model's shapes.
+        seq_len: training sequence length; checked when sequence parallelism is on.
+    """
+
+    cfg: ParallelConfig
+    world_size: Optional[int] = None
+    model: Optional[JambaConfig] = None
+    seq_len: Optional[int] = None
+    dp_replicate: int = field(init=False)
+    dp_shard: int = field(init=False)
+    cp: int = field(init=False)
+    tp: int = field(init=False)
+    ep: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.world_size is None:
+            self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        c = self.cfg
+        self.dp_replicate, self.cp, self.tp, self.ep = c.dp_replicate, c.cp, c.tp, c.ep
+        self.dp_shard = c.dp_shard
+        self._meshes: Dict[str, object] = {}
+        self._validate_world()
+        if self.model is not None:
+            self._validate_model(self.model)
+
+    # ---- validation (no process group needed) ---------------------------------------------------
+    def _validate_world(self) -> None:
+        ws, c = self.world_size, self.cfg
+        if c.cp != 1:
+            raise ConfigError(f"parallel.cp={c.cp}: context parallelism is not implemented yet; set parallel.cp=1")
+        if self.dp_replicate == -1:
+            others = self.dp_shard * self.cp * self.tp
+            if ws % others:
+                raise ConfigError(
+                    f"WORLD_SIZE({ws}) is not divisible by dp_shard({self.dp_shard}) * cp({self.cp}) * "
+                    f"tp({self.tp}) = {others}, so parallel.dp_replicate=-1 cannot fill it; choose degrees "
+                    f"among the divisors of {ws}: {_divisors(ws)}")
+            self.dp_replicate = ws // others
+        others = self.dp_replicate * self.cp * self.tp
+        if self.dp_shard == -1:
+            if ws % others:
+                raise ConfigError(
+                    f"WORLD_SIZE({ws}) is not divisible by dp_replicate({self.dp_replicate}) * cp({self.cp}) * "
+                    f"tp({self.tp}) = {others}, so parallel.dp_shard=-1 cannot fill it; choose tp and "
+                    f"dp_replicate among the divisors of {ws}: {_divisors(ws)}")
+            self.dp_shard = ws // others
+        product = self.dp_replicate * self.dp_shard * self.cp * self.tp
+        if product != ws:
+            raise ConfigError(
+                f"dp_replicate({self.dp_replicate}) * dp_shard({self.dp_shard}) * cp({self.cp}) * tp({self.tp}) "
+                f"= {product} != WORLD_SIZE({ws}); set parallel.dp_shard=-1 to fill, or change the degrees")
+        if (self.dp_shard * self.cp) % self.ep:
+            raise ConfigError(
+                f"parallel.ep={self.ep} must divide dp_shard({self.dp_shard}) * cp({self.cp}) = "
+                f"{self.dp_shard * self.cp} (experts are sharded over data-parallel ranks); choose ep in "
+                f"{_divisors(self.dp_shard * self.cp)} or raise dp_shard")
+        if c.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards over the TP group)")
+
+    def _validate_model(self, m: JambaConfig) -> None:
+        tp, ep = self.tp, self.ep
+        specs = m.layer_specs()
+        has_attn = any(s.mixer == "attention" for s in specs)
+        has_mamba = any(s.mixer == "mamba" for s in specs)
+        has_moe = any(s.ffn == "moe" for s in specs)
+        valid_tp = [t for t in range(1, 65) if self._tp_problem(m, t, has_attn, has_mamba) is None]
+        problem = self._tp_problem(m, tp, has_attn, has_mamba)
+        if problem is not None:
+            hint = f"choose tp in {valid_tp}" if problem[1] else "set parallel.tp=1"
+            raise ConfigError(f"{problem[0]}: {hint}")
+        if ep > 1:
+            if not has_moe:
+                raise ConfigError(f"parallel.ep={ep} but the model has no MoE layers; set parallel.ep=1")
+            if m.num_experts % ep:
+                raise ConfigError(
+                    f"parallel.ep={ep} must divide model.num_experts={m.num_experts}: choose ep in "
+                    f"{[e for e in _divisors(m.num_experts) if (self.dp_shard * self.cp) % e == 0]}")
+        if self.cfg.sequence_parallel and self.seq_len is not None and self.seq_len % (tp * self.cp):
+            raise ConfigError(
+                f"sequence length {self.seq_len} must be divisible by tp({tp}) * cp({self.cp}) with "
+                f"parallel.sequence_parallel=true; change the sequence length or turn it off")
+
+    @staticmethod
+    def _tp_problem(m: JambaConfig, tp: int, has_attn: bool, has_mamba: bool):
+        """(message, fixable_by_other_tp) for the first model shape that `tp` cannot shard, else None."""
+        if tp == 1:
+            return None
+        if has_mamba and m.mamba_mixer == "mamba2":
+            return (f"parallel.tp={tp}: tensor parallelism of the Mamba-2 mixer is not supported "
+                    f"(model.mamba_mixer='mamba2')", False)
+        checks = []
+        if has_attn:
+            checks.append(("model.num_attention_heads", m.num_attention_heads))
+        if has_mamba:
+            checks.append(("d_inner (model.mamba_expand * model.hidden_size)", m.d_inner))
+        checks += [("model.intermediate_size", m.intermediate_size), ("model.vocab_size", m.vocab_size)]
+        for name, value in checks:
+            if value % tp:
+                return f"parallel.tp={tp} must divide {name}={value}", True
+        if has_attn:
+            kv = m.num_key_value_heads
+            if kv % tp and tp % kv:
+                return (f"parallel.tp={tp} and model.num_key_value_heads={kv}: tp must divide the kv heads, "
+                        f"or be a multiple of them (kv heads are then replicated)", True)
+        return None
+
+    # ---- derived degrees -------------------------------------------------------------------------
+    @property
+    def efsdp(self) -> int:
+        """FSDP degree of the expert parameters within a replica (dp_shard * cp / ep)."""
+        return self.dp_shard * self.cp // self.ep
+
+    @property
+    def dp_size(self) -> int:
+        """Number of distinct data-loader shards (ranks of one cp x tp group read the same batch)."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_cp_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard * self.cp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_size > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    def __str__(self) -> str:
+        return (f"world={self.world_size} dp_replicate={self.dp_replicate} dp_shard={self.dp_shard} cp={self.cp} "
+                f"tp={self.tp} ep={self.ep} (expert fsdp={self.efsdp})")
+
+    # ---- meshes ----------------------------------------------------------------------------------
+    def build_mesh(self, device_type: str = "cpu"):
+        """Create the dense and expert device meshes (needs an initialised default process group).
+
+        Returns the dense DeviceMesh; named views are served by `get_mesh(name)`.
+        """
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelDims.build_mesh needs torch.distributed.init_process_group() first")
+        if dist.get_world_size() != self.world_size:
+            raise ConfigError(f"ParallelDims was validated for WORLD_SIZE({self.world_size}) but the process "
+                              f"group has {dist.get_world_size()} ranks")
+        ranks = torch.arange(self.world_size)
+        dense = DeviceMesh(device_type, ranks.reshape(self.dp_replicate, self.dp_shard, self.cp, self.tp),
+                           mesh_dim_names=DENSE_DIMS)
+        expert = DeviceMesh(device_type, ranks.reshape(self.dp_replicate, self.efsdp, self.ep, self.tp),
+                            mesh_dim_names=EXPERT_DIMS)
+        m = self._meshes
+        m["dense"], m["expert"] = dense, expert
+        for name in DENSE_DIMS:
+            m[name] = dense[name]
+        m["dp"] = dense["dp_replicate", "dp_shard"]._flatten("dp")
+        m["dp_shard_cp"] = dense["dp_shard", "cp"]._flatten("dp_shard_cp")
+        m["dp_cp"] = dense["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        m["efsdp"], m["ep"], m["etp"] = expert["efsdp"], expert["ep"], expert["tp"]
+        m["edp"] = expert["dp_replicate", "efsdp"]._flatten("edp")
+        return dense
+
+    def get_mesh(self, name: str):
+        """A named view: dense dims, "dp", "dp_shard_cp", "dp_cp", "ep", "efsdp", "edp", "etp",
+        or the whole "dense" / "expert" meshes."""
+        if not self._meshes:
+            raise RuntimeError("call ParallelDims.build_mesh(device_type) first")
+        if name not in self._meshes:
+            raise KeyError(f"unknown mesh {name!r}; available: {sorted(self._meshes)}")
+        return self._meshes[name]
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-loader shard index in [0, dp_size)."""
+        if self.dp_size == 1:
+            return 0
+        return self.get_mesh("dp").get_local_rank()

@@ -1,0 +1,77 @@
+"""Apply parallelism to an unmodified `JambaForCausalLM`, in a fixed order:
+
+    1. tensor parallelism (DTensor plans keyed by module name)     parallel/tensor_parallel.py
+    2. expert parallelism (experts sharded over "ep", all-to-all)   parallel/expert_parallel.py
+    3. FSDP2 `fully_shard`: each decoder layer, then the root (HSDP when dp_replicate > 1);
+       expert parameters are sharded over the expert-data-parallel ranks only.
+
+Works on a model built on the meta device (then `to_empty` + `init_weights` after this call).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from parallel.dims import ParallelDims
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtypes(dims: ParallelDims, device_type: str):
+    """(param_dtype, reduce_dtype): "auto" = bf16 params + fp32 reduce on GPU, fp32 on CPU."""
+    c = dims.cfg
+    param = _DTYPES.get(c.param_dtype) or (torch.bfloat16 if device_type == "cuda" else torch.float32)
+    reduce = _DTYPES.get(c.reduce_dtype) or torch.float32
+    return param, reduce
+
+
+def _decoder_layers(model: nn.Module):
+    return list(model.model.layers)
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, device_type: str) -> None:
+    """FSDP2 per decoder layer + root. Experts (when EP is on) get their own FSDP unit over "edp"."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    param_dtype, reduce_dtype = resolve_dtypes(dims, device_type)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if dims.dp_replicate > 1:
+        dp_mesh = dims.get_mesh("dense")["dp_replicate", "dp_shard_cp"]
+        edp_mesh = dims.get_mesh("expert")["dp_replicate", "efsdp"]
+    else:
+        dp_mesh = dims.get_mesh("dp_shard_cp")
+        edp_mesh = dims.get_mesh("efsdp")
+    reshard = dims.cfg.reshard_after_forward
+    layer_reshard = True if reshard is None else reshard
+    for layer in _decoder_layers(model):
+        experts = getattr(getattr(layer, "feed_forward", None), "experts", None)
+        if experts is not None and dims.ep_enabled:
+            fully_shard(experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=layer_reshard)
+            # Expert gradients are summed over the ep ranks by the all-to-all backward, then averaged
+            # over the edp ranks by FSDP: divide by the whole data-parallel size, as dense params are.
+            experts.set_gradient_divide_factor(float(dims.dp_cp_size))
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=layer_reshard)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=bool(reshard))
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, device_type: Optional[str] = None) -> nn.Module:
+    """Apply TP, EP and FSDP2 to `model` in place according to `dims` (mesh must be built)."""
+    device_type = device_type or dims.get_mesh("dense").device_type
+    if dims.tp_enabled:
+        from parallel.tensor_parallel import apply_tp
+        apply_tp(model, dims)
+    if dims.ep_enabled:
+        from parallel.expert_parallel import apply_ep
+        apply_ep(model, dims)
+    if dims.dp_cp_size > 1 or dims.ep_enabled:
+        from parallel.expert_parallel import apply_moe_stats_reduce
+        apply_moe_stats_reduce(model, dims)
+    apply_fsdp(model, dims, device_type)
+    logger.info("parallelized model: %s", dims)
+    return model

@@ -1,0 +1,65 @@
+"""ParallelDims validation: every invalid layout fails before any process group, naming the fix."""
+
+import pytest
+
+from jamba.config import ConfigError, get_preset
+from parallel import ParallelConfig, ParallelDims
+
+TINY = get_preset("tiny")  # heads 4, kv 2, d_inner 128, intermediate 128, vocab 2048, experts 4
+
+
+def dims(world, **kw):
+    return ParallelDims(ParallelConfig(**kw), world_size=world, model=TINY, seq_len=kw.pop("seq_len", None))
+
+
+def test_fill_and_derived_degrees():
+    d = dims(8, tp=2, ep=2)
+    assert (d.dp_replicate, d.dp_shard, d.cp, d.tp, d.ep, d.efsdp) == (1, 4, 1, 2, 2, 2)
+    assert d.dp_size == 4 and d.dp_cp_size == 4
+    d = dims(4, dp_replicate=-1, dp_shard=2)
+    assert (d.dp_replicate, d.dp_shard) == (2, 2)
+    assert dims(1).dp_shard == 1
+
+
+@pytest.mark.parametrize("world,kw,needle", [
+    (4, dict(dp_shard=2), r"dp_replicate\(1\) \* dp_shard\(2\) \* cp\(1\) \* tp\(1\) = 2 != WORLD_SIZE\(4\)"),
+    (6, dict(tp=4), r"WORLD_SIZE\(6\) is not divisible by .* tp\(4\)"),
+    (3, dict(tp=3), r"parallel.tp=3 must divide model.num_attention_heads=4: choose tp in \[1, 2, 4\]"),
+    (2, dict(ep=3, dp_shard=2), r"parallel.ep=3 must divide dp_shard\(2\)"),
+    (6, dict(ep=3), r"parallel.ep=3 must divide model.num_experts=4"),
+    (4, dict(tp=2, ep=4), r"parallel.ep=4 must divide dp_shard\(2\)"),
+    (2, dict(cp=2), r"context parallelism is not implemented"),
+    (2, dict(sequence_parallel=True), r"sequence_parallel=true needs parallel.tp > 1"),
+])
+def test_invalid_layouts(world, kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        dims(world, **kw)
+
+
+def test_invalid_model_shapes():
+    # d_inner = 1 * 50 is not divisible by tp=4 (explicit head_dim keeps the 4 heads valid)
+    m = get_preset("tiny", hidden_size=50, head_dim=16, mamba_expand=1)
+    with pytest.raises(ConfigError, match=r"parallel.tp=4 must divide d_inner .*=50: choose tp in \[1, 2\]"):
+        ParallelDims(ParallelConfig(tp=4), world_size=4, model=m)
+    # kv heads 4 and tp 8 is fine (replicated kv); kv 4 and tp 6 is neither a divisor nor a multiple
+    m = get_preset("tiny", hidden_size=96, num_attention_heads=12, num_key_value_heads=4,
+                   intermediate_size=96, vocab_size=96 * 8)
+    ParallelDims(ParallelConfig(tp=4), world_size=4, model=m)
+    with pytest.raises(ConfigError, match=r"num_key_value_heads=4: tp must divide the kv heads"):
+        ParallelDims(ParallelConfig(tp=6), world_size=6, model=m)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=2049"):
+        ParallelDims(ParallelConfig(tp=2), world_size=2, model=get_preset("tiny", vocab_size=2049))
+    with pytest.raises(ConfigError, match=r"Mamba-2 mixer is not supported"):
+        ParallelDims(ParallelConfig(tp=2), world_size=2,
+                     model=get_preset("tiny", mamba_mixer="mamba2", mamba2_head_dim=16))
+    with pytest.raises(ConfigError, match=r"no MoE layers"):
+        ParallelDims(ParallelConfig(ep=2), world_size=2, model=get_preset("tiny", num_experts=1, num_experts_per_tok=1))
+
+
+def test_schema_errors():
+    with pytest.raises(ConfigError, match=r"parallel.tp=0 must be a positive integer"):
+        ParallelConfig(tp=0)
+    with pytest.raises(ConfigError, match=r"param_dtype='fp8'"):
+        ParallelConfig(param_dtype="fp8")
+    with pytest.raises(ConfigError, match=r"cannot both be -1"):
+        ParallelConfig(dp_replicate=-1, dp_shard=-1)
