@@ -1,0 +1,150 @@
+"""Mamba mixers of the hybrid: Jamba's Mamba-1 mixer and the Mamba-2 (SSD) mixer.
+
+Interface (like every mixer): `Mixer(cfg, layer_idx)`, `forward(hidden (B, L, H), doc_ids=None) -> (B, L, H)`,
+`reset_parameters()` for the Mamba-specific init (the model's `init_weights` runs it after its generic
+normal init of Linear weights). The scan and the conv go through `jamba.ops.kernels` (CUDA kernels or
+pure-PyTorch references; which one runs is logged once).
+
+Document masking: `doc_ids` is accepted and ignored. `cfg.document_masking` masks attention only; the
+Mamba state flows across packed-document boundaries, as in Jamba and transformers' JambaForCausalLM
+(mamba-ssm's `selective_scan_fn` has no state reset, so the Mamba-1 kernel path could not honour one).
+
+Tensor parallelism: the mixers read the local sizes from their weights (never cfg.d_inner inside
+forward), so a row shard of in_proj / conv1d / dt_proj / A_log / D and a column shard of out_proj
+along d_inner run unchanged; x_proj is called as a module so the parallel package can all-reduce its
+output over the d_inner shards with hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jamba.config import JambaConfig
+from jamba.ops import kernels
+
+logger = logging.getLogger(__name__)
+_doc_ids_logged = False
+
+
+class MambaRMSNorm(nn.Module):
+    """RMSNorm with fp32 statistics, numerically identical to transformers' JambaRMSNorm:
+    weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's gated RMSNorm (mamba-ssm RMSNormGated, norm_before_gate=False): the statistics of
+    y * silu(z) are taken in fp32 per group of `group_size` channels, then scaled by weight."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = y.dtype
+        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.flatten(-2) * self.weight.float()).to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def _init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, dt_floor: float) -> None:
+    """Mamba-paper dt init: dt ~ log-uniform in [dt_min, dt_max], clamped below at dt_floor; the bias is
+    softplus^-1(dt) = dt + log(1 - exp(-dt)), so softplus(bias) = dt at initialisation."""
+    with torch.no_grad():
+        dt = torch.exp(torch.rand(bias.shape, device=bias.device, dtype=torch.float32)
+                       * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+        bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+def _log_doc_ids_once(doc_ids) -> None:
+    global _doc_ids_logged
+    if doc_ids is not None and not _doc_ids_logged:
+        _doc_ids_logged = True
+        logger.info("Mamba mixers ignore doc_ids: document masking applies to attention layers; the Mamba "
+                    "state is carried across packed-document boundaries (as in Jamba / HF JambaForCausalLM)")
+
+
+class Mamba1Mixer(nn.Module):
+    """Jamba's Mamba-1 mixer (HF JambaMambaMixer): in_proj -> depthwise causal conv + SiLU -> x_proj ->
+    [dt, B, C] -> RMSNorm each -> dt_proj (weight only; its bias enters the scan as delta_bias, softplus)
+    -> selective scan with D skip and silu(z) gate -> out_proj.
+
+    in_proj's output features are interleaved per channel (2c = x_c, 2c+1 = z_c); HF's layout is
+    [x; z] (jamba/hf.py permutes).
+    """
+
+    def __init__(self, cfg: JambaConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        d_inner, n, r, k = cfg.d_inner, cfg.mamba_d_state, cfg.dt_rank, cfg.mamba_d_conv
+        self.d_state, self.dt_rank = n, r
+        self.in_proj = nn.Linear(cfg.hidden_size, 2 * d_inner, bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, k, groups=d_inner, padding=k - 1, bias=cfg.mamba_conv_bias)
+        self.x_proj = nn.Linear(d_inner, r + 2 * n, bias=False)
+        self.dt_layernorm = MambaRMSNorm(r, eps=cfg.rms_norm_eps)
+        self.b_layernorm = MambaRMSNorm(n, eps=cfg.rms_norm_eps)
+        self.c_layernorm = MambaRMSNorm(n, eps=cfg.rms_norm_eps)
+        self.dt_proj = nn.Linear(r, d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(d_inner, n))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.out_proj = nn.Linear(d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+        if self.A_log.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Mamba-paper init of the Mamba-specific parameters (in_proj, x_proj, out_proj keep theirs):
+        dt_proj.weight ~ U(+-dt_rank^-0.5) (dt_scale = 1); dt_proj.bias = softplus^-1(dt), dt log-uniform
+        in [dt_min, dt_max] clamped at dt_init_floor; A_log[c] = log(1..N) (S4D-real); D = 1; conv1d
+        PyTorch default; the dt/B/C RMSNorm weights = 1."""
+        cfg = self.cfg
+        with torch.no_grad():
+            bound = self.dt_rank ** -0.5
+            nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+            _init_dt_bias(self.dt_proj.bias, cfg.mamba_dt_min, cfg.mamba_dt_max, cfg.mamba_dt_init_floor)
+            a = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+            self.A_log.copy_(torch.log(a).expand_as(self.A_log))
+            nn.init.ones_(self.D)
+            self.conv1d.reset_parameters()
+            for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
+                norm.reset_parameters()
+
+    def forward(self, hidden: torch.Tensor, doc_ids=None) -> torch.Tensor:
+        _log_doc_ids_once(doc_ids)
+        dtype = hidden.dtype
+        xz = self.in_proj(hidden)  # (B, L, 2 * Di), interleaved per channel
+        x, z = xz.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, Di) each
+        x = x.transpose(1, 2).contiguous()  # (B, Di, L)
+        z = z.transpose(1, 2)  # (B, Di, L)
+        x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_layernorm(dt)  # (B, L, R)
+        B = self.b_layernorm(B).transpose(1, 2)  # (B, N, L)
+        C = self.c_layernorm(C).transpose(1, 2)  # (B, N, L)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, Di, L); bias goes into the scan
+        A = -torch.exp(self.A_log.float())  # (Di, N)
+        y = kernels.selective_scan(x, dt, A, B, C, D=self.D.float(), z=z,
+                                   delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (B, Di, L)
+        return self.out_proj(y.transpose(1, 2).to(dtype))  # (B, L, H)

@@ -1,0 +1,98 @@
+"""Kernel dispatch for the Mamba mixers: fused CUDA kernels when usable, pure-PyTorch references otherwise.
+
+| op | CUDA kernel (when importable and the tensors are on CUDA) | reference |
+| --- | --- | --- |
+| `selective_scan` | mamba_ssm `selective_scan_fn` | `selective_scan_ref` (chunked) |
+| `causal_conv1d` | causal_conv1d `causal_conv1d_fn` | `causal_conv1d_ref` (F.conv1d) |
+| `ssd_scan` | mamba_ssm Triton `mamba_chunk_scan_combined` | `ssd_chunked_ref` |
+
+mamba_ssm's `mamba_inner_fn` is deliberately not used: it applies the dt projection before the point
+where Jamba normalises dt, so it cannot express Jamba's mixer.
+
+Force the references (e.g. to compare against the kernels in tests) with `force_reference=True` on
+each call, or for the whole process with the environment variable `JAMBA_FORCE_REFERENCE=1`.
+Which path runs is logged once per op (logger.info).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from jamba.ops.causal_conv1d import causal_conv1d_ref
+from jamba.ops.selective_scan import selective_scan_ref
+from jamba.ops.ssd import ssd_chunked_ref
+
+logger = logging.getLogger(__name__)
+
+try:  # mamba-ssm needs its CUDA build; on CPU-only installs the import fails.
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _selective_scan_fn
+except Exception as e:  # noqa: BLE001 - any failure (ImportError, missing CUDA libs) means "not available"
+    _selective_scan_fn, _SCAN_ERR = None, e
+try:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _chunk_scan_combined
+except Exception as e:  # noqa: BLE001
+    _chunk_scan_combined, _SSD_ERR = None, e
+try:
+    from causal_conv1d import causal_conv1d_fn as _causal_conv1d_fn
+except Exception as e:  # noqa: BLE001
+    _causal_conv1d_fn, _CONV_ERR = None, e
+
+_logged: set = set()
+
+
+def reference_forced() -> bool:
+    return os.environ.get("JAMBA_FORCE_REFERENCE", "0").lower() in ("1", "true", "yes")
+
+
+def _use_kernel(op: str, kernel, device: torch.device, force_reference: bool, install_hint: str) -> bool:
+    use = kernel is not None and device.type == "cuda" and not force_reference and not reference_forced()
+    key = (op, use)
+    if key not in _logged:
+        _logged.add(key)
+        if use:
+            logger.info("%s: using the CUDA kernel (%s)", op, install_hint.split()[-1])
+        elif device.type == "cuda" and kernel is None:
+            logger.warning("%s: CUDA tensors but the kernel is not importable, using the slow PyTorch reference; "
+                           "install it with `%s`", op, install_hint)
+        else:
+            why = "forced" if (force_reference or reference_forced()) else f"{device.type} tensors"
+            logger.info("%s: using the pure-PyTorch reference (%s)", op, why)
+    return use
+
+
+def kernels_available() -> dict:
+    """Which fused kernels imported: {"selective_scan": bool, "causal_conv1d": bool, "ssd": bool}."""
+    return {"selective_scan": _selective_scan_fn is not None, "causal_conv1d": _causal_conv1d_fn is not None,
+            "ssd": _chunk_scan_combined is not None}
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   force_reference: bool = False):
+    """Mamba-1 selective scan. u, delta, z: (B, D, L); A: (D, N) fp32; B, C: (B, N, L); D, delta_bias: (D,) fp32.
+    Returns (B, D, L) in u's dtype."""
+    if _use_kernel("selective_scan", _selective_scan_fn, u.device, force_reference, "pip install mamba-ssm"):
+        return _selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                  delta_softplus=delta_softplus)
+    return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+
+
+def causal_conv1d(x, weight, bias=None, activation: Optional[str] = "silu", force_reference: bool = False):
+    """Depthwise causal conv. x: (B, D, L); weight: (D, K); bias: (D,). Returns (B, D, L)."""
+    if _use_kernel("causal_conv1d", _causal_conv1d_fn, x.device, force_reference, "pip install causal-conv1d"):
+        if x.stride(1) != 1 and x.stride(2) != 1:  # the kernel takes channel-first or channel-last layouts only
+            x = x.contiguous()
+        return _causal_conv1d_fn(x, weight, bias, activation=activation)
+    return causal_conv1d_ref(x, weight, bias, activation=activation)
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size: int, D=None, z=None, dt_bias=None, dt_softplus=False,
+             force_reference: bool = False):
+    """Mamba-2 SSD. x: (B, L, H, P); dt: (B, L, H); A: (H,) fp32; B, C: (B, L, G, N); D: (H,) or (H, P);
+    z: (B, L, H, P); dt_bias: (H,). Returns (B, L, H, P) in x's dtype."""
+    if _use_kernel("ssd_scan", _chunk_scan_combined, x.device, force_reference, "pip install mamba-ssm"):
+        return _chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    return ssd_chunked_ref(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)

@@ -1,0 +1,119 @@
+"""Mamba mixers: parity with transformers' JambaMambaMixer, init rules, Mamba-2 against a naive loop,
+and (GPU) kernel path against the reference path."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jamba.config import get_preset
+from jamba.mamba import Mamba1Mixer
+
+
+
+def _cfg(**kw):
+    base = dict(hidden_size=32, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=6)
+    base.update(kw)
+    return get_preset("tiny", **base)
+
+
+def _hf_mixer(cfg):
+    from transformers import JambaConfig as HFJambaConfig
+    from transformers.models.jamba.modeling_jamba import JambaMambaMixer
+
+    hcfg = HFJambaConfig(hidden_size=cfg.hidden_size, mamba_d_state=cfg.mamba_d_state,
+                         mamba_d_conv=cfg.mamba_d_conv, mamba_expand=cfg.mamba_expand,
+                         mamba_dt_rank=cfg.dt_rank, mamba_conv_bias=cfg.mamba_conv_bias,
+                         mamba_proj_bias=cfg.mamba_proj_bias, rms_norm_eps=cfg.rms_norm_eps,
+                         num_hidden_layers=1, attn_layer_period=2, attn_layer_offset=1,
+                         num_experts=1, vocab_size=16)
+    return JambaMambaMixer(hcfg, layer_idx=0)
+
+
+def _load_into_hf(ours, hf):
+    """Copy our weights into HF's mixer; in_proj rows go from interleaved (x0, z0, x1, z1, ...) to [x; z]."""
+    sd = {k: v.clone() for k, v in ours.state_dict().items()}
+    for key in ("in_proj.weight", "in_proj.bias"):
+        if key in sd:
+            t = sd[key]
+            sd[key] = torch.cat([t[0::2], t[1::2]], dim=0)
+    hf.load_state_dict(sd, strict=True)
+
+
+@pytest.mark.parametrize("proj_bias,conv_bias,seqlen", [(False, True, 37), (True, False, 64)])
+def test_mamba1_matches_hf_slow_path(proj_bias, conv_bias, seqlen):
+    torch.manual_seed(0)
+    cfg = _cfg(mamba_proj_bias=proj_bias, mamba_conv_bias=conv_bias)
+    ours = Mamba1Mixer(cfg, 0)
+    with torch.no_grad():  # non-trivial norm weights and biases so that every parameter matters
+        for p in ours.parameters():
+            if p.dim() == 1 and p is not ours.dt_proj.bias and p is not ours.D:
+                p.add_(0.3 * torch.randn_like(p))
+        ours.D.normal_()
+    hf = _hf_mixer(cfg)
+    _load_into_hf(ours, hf)
+    x = torch.randn(3, seqlen, cfg.hidden_size, requires_grad=True)
+    x_hf = x.detach().clone().requires_grad_(True)
+    y, y_hf = ours(x), hf(x_hf)
+    torch.testing.assert_close(y, y_hf, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_hf.backward(g)
+    torch.testing.assert_close(x.grad, x_hf.grad, rtol=1e-5, atol=1e-5)
+    hf_grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        ref = hf_grads[name].grad
+        if name.startswith("in_proj"):
+            ref = torch.stack([ref[: ref.shape[0] // 2], ref[ref.shape[0] // 2:]], dim=1).flatten(0, 1)
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_mamba1_init_rules():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", hidden_size=256, mamba_dt_rank=16, mamba_dt_min=0.001, mamba_dt_max=0.1)
+    m = Mamba1Mixer(cfg, 0)
+    n = cfg.mamba_d_state
+    assert torch.equal(m.A_log, torch.log(torch.arange(1, n + 1.0)).expand(cfg.d_inner, n))
+    assert torch.equal(m.D, torch.ones(cfg.d_inner))
+    dt = F.softplus(m.dt_proj.bias)
+    assert dt.min() >= cfg.mamba_dt_min * (1 - 1e-5) and dt.max() <= cfg.mamba_dt_max * (1 + 1e-5)
+    # log-uniform: the mean of log(dt) is the midpoint of [log dt_min, log dt_max] (512 samples, std ~0.06)
+    mid = 0.5 * (math.log(cfg.mamba_dt_min) + math.log(cfg.mamba_dt_max))
+    assert abs(dt.log().mean().item() - mid) < 0.3
+    bound = cfg.dt_rank ** -0.5
+    w = m.dt_proj.weight
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    for norm in (m.dt_layernorm, m.b_layernorm, m.c_layernorm):
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+    # reset_parameters restores the rules after a generic init overwrote them (what init_weights does)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+    m.reset_parameters()
+    assert torch.equal(m.D, torch.ones(cfg.d_inner)) and F.softplus(m.dt_proj.bias).max() <= 0.1 * (1 + 1e-5)
+
+
+def test_mamba1_meta_build_then_reset():
+    cfg = _cfg()
+    with torch.device("meta"):
+        m = Mamba1Mixer(cfg, 0)
+    m.to_empty(device="cpu")
+    for lin in (m.in_proj, m.x_proj, m.out_proj):  # the model's generic init owns these
+        lin.reset_parameters()
+    m.reset_parameters()
+    assert torch.isfinite(m.dt_proj.bias).all() and torch.equal(m.D, torch.ones(cfg.d_inner))
+    assert torch.isfinite(m(torch.randn(1, 8, cfg.hidden_size))).all()
+
+
+def test_mamba1_is_causal_and_ignores_doc_ids():
+    torch.manual_seed(0)
+    cfg = _cfg()
+    m = Mamba1Mixer(cfg, 0)
+    x = torch.randn(2, 40, cfg.hidden_size)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 25:] = torch.randn_like(x2[:, 25:])
+    y2 = m(x2, doc_ids=torch.zeros(2, 40, dtype=torch.long))
+    torch.testing.assert_close(y[:, :25], y2[:, :25], rtol=0, atol=0)
+    assert not torch.allclose(y[:, 25:], y2[:, 25:])
