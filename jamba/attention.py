@@ -1,0 +1,85 @@
+"""Grouped-query causal self-attention (HF JambaAttention) through `F.scaled_dot_product_attention`.
+
+No positional embedding by default (Jamba: the Mamba layers carry position); RoPE on q/k when
+`cfg.use_rope`. With `cfg.document_masking` and `doc_ids` given, a token attends only to earlier tokens of
+its own document (packed sequences). Head counts are read from the projection shapes at forward time, so a
+head shard of q/k/v_proj (tensor parallelism) runs unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jamba.config import JambaConfig
+
+logger = logging.getLogger(__name__)
+_logged = set()
+
+
+def _log_once(key: str, msg: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(msg)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype=torch.float32):
+    """cos/sin tables (L, head_dim) of the rotary embedding (HF convention: halves, not interleaved)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (L, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (L, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, heads, L, hd) rotated by position: x * cos + rotate_half(x) * sin (computed in fp32)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rot = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rot * sin).to(x.dtype)
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) document ids -> (B, 1, L, L) bool, True where query t may attend key s: s <= t, same doc."""
+    L = doc_ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, L, L)
+    return (same & causal)[:, None]
+
+
+class Attention(nn.Module):
+    """GQA causal attention: q_proj/k_proj/v_proj/o_proj (no bias), scale head_dim^-0.5."""
+
+    def __init__(self, cfg: JambaConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        hd = self.head_dim = cfg.attn_head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=False)
+
+    def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, _ = hidden.shape
+        hd = self.head_dim
+        q = self.q_proj(hidden).view(B, L, -1, hd).transpose(1, 2)  # (B, nq, L, hd)
+        k = self.k_proj(hidden).view(B, L, -1, hd).transpose(1, 2)  # (B, nkv, L, hd)
+        v = self.v_proj(hidden).view(B, L, -1, hd).transpose(1, 2)  # (B, nkv, L, hd)
+        if self.cfg.use_rope:
+            cos, sin = rope_cos_sin(L, hd, self.cfg.rope_theta, hidden.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        groups = q.shape[1] // k.shape[1]
+        if self.cfg.document_masking and doc_ids is not None:
+            _log_once("docmask", "attention: document masking with a dense (B, 1, L, L) mask through SDPA")
+            mask = document_causal_mask(doc_ids)
+            if groups > 1:  # the masked (efficient / math) kernels want equal head counts
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+        y = y.transpose(1, 2).reshape(B, L, -1)  # (B, L, nq * hd)
+        return self.o_proj(y)  # (B, L, H)

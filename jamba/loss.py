@@ -1,0 +1,95 @@
+"""Chunked cross-entropy: the mean CE of `hidden @ weight.T` against labels without ever holding the
+[tokens, vocab] logits, in forward or backward.
+
+Two implementations, same value as `F.cross_entropy(logits.float(), labels, ignore_index=-100)`:
+- "fused" (default for plain tensors): a custom autograd Function that, chunk by chunk, computes the logits
+  (model dtype matmul), their fp32 log-softmax, the loss and at once the gradients w.r.t. the chunk's hidden
+  states and the weight (softmax - onehot), so only (chunk, vocab) logits exist at any time and backward is
+  a scaling of the saved gradients. Extra memory: grad of hidden (N, H) in its dtype + grad of weight (V, H)
+  in fp32.
+- "checkpoint": each chunk's loss under non-reentrant activation checkpointing (recomputes the chunk's
+  logits in backward). Used for tensor subclasses (e.g. DTensor under tensor parallelism), where autograd
+  through ordinary ops is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    logits = F.linear(h, weight).float()  # (c, V) fp32 for this chunk only
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+
+
+class _FusedChunkedCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):
+        # hidden (N, H), weight (V, H), labels (N,)
+        valid = labels != ignore_index  # (N,)
+        n_valid = valid.sum()
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk_size):
+            h, y, m = hidden[s:s + chunk_size], labels[s:s + chunk_size], valid[s:s + chunk_size]
+            logits = F.linear(h, weight).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            y_safe = torch.where(m, y, torch.zeros_like(y))
+            tgt = logits.gather(1, y_safe[:, None]).squeeze(1)  # (c,)
+            loss_sum += ((lse - tgt) * m).sum()
+            if need_h or need_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits (c, V)
+                g[torch.arange(g.shape[0], device=g.device), y_safe] -= 1.0
+                g.mul_(m[:, None])
+                g = g.to(hidden.dtype)
+                if need_h:
+                    grad_h[s:s + chunk_size] = g @ weight  # (c, H)
+                if need_w:
+                    grad_w += (g.t() @ h).float()  # (V, H)
+        n = n_valid.clamp_min(1).float()
+        ctx.save_for_backward(grad_h, grad_w, n)
+        ctx.weight_dtype = weight.dtype
+        loss = loss_sum / n_valid.float()  # nan if nothing is valid, like F.cross_entropy
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, n = ctx.saved_tensors
+        scale = grad_out / n
+        gh = (grad_h * scale.to(grad_h.dtype)) if grad_h is not None else None
+        gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_size: int = 4096, ignore_index: int = -100, impl: str = "auto") -> torch.Tensor:
+    """Mean CE over labels != ignore_index of logits = hidden @ weight.T, computed `chunk_size` tokens at a
+    time. hidden (..., H), weight (V, H), labels (...) long. impl: "auto" | "fused" | "checkpoint"."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    labels = labels.reshape(-1)  # (N,)
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"labels have {labels.shape[0]} tokens but hidden states {hidden.shape[0]}")
+    if impl == "auto":
+        plain = type(hidden) in (torch.Tensor, torch.nn.Parameter) and type(weight) in (torch.Tensor,
+                                                                                        torch.nn.Parameter)
+        impl = "fused" if plain else "checkpoint"
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if not needs_grad:  # evaluation: plain chunk loop, nothing saved
+        total = sum(_chunk_loss_sum(hidden[s:s + chunk_size], weight, labels[s:s + chunk_size], ignore_index)
+                    for s in range(0, hidden.shape[0], chunk_size))
+        return total / (labels != ignore_index).sum()
+    if impl == "fused":
+        return _FusedChunkedCE.apply(hidden, weight, labels, chunk_size, ignore_index)
+    if impl != "checkpoint":
+        raise ValueError(f"chunked_cross_entropy impl={impl!r}: use 'auto', 'fused' or 'checkpoint'")
+    total = None
+    for s in range(0, hidden.shape[0], chunk_size):
+        part = checkpoint(_chunk_loss_sum, hidden[s:s + chunk_size], weight, labels[s:s + chunk_size],
+                          ignore_index, use_reentrant=False)
+        total = part if total is None else total + part
+    return total / (labels != ignore_index).sum()
+

@@ -1,0 +1,140 @@
+"""Dropless mixture-of-experts FFN (HF JambaSparseMoeBlock): router -> softmax (fp32) -> top-k -> experts.
+
+`MoE.forward` sorts the token copies by expert id and calls `self.experts(x_sorted, num_tokens_per_expert)`.
+That call is the seam for expert parallelism: parallel/ may shard `GroupedExperts`' stacked weights on dim 0
+and wrap its forward with an all-to-all that re-sorts tokens for the local experts (the experts infer their
+local count from `gate_proj.shape[0]`).
+
+Besides the output, `MoE.forward` returns the layer's load-balancing sufficient statistics (see
+`STATS_*`), from which the model forms HF's load-balancing loss and the router z-loss after an optional
+cross-rank reduction (`JambaForCausalLM.moe_stats_reduce`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from jamba.config import JambaConfig
+
+logger = logging.getLogger(__name__)
+_logged = set()
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _log_once(key: str, msg: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(msg)
+
+
+def moe_stats_width(num_experts: int) -> int:
+    """Columns of one layer's statistics row: [counts (E) | prob_sum (E) | z_sum | num_tokens]."""
+    return 2 * num_experts + 2
+
+
+def split_moe_stats(stats: torch.Tensor, num_experts: int):
+    """stats (..., 2E+2) -> counts (..., E), prob_sum (..., E), z_sum (...), num_tokens (...)."""
+    E = num_experts
+    return stats[..., :E], stats[..., E:2 * E], stats[..., 2 * E], stats[..., 2 * E + 1]
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights in nn.Linear orientation (out x in):
+    gate_proj (E, I, H), up_proj (E, I, H), down_proj (E, H, I).
+
+    forward(x (T, H) sorted by expert, num_tokens_per_expert (E_local,) long) -> (T, H).
+    CUDA + bf16 + torch._grouped_mm: one grouped GEMM per projection; otherwise an exact per-expert loop.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        n_local = self.gate_proj.shape[0]
+        if num_tokens_per_expert.shape[0] != n_local:
+            raise ValueError(f"GroupedExperts holds {n_local} experts but got token counts for "
+                             f"{num_tokens_per_expert.shape[0]}; pass one count per local expert")
+        if x.is_cuda and HAS_GROUPED_MM and x.dtype == torch.bfloat16:
+            _log_once("gmm", "MoE experts: torch._grouped_mm (CUDA, bf16)")
+            return self._grouped_mm(x, num_tokens_per_expert)
+        _log_once(f"loop-{x.device.type}", f"MoE experts: per-expert loop on {x.device.type} ({x.dtype})"
+                  + ("" if not x.is_cuda else "; torch._grouped_mm needs bf16 and torch>=2.8"))
+        return self._loop(x, num_tokens_per_expert)
+
+    def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end offset of each group
+        dt = x.dtype
+        g = torch._grouped_mm(x, self.gate_proj.to(dt).transpose(-2, -1), offs=offs)  # (T, I)
+        u = torch._grouped_mm(x, self.up_proj.to(dt).transpose(-2, -1), offs=offs)  # (T, I)
+        h = F.silu(g) * u
+        return torch._grouped_mm(h, self.down_proj.to(dt).transpose(-2, -1), offs=offs)  # (T, H)
+
+    def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for e, xe in enumerate(x.split(counts.tolist())):  # one host sync for the split sizes
+            h = F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e])  # (T_e, I)
+            outs.append(F.linear(h, self.down_proj[e]))  # (T_e, H)
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+class MoE(nn.Module):
+    """Router (Linear H -> E, no bias) + GroupedExperts. Top-k of the fp32 softmax, renormalised only if
+    cfg.moe_renormalize (Jamba: not). Dropless: every token copy is computed."""
+
+    def __init__(self, cfg: JambaConfig):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.renormalize = cfg.moe_renormalize
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """hidden (B, L, H) -> (out (B, L, H), stats (2E+2,) fp32: [counts | prob_sum | z_sum | num_tokens])."""
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])  # (N, H)
+        N, E, k = x.shape[0], self.num_experts, self.top_k
+        logits = self.router(x)  # (N, E), model dtype
+        logits32 = logits.float()
+        probs = torch.softmax(logits32, dim=-1)  # (N, E) fp32
+        top_w, top_i = torch.topk(probs, k, dim=-1)  # (N, k)
+        if self.renormalize:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+
+        flat_e = top_i.reshape(-1)  # (N*k,) expert of each token copy
+        order = torch.argsort(flat_e, stable=True)  # token copies sorted by expert
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_e, torch.ones_like(flat_e))  # (E,) no host sync
+        x_sorted = x.index_select(0, order // k)  # (N*k, H)
+        y_sorted = self.experts(x_sorted, counts)  # (N*k, H)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        y = y_sorted.index_select(0, inverse).view(N, k, -1)  # (N, k, H) back in token order
+        out = (y * top_w.to(y.dtype).unsqueeze(-1)).sum(dim=1)  # (N, H)
+
+        z_sum = torch.logsumexp(logits32, dim=-1).pow(2).sum()
+        stats = torch.cat([counts.to(torch.float32), probs.sum(dim=0), z_sum.view(1),
+                           torch.full((1,), float(N), device=x.device)])  # (2E+2,)
+        return out.view(shape), stats
+
+
+def load_balancing_loss(stats: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """HF's `load_balancing_loss_func` from the stacked per-layer statistics (num_moe_layers, 2E+2):
+    E * sum_e (sum_l count[l,e] / T) * (sum_l prob_sum[l,e] / T), T = sum_l num_tokens[l]
+    (HF concatenates the router logits of all MoE layers; counts are top-k assignments)."""
+    counts, prob_sum, _, n = split_moe_stats(stats, num_experts)
+    total = n.sum()
+    return num_experts * torch.sum((counts.sum(0) / total) * (prob_sum.sum(0) / total))
+
+
+def router_z_loss(stats: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens (and MoE layers) of logsumexp(router_logits)^2."""
+    _, _, z_sum, n = split_moe_stats(stats, num_experts)
+    return z_sum.sum() / n.sum()
