@@ -80,7 +80,13 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
-    code = run(dcfg, HydraConfig.get().runtime.output_dir)
+    from jamba.config import ConfigError
+
+    try:
+        code = run(dcfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as e:  # a user mistake: the message names the key, the value and the fix
+        log.error("config error: %s", e)
+        sys.exit(2)
     if code:
         sys.exit(code)
 

@@ -257,7 +257,23 @@ def to_object(cfg) -> RunConfig:
     if not isinstance(obj, RunConfig):  # composed without the schema (should not happen via train.py)
         raise ConfigError("the config was not composed onto trainer.config.RunConfig; keep `run_schema` "
                           "first in conf/config.yaml's defaults list")
+    _check_keys(OmegaConf.to_container(cfg, resolve=True), obj, "")
     return obj
+
+
+def _check_keys(plain: Any, obj: Any, path: str) -> None:
+    """Keys added with Hydra's `+key=value` bypass the schema's struct mode: reject unknown ones here."""
+    if dataclasses.is_dataclass(obj) and isinstance(plain, dict):
+        names = [f.name for f in dataclasses.fields(obj)]
+        for key in plain:
+            if key not in names:
+                raise ConfigError(f"{path}{key} is not a key of {path.rstrip('.') or 'the config'} "
+                                  f"({type(obj).__name__}); valid keys: {names}")
+        for name in names:
+            _check_keys(plain.get(name), getattr(obj, name), f"{path}{name}.")
+    elif isinstance(obj, list) and isinstance(plain, list):
+        for i, (p, o) in enumerate(zip(plain, obj)):
+            _check_keys(p, o, f"{path.rstrip('.')}[{i}].")
 
 
 def as_dict(obj) -> dict:
