@@ -41,7 +41,7 @@ class MambaRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -51,7 +51,7 @@ class MambaRMSNorm(nn.Module):
 
 class GatedRMSNorm(nn.Module):
     """Mamba-2's gated RMSNorm (mamba-ssm RMSNormGated, norm_before_gate=False): the statistics of
-    y * silu(z) are taken in fp32 per group of `group_size` channels, then scaled by weight."""
+    y * silu(z) are taken in fp32 (fp64 for fp64) per group of `group_size` channels, then scaled by weight."""
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-6):
         super().__init__()
@@ -61,9 +61,10 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = y.dtype
-        g = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        cd = torch.promote_types(dtype, torch.float32)
+        g = (y.to(cd) * F.silu(z.to(cd))).unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (g.flatten(-2) * self.weight.float()).to(dtype)
+        return (g.flatten(-2) * self.weight.to(cd)).to(dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -76,6 +77,11 @@ def _init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, dt_floor: fl
         dt = torch.exp(torch.rand(bias.shape, device=bias.device, dtype=torch.float32)
                        * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
         bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for the scan parameters (A, D, dt bias), as the kernels want; fp64 stays fp64 (tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _log_doc_ids_once(doc_ids) -> None:
@@ -144,7 +150,65 @@ class Mamba1Mixer(nn.Module):
         B = self.b_layernorm(B).transpose(1, 2)  # (B, N, L)
         C = self.c_layernorm(C).transpose(1, 2)  # (B, N, L)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, Di, L); bias goes into the scan
-        A = -torch.exp(self.A_log.float())  # (Di, N)
-        y = kernels.selective_scan(x, dt, A, B, C, D=self.D.float(), z=z,
-                                   delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (B, Di, L)
+        A = -torch.exp(_fp32(self.A_log))  # (Di, N)
+        y = kernels.selective_scan(x, dt, A, B, C, D=_fp32(self.D), z=z,
+                                   delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True)  # (B, Di, L)
         return self.out_proj(y.transpose(1, 2).to(dtype))  # (B, L, H)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer (mamba-ssm's Mamba2 with rmsnorm=True, norm_before_gate=False, d_ssm = d_inner;
+    the mixer of Nemotron-H / Bamba / Falcon-H1): in_proj -> [z, xBC, dt] -> depthwise causal conv +
+    SiLU on xBC -> [x, B, C] -> SSD with per-head scalar A, D skip, dt_bias, softplus -> gated RMSNorm
+    norm(y * silu(z)) per group -> out_proj. Parameter names are mamba-ssm's / HF Mamba2's: in_proj,
+    conv1d, dt_bias, A_log (nheads,), D (nheads,), norm.weight, out_proj. Not tensor-parallel."""
+
+    norm_eps = 1e-5  # mamba-ssm's Mamba2 RMSNormGated eps
+
+    def __init__(self, cfg: JambaConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.d_inner, self.d_state = cfg.d_inner, cfg.mamba_d_state
+        self.head_dim, self.ngroups = cfg.mamba2_head_dim, cfg.mamba2_n_groups
+        self.nheads = self.d_inner // self.head_dim
+        self.chunk_size = cfg.mamba2_chunk_size
+        self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
+        k = cfg.mamba_d_conv
+        # output features: [z (d_inner), x (d_inner), B (G * N), C (G * N), dt (nheads)]
+        self.in_proj = nn.Linear(cfg.hidden_size, self.d_inner + self.conv_dim + self.nheads, bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, k, groups=self.conv_dim, padding=k - 1,
+                                bias=cfg.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads))
+        self.A_log = nn.Parameter(torch.empty(self.nheads))
+        self.D = nn.Parameter(torch.empty(self.nheads))
+        self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // self.ngroups, eps=self.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+        if self.A_log.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mamba-ssm's Mamba2 init of the Mamba-specific parameters (in_proj and out_proj keep theirs):
+        dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] clamped at dt_init_floor;
+        A_log = log(A), A ~ U(1, 16) per head; D = 1; conv1d PyTorch default; norm weight = 1."""
+        cfg = self.cfg
+        with torch.no_grad():
+            _init_dt_bias(self.dt_bias, cfg.mamba_dt_min, cfg.mamba_dt_max, cfg.mamba_dt_init_floor)
+            self.A_log.copy_(torch.log(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(1, 16)))
+            nn.init.ones_(self.D)
+            self.conv1d.reset_parameters()
+            self.norm.reset_parameters()
+
+    def forward(self, hidden: torch.Tensor, doc_ids=None) -> torch.Tensor:
+        _log_doc_ids_once(doc_ids)
+        G, N, H, P = self.ngroups, self.d_state, self.nheads, self.head_dim
+        zxbcdt = self.in_proj(hidden)  # (B, L, 2 Di + 2 G N + H)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, H], dim=-1)
+        xBC = kernels.causal_conv1d(xBC.transpose(1, 2).contiguous(), self.conv1d.weight.squeeze(1),
+                                    self.conv1d.bias, activation="silu").transpose(1, 2)  # (B, L, conv_dim)
+        x, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
+        A = -torch.exp(_fp32(self.A_log))  # (H,)
+        y = kernels.ssd_scan(x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
+                             self.chunk_size, D=_fp32(self.D), dt_bias=_fp32(self.dt_bias),
+                             dt_softplus=True)  # (B, L, H, P)
+        y = self.norm(y.flatten(-2), z)  # (B, L, Di)
+        return self.out_proj(y)  # (B, L, H)

@@ -5,14 +5,15 @@ input b_t = delta_t * B_t * u_t (per channel d and state n):
 
     h_t = a_t * h_{t-1} + b_t,      y_t = sum_n C_t[n] * h_t[n] + D * u_t,      out = y * silu(z)
 
-The chunked reference splits L into nC chunks of T ~ sqrt(L) steps. Step 1 runs the recurrence for
-the T positions of ALL chunks at once from a zero state (a T-step Python loop over (B, D, nC, N)
-tensors). Step 2 carries the chunk-final states across chunks (an nC-step loop over (B, D, N)).
-Step 3 adds each chunk's incoming state, decayed by exp(cumsum of the log decays inside the chunk),
-to every position. Only products of decays <= 1 are formed (no exp(-cumsum) trick that overflows
-for long chunks or large dt), so it is as stable as the sequential loop, and the Python loop count is
-T + nC ~ 2 sqrt(L) (45 at L = 512, 128 at L = 4096) instead of L. Memory: O(B * D * L * N) like the
-sequential loop (autograd keeps the states), never O(L^2).
+The reference computes the states with `linear_scan`, a chunked two-level scan: L is cut into nC chunks
+of T ~ sqrt(L / 2) steps; pass 1 runs the T steps of all chunks at once from a zero state to get each
+chunk's end state and total decay; a loop over the nC chunks carries the true incoming states; pass 2
+reruns the T steps of all chunks from their incoming states, writing every state. So the Python loop
+count is ~2T + nC ~ 3 sqrt(L / 2) (48 at L = 512), not L. Only products of decays <= 1 are formed
+(no exp(-cumsum) trick that overflows for long chunks or large dt): as stable as the sequential loop.
+Its backward (a custom autograd.Function) is the same scan run in reverse on the output gradient, under
+no_grad, so fwd+bwd costs a few passes over the (L, B, D, N) states instead of an autograd graph of L
+steps. Memory: the states, O(B * D * L * N), like the sequential loop; never O(L^2).
 """
 
 from __future__ import annotations
@@ -49,11 +50,81 @@ def _finish(y, u, D, z, dtype_in):
     return y.to(dtype_in)
 
 
+def _chunk_len(seqlen: int) -> int:
+    """Chunk length minimising the Python steps of `_scan`: 4 per chunk step, 2 per chunk, 1 per tail step."""
+    hi = max(1, math.isqrt(2 * seqlen) + 1)
+    return min(range(1, min(hi, seqlen) + 1), key=lambda T: 4 * T + 2 * (seqlen // T) + seqlen % T)
+
+
+@torch.no_grad()
+def _scan(a: torch.Tensor, b: torch.Tensor, reverse: bool = False, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + b_t along dim 0 from h = 0 (reverse: h_t = a_t * h_{t+1} + b_t from the end).
+    a, b: (L, ...) contiguous, same shape. Two-level chunked scan (see module docstring)."""
+    L = a.shape[0]
+    T = min(chunk_size or _chunk_len(L), L)
+    nc, rem = L // T, L % T
+    h = torch.empty_like(b)
+    main = slice(rem, L) if reverse else slice(0, nc * T)
+    tail = range(rem - 1, -1, -1) if reverse else range(nc * T, L)
+    av, bv, hv = (t[main].view(nc, T, -1) for t in (a, b, h))  # (nC, T, M)
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    chunks = range(nc - 1, -1, -1) if reverse else range(nc)
+    incoming = torch.zeros_like(bv[:, 0])  # (nC, M)
+    carry = torch.zeros_like(bv[0, 0])  # (M,)
+    if nc > 1:  # pass 1: every chunk from a zero state -> its end state and its total decay
+        end, decay = torch.zeros_like(incoming), torch.ones_like(incoming)
+        for t in steps:
+            end.mul_(av[:, t]).add_(bv[:, t])
+            decay.mul_(av[:, t])
+        for c in chunks:  # carry the true states across chunks
+            incoming[c] = carry
+            carry = torch.addcmul(end[c], decay[c], carry)
+    state = incoming
+    for t in steps:  # pass 2: every chunk from its incoming state, writing all states
+        torch.addcmul(bv[:, t], av[:, t], state, out=hv[:, t])
+        state = hv[:, t]
+    state = state[chunks[-1]].view(b.shape[1:])  # the state at the end of the chunked part
+    for t in tail:
+        torch.addcmul(b[t], a[t], state, out=h[t])
+        state = h[t]
+    return h
+
+
+class _LinearScan(torch.autograd.Function):
+    """h = scan(a, b) along dim 0. Backward: g_b = reverse scan of g_h with coefficients a_{t+1},
+    g_a_t = g_b_t * h_{t-1}."""
+
+    @staticmethod
+    def forward(ctx, a, b, chunk_size):
+        h = _scan(a, b, chunk_size=chunk_size)
+        ctx.save_for_backward(a, h)
+        ctx.chunk_size = chunk_size
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh):
+        a, h = ctx.saved_tensors
+        a_next = torch.empty_like(a)
+        a_next[:-1] = a[1:]
+        a_next[-1] = 0
+        gb = _scan(a_next, gh.contiguous(), reverse=True, chunk_size=ctx.chunk_size)
+        ga = torch.empty_like(a)
+        ga[0] = 0
+        torch.mul(gb[1:], h[:-1], out=ga[1:])
+        return ga, gb, None
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Differentiable first-order linear recurrence h_t = a_t * h_{t-1} + b_t (h_{-1} = 0) along dim 0."""
+    return _LinearScan.apply(a.contiguous(), b.contiguous(), chunk_size)
+
+
 def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                        C: torch.Tensor, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                        delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
                        return_last_state: bool = False, chunk_size: Optional[int] = None):
-    """Chunked selective scan (see module docstring), differentiable, no per-timestep loop over L.
+    """Selective scan without a per-timestep Python loop over L (see module docstring).
 
     u: (B, D, L); delta: (B, D, L); A: (D, N) (negative reals); B, C: (B, N, L); D: (D,);
     z: (B, D, L); delta_bias: (D,). Computes in fp32 (fp64 for fp64 inputs); returns out (B, D, L) in
@@ -61,48 +132,13 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     """
     dtype_in = u.dtype
     u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    bsz, dim, seqlen = u.shape
-    nstate = A.shape[1]
-    T = chunk_size or max(1, math.ceil(math.sqrt(seqlen)))
-    nc = math.ceil(seqlen / T)
-    pad = nc * T - seqlen
-    # Padding steps have delta = 0 (decay 1, input 0): they leave the state unchanged and are cut off.
-    du = delta * u
-    if pad:
-        delta, du, B, C = (F.pad(t, (0, pad)) for t in (delta, du, B, C))
-
-    def steps_first(t):  # (b, c, L) -> (T, b, c, nC): the loop index leads so its slices are contiguous
-        return t.unflatten(-1, (nc, T)).permute(3, 0, 1, 2)
-
-    log_a = steps_first(delta).unsqueeze(-1) * A[None, None, :, None, :]  # (T, B, D, nC, N), <= 0
-    Bt = steps_first(B).transpose(2, 3).unsqueeze(2)  # (T, B, 1, nC, N)
-    Ct = steps_first(C).transpose(2, 3).unsqueeze(2)  # (T, B, 1, nC, N)
-    b = steps_first(du).unsqueeze(-1) * Bt  # (T, B, D, nC, N)
-    a = torch.exp(log_a)
-
-    # 1. Within-chunk recurrence from a zero state, all chunks at once.
-    h = torch.zeros_like(b[0])  # (B, D, nC, N)
-    hs = []
-    for t in range(T):
-        h = a[t] * h + b[t]
-        hs.append(h)
-    h_local = torch.stack(hs)  # (T, B, D, nC, N)
-
-    # 2. Carry states across chunks: state entering chunk c+1 = decay(c) * state entering c + local end of c.
-    decay_in = torch.exp(torch.cumsum(log_a, dim=0))  # (T, B, D, nC, N): decay from chunk start to t
-    h_in = []
-    carry = torch.zeros_like(h[:, :, 0])  # (B, D, N)
-    for c in range(nc):
-        h_in.append(carry)
-        carry = decay_in[-1, :, :, c] * carry + h[:, :, c]
-    h_in = torch.stack(h_in, dim=2)  # (B, D, nC, N)
-
-    # 3. Full states and outputs.
-    states = h_local + decay_in * h_in  # (T, B, D, nC, N)
-    y = (states * Ct).sum(-1)  # (T, B, D, nC)
-    y = y.permute(1, 2, 3, 0).reshape(bsz, dim, nc * T)[..., :seqlen]  # (B, D, L)
+    Bt, Ct = B.permute(2, 0, 1), C.permute(2, 0, 1)  # (L, B, N)
+    a = torch.exp(delta.permute(2, 0, 1).unsqueeze(-1) * A)  # (L, B, D, N), in (0, 1]
+    b = (delta * u).permute(2, 0, 1).unsqueeze(-1) * Bt.unsqueeze(2)  # (L, B, D, N)
+    h = linear_scan(a, b, chunk_size)  # (L, B, D, N)
+    y = torch.einsum("lbdn,lbn->bdl", h, Ct)  # (B, D, L)
     out = _finish(y, u, D, z, dtype_in)
-    return (out, carry) if return_last_state else out
+    return (out, h[-1]) if return_last_state else out
 
 
 def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
