@@ -9,24 +9,25 @@ import torch
 import torch.distributed as dist
 
 
-class _AllReduceMean(torch.autograd.Function):
-    """fwd: mean over the group. bwd: mean over the group of the incoming gradients.
+class _AllReduceSum(torch.autograd.Function):
+    """fwd: sum over the group. bwd: sum over the group of the incoming gradients.
 
-    This is the adjoint of "every rank adds the same reduced value to its loss, and the gradients of
-    all ranks are then averaged" (FSDP/DDP): see `parallel/expert_parallel.py` for the derivation."""
+    The adjoint of "every rank adds the same function of the global sum to its loss": the gradient
+    w.r.t. each rank's contribution is the sum of all ranks' upstream gradients (see
+    parallel/expert_parallel.py for why this matches the single-process gradient after FSDP's mean)."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        y = x.clone()
+        y = x.contiguous().clone()
         dist.all_reduce(y, group=group)
-        return y / dist.get_world_size(group)
+        return y
 
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous().clone()
         dist.all_reduce(g, group=ctx.group)
-        return g / dist.get_world_size(ctx.group), None
+        return g, None
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -78,8 +79,25 @@ class _AllToAllV(torch.autograd.Function):
         return dx, None, None, None
 
 
-def all_reduce_mean(x: torch.Tensor, group) -> torch.Tensor:
-    return _AllReduceMean.apply(x, group)
+class _ScaleGrad(torch.autograd.Function):
+    """fwd: identity. bwd: gradient times a constant."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    return _AllReduceSum.apply(x, group)
 
 
 def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:

@@ -1,27 +1,55 @@
-"""Expert parallelism for the MoE layers, and global MoE statistics for the load-balancing loss."""
+"""Expert parallelism (and tensor parallelism of the experts), plus global MoE statistics.
+
+The MoE block (jamba/moe.py) sorts token copies by expert and calls
+`experts(x_sorted (N, H), num_tokens_per_expert (E,))`. `apply_experts` turns the stacked expert
+weights gate_proj/up_proj (E, I, H) and down_proj (E, H, I) into DTensors on the expert mesh's
+("ep", "tp") view, placements [Shard(0), Shard(1)] / [Shard(0), Shard(2)] (experts over ep,
+intermediate size over tp), and wraps the experts' forward:
+
+    1. (tp > 1) input replicated over TP: identity forward, all-reduce of its gradient
+    2. (ep > 1) exchange per-expert counts (all-to-all), then the token rows themselves (all-to-all of
+       variable sizes); rows arrive grouped by source rank, then by local expert
+    3. re-sort the received rows by local expert; run the unmodified grouped GEMM on the local shards
+    4. undo the sort, all-to-all back (the reverse exchange); (tp > 1) sum the partial outputs over TP
+
+Gradient reduction of the experts: the all-to-all backward already sums, on the rank holding an
+expert, the contributions of the tokens of all ep ranks; FSDP2 then averages over the expert
+data-parallel ranks ("edp" = dp_replicate x efsdp) only. The local weight views carry a gradient
+scale of 1/ep, so the result is the mean over all dp_cp = edp * ep data-parallel ranks, exactly as
+for the dense parameters. (FSDP2's set_gradient_divide_factor would do the same but needs
+ReduceOp.PREMUL_SUM, which gloo lacks.)
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import List
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import Shard
 
-from parallel.collectives import all_reduce_mean
+from parallel.collectives import all_reduce_sum, all_to_all_v, copy_to_group, reduce_from_group, scale_grad
 from parallel.dims import ParallelDims
+from parallel.styles import distribute_param, swap_in_local, swap_out_local
 
 logger = logging.getLogger(__name__)
 
+EXPERT_PLACEMENTS = {"gate_proj": [Shard(0), Shard(1)], "up_proj": [Shard(0), Shard(1)],
+                     "down_proj": [Shard(0), Shard(2)]}
+
 
 def apply_moe_stats_reduce(model: nn.Module, dims: ParallelDims) -> None:
-    """Make the load-balancing loss see global statistics: `model.moe_stats_reduce` (called by the
-    model on its per-expert statistics before forming the aux loss) becomes a differentiable mean over
-    every rank that sees different tokens (the "dp_cp" mesh).
+    """Make the load-balancing and z losses see global-batch statistics: `model.moe_stats_reduce` (applied
+    by the model to the stacked per-layer sums [counts | prob sums | z sum | tokens] before forming the
+    losses) becomes a differentiable sum all-reduce over every rank that sees different tokens ("dp_cp").
 
-    Why the gradient is right: every rank r adds the same aux(P) to its loss, where P = mean_r P_r.
-    FSDP then averages gradients over the D ranks. The backward of the mean is the mean of the
-    incoming gradients (all equal to dAux/dP), so rank r back-propagates dAux/dP * dP_r/dtheta, and
-    the average over ranks is dAux/dP * mean_r dP_r/dtheta = d aux(P)/dtheta: the single-process
-    gradient on the global batch (with equal token counts per rank).
+    Why the gradient is the single-process one: every rank r adds the same aux(S) to its loss, where
+    S = sum_r s_r. The all-reduce's backward sums the D equal upstream gradients, so rank r
+    back-propagates D * aux'(S) * ds_r/dtheta; FSDP averages over the D ranks, giving
+    sum_r aux'(S) ds_r/dtheta = d aux(S)/dtheta. (The lm loss is a per-rank mean, so the global mean is
+    matched when every rank has the same number of non-ignored labels, as with packed sequences.)
     """
     if not hasattr(model, "moe_stats_reduce"):
         logger.warning("model has no `moe_stats_reduce` hook: the load-balancing loss uses per-rank statistics")
@@ -29,8 +57,76 @@ def apply_moe_stats_reduce(model: nn.Module, dims: ParallelDims) -> None:
     if dims.dp_cp_size == 1:
         return
     group = dims.get_mesh("dp_cp").get_group()
-    model.moe_stats_reduce = lambda stats: all_reduce_mean(stats, group)
+    model.moe_stats_reduce = lambda stats: all_reduce_sum(stats, group)
 
 
-def apply_ep(model: nn.Module, dims: ParallelDims) -> None:
-    raise NotImplementedError("expert parallelism lands next (issue 4); use parallel.ep=1 for now")
+def _exchange(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
+    """Dispatch rows of x (sorted by global expert) to the ranks holding their experts.
+    Returns (rows sorted by local expert, local counts (E_local,), state for `_combine`)."""
+    n_local = counts.shape[0] // ep
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=ep_group)  # recv[r*El + j]: rows rank r sends to my expert j
+    send_splits: List[int] = counts.view(ep, n_local).sum(1).tolist()
+    recv_2d = recv.view(ep, n_local)  # (ep source ranks, local experts)
+    recv_splits: List[int] = recv_2d.sum(1).tolist()
+    xr = all_to_all_v(x, recv_splits, send_splits, ep_group)  # (sum recv, H) by source, then local expert
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(n_local, device=x.device).repeat(ep), recv_2d.reshape(-1))
+    order = torch.argsort(expert_of_row, stable=True)  # group rows by local expert (source order kept)
+    return xr.index_select(0, order), recv_2d.sum(0), (order, send_splits, recv_splits)
+
+
+def _combine(y: torch.Tensor, state, ep_group) -> torch.Tensor:
+    order, send_splits, recv_splits = state
+    y_src = torch.empty_like(y).index_copy(0, order, y)  # back to (source rank, local expert) order
+    return all_to_all_v(y_src, send_splits, recv_splits, ep_group)  # reverse exchange
+
+
+def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
+    """Shard every MoE layer's experts over ("ep", "tp") of the expert mesh and wrap their forward."""
+    mesh = dims.get_mesh("expert")["ep", "tp"]
+    ep_group = dims.get_mesh("ep").get_group() if dims.ep > 1 else None
+    tp_group = dims.get_mesh("etp").get_group() if dims.tp > 1 else None
+    ep = dims.ep
+
+    def grad_scale(path, w):  # see the module docstring: FSDP's edp mean * 1/ep = the dp_cp mean
+        return scale_grad(w, 1.0 / ep)
+
+    for layer in model.model.layers:
+        experts = getattr(layer.feed_forward, "experts", None)
+        if experts is None:
+            continue
+        for name, placements in EXPERT_PLACEMENTS.items():
+            distribute_param(experts, name, mesh, placements)
+        local_forward = experts.forward  # the model's grouped GEMM, bound to this module
+        names = list(EXPERT_PLACEMENTS)
+
+        def forward(x, num_tokens_per_expert, _mod=experts, _fwd=local_forward):
+            # x (N, H) sorted by global expert; num_tokens_per_expert (E,)
+            if tp_group is not None:
+                x = copy_to_group(x, tp_group)
+            swap_in_local(_mod, names, grad_scale)
+            try:
+                if ep_group is None:
+                    return_y = _fwd(x, num_tokens_per_expert)
+                else:
+                    xl, counts_local, state = _exchange(x, num_tokens_per_expert, ep_group, ep)
+                    return_y = _combine(_fwd(xl, counts_local), state, ep_group)
+            finally:
+                swap_out_local(_mod, names)
+            if tp_group is not None:
+                return_y = reduce_from_group(return_y, tp_group)  # (N, H) partial sums over I shards
+            return return_y
+
+        experts.forward = forward
+
+
+def global_expert_counts(expert_counts: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """Per-expert token counts for logging summed over all data-parallel ranks. The model's
+    `out.expert_counts` is already global when `moe_stats_reduce` is installed (dp_cp > 1): this is for
+    counts taken elsewhere (e.g. accumulated per rank over micro-batches)."""
+    if dims.dp_cp_size == 1 or not dist.is_initialized():
+        return expert_counts
+    c = expert_counts.clone()
+    dist.all_reduce(c, group=dims.get_mesh("dp_cp").get_group())
+    return c

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from parallel.dims import ParallelDims
+from parallel.expert_parallel import apply_experts, apply_moe_stats_reduce
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device_type: str) -> None:
     param_dtype, reduce_dtype = resolve_dtypes(dims, device_type)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if dims.dp_replicate > 1:
-        dp_mesh = dims.get_mesh("dense")["dp_replicate", "dp_shard_cp"]
+        # cp == 1 until context parallelism lands; then this becomes ("dp_replicate", "dp_shard_cp")
+        dp_mesh = dims.get_mesh("dense")["dp_replicate", "dp_shard"]
         edp_mesh = dims.get_mesh("expert")["dp_replicate", "efsdp"]
     else:
         dp_mesh = dims.get_mesh("dp_shard_cp")
@@ -51,11 +53,10 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device_type: str) -> None:
     layer_reshard = True if reshard is None else reshard
     for layer in _decoder_layers(model):
         experts = getattr(getattr(layer, "feed_forward", None), "experts", None)
-        if experts is not None and dims.ep_enabled:
+        if experts is not None and (dims.ep_enabled or dims.tp_enabled):
             fully_shard(experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=layer_reshard)
-            # Expert gradients are summed over the ep ranks by the all-to-all backward, then averaged
-            # over the edp ranks by FSDP: divide by the whole data-parallel size, as dense params are.
-            experts.set_gradient_divide_factor(float(dims.dp_cp_size))
+            # FSDP averages expert gradients over the edp ranks only; the 1/ep that makes this the mean
+            # over all data-parallel ranks is applied in the experts' forward (parallel/expert_parallel.py).
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=layer_reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=bool(reshard))
 
@@ -66,12 +67,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, device_type: Optional[str]
     if dims.tp_enabled:
         from parallel.tensor_parallel import apply_tp
         apply_tp(model, dims)
-    if dims.ep_enabled:
-        from parallel.expert_parallel import apply_ep
-        apply_ep(model, dims)
-    if dims.dp_cp_size > 1 or dims.ep_enabled:
-        from parallel.expert_parallel import apply_moe_stats_reduce
-        apply_moe_stats_reduce(model, dims)
-    apply_fsdp(model, dims, device_type)
+    if dims.ep_enabled or dims.tp_enabled:
+        apply_experts(model, dims)
+    apply_moe_stats_reduce(model, dims)
+    if dims.dp_cp_size > 1:
+        apply_fsdp(model, dims, device_type)
     logger.info("parallelized model: %s", dims)
     return model

@@ -1,0 +1,135 @@
+"""Multi-process worker of tests/parallel/test_layouts.py (run under torchrun, gloo, CPU, fp32).
+
+For each layout named on the command line: build the tiny model from the same seed, parallelize it,
+train 3 AdamW steps on the same global batch (each data-parallel rank takes its slice) and record
+the global loss per step, the full gradients after the first backward and the full parameters at the
+end. With `reshard=<dir>`, also save a DCP checkpoint after 2 steps in the first layout and resume
+step 3 from it in the other layouts. Rank 0 writes everything to out=<file> (torch.save).
+
+Usage: torchrun --nproc_per_node N tests/parallel/dist_worker.py out=<file> layouts=a,b [reshard=<dir>]
+Layout syntax: "dp_shard=2+ep=2" (keys of ParallelConfig joined by "+").
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from jamba.config import get_preset
+from jamba.model import JambaForCausalLM
+from parallel import ParallelConfig, ParallelDims, parallelize
+
+SEED, STEPS, LR = 1234, 3, 1e-3
+MODEL_OVERRIDES = dict(loss_chunk_size=24, router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
+
+
+def model_config():
+    return get_preset("tiny", **MODEL_OVERRIDES)
+
+
+def global_batch(step: int, batch: int = 4, seq_len: int = 16, vocab: int = 2048):
+    g = torch.Generator().manual_seed(100 + step)
+    ids = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def make_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, foreach=False)
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def parse_layout(spec: str) -> ParallelConfig:
+    kw = {}
+    for item in spec.split("+"):
+        k, v = item.split("=")
+        kw[k] = v == "true" if v in ("true", "false") else int(v)
+    kw.setdefault("dp_shard", -1)
+    return ParallelConfig(**kw)
+
+
+def build(spec: str):
+    cfg = model_config()
+    dims = ParallelDims(parse_layout(spec), world_size=dist.get_world_size(), model=cfg, seq_len=16)
+    dims.build_mesh("cpu")
+    torch.manual_seed(SEED)
+    model = parallelize(JambaForCausalLM(cfg), dims)
+    return model, dims
+
+
+def step(model, dims, opt, i: int):
+    ids, labels = global_batch(i)
+    per = ids.shape[0] // dims.dp_size
+    sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
+    out = model(ids[sl], labels=labels[sl])
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    if dims.dp_size > 1:  # mean over the data-parallel ranks (TP ranks hold the same loss)
+        dist.all_reduce(loss, group=dims.get_mesh("dp").get_group())
+        loss /= dims.dp_size
+    return loss.item(), out
+
+
+def run_layout(spec: str, result: dict) -> None:
+    model, dims = build(spec)
+    opt = make_optimizer(model)
+    losses, grads = [], None
+    for i in range(STEPS):
+        loss, out = step(model, dims, opt, i)
+        losses.append(loss)
+        if i == 0:
+            grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
+            counts = out.expert_counts.clone()
+        opt.step()
+        opt.zero_grad()
+    params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    result[spec] = dict(losses=losses, grads=grads, params=params, expert_counts=counts, dims=str(dims))
+
+
+def run_reshard(specs, ckpt_dir: str, result: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, dims = build(specs[0])
+    opt = make_optimizer(model)
+    for i in range(2):
+        step(model, dims, opt, i)
+        opt.step()
+        opt.zero_grad()
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
+    dist.barrier()
+    for spec in specs[1:]:
+        model, dims = build(spec)
+        opt = make_optimizer(model)
+        msd, osd = get_state_dict(model, opt)  # empty optimizer state is fine: DCP fills it in
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=ckpt_dir)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        loss, _ = step(model, dims, opt, 2)
+        opt.step()
+        params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+        result[f"reshard:{specs[0]}->{spec}"] = dict(loss=loss, params=params)
+
+
+def main() -> None:
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    result = {}
+    for spec in filter(None, args.get("layouts", "").split(",")):
+        run_layout(spec, result)
+    if "reshard" in args:
+        run_reshard(args["reshard_layouts"].split(","), args["reshard"], result)
+    if dist.get_rank() == 0:
+        torch.save(result, args["out"])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
