@@ -19,8 +19,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    logits = F.linear(h, weight).float()  # (c, V) fp32 for this chunk only
+    logits = _upcast(F.linear(h, weight))  # (c, V) fp32 for this chunk only
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
@@ -32,11 +36,12 @@ class _FusedChunkedCE(torch.autograd.Function):
         n_valid = valid.sum()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             h, y, m = hidden[s:s + chunk_size], labels[s:s + chunk_size], valid[s:s + chunk_size]
-            logits = F.linear(h, weight).float()  # (c, V)
+            logits = _upcast(F.linear(h, weight))  # (c, V) fp32 (fp64 stays fp64)
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             y_safe = torch.where(m, y, torch.zeros_like(y))
             tgt = logits.gather(1, y_safe[:, None]).squeeze(1)  # (c,)
@@ -49,7 +54,7 @@ class _FusedChunkedCE(torch.autograd.Function):
                 if need_h:
                     grad_h[s:s + chunk_size] = g @ weight  # (c, H)
                 if need_w:
-                    grad_w += (g.t() @ h).float()  # (V, H)
+                    grad_w += g.t() @ h  # (V, H), this chunk's bf16 product summed in fp32
         n = n_valid.clamp_min(1).float()
         ctx.save_for_backward(grad_h, grad_w, n)
         ctx.weight_dtype = weight.dtype

@@ -93,7 +93,9 @@ class JambaModel(nn.Module):
 
     def __init__(self, cfg: JambaConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight: skip nn.Embedding's own normal_ init (init_weights does it; on meta it costs seconds)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, s) for i, s in enumerate(cfg.layer_specs()))
         self.final_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
@@ -116,6 +118,8 @@ class JambaForCausalLM(nn.Module):
         self.model = JambaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.moe_stats_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        # (hidden, lm_head.weight, labels, chunk_size=) -> mean CE; parallel/ swaps in a vocab-parallel one
+        self.loss_fn: Callable[..., torch.Tensor] = chunked_cross_entropy
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
@@ -196,7 +200,7 @@ class JambaForCausalLM(nn.Module):
         if labels is None:
             out.logits = self.lm_head(h)  # (B, L, V)
             return out
-        out.lm_loss = chunked_cross_entropy(h, self.lm_head.weight, labels, chunk_size=cfg.loss_chunk_size)
+        out.lm_loss = self.loss_fn(h, self.lm_head.weight, labels, chunk_size=cfg.loss_chunk_size)
         loss = out.lm_loss
         if out.aux_loss is not None:
             if cfg.router_aux_loss_coef:

@@ -98,13 +98,13 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """hidden (B, L, H) -> (out (B, L, H), stats (2E+2,) fp32: [counts | prob_sum | z_sum | num_tokens])."""
+        """hidden (B, L, H) -> (out (B, L, H), stats (2E+2,) fp32 (fp64 for fp64 models): [counts | prob_sum | z_sum | num_tokens])."""
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])  # (N, H)
         N, E, k = x.shape[0], self.num_experts, self.top_k
         logits = self.router(x)  # (N, E), model dtype
-        logits32 = logits.float()
-        probs = torch.softmax(logits32, dim=-1)  # (N, E) fp32
+        logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
+        probs = torch.softmax(logits32, dim=-1)  # (N, E)
         top_w, top_i = torch.topk(probs, k, dim=-1)  # (N, k)
         if self.renormalize:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
@@ -120,8 +120,8 @@ class MoE(nn.Module):
         out = (y * top_w.to(y.dtype).unsqueeze(-1)).sum(dim=1)  # (N, H)
 
         z_sum = torch.logsumexp(logits32, dim=-1).pow(2).sum()
-        stats = torch.cat([counts.to(torch.float32), probs.sum(dim=0), z_sum.view(1),
-                           torch.full((1,), float(N), device=x.device)])  # (2E+2,)
+        stats = torch.cat([counts.to(probs.dtype), probs.sum(dim=0), z_sum.view(1),
+                           torch.full((1,), float(N), dtype=probs.dtype, device=x.device)])  # (2E+2,)
         return out.view(shape), stats
 
 

@@ -1,0 +1,211 @@
+"""MoE: routing and expert math against a per-token reference, HF's load-balancing loss on the same router
+logits, the statistics hook for global (cross-rank) statistics, expert-parallel friendliness, and (GPU)
+torch._grouped_mm against the exact loop in bf16."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jamba.config import JambaConfig
+from jamba.moe import GroupedExperts, MoE, load_balancing_loss, router_z_loss
+
+
+def small_cfg(**kw):
+    base = dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                layer_pattern="AE AD AE AE", router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+    return JambaConfig(**{**base, **kw})
+
+
+def random_moe(cfg, seed=0):
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 2.0 / cfg.hidden_size ** 0.5)  # decisive routing (no near-ties)
+        for p in moe.experts.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    return moe
+
+
+def reference_moe(moe, x, renormalize=False):
+    """Per token, per chosen expert: SwiGLU of that expert times its routing weight (HF semantics)."""
+    e = moe.experts
+    probs = torch.softmax(x @ moe.router.weight.t(), dim=-1)
+    w, idx = torch.topk(probs, moe.top_k, dim=-1)
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(moe.top_k):
+            k = idx[t, j]
+            h = F.silu(e.gate_proj[k] @ x[t]) * (e.up_proj[k] @ x[t])
+            out[t] += w[t, j] * (e.down_proj[k] @ h)
+    return out
+
+
+@pytest.mark.parametrize("renormalize,top_k", [(False, 2), (True, 2), (False, 1), (True, 3)])
+def test_moe_matches_per_token_reference(renormalize, top_k):
+    cfg = small_cfg(moe_renormalize=renormalize, num_experts_per_tok=top_k)
+    moe = random_moe(cfg).double()
+    x = torch.randn(2, 9, cfg.hidden_size, dtype=torch.float64)
+    out, stats = moe(x)
+    want = reference_moe(moe, x.view(-1, cfg.hidden_size), renormalize).view_as(x)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    counts = stats[:cfg.num_experts]
+    assert counts.sum().item() == 18 * top_k and stats[-1].item() == 18
+
+
+def test_moe_gradients_match_reference():
+    cfg = small_cfg()
+    moe = random_moe(cfg).double()
+    x = torch.randn(13, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    out, _ = moe(x.view(1, 13, -1))
+    g = torch.randn_like(out)
+    got = torch.autograd.grad((out * g).sum(), [x] + list(moe.parameters()))
+    want = torch.autograd.grad((reference_moe(moe, x) * g.view(13, -1)).sum(), [x] + list(moe.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_experts_take_local_count_from_weights():
+    """Expert parallelism shards dim 0 and passes counts for the local experts only."""
+    torch.manual_seed(0)
+    full = GroupedExperts(6, 16, 8)
+    for p in full.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    local = GroupedExperts(2, 16, 8)
+    with torch.no_grad():
+        for p, q in zip(local.parameters(), full.parameters()):
+            p.copy_(q[2:4])  # this rank holds experts 2 and 3
+    counts = torch.tensor([3, 0, 4, 2, 0, 5])
+    x = torch.randn(int(counts.sum()), 16)
+    y_full = full(x, counts)
+    lo, hi = 3, 3 + 4 + 2
+    torch.testing.assert_close(local(x[lo:hi], counts[2:4]), y_full[lo:hi])
+    with pytest.raises(ValueError, match="local expert"):
+        local(x, counts)
+
+
+def test_aux_loss_equals_transformers_load_balancing_loss():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
+
+    from jamba.model import JambaForCausalLM
+
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    model = JambaForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.feed_forward, "router"):
+                layer.feed_forward.router.weight.normal_(0, 0.5)
+    logits = []
+    hooks = [l.feed_forward.router.register_forward_hook(lambda m, i, o: logits.append(o))
+             for l in model.model.layers if hasattr(l.feed_forward, "router")]
+    x = torch.randint(0, cfg.vocab_size, (3, 11))
+    out = model(x, labels=x)
+    for h in hooks:
+        h.remove()
+    want = load_balancing_loss_func(tuple(logits), cfg.num_experts, cfg.num_experts_per_tok)
+    torch.testing.assert_close(out.aux_loss, want, rtol=1e-6, atol=0)
+    z = torch.logsumexp(torch.cat(logits).float(), dim=-1).pow(2).mean()
+    torch.testing.assert_close(out.z_loss, z, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.01 * out.aux_loss + 0.001 * out.z_loss)
+    # expert_counts: top-k assignments per MoE layer
+    want_counts = torch.stack([torch.bincount(torch.topk(l, 2, dim=-1).indices.flatten(), minlength=6)
+                               for l in logits])
+    assert out.expert_counts.dtype == torch.long and torch.equal(out.expert_counts, want_counts)
+    assert not out.expert_counts.requires_grad
+
+
+def test_moe_stats_reduce_gives_global_statistics():
+    """A hook that adds another rank's statistics (what a sum all-reduce does) makes the aux / z losses
+    those of the union of both batches, as HF's formula on the concatenated router logits."""
+    from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
+
+    from jamba.model import JambaForCausalLM
+
+    cfg = small_cfg()
+    torch.manual_seed(1)
+    model = JambaForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if hasattr(layer.feed_forward, "router"):
+                layer.feed_forward.router.weight.normal_(0, 0.5)
+    xa, xb = torch.randint(0, cfg.vocab_size, (2, 2, 7))
+    captured = {}
+    model.moe_stats_reduce = lambda s: captured.setdefault("b", s.detach().clone())
+    model(xb)  # "rank 1" statistics
+    seen = []
+    model.moe_stats_reduce = lambda s: (seen.append(s.shape), s + captured["b"])[1]
+    out = model(xa)
+    assert seen == [(3, 2 * cfg.num_experts + 2)]
+    model.moe_stats_reduce = None
+    both = model(torch.cat([xa, xb]))
+    torch.testing.assert_close(out.aux_loss, both.aux_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.z_loss, both.z_loss, rtol=1e-6, atol=0)
+    assert torch.equal(out.expert_counts, both.expert_counts)
+    # ... which is HF's function on the router logits of the union batch
+    logits = []
+    hooks = [l.feed_forward.router.register_forward_hook(lambda m, i, o: logits.append(o))
+             for l in model.model.layers if hasattr(l.feed_forward, "router")]
+    model(torch.cat([xa, xb]))
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(out.aux_loss, load_balancing_loss_func(tuple(logits), 6, 2), rtol=1e-6, atol=0)
+
+
+def test_loss_formulas_on_constructed_stats():
+    # E=2, one layer, 4 tokens, top-1: counts [3, 1], prob sums [2.5, 1.5] -> 2 * (3/4*2.5/4 + 1/4*1.5/4)
+    s = torch.tensor([[3.0, 1.0, 2.5, 1.5, 8.0, 4.0]])
+    torch.testing.assert_close(load_balancing_loss(s, 2), torch.tensor(2 * (0.75 * 0.625 + 0.25 * 0.375)))
+    torch.testing.assert_close(router_z_loss(s, 2), torch.tensor(2.0))
+
+
+@pytest.mark.gpu
+def test_grouped_mm_matches_loop_bf16():
+    """torch._grouped_mm vs the per-expert loop on the same bf16 inputs, forward and backward.
+    Both use bf16 operands with fp32 accumulation; they differ by the accumulation order/tiling and by where
+    intermediate results are rounded to bf16, so we expect a few bf16 ulps (eps 2^-8 = 3.9e-3) relative to
+    the tensor's scale: 2e-2 of max |ref| leaves ~5x margin."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm not available")
+    torch.manual_seed(0)
+    E, H, I = 8, 256, 512
+    ex = GroupedExperts(E, H, I).cuda()
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, 0, H ** -0.5)
+    ex = ex.bfloat16()
+    counts = torch.tensor([37, 0, 128, 5, 64, 1, 300, 17], device="cuda")  # uneven, incl. empty / unaligned
+    x = torch.randn(int(counts.sum()), H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn):
+        ex.zero_grad(set_to_none=True)
+        xx = x.detach().clone().requires_grad_()
+        y = fn(xx, counts)
+        y.backward(gy)
+        return [y.float(), xx.grad.float()] + [p.grad.float() for p in ex.parameters()]
+
+    fast = run(ex.forward)  # dispatches to _grouped_mm on CUDA/bf16
+    ref = run(ex._loop)
+    for name, a, b in zip(["out", "dx", "d_gate", "d_up", "d_down"], fast, ref):
+        err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+        print(f"grouped_mm vs loop {name}: max rel err {err:.2e}")
+        assert err < 2e-2, f"{name}: {err:.2e}"
+    # empty experts get exactly zero weight gradients
+    assert fast[2][1].abs().max().item() == 0.0
+
+
+@pytest.mark.gpu
+def test_moe_cuda_bf16_close_to_cpu_fp32():
+    cfg = small_cfg(hidden_size=128, intermediate_size=256, num_experts=8)
+    moe = random_moe(cfg)
+    x = torch.randn(4, 64, 128)
+    want, _ = moe(x)
+    got, _ = moe.cuda().bfloat16()(x.cuda().bfloat16())
+    # bf16 weights/activations, a 2-matmul chain: a few bf16 ulps of max |out|; tokens whose top-k flips
+    # under bf16 router logits would differ by O(1), the decisive router init avoids near-ties.
+    err = ((got.float().cpu() - want).abs().max() / want.abs().max()).item()
+    print(f"MoE cuda bf16 vs cpu fp32: max rel err {err:.2e}")
+    assert err < 5e-2
