@@ -456,7 +456,7 @@ KERNEL_FAMILIES = [  # (family, regex on the kernel name), first match wins
     ("causal conv1d", r"causal_conv1d|conv1d"),
     ("attention (flash/cuDNN/SDPA)", r"flash|fmha|attention|sdpa|cudnn"),
     ("grouped GEMM (experts)", r"grouped|_grouped_mm"),
-    ("GEMM (cuBLAS/CUTLASS)", r"gemm|sm90_xmma|nvjet|cutlass|cublas|wgmma|matmul"),
+    ("GEMM (cuBLAS/CUTLASS)", r"gemm|sm90_xmma|nvjet|cutlass|cublas|wgmma|matmul|aten::(mm|addmm|bmm|linear)$"),
     ("optimizer (AdamW)", r"adam"),
     ("cross-entropy / softmax", r"softmax|cross_entropy|nll|log_softmax|logsumexp"),
     ("MoE routing (topk/sort/scatter/index)", r"topk|sort|scatter|gather|index|radix|histc|bincount|cumsum|scan_"),
@@ -528,7 +528,7 @@ def _fmt(x, spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
-def format_table(results: List[Result], ceiling: Optional[float]) -> str:
+def format_table(results: List[Result], ceiling: Optional[float], dtype: str = "bf16") -> str:
     hf = {(r.seq_len, r.micro_batch, r.ac): r for r in results if r.impl == "hf" and r.status == "ok"}
     head = (f"{'impl':5s} {'seq x batch':>13s} {'ac':>8s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
             f"{'peak GiB':>9s} {'step ms':>9s} {'loss0':>7s} {'ours/HF':>8s}  status")
@@ -545,7 +545,7 @@ def format_table(results: List[Result], ceiling: Optional[float]) -> str:
             f"{_fmt(r.loss_first, '.4f'):>7s} {_fmt(ratio, '.2f'):>8s}  {r.status}"
             + (f" ({r.error[:80]})" if r.error else ""))
     if ceiling:
-        lines.append(f"MFU against the measured bf16 matmul ceiling of {ceiling:.0f} TFLOP/s")
+        lines.append(f"MFU against the measured {dtype} matmul ceiling of {ceiling:.4g} TFLOP/s")
     return "\n".join(lines)
 
 
@@ -644,7 +644,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print("bench environment:", json.dumps(env), flush=True)
     if args.ceiling_size:
         bench.ceiling = matmul_ceiling(bench.device, args.ceiling_size, bench.dtype)
-        print(f"measured matmul ceiling: {bench.ceiling:.1f} TFLOP/s ({args.dtype}, n={args.ceiling_size})",
+        print(f"measured matmul ceiling: {bench.ceiling:.4g} TFLOP/s ({args.dtype}, n={args.ceiling_size})",
               flush=True)
     cfg = get_preset(args.preset, **dict(args.override))
     report = {"env": env, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
@@ -677,7 +677,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       f"{_fmt(res.tokens_per_s, ',.0f')} tokens/s, peak {_fmt(res.peak_alloc_gib, '.1f')} GiB, "
                       f"loss {_fmt(res.loss_first, '.4f')} -> {_fmt(res.loss_last, '.4f')}"
                       + (f" ({res.error})" if res.error else ""), flush=True)
-        print("\n" + format_table(results, bench.ceiling))
+        print("\n" + format_table(results, bench.ceiling, args.dtype))
     save()
     return report
 
