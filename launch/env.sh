@@ -23,6 +23,10 @@ jamba_launch_env() {
   # CPU threads per rank: the node's cores split evenly over its ranks (torchrun would default to 1).
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$threads}"
   export MKL_NUM_THREADS="${MKL_NUM_THREADS:-$OMP_NUM_THREADS}"
+  # Elastic restarts (--max-restarts): by default the rendezvous TCPStore is shared across restart rounds,
+  # and restarted workers then read the previous round's stale process-group keys (gloo/NCCL "connection
+  # refused" on restart, pytorch/pytorch#167288). A fresh store per round avoids that.
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
   # NCCL says what went wrong, not everything it does (set NCCL_DEBUG=INFO to debug topology).
   export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
   # Sequence-length curricula change activation shapes: expandable segments avoid fragmentation OOMs.
@@ -35,7 +39,7 @@ jamba_launch_env() {
 jamba_print_env() {
   local name
   for name in NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS OMP_NUM_THREADS \
-      MKL_NUM_THREADS NCCL_DEBUG PYTORCH_CUDA_ALLOC_CONF PYTHONUNBUFFERED; do
+      MKL_NUM_THREADS TORCH_DISABLE_SHARE_RDZV_TCP_STORE NCCL_DEBUG PYTORCH_CUDA_ALLOC_CONF PYTHONUNBUFFERED; do
     printf '%s=%s\n' "$name" "${!name-}"
   done
 }

@@ -87,6 +87,7 @@ def launch_env_defaults(environ: Mapping[str, str], procs_per_node: int) -> dict
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
         "NVSHMEM_DISABLE_NVLS": "1",
         "OMP_NUM_THREADS": str(cpus),
+        "MKL_NUM_THREADS": str(cpus),
         "NCCL_DEBUG": "WARN",
         "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
         "PYTHONUNBUFFERED": "1",

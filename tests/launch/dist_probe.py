@@ -16,6 +16,8 @@ def main() -> None:
     args = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
     out_dir = args["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
+    import faulthandler
+    faulthandler.dump_traceback_later(20, exit=True)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
