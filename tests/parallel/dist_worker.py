@@ -7,7 +7,8 @@ end. With `reshard=<dir>`, also save a DCP checkpoint after 2 steps in the first
 step 3 from it in the other layouts. Rank 0 writes everything to out=<file> (torch.save).
 
 Usage: torchrun --nproc_per_node N tests/parallel/dist_worker.py out=<file> layouts=a,b [reshard=<dir>]
-Layout syntax: "dp_shard=2+ep=2" (keys of ParallelConfig joined by "+").
+Layout syntax: "dp_shard=2+ep=2" (keys of ParallelConfig joined by "+"; "kv=1" overrides the model's
+num_key_value_heads, to exercise replicated kv heads under TP).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ SEED, STEPS, LR = 1234, 3, 1e-3
 MODEL_OVERRIDES = dict(loss_chunk_size=24, router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
 
 
-def model_config():
-    return get_preset("tiny", **MODEL_OVERRIDES)
+def model_config(**overrides):
+    return get_preset("tiny", **{**MODEL_OVERRIDES, **overrides})
 
 
 def global_batch(step: int, batch: int = 4, seq_len: int = 16, vocab: int = 2048):
@@ -43,18 +44,23 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def parse_layout(spec: str) -> ParallelConfig:
-    kw = {}
+def parse_layout(spec: str):
+    """"tp=2+ep=2" -> (ParallelConfig, model overrides); "kv=1" sets model.num_key_value_heads."""
+    kw, model = {}, {}
     for item in spec.split("+"):
         k, v = item.split("=")
-        kw[k] = v == "true" if v in ("true", "false") else int(v)
+        if k == "kv":
+            model["num_key_value_heads"] = int(v)
+        else:
+            kw[k] = v == "true" if v in ("true", "false") else int(v)
     kw.setdefault("dp_shard", -1)
-    return ParallelConfig(**kw)
+    return ParallelConfig(**kw), model
 
 
 def build(spec: str):
-    cfg = model_config()
-    dims = ParallelDims(parse_layout(spec), world_size=dist.get_world_size(), model=cfg, seq_len=16)
+    pcfg, overrides = parse_layout(spec)
+    cfg = model_config(**overrides)
+    dims = ParallelDims(pcfg, world_size=dist.get_world_size(), model=cfg, seq_len=16)
     dims.build_mesh("cpu")
     torch.manual_seed(SEED)
     model = parallelize(JambaForCausalLM(cfg), dims)
@@ -114,6 +120,26 @@ def run_reshard(specs, ckpt_dir: str, result: dict) -> None:
         opt.step()
         params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
         result[f"reshard:{specs[0]}->{spec}"] = dict(loss=loss, params=params)
+
+
+def reference(model_overrides: dict) -> dict:
+    """The single-process run on the whole global batch (what every layout must reproduce)."""
+    torch.manual_seed(SEED)
+    model = JambaForCausalLM(model_config(**model_overrides))
+    opt = make_optimizer(model)
+    losses = []
+    for i in range(STEPS):
+        ids, labels = global_batch(i)
+        out = model(ids, labels=labels)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        if i == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            counts = out.expert_counts.clone()
+        opt.step()
+        opt.zero_grad()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return dict(losses=losses, grads=grads, params=params, expert_counts=counts)
 
 
 def main() -> None:
