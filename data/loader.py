@@ -19,13 +19,14 @@ import argparse
 import logging
 import pickle
 import time
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
-from data.sources import make_source
+from data.sources import expand_path, make_source
 from data.stream import COUNTERS, ReaderStream
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,21 @@ def build_stream(cfg: DataConfig, tokenizer, *, reader: int, n_readers: int, see
 
 
 class _Workers(IterableDataset):
-    """What each DataLoader worker runs: its logical reader's stream, batches tagged with the state after."""
+    """What each DataLoader worker runs: its logical reader's stream, batches tagged with the state after.
+    Holds plain parameters, not the loader (no reference cycle keeps finished workers alive)."""
 
-    def __init__(self, loader: "PackedLoader", states: List[Any], offset: int):
-        self.l, self.states, self.offset = loader, states, offset
+    def __init__(self, cfg, tokenizer, params: Dict[str, Any], states: List[Any], offset: int):
+        self.cfg, self.tokenizer, self.p, self.states, self.offset = cfg, tokenizer, params, states, offset
 
     def __iter__(self):
-        l, info = self.l, get_worker_info()
-        w = (info.id + self.offset) % l.num_workers
+        p, info = self.p, get_worker_info()
+        W = p["num_workers"]
+        w = (info.id + self.offset) % W
         st = self.states[w]
-        stream = build_stream(l.cfg, l.tokenizer, reader=l.dp_rank * l.num_workers + w,
-                              n_readers=l.dp_world_size * l.num_workers, seed=l.seed, split=l.split,
+        stream = build_stream(self.cfg, self.tokenizer, reader=p["dp_rank"] * W + w,
+                              n_readers=p["dp_world_size"] * W, seed=p["seed"], split=p["split"],
                               state=pickle.loads(st) if isinstance(st, bytes) else st)
-        for batch in stream.batches(l.seq_len, l.micro_batch_size, l.cfg.doc_ids):
+        for batch in stream.batches(p["seq_len"], p["micro_batch_size"], self.cfg.doc_ids):
             batch["_worker"] = w
             batch["_state"] = pickle.dumps(stream.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)
             batch["_stats"] = dict(stream.stats)
@@ -90,12 +93,16 @@ class PackedLoader:
         self.dp_rank, self.dp_world_size, self.seed = int(dp_rank), int(dp_world_size), int(seed)
         self.num_workers = cfg.num_workers if split == "train" else 0  # validation: a short in-process pass
         self.set_shape(seq_len, micro_batch_size)
+        for i, spec in enumerate(cfg.sources if split == "train" else (cfg.validation_sources or cfg.sources)):
+            if spec.path and not expand_path(spec.path):  # fail now, not in a worker at the first batch
+                raise ValueError(f"data.sources[{i}].path={spec.path!r} matches no file; fix: give an existing "
+                                 f"file, directory or glob (e.g. 'corpus/**/*.jsonl')")
         n = max(1, self.num_workers)
         self._states: List[Any] = [None] * n  # latest state per logical worker (dict, bytes or None)
         self._stats: List[Dict[str, int]] = [{} for _ in range(n)]
         self._next = 0  # logical worker of the next batch
         self._live: Optional[ReaderStream] = None  # num_workers == 0: the stream being iterated
-        self._dl_iter = None
+        self._gen = None  # weakref to the live iterator
 
     def set_shape(self, seq_len: int, micro_batch_size: int) -> None:
         """New row length / rows per batch for the next iter(); position and packing remainder carry over."""
@@ -104,11 +111,12 @@ class PackedLoader:
         self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
 
     def __iter__(self):
+        """Continues from the current state. One live iterator per loader: a new one closes the previous."""
+        self._close()
         self._sync_live()
-        self._dl_iter = None  # shuts down the workers of a previous iterator
-        if self.num_workers == 0:
-            return self._iter_inline()
-        return self._iter_workers()
+        gen = self._iter_inline() if self.num_workers == 0 else self._iter_workers()
+        self._gen = weakref.ref(gen)
+        return gen
 
     def _iter_inline(self):
         st = self._states[0]
@@ -120,16 +128,29 @@ class PackedLoader:
 
     def _iter_workers(self):
         W = self.num_workers
-        ds = _Workers(self, list(self._states), self._next)
+        params = dict(num_workers=W, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size, seed=self.seed,
+                      split=self.split, seq_len=self.seq_len, micro_batch_size=self.micro_batch_size)
+        ds = _Workers(self.cfg, self.tokenizer, params, list(self._states), self._next)
         dl = DataLoader(ds, batch_size=None, num_workers=W, prefetch_factor=self.cfg.prefetch_factor,
                         persistent_workers=False, pin_memory=False)
-        self._dl_iter = it = iter(dl)
-        for batch in it:
-            w = batch.pop("_worker")
-            self._states[w] = batch.pop("_state")
-            self._stats[w] = batch.pop("_stats")
-            self._next = (w + 1) % W
-            yield batch
+        it = iter(dl)
+        try:
+            for batch in it:
+                w = batch.pop("_worker")
+                self._states[w] = batch.pop("_state")
+                self._stats[w] = batch.pop("_stats")
+                self._next = (w + 1) % W
+                yield batch
+        finally:  # closed or garbage-collected: stop the workers now, not at interpreter exit
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _close(self) -> None:
+        prev = self._gen() if self._gen is not None else None
+        self._gen = None
+        if prev is not None:
+            prev.close()  # stops its workers
 
     def _sync_live(self) -> None:
         if self._live is not None:
@@ -154,7 +175,8 @@ class PackedLoader:
                     f"data loader state has {key}={state[key]!r} but this loader has {key}={getattr(self, key)!r}; "
                     f"fix: resume with the same data-parallel size, data.num_workers and seed (changing them "
                     f"would skip or repeat documents)")
-        self._live, self._dl_iter = None, None
+        self._close()
+        self._live = None
         self._states = list(state["workers"])
         self._stats = [dict(s["stats"]) if s else {} for s in self._states]
         self._next = int(state["next_worker"])

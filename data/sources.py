@@ -130,7 +130,11 @@ def _iter_jsonl(path, field, start, stats):
                 continue
             try:
                 rec = json.loads(line)
-            except (UnicodeDecodeError, ValueError) as e:
+            except UnicodeDecodeError as e:
+                _warn(stats, "skipped_utf8", "%s: not UTF-8 (%s)", where, e.reason)
+                yield j, None
+                continue
+            except ValueError as e:
                 _warn(stats, "skipped_json", "%s: invalid JSON line (%s)", where, str(e)[:80])
                 yield j, None
                 continue

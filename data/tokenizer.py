@@ -177,8 +177,9 @@ def _cli_texts(inputs: Sequence[str], text_field: str) -> Iterator[str]:
         yield from stdlib_documents("train")
         return
     for f in _expand(inputs):
-        for text in iter_file_documents(f, text_field=text_field):
-            yield text
+        for _, text in iter_file_documents(f, text_field=text_field):
+            if text is not None:
+                yield text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
