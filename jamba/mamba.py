@@ -25,28 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jamba.config import JambaConfig
+from jamba.layers import RMSNorm
 from jamba.ops import kernels
 
 logger = logging.getLogger(__name__)
 _doc_ids_logged = False
-
-
-class MambaRMSNorm(nn.Module):
-    """RMSNorm with fp32 statistics, numerically identical to transformers' JambaRMSNorm:
-    weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 class GatedRMSNorm(nn.Module):
@@ -109,9 +92,9 @@ class Mamba1Mixer(nn.Module):
         self.in_proj = nn.Linear(cfg.hidden_size, 2 * d_inner, bias=cfg.mamba_proj_bias)
         self.conv1d = nn.Conv1d(d_inner, d_inner, k, groups=d_inner, padding=k - 1, bias=cfg.mamba_conv_bias)
         self.x_proj = nn.Linear(d_inner, r + 2 * n, bias=False)
-        self.dt_layernorm = MambaRMSNorm(r, eps=cfg.rms_norm_eps)
-        self.b_layernorm = MambaRMSNorm(n, eps=cfg.rms_norm_eps)
-        self.c_layernorm = MambaRMSNorm(n, eps=cfg.rms_norm_eps)
+        self.dt_layernorm = RMSNorm(r, eps=cfg.rms_norm_eps)
+        self.b_layernorm = RMSNorm(n, eps=cfg.rms_norm_eps)
+        self.c_layernorm = RMSNorm(n, eps=cfg.rms_norm_eps)
         self.dt_proj = nn.Linear(r, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, n))
         self.D = nn.Parameter(torch.empty(d_inner))

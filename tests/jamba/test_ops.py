@@ -129,6 +129,7 @@ def _compare(kernel_fn, ref_fn, inputs, out_tol=2e-2, grad_tol=5e-2):
     ins_r = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
     yk, yr = kernel_fn(**ins_k), ref_fn(**ins_r)
     assert yk.dtype == yr.dtype
+    print(f"\noutput rel err {_rel_err(yk, yr):.2e}", end="")
     assert _rel_err(yk, yr) < out_tol, f"output rel err {_rel_err(yk, yr)}"
     gy = torch.randn_like(yk)
     yk.backward(gy)
@@ -136,6 +137,7 @@ def _compare(kernel_fn, ref_fn, inputs, out_tol=2e-2, grad_tol=5e-2):
     for k in ins_k:
         if ins_k[k].grad is not None:
             err = _rel_err(ins_k[k].grad, ins_r[k].grad)
+            print(f"; grad {k} {err:.2e}", end="")
             assert err < grad_tol, f"grad {k} rel err {err}"
 
 
