@@ -560,10 +560,12 @@ def from_hf(hf_model, base: Optional[JambaConfig] = None):
     return model.train(hf_model.training)
 
 
-def to_hf(model, *, use_mamba_kernels: bool = False, attn_implementation: str = "eager", **hf_overrides):
+def to_hf(model, *, use_mamba_kernels: bool = True, attn_implementation: str = "eager", **hf_overrides):
     """A transformers.JambaForCausalLM with the weights of our model (same dtype/device; the tensors are
     copies, so HF's model is independent). Built on the meta device, so no random init is spent.
-    pad_token_id defaults to None here (no embedding padding_idx, whose gradient HF would zero)."""
+    pad_token_id defaults to None here (no embedding padding_idx, whose gradient HF would zero).
+    For benchmarks on CUDA pass attn_implementation="sdpa"; use_mamba_kernels=True (HF's default) lets
+    transformers use mamba-ssm/causal-conv1d where installed (a no-op flag from transformers 5.2x on)."""
     import transformers
 
     cfg = _model_config(model)

@@ -14,6 +14,15 @@ from jamba import hf  # noqa: E402
 from jamba.config import ConfigError, JambaConfig  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP hand-off costs on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(**kw) -> JambaConfig:
     base = dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=48, attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2,
