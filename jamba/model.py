@@ -109,6 +109,9 @@ class JambaForCausalLM(nn.Module):
     before the load-balancing and z losses are formed. parallel/ sets it to a differentiable sum all-reduce
     over the data-parallel ranks (e.g. torch.distributed.nn.functional.all_reduce) to get global-batch
     statistics; the result must keep the shape.
+
+    `loss_fn(hidden (B, L, H), weight (V, H), labels (B, L), chunk_size=...) -> mean CE`: the language-model
+    loss, `jamba.loss.chunked_cross_entropy` by default (parallel/ installs a vocab-parallel one under TP).
     """
 
     def __init__(self, cfg: JambaConfig):
