@@ -49,10 +49,10 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
         if world.is_main:
             run_path.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(dcfg, run_path / "config.yaml", resolve=True)
-        # 2. Model: meta -> parallel layout -> to_empty -> init_weights (same seed on every rank).
+        # 2. Model: meta -> to_empty -> init_weights (same seed on every rank) -> parallel layout.
         torch.use_deterministic_algorithms(t.deterministic)
         build.seed_everything(t.seed)
-        model = layout.build_model(cfg.model, device, t.seed)
+        model = layout.build_model(cfg.model, device, t.seed, t.sharded_init)
         build.seed_everything(t.seed + world.rank)  # runtime randomness differs per rank
         _, make_loader, make_eval = build.build_data(cfg, run_path, layout.dp_rank, layout.dp_size, world.is_main)
         optimizer = build_optimizer(model, cfg.optim, device.type)

@@ -50,49 +50,63 @@ class Layout:
     def dp_rank(self) -> int:
         return self.dims.dp_rank
 
-    def build_model(self, model_cfg: JambaConfig, device: torch.device, seed: int) -> nn.Module:
-        """Meta-device construction (no memory), the parallel layout (TP/EP/FSDP2 on meta), then materialise
-        on `device` and run the model's init table (`init_weights`) with the same seed on every rank."""
+    def build_model(self, model_cfg: JambaConfig, device: torch.device, seed: int, sharded_init: bool = False
+                    ) -> nn.Module:
+        """Build on the meta device (nothing allocated), then either
+
+        - default: materialise the whole model on `device`, run its init table (`init_weights(seed)`, same
+          seed on every rank), then apply the parallel layout (TP/EP/FSDP2 shard the initialised tensors):
+          every layout starts from exactly the weights of a single-process run;
+        - sharded_init: apply the layout on meta, then `to_empty` + `init_weights` per shard (for models too
+          large for one device; needs an init table that works on DTensors)."""
         from jamba.model import JambaForCausalLM
 
         with torch.device("meta"):
             model = JambaForCausalLM(model_cfg)
-        if self.world_size > 1:
-            from parallel import parallelize
-
-            self.dims.build_mesh(device.type)
-            model = parallelize(model, self.dims, device.type) or model
-            log.info("parallel layout: %s", self.dims)
+        if sharded_init:
+            model = self._parallelize(model, device)
         model.to_empty(device=device)
         model.init_weights(seed=seed)
+        if not sharded_init:
+            model = self._parallelize(model, device)
+        return model
+
+    def _parallelize(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        from parallel import parallelize
+
+        self.dims.build_mesh(device.type)
+        model = parallelize(model, self.dims, device.type) or model
+        log.info("parallel layout: %s", self.dims)
         return model
 
 
 # ---- data ---------------------------------------------------------------------------------------
 def build_data(cfg: RunConfig, run_dir: Path, dp_rank: int, dp_size: int, is_main: bool
                ) -> Tuple[Any, Callable, Optional[Callable]]:
-    """Tokenizer (copied into the run directory), and loader factories for training and validation."""
+    """Tokenizer (checked against the model, copied into the run directory) and loader factories:
+    make_loader(stage, state) for training (this rank's shard), make_eval_loader(stage) for the held-out split."""
     import data
 
-    tok = data.load_tokenizer(cfg.data) if hasattr(data, "load_tokenizer") else None
-    if tok is not None and tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}; "
-                          f"raise model.vocab_size to at least {tok.vocab_size} or use a smaller tokenizer")
-    src = getattr(tok, "path", None)
-    if is_main and src and os.path.isfile(src):
-        shutil.copy2(src, run_dir / ("tokenizer" + Path(src).suffix))
+    tok = data.load_tokenizer(cfg.data)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer ({tok.path}) has {tok.vocab_size} tokens but model.vocab_size="
+                          f"{cfg.model.vocab_size}; raise model.vocab_size to at least {tok.vocab_size} or use a "
+                          f"smaller tokenizer (data.tokenizer / data.vocab_size)")
+    if is_main and tok.path and os.path.isfile(tok.path):
+        shutil.copy2(tok.path, run_dir / "tokenizer.model")
 
     def make_loader(stage: Stage, state: Optional[dict]):
-        loader = data.build_dataloader(cfg.data, tok, seq_len=stage.seq_len,
-                                       micro_batch_size=stage.micro_batch_size, dp_rank=dp_rank,
-                                       dp_world_size=dp_size, seed=cfg.train.seed)
+        loader = data.build_dataloader(cfg.data, tok, seq_len=stage.seq_len, micro_batch_size=stage.micro_batch_size,
+                                       dp_rank=dp_rank, dp_world_size=dp_size, seed=cfg.train.seed)
         if state is not None:
             loader.load_state_dict(state)
         return loader
 
     def make_eval_loader(stage: Stage):
-        return data.build_dataloader(cfg.data, tok, seq_len=stage.seq_len,
-                                     micro_batch_size=stage.micro_batch_size, dp_rank=dp_rank,
-                                     dp_world_size=dp_size, seed=cfg.train.seed, split="validation")
+        return data.build_dataloader(cfg.data, tok, seq_len=stage.seq_len, micro_batch_size=stage.micro_batch_size,
+                                     dp_rank=dp_rank, dp_world_size=dp_size, seed=cfg.train.seed,
+                                     split="validation")
 
     return tok, make_loader, (make_eval_loader if cfg.train.eval_every else None)

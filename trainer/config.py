@@ -100,6 +100,10 @@ class TrainConfig:
     """Micro-batches per rank per validation."""
     max_consecutive_nonfinite: int = 5
     """A non-finite loss or gradient skips the step; this many in a row halt the run."""
+    sharded_init: bool = False
+    """Initialise the weights after sharding (meta -> parallelize -> to_empty -> init_weights) instead of
+    before (every rank initialises the full model, then it is sharded). Needed when the model does not fit
+    on one device; the default gives every layout exactly the single-process initial weights."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (CPU runs are deterministic anyway)."""
 

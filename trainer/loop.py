@@ -95,6 +95,10 @@ def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
     return total
 
 
+def _to(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    return t.to(device, non_blocking=True) if t is not None else None
+
+
 def autocast_context(device: torch.device, precision: str):
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if bf16:
@@ -149,8 +153,12 @@ class Trainer:
 
     # ---- data ---------------------------------------------------------------------------------
     def _open_loader(self, stage: Stage, loader_state: Optional[dict]) -> None:
-        prev = self.loader.state_dict() if self.loader is not None else None
-        self.loader = self.make_loader(stage, loader_state if loader_state is not None else prev)
+        """The first loader, a resumed one, or the next curriculum stage's shape (position carried over)."""
+        if loader_state is None and self.loader is not None and hasattr(self.loader, "set_shape"):
+            self.loader.set_shape(stage.seq_len, stage.micro_batch_size)
+        else:
+            prev = self.loader.state_dict() if self.loader is not None else None
+            self.loader = self.make_loader(stage, loader_state if loader_state is not None else prev)
         self._iter = iter(self.loader)
         self._loader_stage = stage.index
         if self.world.is_main and self.state.step > 0 and loader_state is None:
@@ -182,7 +190,7 @@ class Trainer:
             if sync_toggle:  # FSDP2: reduce-scatter gradients only on the last micro-batch
                 model.set_requires_gradient_sync(micro == stage.grad_accum - 1)
             with autocast_context(self.device, cfg.train.precision):
-                out = model(input_ids, labels=labels, doc_ids=batch.get("doc_ids"))
+                out = model(input_ids, labels=labels, doc_ids=_to(batch.get("doc_ids"), self.device))
             (out.loss / stage.grad_accum).backward()
             lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
             sums[0] += lm.detach().double()
@@ -240,7 +248,7 @@ class Trainer:
                 break
             with autocast_context(self.device, self.cfg.train.precision):
                 out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
-                                 doc_ids=batch.get("doc_ids"))
+                                 doc_ids=_to(batch.get("doc_ids"), self.device))
             lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
             total += torch.tensor([float(lm), 1.0], dtype=torch.float64)
         self.model.train()
