@@ -45,6 +45,14 @@ def stdlib_files(split: str = "train", fraction: float = VALIDATION_FRACTION) ->
     return tuple(f for f in files if split_of(os.path.relpath(f, root), fraction) == split)
 
 
+def stdlib_fingerprint() -> str:
+    """Hash of the train files' relative paths and sizes: a changed stdlib never reuses a stale cache."""
+    root, h = stdlib_root(), hashlib.blake2b(digest_size=6)
+    for f in stdlib_files("train"):
+        h.update(f"{os.path.relpath(f, root)}:{os.path.getsize(f)}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
 def stdlib_documents(split: str = "train") -> Iterator[str]:
     """The documents (file contents) of the embedded corpus, in order; undecodable files are skipped."""
     for f in stdlib_files(split):

@@ -235,6 +235,7 @@ class FileSource(Source):
         self._order: Optional[List[int]] = None
         self._it: Optional[Iterator] = None
         self._pieces: List[str] = []
+        self._scratch: Dict[str, int] = {}
 
     def _epoch_order(self) -> List[int]:
         order = list(range(len(self.files)))
@@ -264,15 +265,21 @@ class FileSource(Source):
             if self._it is None:
                 path = self.files[self._order[st["file_pos"]]]
                 self._it = iter_file_documents(path, fmt=self.fmt, text_field=self.text_field,
-                                               text_unit=self.text_unit, start=st["doc"], stats=self.stats)
+                                               text_unit=self.text_unit, start=st["doc"], stats=self._scratch)
             nxt = next(self._it, None)
+            j = nxt[0] if nxt is not None else -1
+            mine = (self._order[st["file_pos"]] + j) % self.stride == self.offset
+            if self._scratch:  # skip counters: only the reader that owns the document (or file) counts them
+                if (mine if nxt is not None else self.offset == 0):
+                    for k, v in self._scratch.items():
+                        self.stats[k] = self.stats.get(k, 0) + v
+                self._scratch.clear()
             if nxt is None:  # end of file
                 st.update(file_pos=st["file_pos"] + 1, doc=0, piece=0)
                 self._it = None
                 continue
-            j, text = nxt
+            text = nxt[1]
             st["doc"] = j
-            mine = (self._order[st["file_pos"]] + j) % self.stride == self.offset
             if text is None or not mine or not self._keep(text):
                 st["doc"], st["piece"] = j + 1, 0
                 continue

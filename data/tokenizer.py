@@ -139,7 +139,9 @@ def ensure_default_tokenizer(cache_dir: Optional[str] = None, vocab_size: int = 
 
     cache = Path(cache_dir or default_cache_dir()) / "tokenizers"
     cache.mkdir(parents=True, exist_ok=True)
-    key = f"stdlib-py{sys.version_info[0]}{sys.version_info[1]}-bpe{vocab_size}-v{_TRAINER_VERSION}"
+    from data.corpus import stdlib_fingerprint
+
+    key = f"stdlib-py{sys.version_info[0]}{sys.version_info[1]}-{stdlib_fingerprint()}-bpe{vocab_size}-v{_TRAINER_VERSION}"
     path = cache / f"{key}.model"
     if path.is_file():
         return Tokenizer(str(path))

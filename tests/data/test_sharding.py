@@ -31,19 +31,25 @@ def test_readers_partition_the_corpus(tmp_path, layout):
             write_jsonl(tmp_path / f"part{i}.jsonl", docs[i * 10:(i + 1) * 10])
     else:  # fewer files than readers: every reader strides over the documents
         write_jsonl(tmp_path / "all.jsonl", docs)
+    first = sorted(tmp_path.glob("*.jsonl"))[0]
+    with open(first, "a") as f:
+        f.write("{not json\n")  # counted once over all readers, by the reader that owns that line
     spec = SourceConfig(path=str(tmp_path / "*.jsonl"))
     all_ids = {DOC_ID.match(d).group(1) for d in docs}
     n_readers = 4  # e.g. 2 ranks x 2 workers
     kw = dict(index=0, n_readers=n_readers, seed=3, hash_fraction=0.2, max_doc_chars=10**6)
-    train = []
+    train, bad = [], 0
     for r in range(n_readers):
-        got = epoch_docs(make_source(spec, reader=r, split="train", loop=True, stats={}, **kw))
+        stats = {}
+        got = epoch_docs(make_source(spec, reader=r, split="train", loop=True, stats=stats, **kw))
+        bad += stats.get("skipped_json", 0)
         assert len(got) == len(set(got)), "a document repeated within an epoch"
         train.append(set(got))
         assert got, f"reader {r} got nothing"
     for r in range(n_readers):
         for q in range(r):
             assert not train[r] & train[q], f"readers {q} and {r} share documents"
+    assert bad == 1
     val = set()
     for r in range(n_readers):
         src = make_source(spec, reader=r, split="validation", loop=False, stats={}, **kw)
