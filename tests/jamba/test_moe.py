@@ -187,12 +187,28 @@ def test_grouped_mm_matches_loop_bf16():
         y.backward(gy)
         return [y.float(), xx.grad.float()] + [p.grad.float() for p in ex.parameters()]
 
-    fast = run(ex.forward)  # dispatches to _grouped_mm on CUDA/bf16
+    calls = []
+    orig = torch._grouped_mm
+
+    def spy(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    torch._grouped_mm = spy
+    try:
+        fast = run(ex.forward)  # dispatches to _grouped_mm on CUDA/bf16
+    finally:
+        torch._grouped_mm = orig
+    assert len(calls) == 3, "forward must use torch._grouped_mm on CUDA/bf16"
     ref = run(ex._loop)
-    for name, a, b in zip(["out", "dx", "d_gate", "d_up", "d_down"], fast, ref):
+    ex32 = ex.float()
+    exact = run(lambda xx, c: ex32._loop(xx.float(), c))  # fp32 math on the same bf16-valued inputs
+    ex.bfloat16()
+    for name, a, b, c in zip(["out", "dx", "d_gate", "d_up", "d_down"], fast, ref, exact):
         err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-        print(f"grouped_mm vs loop {name}: max rel err {err:.2e}")
-        assert err < 2e-2, f"{name}: {err:.2e}"
+        err32 = ((a - c).abs().max() / c.abs().max().clamp_min(1e-6)).item()
+        print(f"grouped_mm vs loop {name}: max rel err {err:.2e}; vs fp32 {err32:.2e}")
+        assert err < 2e-2 and err32 < 2e-2, f"{name}: {err:.2e} / {err32:.2e}"
     # empty experts get exactly zero weight gradients
     assert fast[2][1].abs().max().item() == 0.0
 
@@ -202,10 +218,12 @@ def test_moe_cuda_bf16_close_to_cpu_fp32():
     cfg = small_cfg(hidden_size=128, intermediate_size=256, num_experts=8)
     moe = random_moe(cfg)
     x = torch.randn(4, 64, 128)
-    want, _ = moe(x)
-    got, _ = moe.cuda().bfloat16()(x.cuda().bfloat16())
-    # bf16 weights/activations, a 2-matmul chain: a few bf16 ulps of max |out|; tokens whose top-k flips
-    # under bf16 router logits would differ by O(1), the decisive router init avoids near-ties.
-    err = ((got.float().cpu() - want).abs().max() / want.abs().max()).item()
-    print(f"MoE cuda bf16 vs cpu fp32: max rel err {err:.2e}")
-    assert err < 5e-2
+    want, st_want = moe(x)
+    got, st_got = moe.cuda().bfloat16()(x.cuda().bfloat16())
+    # bf16 weights/activations through a 2-matmul chain: ~1e-2 relative per element. A token whose top-k set
+    # flips under bf16 router logits (near-ties) differs by O(1), so compare in the Frobenius norm, where a
+    # few flipped tokens out of 256 stay below the bound, and check that routing mostly agrees.
+    err = ((got.float().cpu() - want).norm() / want.norm()).item()
+    agree = (st_got[:8].cpu() - st_want[:8]).abs().sum().item() / st_want[:8].sum().item()
+    print(f"MoE cuda bf16 vs cpu fp32: norm rel err {err:.2e}, routing count mismatch {agree:.2%}")
+    assert err < 5e-2 and agree < 0.05
