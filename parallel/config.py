@@ -36,7 +36,7 @@ class ParallelConfig:
     """Context parallelism (sequence sharding). Reserved for a later issue: must be 1 for now."""
     sequence_parallel: bool = False
     """With tp > 1: keep activations of the norm regions sharded on the sequence over the TP group
-    (saves activation memory; needs seq_len % tp == 0). Not implemented yet: must be False."""
+    (saves activation memory; needs seq_len % tp == 0). Reserved: not implemented yet, must be False."""
     param_dtype: str = "auto"
     """Dtype of the unsharded parameters used in forward/backward (FSDP2 MixedPrecisionPolicy).
     auto = bfloat16 on GPU, float32 on CPU. Master weights and optimizer state stay float32."""

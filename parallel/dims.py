@@ -100,8 +100,9 @@ class ParallelDims:
                 f"parallel.ep={self.ep} must divide dp_shard({self.dp_shard}) * cp({self.cp}) = "
                 f"{self.dp_shard * self.cp} (experts are sharded over data-parallel ranks); choose ep in "
                 f"{_divisors(self.dp_shard * self.cp)} or raise dp_shard")
-        if c.sequence_parallel and self.tp == 1:
-            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards over the TP group)")
+        if c.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel=true is not implemented yet (norm regions are computed "
+                              "replicated over the TP group); set parallel.sequence_parallel=false")
 
     def _validate_model(self, m: JambaConfig) -> None:
         tp, ep = self.tp, self.ep
@@ -114,6 +115,10 @@ class ParallelDims:
         if problem is not None:
             hint = f"choose tp in {valid_tp}" if problem[1] else "set parallel.tp=1"
             raise ConfigError(f"{problem[0]}: {hint}")
+        if tp > 1 and m.tie_word_embeddings:
+            raise ConfigError(f"parallel.tp={tp} with model.tie_word_embeddings=true is not supported yet (the "
+                              "vocab-parallel embedding and lm_head are sharded separately); untie the "
+                              "embeddings or set parallel.tp=1")
         if ep > 1:
             if not has_moe:
                 raise ConfigError(f"parallel.ep={ep} but the model has no MoE layers; set parallel.ep=1")

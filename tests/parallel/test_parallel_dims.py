@@ -29,7 +29,7 @@ def test_fill_and_derived_degrees():
     (6, dict(ep=3), r"parallel.ep=3 must divide model.num_experts=4"),
     (4, dict(tp=2, ep=4), r"parallel.ep=4 must divide dp_shard\(2\)"),
     (2, dict(cp=2), r"context parallelism is not implemented"),
-    (2, dict(sequence_parallel=True), r"sequence_parallel=true needs parallel.tp > 1"),
+    (2, dict(tp=2, sequence_parallel=True), r"sequence_parallel=true is not implemented yet"),
 ])
 def test_invalid_layouts(world, kw, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -52,6 +52,8 @@ def test_invalid_model_shapes():
     with pytest.raises(ConfigError, match=r"Mamba-2 mixer is not supported"):
         ParallelDims(ParallelConfig(tp=2), world_size=2,
                      model=get_preset("tiny", mamba_mixer="mamba2", mamba2_head_dim=16))
+    with pytest.raises(ConfigError, match=r"tie_word_embeddings=true is not supported yet"):
+        ParallelDims(ParallelConfig(tp=2), world_size=2, model=get_preset("tiny", tie_word_embeddings=True))
     with pytest.raises(ConfigError, match=r"no MoE layers"):
         ParallelDims(ParallelConfig(ep=2), world_size=2, model=get_preset("tiny", num_experts=1, num_experts_per_tok=1))
 
