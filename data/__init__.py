@@ -3,11 +3,28 @@
     from data import DataConfig, build_dataloader, load_tokenizer
     tok = load_tokenizer(DataConfig())      # default: BPE 2048 trained on the Python stdlib, cached
     loader = build_dataloader(DataConfig(), tok, seq_len=256, micro_batch_size=8, dp_rank=0, dp_world_size=1, seed=0)
+
+Names are imported lazily, so that `python -m data.tokenizer` / `python -m data.loader` run their module once.
 """
 
-from data.config import DataConfig, SourceConfig
-from data.loader import PackedLoader, build_dataloader
-from data.tokenizer import Tokenizer, ensure_default_tokenizer, load_tokenizer, train_tokenizer
+_EXPORTS = {
+    "DataConfig": "data.config", "SourceConfig": "data.config",
+    "PackedLoader": "data.loader", "build_dataloader": "data.loader",
+    "Tokenizer": "data.tokenizer", "load_tokenizer": "data.tokenizer",
+    "ensure_default_tokenizer": "data.tokenizer", "train_tokenizer": "data.tokenizer",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["DataConfig", "SourceConfig", "PackedLoader", "build_dataloader", "Tokenizer", "load_tokenizer",
-           "ensure_default_tokenizer", "train_tokenizer"]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
