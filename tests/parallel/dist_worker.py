@@ -23,6 +23,7 @@ from jamba.model import JambaForCausalLM
 from parallel import ParallelConfig, ParallelDims, parallelize
 
 SEED, STEPS, LR = 1234, 3, 1e-3
+DEVICE = torch.device("cpu")  # device=cuda on the command line: NCCL, one GPU per rank
 MODEL_OVERRIDES = dict(loss_chunk_size=24, router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
 
 
@@ -52,7 +53,7 @@ def parse_layout(spec: str):
         if k == "kv":
             model["num_key_value_heads"] = int(v)
         else:
-            kw[k] = v == "true" if v in ("true", "false") else int(v)
+            kw[k] = (v == "true") if v in ("true", "false") else int(v) if v.lstrip("-").isdigit() else v
     kw.setdefault("dp_shard", -1)
     return ParallelConfig(**kw), model
 
@@ -61,9 +62,9 @@ def build(spec: str):
     pcfg, overrides = parse_layout(spec)
     cfg = model_config(**overrides)
     dims = ParallelDims(pcfg, world_size=dist.get_world_size(), model=cfg, seq_len=16)
-    dims.build_mesh("cpu")
+    dims.build_mesh(DEVICE.type)
     torch.manual_seed(SEED)
-    model = parallelize(JambaForCausalLM(cfg), dims)
+    model = parallelize(JambaForCausalLM(cfg).to(DEVICE), dims)
     return model, dims
 
 
@@ -71,7 +72,7 @@ def step(model, dims, opt, i: int):
     ids, labels = global_batch(i)
     per = ids.shape[0] // dims.dp_size
     sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
-    out = model(ids[sl], labels=labels[sl])
+    out = model(ids[sl].to(DEVICE), labels=labels[sl].to(DEVICE))
     out.loss.backward()
     loss = out.loss.detach().clone()
     if dims.dp_size > 1:  # mean over the data-parallel ranks (TP ranks hold the same loss)
@@ -92,7 +93,9 @@ def run_layout(spec: str, result: dict) -> None:
             counts = out.expert_counts.clone()
         opt.step()
         opt.zero_grad()
-    params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    params = {n: full(p.detach()).float().cpu() for n, p in model.named_parameters()}
+    grads = {n: g.float().cpu() for n, g in grads.items()}
+    counts = counts.cpu()
     result[spec] = dict(losses=losses, grads=grads, params=params, expert_counts=counts, dims=str(dims))
 
 
@@ -118,35 +121,43 @@ def run_reshard(specs, ckpt_dir: str, result: dict) -> None:
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         loss, _ = step(model, dims, opt, 2)
         opt.step()
-        params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+        params = {n: full(p.detach()).float().cpu() for n, p in model.named_parameters()}
         result[f"reshard:{specs[0]}->{spec}"] = dict(loss=loss, params=params)
 
 
 def reference(model_overrides: dict) -> dict:
     """The single-process run on the whole global batch (what every layout must reproduce)."""
     torch.manual_seed(SEED)
-    model = JambaForCausalLM(model_config(**model_overrides))
+    model = JambaForCausalLM(model_config(**model_overrides)).to(DEVICE)
     opt = make_optimizer(model)
     losses = []
     for i in range(STEPS):
         ids, labels = global_batch(i)
-        out = model(ids, labels=labels)
+        out = model(ids.to(DEVICE), labels=labels.to(DEVICE))
         out.loss.backward()
         losses.append(out.loss.item())
         if i == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-            counts = out.expert_counts.clone()
+            grads = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+            counts = out.expert_counts.cpu()
         opt.step()
         opt.zero_grad()
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
     return dict(losses=losses, grads=grads, params=params, expert_counts=counts)
 
 
 def main() -> None:
     args = dict(a.split("=", 1) for a in sys.argv[1:])
+    global DEVICE
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if args.get("device") == "cuda":
+        import os
+        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(DEVICE)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 comparisons
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     result = {}
+    if DEVICE.type == "cuda" and dist.get_rank() == 0:  # the reference on the same kind of device
+        result["ref"] = reference({})
     for spec in filter(None, args.get("layouts", "").split(",")):
         run_layout(spec, result)
     if "reshard" in args:
