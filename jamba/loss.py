@@ -3,9 +3,9 @@
 
 Two implementations, same value as `F.cross_entropy(logits.float(), labels, ignore_index=-100)`:
 - "fused" (default for plain tensors): a custom autograd Function that, chunk by chunk, computes the logits
-  (model dtype matmul), their fp32 log-softmax, the loss and at once the gradients w.r.t. the chunk's hidden
-  states and the weight (softmax - onehot), so only (chunk, vocab) logits exist at any time and backward is
-  a scaling of the saved gradients. Extra memory: grad of hidden (N, H) in its dtype + grad of weight (V, H)
+  (fp32 straight from the GEMM accumulator on CUDA), the loss and at once the gradients w.r.t. the chunk's
+  hidden states and the weight (softmax - onehot, in the model dtype for the two GEMMs), so only
+  (chunk, vocab) logits exist at any time and backward is a scaling of the saved gradients. Extra memory: grad of hidden (N, H) in its dtype + grad of weight (V, H)
   in fp32.
 - "checkpoint": each chunk's loss under non-reentrant activation checkpointing (recomputes the chunk's
   logits in backward). Used for tensor subclasses (e.g. DTensor under tensor parallelism), where autograd
@@ -21,6 +21,38 @@ from torch.utils.checkpoint import checkpoint
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _cuda_out_dtype_mm() -> bool:
+    """torch.mm(a, b, out_dtype=torch.float32) on bf16 CUDA tensors (torch >= 2.8): fp32 output straight
+    from the GEMM's fp32 accumulator, no bf16 round trip and no extra copy."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        a = torch.zeros(16, 16, device="cuda", dtype=torch.bfloat16)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
+_OUT_DTYPE_MM = None
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a @ b returned in dtype `acc` (fp32 or fp64), straight from the accumulator where possible."""
+    global _OUT_DTYPE_MM
+    if a.dtype == acc:
+        return a @ b
+    if a.is_cuda and acc == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        if _OUT_DTYPE_MM is None:
+            _OUT_DTYPE_MM = _cuda_out_dtype_mm()
+        if _OUT_DTYPE_MM:
+            return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(acc)
+
+
+def _logits_fp32(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _mm_acc(h, weight.t(), torch.promote_types(h.dtype, torch.float32))
 
 
 def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int):
@@ -41,20 +73,21 @@ class _FusedChunkedCE(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             h, y, m = hidden[s:s + chunk_size], labels[s:s + chunk_size], valid[s:s + chunk_size]
-            logits = _upcast(F.linear(h, weight))  # (c, V) fp32 (fp64 stays fp64)
+            logits = _logits_fp32(h, weight)  # (c, V) fp32 (fp64 stays fp64)
             lse = torch.logsumexp(logits, dim=-1)  # (c,)
             y_safe = torch.where(m, y, torch.zeros_like(y))
             tgt = logits.gather(1, y_safe[:, None]).squeeze(1)  # (c,)
             loss_sum += ((lse - tgt) * m).sum()
             if need_h or need_w:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits (c, V)
-                g[torch.arange(g.shape[0], device=g.device), y_safe] -= 1.0
-                g.mul_(m[:, None])
+                g = torch.softmax(logits, dim=-1)  # (c, V) one pass; the logits are freed below
+                del logits
+                g[torch.arange(g.shape[0], device=g.device), y_safe] -= 1.0  # softmax - onehot
                 g = g.to(hidden.dtype)
+                mh = m[:, None].to(hidden.dtype)  # ignored tokens: zero rows, applied on (c, H) not (c, V)
                 if need_h:
-                    grad_h[s:s + chunk_size] = g @ weight  # (c, H)
+                    grad_h[s:s + chunk_size] = (g @ weight) * mh  # (c, H)
                 if need_w:
-                    grad_w += g.t() @ h  # (V, H), this chunk's bf16 product summed in fp32
+                    grad_w += _mm_acc(g.t(), h * mh, acc)  # (V, H), accumulated in fp32
         n = n_valid.clamp_min(1).float()
         ctx.save_for_backward(grad_h, grad_w, n)
         ctx.weight_dtype = weight.dtype
