@@ -35,8 +35,8 @@ class ParallelConfig:
     cp: int = 1
     """Context parallelism (sequence sharding). Reserved for a later issue: must be 1 for now."""
     sequence_parallel: bool = False
-    """With tp > 1: keep activations of the norm regions sharded on the sequence over the TP group
-    (saves activation memory; needs seq_len % tp == 0). Reserved: not implemented yet, must be False."""
+    """With tp > 1: keep the residual stream and the norm regions sharded on the sequence over the TP
+    group (activation memory / tp there; needs seq_len % tp == 0). See parallel/sequence_parallel.py."""
     param_dtype: str = "auto"
     """Dtype of the unsharded parameters used in forward/backward (FSDP2 MixedPrecisionPolicy).
     auto = bfloat16 on GPU, float32 on CPU. Master weights and optimizer state stay float32."""

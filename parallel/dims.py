@@ -100,9 +100,8 @@ class ParallelDims:
                 f"parallel.ep={self.ep} must divide dp_shard({self.dp_shard}) * cp({self.cp}) = "
                 f"{self.dp_shard * self.cp} (experts are sharded over data-parallel ranks); choose ep in "
                 f"{_divisors(self.dp_shard * self.cp)} or raise dp_shard")
-        if c.sequence_parallel:
-            raise ConfigError("parallel.sequence_parallel=true is not implemented yet (norm regions are computed "
-                              "replicated over the TP group); set parallel.sequence_parallel=false")
+        if c.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards over the TP group)")
 
     def _validate_model(self, m: JambaConfig) -> None:
         tp, ep = self.tp, self.ep

@@ -87,6 +87,8 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
     mesh = dims.get_mesh("expert")["ep", "tp"]
     ep_group = dims.get_mesh("ep").get_group() if dims.ep > 1 else None
     tp_group = dims.get_mesh("etp").get_group() if dims.tp > 1 else None
+    # under sequence parallelism the MoE input's gradient is reduce-scattered by the sequence gather
+    copy_input = tp_group is not None and not dims.cfg.sequence_parallel
     ep = dims.ep
 
     def grad_scale(path, w):  # see the module docstring: FSDP's edp mean * 1/ep = the dp_cp mean
@@ -103,7 +105,7 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
 
         def forward(x, num_tokens_per_expert, _mod=experts, _fwd=local_forward):
             # x (N, H) sorted by global expert; num_tokens_per_expert (E,)
-            if tp_group is not None:
+            if copy_input:
                 x = copy_to_group(x, tp_group)
             swap_in_local(_mod, names, grad_scale)
             try:

@@ -12,6 +12,8 @@ slice); d weight_local = g^T h; d hidden = sum over TP ranks of g @ weight_local
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -24,7 +26,8 @@ from parallel.dims import ParallelDims
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int, vocab_start: int, group):
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int, vocab_start: int, group,
+                reduce_grad_h: bool = True):
         # hidden (N, H) replicated over the group; weight (V_local, H) this rank's vocab rows; labels (N,)
         V_local = weight.shape[0]
         valid = labels != ignore_index  # (N,)
@@ -57,7 +60,7 @@ class _VocabParallelCE(torch.autograd.Function):
                     grad_h[s:s + chunk_size] = g @ weight  # (c, H) partial over the vocab shards
                 if need_w:
                     grad_w += (g.t() @ h).float()  # (V_local, H)
-        if need_h:
+        if need_h and reduce_grad_h:  # else the caller's sequence gather reduce-scatters it
             dist.all_reduce(grad_h, group=group)
         n = n_valid.clamp_min(1).float()
         ctx.save_for_backward(grad_h, grad_w, n)
@@ -70,22 +73,27 @@ class _VocabParallelCE(torch.autograd.Function):
         scale = grad_out / n
         gh = (grad_h * scale.to(grad_h.dtype)) if grad_h is not None else None
         gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 chunk_size: int = 4096, ignore_index: int = -100) -> torch.Tensor:
+                                 chunk_size: int = 4096, ignore_index: int = -100,
+                                 sequence_parallel: bool = False) -> torch.Tensor:
     """Drop-in for `jamba.loss.chunked_cross_entropy` when `weight` is a DTensor sharded on dim 0
-    (the vocabulary) over a 1-D mesh. hidden (..., H) replicated, labels (...) long."""
+    (the vocabulary) over a 1-D mesh. hidden (B, L, H) replicated over the TP group, or with
+    `sequence_parallel` this rank's (B, L/tp, H) chunk (gathered here); labels (B, L) long."""
     if not isinstance(weight, DTensor) or weight.device_mesh.ndim != 1 or weight.placements[0] != Shard(0):
         raise ValueError("vocab_parallel_cross_entropy needs lm_head.weight as a DTensor Shard(0) on the TP mesh")
     mesh = weight.device_mesh
     V, tp, rank = weight.shape[0], mesh.size(), mesh.get_local_rank()
     vocab_start = rank * (V // tp)  # ParallelDims checks vocab_size % tp == 0: even shards
+    if sequence_parallel:
+        from parallel.sequence_parallel import gather_seq
+        hidden = gather_seq(hidden, mesh, as_dtensor=False)  # (B, L, H); backward reduce-scatters d hidden
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     labels = labels.reshape(-1)  # (N,)
     return _VocabParallelCE.apply(hidden, weight.to_local(), labels, chunk_size, ignore_index, vocab_start,
-                                  mesh.get_group())
+                                  mesh.get_group(), not sequence_parallel)
 
 
 def apply_vocab_parallel_loss(model: nn.Module, dims: ParallelDims) -> None:
@@ -95,5 +103,7 @@ def apply_vocab_parallel_loss(model: nn.Module, dims: ParallelDims) -> None:
     if not hasattr(model, "loss_fn"):
         raise RuntimeError("JambaForCausalLM has no `loss_fn` attribute: tensor parallelism needs it to swap in "
                            "the vocab-parallel cross-entropy (see parallel/loss.py)")
-    parallelize_module(model.lm_head, dims.get_mesh("tp"), ColwiseParallel(output_layouts=Replicate()))
-    model.loss_fn = vocab_parallel_cross_entropy
+    sp = dims.cfg.sequence_parallel
+    parallelize_module(model.lm_head, dims.get_mesh("tp"),
+                       ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Replicate()))
+    model.loss_fn = functools.partial(vocab_parallel_cross_entropy, sequence_parallel=sp)

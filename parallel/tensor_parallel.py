@@ -19,13 +19,16 @@ of different kinds compose without a `tp` branch in the model:
     feed_forward (MLP)        gate/up column-wise, down row-wise (by intermediate size)
     feed_forward.experts      by intermediate size (and experts over ep): parallel/expert_parallel.py
     norms, router             replicated (identical computation on every TP rank)
+
+With `parallel.sequence_parallel`, the residual stream between the blocks is sharded on the sequence
+instead (parallel/sequence_parallel.py); the plans above change only at the block boundaries.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from parallel.collectives import copy_to_group
@@ -44,9 +47,15 @@ def _kv_replicated_style(tp_mesh, tp: int, num_kv: int, head_dim: int) -> LocalP
         # identity forward; backward sums the row-gradients of all TP ranks into the replicated weight
         return copy_to_group(w, group)[rows]
 
+    def input_fn(x):
+        # the input's gradient from this rank's heads is a partial sum: all-reduce it (as ColwiseParallel
+        # does); under sequence parallelism the input is a Replicate DTensor whose gather reduces it
+        if isinstance(x, DTensor):
+            return x.to_local(grad_placements=[Partial()])
+        return copy_to_group(x, group)
+
     style = LocalParams({"weight": [Replicate()]}, local_fn=local_fn)
-    # the input's gradient from this rank's heads is a partial sum: all-reduce it (as ColwiseParallel does)
-    style.input_fn = lambda x: copy_to_group(x, group)
+    style.input_fn = input_fn
     return style
 
 
@@ -60,7 +69,7 @@ class SumGradOutput(ParallelStyle):
         return module
 
 
-def mamba_plan(mixer: nn.Module) -> dict:
+def mamba_plan(mixer: nn.Module, sp: bool = False) -> dict:
     channel = [Shard(0)]
     local = {"A_log": channel, "D": channel, "conv1d.weight": channel, "dt_proj.weight": channel}
     for owner, name in ((mixer.conv1d, "conv1d.bias"), (mixer.dt_proj, "dt_proj.bias")):
@@ -72,14 +81,14 @@ def mamba_plan(mixer: nn.Module) -> dict:
         "dt_layernorm": SumGradOutput(),
         "b_layernorm": SumGradOutput(),
         "c_layernorm": SumGradOutput(),
-        "out_proj": RowwiseParallel(),
+        "out_proj": RowwiseParallel(output_layouts=Shard(1) if sp else Replicate()),
         "": LocalParams(local),
     }
 
 
-def attention_plan(attn: nn.Module, tp_mesh, tp: int) -> dict:
+def attention_plan(attn: nn.Module, tp_mesh, tp: int, sp: bool = False) -> dict:
     num_kv = attn.k_proj.out_features // attn.head_dim
-    plan = {"q_proj": ColwiseParallel(), "o_proj": RowwiseParallel()}
+    plan = {"q_proj": ColwiseParallel(), "o_proj": RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())}
     if tp <= num_kv:
         plan.update(k_proj=ColwiseParallel(), v_proj=ColwiseParallel())
     else:
@@ -88,25 +97,41 @@ def attention_plan(attn: nn.Module, tp_mesh, tp: int) -> dict:
     return plan
 
 
-MLP_PLAN = {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
+def mlp_plan(sp: bool = False) -> dict:
+    return {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
+            "down_proj": RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())}
 
 
 def apply_tp(model: nn.Module, dims: ParallelDims) -> None:
     """Tensor-parallelise embedding, lm_head, attention, Mamba-1 and dense MLPs over the "tp" mesh
     (experts are handled by `parallel.expert_parallel.apply_experts`)."""
-    tp_mesh = dims.get_mesh("tp")
+    tp_mesh, sp = dims.get_mesh("tp"), dims.cfg.sequence_parallel
     parallelize_module(model.model.embed_tokens, tp_mesh,
-                       RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+                       RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate()))
     from parallel.loss import apply_vocab_parallel_loss
     apply_vocab_parallel_loss(model, dims)
+    if sp:
+        from parallel.sequence_parallel import GatherSeqInput, ScaleInputGrad, ScatterSeqOutput, SumWeightGrad
+        parallelize_module(model.model.final_layernorm, tp_mesh, SumWeightGrad())
     for layer in model.model.layers:
-        if hasattr(layer, "mamba"):
-            apply_plan(layer.mamba, tp_mesh, mamba_plan(layer.mamba))
-        if hasattr(layer, "self_attn"):
-            apply_plan(layer.self_attn, tp_mesh, attention_plan(layer.self_attn, tp_mesh, dims.tp))
         ffn = layer.feed_forward
-        if not hasattr(ffn, "experts"):
-            apply_plan(ffn, tp_mesh, MLP_PLAN)
+        moe = hasattr(ffn, "experts")
+        if sp:
+            for norm in (layer.input_layernorm, layer.pre_ff_layernorm):
+                parallelize_module(norm, tp_mesh, SumWeightGrad())
+            parallelize_module(layer.mixer, tp_mesh, GatherSeqInput(as_dtensor=True))
+            if moe:  # plain gathered input (router + experts); see parallel/sequence_parallel.py
+                parallelize_module(ffn, tp_mesh, GatherSeqInput(as_dtensor=False))
+                parallelize_module(ffn, tp_mesh, ScatterSeqOutput())
+                parallelize_module(ffn.router, tp_mesh, ScaleInputGrad(1.0 / dims.tp))
+            else:
+                parallelize_module(ffn, tp_mesh, GatherSeqInput(as_dtensor=True))
+        if hasattr(layer, "mamba"):
+            apply_plan(layer.mamba, tp_mesh, mamba_plan(layer.mamba, sp))
+        if hasattr(layer, "self_attn"):
+            apply_plan(layer.self_attn, tp_mesh, attention_plan(layer.self_attn, tp_mesh, dims.tp, sp))
+        if not moe:
+            apply_plan(ffn, tp_mesh, mlp_plan(sp))
 
 
 def apply_plan(module: nn.Module, mesh, plan: dict) -> None:

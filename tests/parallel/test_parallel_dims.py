@@ -29,11 +29,17 @@ def test_fill_and_derived_degrees():
     (6, dict(ep=3), r"parallel.ep=3 must divide model.num_experts=4"),
     (4, dict(tp=2, ep=4), r"parallel.ep=4 must divide dp_shard\(2\)"),
     (2, dict(cp=2), r"context parallelism is not implemented"),
-    (2, dict(tp=2, sequence_parallel=True), r"sequence_parallel=true is not implemented yet"),
+    (2, dict(sequence_parallel=True), r"sequence_parallel=true needs parallel.tp > 1"),
 ])
 def test_invalid_layouts(world, kw, needle):
     with pytest.raises(ConfigError, match=needle):
         dims(world, **kw)
+
+
+def test_sequence_length_must_split_over_tp():
+    with pytest.raises(ConfigError, match=r"sequence length 30 must be divisible by tp\(4\)"):
+        ParallelDims(ParallelConfig(tp=4, sequence_parallel=True), world_size=4, model=TINY, seq_len=30)
+    ParallelDims(ParallelConfig(tp=4, sequence_parallel=True), world_size=4, model=TINY, seq_len=32)
 
 
 def test_invalid_model_shapes():

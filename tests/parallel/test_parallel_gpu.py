@@ -16,8 +16,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 FP32 = "+param_dtype=float32"
-LAYOUTS = {2: ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "tp=2+kv=1"],
-           4: ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2"]}
+LAYOUTS = {2: ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "tp=2+sequence_parallel=true"],
+           4: ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2", "tp=2+ep=2+sequence_parallel=true"]}
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -24,8 +24,9 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 import dist_worker  # noqa: E402
 
-LAYOUTS_2 = ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "tp=2+kv=1"]
-LAYOUTS_4 = ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2"]
+SP = "+sequence_parallel=true"
+LAYOUTS_2 = ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "tp=2+kv=1", "tp=2+kv=1" + SP]
+LAYOUTS_4 = ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2", "tp=2+ep=2" + SP]
 RESHARD = ["dp_shard=4+ep=2", "dp_shard=4", "tp=2"]  # save in the first, resume step 3 in the others
 TOL = 1e-5
 
