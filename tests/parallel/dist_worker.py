@@ -145,6 +145,40 @@ def reference(model_overrides: dict) -> dict:
     return dict(losses=losses, grads=grads, params=params, expert_counts=counts)
 
 
+def check_init(spec: str, result: dict) -> None:
+    """parallel.init_weights on a meta-built, parallelised model: "full" gives exactly the single-process
+    init; "local" leaves every replicated mesh dimension consistent (checked by gathering the shards)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from parallel import init_weights
+
+    pcfg, overrides = parse_layout(spec)
+    cfg = model_config(**overrides)
+    out = {}
+    for mode in ("full", "local"):
+        dims = ParallelDims(pcfg, world_size=dist.get_world_size(), model=cfg, seq_len=16)
+        dims.build_mesh(DEVICE.type)
+        with torch.device("meta"):
+            model = JambaForCausalLM(cfg)
+        parallelize(model, dims)
+        model.to_empty(device=DEVICE)
+        init_weights(model, seed=SEED, mode=mode)
+        inconsistent = []
+        for name, p in model.named_parameters():
+            if not isinstance(p, DTensor):
+                continue
+            for dim, placement in enumerate(p.placements):
+                if isinstance(placement, Replicate) and p.device_mesh.size(dim) > 1:
+                    local = p.to_local().contiguous()
+                    parts = [torch.empty_like(local) for _ in range(p.device_mesh.size(dim))]
+                    dist.all_gather(parts, local, group=p.device_mesh.get_group(dim))
+                    if any(not torch.equal(parts[0], q) for q in parts[1:]):
+                        inconsistent.append(name)
+        out[mode] = dict(params={n: full(p.detach()).float().cpu() for n, p in model.named_parameters()},
+                         inconsistent=inconsistent)
+    result[f"init:{spec}"] = out
+
+
 def main() -> None:
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     global DEVICE
@@ -160,6 +194,8 @@ def main() -> None:
         result["ref"] = reference({})
     for spec in filter(None, args.get("layouts", "").split(",")):
         run_layout(spec, result)
+    for spec in filter(None, args.get("init", "").split(",")):
+        check_init(spec, result)
     if "reshard" in args:
         run_reshard(args["reshard_layouts"].split(","), args["reshard"], result)
     if dist.get_rank() == 0:

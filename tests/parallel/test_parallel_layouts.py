@@ -26,7 +26,8 @@ import dist_worker  # noqa: E402
 
 SP = "+sequence_parallel=true"
 LAYOUTS_2 = ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "tp=2+kv=1", "tp=2+kv=1" + SP]
-LAYOUTS_4 = ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2", "tp=2+ep=2" + SP]
+LAYOUTS_4 = ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2", "tp=2+ep=2" + SP, "dp_replicate=2+dp_shard=2+ep=2"]
+INIT = "tp=2+ep=2"  # parallel.init_weights on a meta-built model in this layout
 RESHARD = ["dp_shard=4+ep=2", "dp_shard=4", "tp=2"]  # save in the first, resume step 3 in the others
 TOL = 1e-5
 
@@ -48,7 +49,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
     results = _torchrun(2, tmp / "w2.pt", "layouts=" + ",".join(LAYOUTS_2))
     results.update(_torchrun(4, tmp / "w4.pt", "layouts=" + ",".join(LAYOUTS_4), f"reshard={tmp / 'ckpt'}",
-                             "reshard_layouts=" + ",".join(RESHARD)))
+                             "reshard_layouts=" + ",".join(RESHARD), f"init={INIT}"))
     torch.set_num_threads(1)
     refs = {"": dist_worker.reference({}), "kv=1": dist_worker.reference({"num_key_value_heads": 1})}
     return results, refs
@@ -96,3 +97,19 @@ def test_checkpoint_reshards(runs, target):
     assert abs(got["loss"] - ref["losses"][2]) <= TOL * abs(ref["losses"][2])
     for name, p in ref["params"].items():
         assert rel(got["params"][name], p) <= TOL, f"{target}: {name} off by {rel(got['params'][name], p):.2e}"
+
+
+def test_init_weights_after_sharding(runs):
+    """meta -> parallelize -> to_empty -> parallel.init_weights: "full" mode reproduces the single-process
+    init exactly; "local" mode (bounded memory) keeps replicated shards identical across ranks."""
+    results, _ = runs
+    got = results[f"init:{INIT}"]
+    torch.manual_seed(0)
+    ref = dist_worker.JambaForCausalLM(dist_worker.model_config())
+    ref.init_weights(seed=dist_worker.SEED)
+    for name, p in ref.named_parameters():
+        assert torch.equal(got["full"]["params"][name], p), name
+    assert got["full"]["inconsistent"] == [] and got["local"]["inconsistent"] == []
+    # local mode draws different values (per-rank seeds) from the same rules
+    assert not torch.equal(got["local"]["params"]["model.layers.0.mamba.in_proj.weight"],
+                           ref.get_parameter("model.layers.0.mamba.in_proj.weight"))
