@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+pytest.importorskip("hydra")  # train.py's dependency (absent on some bare GPU images)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
