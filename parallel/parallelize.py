@@ -70,7 +70,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, device_type: Optional[str]
     if dims.ep_enabled or dims.tp_enabled:
         apply_experts(model, dims)
     apply_moe_stats_reduce(model, dims)
-    if dims.dp_cp_size > 1:
+    if dims.world_size > 1:
+        # also with a data-parallel degree of 1 (e.g. tp only): every parameter then is a DTensor (foreach
+        # optimizers and clipping cannot mix DTensors with plain tensors) and gets the mixed-precision policy
         apply_fsdp(model, dims, device_type)
     logger.info("parallelized model: %s", dims)
     return model

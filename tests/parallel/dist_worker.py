@@ -38,7 +38,7 @@ def global_batch(step: int, batch: int = 4, seq_len: int = 16, vocab: int = 2048
 
 
 def make_optimizer(model):
-    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, foreach=False)
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, foreach=True)
 
 
 def full(t):

@@ -1,6 +1,7 @@
-"""End to end through train.py: `torchrun --nproc_per_node 4 train.py parallel=tp_ep` (tp=2, dp_shard=2, ep=2)
-trains and logs the same losses and gradient norms as `torchrun --nproc_per_node 2 train.py parallel=fsdp`
-(both have 2 data-parallel ranks, so they read the same batches). A layout that cannot work fails before
+"""End to end through train.py, comparing layouts that read the same batches (same data-parallel size):
+`torchrun --nproc_per_node 4 train.py parallel=tp_ep` (tp=2, dp_shard=2, ep=2) logs the same losses and
+gradient norms as `torchrun --nproc_per_node 2 train.py parallel=fsdp`, and tp=2 with sequence parallelism
+and activation checkpointing on 2 processes the same as one process. A layout that cannot work fails before
 any process group is created, with the fix in the message."""
 
 import json
@@ -18,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 def _train(nproc: int, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "train.py",
            "experiment=debug", "train.max_steps=3", "train.eval_every=0", "checkpoint.every=0",
            f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -28,13 +30,18 @@ def _records(run_dir: Path):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def test_tp_ep_matches_fsdp_through_train_py(tmp_path):
-    a = _train(4, tmp_path / "tp_ep", "parallel=tp_ep")
-    assert a.returncode == 0, a.stderr[-5000:]
-    b = _train(2, tmp_path / "fsdp", "parallel=fsdp")
-    assert b.returncode == 0, b.stderr[-5000:]
-    ra = [r for r in _records(tmp_path / "tp_ep") if "loss" in r]
-    rb = [r for r in _records(tmp_path / "fsdp") if "loss" in r]
+@pytest.mark.parametrize("a,b", [
+    ((4, "parallel=tp_ep"), (2, "parallel=fsdp")),
+    ((2, "parallel=tp", "parallel.sequence_parallel=true", "model.activation_checkpointing=[all]"),
+     (1, "parallel=single")),
+], ids=["tp_ep-vs-fsdp", "tp_sp_ac-vs-single"])
+def test_layouts_match_through_train_py(tmp_path, a, b):
+    pa = _train(a[0], tmp_path / "a", *a[1:])
+    assert pa.returncode == 0, pa.stderr[-5000:]
+    pb = _train(b[0], tmp_path / "b", *b[1:])
+    assert pb.returncode == 0, pb.stderr[-5000:]
+    ra = [r for r in _records(tmp_path / "a") if "loss" in r]
+    rb = [r for r in _records(tmp_path / "b") if "loss" in r]
     assert [r["step"] for r in ra] == [1, 2, 3] == [r["step"] for r in rb]
     for x, y in zip(ra, rb):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x, y)
