@@ -230,7 +230,11 @@ class ParallelDims:
 
     @property
     def dp_rank(self) -> int:
-        """This rank's data-loader shard index in [0, dp_size)."""
+        """This rank's data-loader shard index in [0, dp_size) (no mesh needed: the dense mesh is the
+        row-major layout (dp_replicate, dp_shard, cp, tp) of the global ranks, so it is rank // (cp * tp))."""
+        import torch.distributed as dist
+
         if self.dp_size == 1:
             return 0
-        return self.get_mesh("dp").get_local_rank()
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        return rank // (self.cp * self.tp)

@@ -89,6 +89,6 @@ def init_weights(model: nn.Module, seed: int, mode: str = "auto", full_budget_by
         for p in model.parameters():
             if not isinstance(p, DTensor) and dist.is_initialized():
                 dist.broadcast(p.data, src=0)
-    logger.info("initialised %d sharded parameters (%.2f GB unsharded) in %r mode", len(unique),
+    logger.info("initialised %d sharded parameters (%.3f GB unsharded fp32) in %r mode", len(unique),
                 full_bytes / 1e9, mode)
     return mode

@@ -12,6 +12,16 @@ def dims(world, **kw):
     return ParallelDims(ParallelConfig(**kw), world_size=world, model=TINY, seq_len=kw.pop("seq_len", None))
 
 
+def test_dp_rank_from_global_rank(monkeypatch):
+    # 8 ranks as (dp_replicate=2, dp_shard=2, cp=1, tp=2): ranks 2k and 2k+1 (one TP group) share a batch
+    d = dims(8, dp_replicate=2, dp_shard=2, tp=2)
+    seen = []
+    for r in range(8):
+        monkeypatch.setenv("RANK", str(r))
+        seen.append(d.dp_rank)
+    assert seen == [0, 0, 1, 1, 2, 2, 3, 3] and d.dp_size == 4
+
+
 def test_fill_and_derived_degrees():
     d = dims(8, tp=2, ep=2)
     assert (d.dp_replicate, d.dp_shard, d.cp, d.tp, d.ep, d.efsdp) == (1, 4, 1, 2, 2, 2)
