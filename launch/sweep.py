@@ -1,5 +1,7 @@
 """Hydra sweeps on SLURM where every sweep point is one multi-GPU job (conf/hydra/launcher/slurm_gpu.yaml).
 
+Hydra takes launchers only from the `hydra_plugins` namespace: hydra_plugins/jamba_launch re-exports the class.
+
 Hydra's submitit launcher runs the task function once per SLURM task; we ask for one task per GPU, so each
 task is one rank. `TorchSlurmLauncher` adds what train.py needs on top of it, inside each task:
 
@@ -18,14 +20,21 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Mapping, MutableMapping
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
 log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Exit code the trainer uses after it checkpointed on SIGUSR1/SIGTERM (trainer/ defines it; kept in sync there).
-DEFAULT_PREEMPT_EXIT_CODE = 0
+
+
+def trainer_preempt_exit_code() -> int:
+    """The trainer's exit code after a signal-triggered checkpoint (trainer.checkpoint.EXIT_PREEMPTED)."""
+    from trainer.checkpoint import EXIT_PREEMPTED
+
+    return EXIT_PREEMPTED
 
 
 def expand_hostlist(nodelist: str) -> list[str]:
@@ -114,10 +123,13 @@ def requeue_job(environ: MutableMapping[str, str] = os.environ) -> None:
 class TorchSlurmLauncher(SlurmLauncher):
     """Hydra's submitit SLURM launcher with one rank per SLURM task and checkpoint-then-requeue on preemption."""
 
-    def __init__(self, preempt_exit_code: int = DEFAULT_PREEMPT_EXIT_CODE, master_port: int | None = None,
+    def __init__(self, preempt_exit_code: int | None = None, master_port: int | None = None,
                  **params: Any) -> None:
+        # The tasks unpickle this launcher (and import launch/, trainer/) from the checkout, wherever sbatch runs.
+        setup = [f"export PYTHONPATH={REPO_ROOT}${{PYTHONPATH:+:$PYTHONPATH}}"]
+        params["setup"] = setup + list(params.get("setup") or [])
         super().__init__(**params)
-        self.preempt_exit_code = int(preempt_exit_code)
+        self.preempt_exit_code = trainer_preempt_exit_code() if preempt_exit_code is None else int(preempt_exit_code)
         self.master_port = master_port
 
     def __call__(self, *args: Any, **kwargs: Any):  # runs inside each SLURM task
