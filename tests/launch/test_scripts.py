@@ -70,3 +70,12 @@ def test_multi_node_errors_say_how_to_fix(args, message):
     res = subprocess.run([str(REPO / "launch/multi_node.sh"), *args, "--dry-run"], env=script_env(),
                          capture_output=True, text=True)
     assert res.returncode == 2 and message in res.stderr
+
+
+def test_torchrun_wrapper_sets_the_shutdown_timeout():
+    """launch.torchrun (used by train.sbatch on torch < 2.12) makes torchrun wait this long before SIGKILL."""
+    code = ("import os; os.environ['TORCH_ELASTIC_SHUTDOWN_TIMEOUT'] = '240'\n"
+            "from launch.torchrun import patch_shutdown_timeout\n"
+            "from torch.distributed.elastic.multiprocessing import api\n"
+            "assert patch_shutdown_timeout(240) and api.PContext.close.__defaults__[-1] == 240\n")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
