@@ -262,8 +262,9 @@ GPU_CFG = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=8, num_attent
                router_aux_loss_coef=0.01)
 
 
-def _gpu_run(sd, cfg, x, labels, dtype, reference, monkeypatch):
-    """Forward logits and the gradients of one loss.backward() of our model on CUDA (fp32 outputs, on CPU)."""
+def _gpu_run(sd, cfg, x, labels, dtype, reference, monkeypatch, with_hf=False):
+    """Forward logits and the gradients of one loss.backward() of our model on CUDA (fp32 copies on CPU);
+    with_hf: also the logits of transformers' JambaForCausalLM (its own CUDA path) on the same weights."""
     if reference:
         monkeypatch.setenv("JAMBA_FORCE_REFERENCE", "1")  # jamba.ops.kernels: pure-PyTorch scan and conv
     else:
@@ -274,15 +275,20 @@ def _gpu_run(sd, cfg, x, labels, dtype, reference, monkeypatch):
     m.tie_weights()
     with torch.no_grad():
         logits = m(x.cuda()).logits.float().cpu()
+        hf_logits = hf.to_hf(m, attn_implementation="sdpa").eval()(x.cuda()).logits.float().cpu() if with_hf else None
     m(x.cuda(), labels=labels.cuda()).loss.backward()
     grads = {k: p.grad.float().cpu() for k, p in m.named_parameters()}
-    return logits, grads
+    return logits, grads, hf_logits
+
+
+def norm_rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.gpu
 def test_gpu_kernels_against_fp32_reference(monkeypatch):
     """Our model on CUDA with mamba-ssm selective_scan_fn + causal_conv1d_fn (+ torch._grouped_mm and SDPA
-    flash/cuDNN in bf16) against our fp32 pure-PyTorch reference path on the same weights."""
+    in bf16) against our fp32 pure-PyTorch reference path on the same weights, forward and backward."""
     from jamba.ops import kernels
 
     if kernels._selective_scan_fn is None or kernels._causal_conv1d_fn is None:
@@ -291,25 +297,31 @@ def test_gpu_kernels_against_fp32_reference(monkeypatch):
     sd = randomize_(JambaForCausalLM(cfg), seed=11).state_dict()
     x = torch.randint(0, cfg.vocab_size, (2, 512), generator=torch.Generator().manual_seed(12))
     labels = aligned_labels(x)
-    ref_logits, ref_grads = _gpu_run(sd, cfg, x, labels, torch.float32, True, monkeypatch)
-    k32_logits, k32_grads = _gpu_run(sd, cfg, x, labels, torch.float32, False, monkeypatch)
-    k16_logits, k16_grads = _gpu_run(sd, cfg, x, labels, torch.bfloat16, False, monkeypatch)
+    r32, r32_g, _ = _gpu_run(sd, cfg, x, labels, torch.float32, True, monkeypatch)
+    k32, k32_g, hf32 = _gpu_run(sd, cfg, x, labels, torch.float32, False, monkeypatch, with_hf=True)
+    r16, r16_g, _ = _gpu_run(sd, cfg, x, labels, torch.bfloat16, True, monkeypatch)
+    k16, k16_g, _ = _gpu_run(sd, cfg, x, labels, torch.bfloat16, False, monkeypatch)
 
-    # 1) fp32 kernels vs fp32 reference: the same math in a different order (the kernel's chunked scan vs the
-    #    reference's), so only fp32 rounding differs: within 1e-4 of the largest logit / gradient entry.
-    err = rel_err(k32_logits, ref_logits)
-    gerr = max(rel_err(k32_grads[k], g) for k, g in ref_grads.items())
-    print(f"gpu fp32 kernels vs reference: logits {err:.2e}, worst grad {gerr:.2e}")
-    assert err < 1e-4 and gerr < 1e-3
+    # 1) fp32 kernels vs fp32 reference: the same math in another order (the kernels' fused scan and conv
+    #    vs the chunked reference), so only fp32 rounding differs (measured on H100: logits 2.8e-6, worst
+    #    grad 6.6e-6 of the largest entry); and vs transformers' model on the GPU (measured 2.1e-6).
+    err, hf_err = rel_err(k32, r32), rel_err(k32, hf32)
+    gerr = max(rel_err(k32_g[k], g) for k, g in r32_g.items())
+    print(f"gpu fp32 kernels vs reference: logits {err:.2e}, worst grad {gerr:.2e}; vs HF on GPU {hf_err:.2e}")
+    assert err < 1e-4 and gerr < 1e-3 and hf_err < 1e-4
 
-    # 2) bf16 kernels vs fp32 reference: bf16 keeps 8 mantissa bits (eps 7.8e-3); weights, activations and
-    #    every layer's output are rounded and the errors add up over 8 residual layers, so logits agree to
-    #    a few percent of the largest logit. Gradients are compared in the Frobenius norm, which a few
-    #    tokens whose top-k expert choice flips under bf16 rounding of the router input cannot dominate.
-    err16 = rel_err(k16_logits, ref_logits)
-    gerrs = {k: ((k16_grads[k] - g).norm() / g.norm().clamp_min(1e-30)).item() for k, g in ref_grads.items()}
-    worst = max(gerrs, key=gerrs.get)
-    print(f"gpu bf16 kernels vs fp32 reference: logits {err16:.2e}, worst grad (norm-relative) "
-          f"{gerrs[worst]:.2e} ({worst})")
-    assert err16 < 5e-2
-    assert gerrs[worst] < 1e-1, f"grad of {worst}: bf16 kernel path differs by {gerrs[worst]:.2e}"
+    # 2) bf16: bf16 keeps 8 mantissa bits (eps 7.8e-3) and with these deliberately non-trivial random weights
+    #    the rounding of weights, activations and 8 residual layers moves the logits by ~5% in norm (measured:
+    #    our bf16 reference path 4.7e-2, the bf16 kernels 4.7e-2, transformers' own bf16 model 4.8e-2). So
+    #    the kernels are held to the error of the bf16 reference path (the same ops without kernels): they
+    #    may not add error beyond bf16 rounding. Gradients per parameter in the Frobenius norm, which the
+    #    few tokens whose top-k expert flips under bf16 rounding cannot dominate.
+    e_k, e_r = norm_rel(k16, r32), norm_rel(r16, r32)
+    print(f"gpu bf16 logits vs fp32 reference (norm-relative): kernels {e_k:.2e}, bf16 reference {e_r:.2e}")
+    assert e_k < 0.1 and e_k <= 1.25 * e_r + 5e-3
+    worst = (0.0, "")
+    for k, g in r32_g.items():
+        gk, gr = norm_rel(k16_g[k], g), norm_rel(r16_g[k], g)
+        worst = max(worst, (gk, k))
+        assert gk <= 1.5 * gr + 2e-2, f"grad of {k}: bf16 kernels {gk:.2e} vs bf16 reference {gr:.2e} (norm-rel)"
+    print(f"gpu bf16 kernels: worst grad norm-relative error {worst[0]:.2e} ({worst[1]})")
