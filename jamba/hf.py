@@ -787,11 +787,21 @@ def _export_tokenizer(tokenizer, out_dir: Path, vocab_size: int) -> dict:
         for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()),
                         ("pad_token", sp.pad_id())):
             tc[name] = sp.id_to_piece(i) if i >= 0 else None
+        # add_prefix_space must mirror the model's add_dummy_prefix (data/ trains without it).
+        try:
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(path.read_bytes())
+            tc["add_prefix_space"] = bool(proto.normalizer_spec.add_dummy_prefix)
+        except Exception:  # noqa: BLE001 - protobuf missing: infer from an encoding
+            tc["add_prefix_space"] = sp.encode("a", out_type=str)[:1] != ["a"]
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(path, Path(tmp) / "tokenizer.model")
             (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tc))
             tok = transformers.AutoTokenizer.from_pretrained(tmp)
-        sample = "Hello world: 12 + 30 = 42.\nThe  quick brown fox."
+        sample = "".join(sp.id_to_piece(i) for i in range(min(sp.get_piece_size(), 300))
+                         if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))).replace("\u2581", " ")
         if tok.encode(sample, add_special_tokens=False) != sp.encode(sample):
             log.warning("the HF tokenizer built from %s does not encode like sentencepiece on a sample", path)
         shutil.copy(path, out_dir / "tokenizer.model")

@@ -210,18 +210,21 @@ def test_cli_refuses_unexportable_config(tmp_path, capsys):
     assert "use_rope" in capsys.readouterr().err
 
 
-def test_tokenizer_export_matches_sentencepiece(tmp_path):
+@pytest.mark.parametrize("dummy_prefix", [True, False])  # data/ trains without the dummy prefix
+def test_tokenizer_export_matches_sentencepiece(tmp_path, dummy_prefix):
     spm = pytest.importorskip("sentencepiece")
     text = "\n".join(f"the quick brown fox {i} jumps over the lazy dog." for i in range(200))
     (tmp_path / "c.txt").write_text(text)
     spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=80,
-                                   model_type="bpe", pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2)
+                                   model_type="bpe", pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2,
+                                   add_dummy_prefix=dummy_prefix, remove_extra_whitespaces=False)
     ids = hf._export_tokenizer(tmp_path / "sp.model", tmp_path / "out", vocab_size=128)
     assert ids == {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    s = "the lazy fox 42 jumps"
-    assert tok.encode(s, add_special_tokens=False) == sp.encode(s)
-    assert tok.decode(sp.encode(s)) == s
+    # only trained characters; a leading space with the dummy prefix is a known Llama-tokenizer difference
+    for s in ["the lazy fox 42 jumps", "the  dog over"] + ([] if dummy_prefix else [" the fox"]):
+        assert tok.encode(s, add_special_tokens=False) == sp.encode(s), s
+        assert tok.decode(sp.encode(s)) == sp.decode(sp.encode(s))
     with pytest.raises(ConfigError, match="vocab_size"):
         hf._export_tokenizer(tmp_path / "sp.model", tmp_path / "out2", vocab_size=64)
