@@ -51,6 +51,8 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
             OmegaConf.save(dcfg, run_path / "config.yaml", resolve=True)
         # 2. Model: meta -> to_empty -> init_weights (same seed on every rank) -> parallel layout.
         torch.use_deterministic_algorithms(t.deterministic)
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
         build.seed_everything(t.seed)
         model = layout.build_model(cfg.model, device, t.seed, t.sharded_init)
         build.seed_everything(t.seed + world.rank)  # runtime randomness differs per rank

@@ -66,7 +66,12 @@ class Layout:
         if sharded_init:
             model = self._parallelize(model, device)
         model.to_empty(device=device)
-        model.init_weights(seed=seed)
+        if sharded_init:  # DTensor parameters: the model's init rules through parallel.init_weights
+            from parallel import init_weights
+
+            init_weights(model, seed)
+        else:
+            model.init_weights(seed=seed)
         if not sharded_init:
             model = self._parallelize(model, device)
         return model

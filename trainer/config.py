@@ -100,6 +100,9 @@ class TrainConfig:
     """Micro-batches per rank per validation."""
     max_consecutive_nonfinite: int = 5
     """A non-finite loss or gradient skips the step; this many in a row halt the run."""
+    num_threads: Optional[int] = None
+    """CPU threads per process for intra-op parallelism (torch.set_num_threads); None = torch's default
+    (OMP_NUM_THREADS, else the core count). Small models on CPU run fastest with 1."""
     sharded_init: bool = False
     """Initialise the weights after sharding (meta -> parallelize -> to_empty -> init_weights) instead of
     before (every rank initialises the full model, then it is sharded). Needed when the model does not fit
@@ -198,6 +201,7 @@ def validate_run(cfg: RunConfig, dp_size: int) -> None:
     _one_of("train.device", t.device, DEVICES)
     _one_of("train.precision", t.precision, PRECISIONS)
     _need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 disables validation)")
+    _need(t.num_threads is None or t.num_threads > 0, f"train.num_threads={t.num_threads} must be > 0 or null")
     _need(t.eval_batches > 0, f"train.eval_batches={t.eval_batches} must be > 0")
     _need(t.max_consecutive_nonfinite > 0,
           f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite} must be > 0")

@@ -76,22 +76,23 @@ def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
     DTensor gradients (FSDP2, TP) on several meshes (EP experts live on their own mesh) are grouped by
     mesh: each group's norm comes from `torch.nn.utils.get_total_norm` and is made a full tensor, then the
     groups combine. With a single mesh this equals `torch.nn.utils.clip_grad_norm_`."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return torch.zeros(())
-    groups: Dict[Any, List[torch.Tensor]] = {}
-    for g in grads:
-        mesh = getattr(g, "device_mesh", None)
-        groups.setdefault(id(mesh) if mesh is not None else None, []).append(g)
+    groups: Dict[Any, List[torch.Tensor]] = {}  # parameters grouped by their gradient's mesh
+    for p in with_grad:
+        mesh = getattr(p.grad, "device_mesh", None)
+        groups.setdefault(id(mesh) if mesh is not None else None, []).append(p)
     sq = []
     for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         sq.append(norm.float() ** 2)
     total = torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    if max_norm > 0:  # per mesh group: foreach kernels cannot mix DTensors of different meshes
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.device), foreach=True)
     return total
 
 
