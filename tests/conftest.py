@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-# Keep CPU tests deterministic and light on the 2-core CI machine.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Keep CPU tests deterministic and light on the 2-core CI machine (multi-process tests set their own).
+torch.set_num_threads(1)  # tiny test tensors: thread hand-offs cost more than they save
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
