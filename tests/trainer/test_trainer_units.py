@@ -105,3 +105,15 @@ def test_plot_writes_pngs(tmp_path):
         data = (tmp_path / "plots" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert main([str(tmp_path / "nope")]) == 2
+
+
+def test_wandb_mode_resolution(monkeypatch):
+    from trainer.metrics import _wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert _wandb_mode("auto") == "offline"  # never blocks on the network without a key
+    monkeypatch.setenv("WANDB_API_KEY", "x")
+    assert _wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert _wandb_mode("auto") == "disabled" and _wandb_mode("offline") == "offline"
