@@ -75,6 +75,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """Mamba-1 selective scan. u, delta, z: (B, D, L); A: (D, N) fp32; B, C: (B, N, L); D, delta_bias: (D,) fp32.
     Returns (B, D, L) in u's dtype."""
     if _use_kernel("selective_scan", _selective_scan_fn, u.device, force_reference, "pip install mamba-ssm"):
+        # The kernel wants delta/B/C/z in u's dtype and A/D/delta_bias in fp32; under autocast the
+        # projections come out in the autocast dtype while the norms may return fp32, so align them here.
+        act = u.dtype
+        delta, B, C = delta.to(act), B.to(act), C.to(act)
+        z = z.to(act) if z is not None else None
+        A = A.float()
+        D = D.float() if D is not None else None
+        delta_bias = delta_bias.float() if delta_bias is not None else None
         return _selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                   delta_softplus=delta_softplus)
     return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
@@ -85,6 +93,9 @@ def causal_conv1d(x, weight, bias=None, activation: Optional[str] = "silu", forc
     if _use_kernel("causal_conv1d", _causal_conv1d_fn, x.device, force_reference, "pip install causal-conv1d"):
         if x.stride(1) != 1 and x.stride(2) != 1:  # the kernel takes channel-first or channel-last layouts only
             x = x.contiguous()
+        # Under autocast x arrives in the autocast dtype while the parameters stay fp32: cast them (differentiably).
+        weight = weight.to(x.dtype)
+        bias = bias.to(x.dtype) if bias is not None else None
         return _causal_conv1d_fn(x, weight, bias, activation=activation)
     return causal_conv1d_ref(x, weight, bias, activation=activation)
 
