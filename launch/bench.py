@@ -488,7 +488,8 @@ def summarize_profile(prof, device: torch.device, wall_s: float, top: int = 25) 
 
     events = prof.key_averages()
     if device.type == "cuda":
-        rows = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+        rows = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA
+                and "#" not in e.key and not e.key.startswith("ProfilerStep")]  # skip user annotations
     else:
         rows = list(events)
     rows = [(e.key, e.count, _event_time_us(e, device)) for e in rows]

@@ -93,6 +93,19 @@ def module_cases(cfg, B: int, L: int, device, dtype) -> Dict[str, Callable[[], t
         x = inp()
         return (lambda: m(x)), list(m.parameters()) + [x]
 
+    def eager_norm():
+        from jamba import layers
+        m = layers.RMSNorm(H, cfg.rms_norm_eps).to(device, dtype)
+        x = inp()
+
+        def run():
+            old, layers._HAS_RMS_NORM = layers._HAS_RMS_NORM, False
+            try:
+                return m(x)
+            finally:
+                layers._HAS_RMS_NORM = old
+        return run, list(m.parameters()) + [x]
+
     def ours_loss():
         from jamba.loss import chunked_cross_entropy
         w = (torch.randn(cfg.vocab_size, H, device=device, dtype=dtype) * 0.02).requires_grad_()
@@ -127,7 +140,7 @@ def module_cases(cfg, B: int, L: int, device, dtype) -> Dict[str, Callable[[], t
         return (lambda: F.cross_entropy(F.linear(x, w).float().view(-1, cfg.vocab_size), y.view(-1))), [w, x]
 
     return {"ours mamba mixer": ours_mamba, "hf   mamba mixer": hf_mamba, "ours attention": ours_attn,
-            "ours moe": ours_moe, "hf   moe": hf_moe, "ours mlp": ours_mlp, "ours rmsnorm": ours_norm,
+            "ours moe": ours_moe, "hf   moe": hf_moe, "ours mlp": ours_mlp, "ours rmsnorm": ours_norm, "eager rmsnorm": eager_norm,
             "ours loss (chunked CE)": ours_loss, "hf   loss (logits+CE)": hf_loss}
 
 
