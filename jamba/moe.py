@@ -63,6 +63,9 @@ class GroupedExperts(nn.Module):
         if num_tokens_per_expert.shape[0] != n_local:
             raise ValueError(f"GroupedExperts holds {n_local} experts but got token counts for "
                              f"{num_tokens_per_expert.shape[0]}; pass one count per local expert")
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            # _grouped_mm is not on autocast's cast list: cast as autocast casts the loop's F.linear inputs.
+            x = x.to(torch.get_autocast_dtype("cuda"))
         if x.is_cuda and HAS_GROUPED_MM and x.dtype == torch.bfloat16:
             _log_once("gmm", "MoE experts: torch._grouped_mm (CUDA, bf16)")
             return self._grouped_mm(x, num_tokens_per_expert)
