@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
