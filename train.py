@@ -10,7 +10,12 @@ Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (requeue and re-run to
 """
 
 import logging
+import os
 import sys
+
+# Less fragmentation at long context (measured on H100 with launch/bench.py: the longest trainable
+# bench-3b sequence went from 131,072 to 196,608 tokens). Before torch is imported; a user's value wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 from pathlib import Path
 
 import hydra
