@@ -96,11 +96,17 @@ class _FusedChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, n = ctx.saved_tensors
-        scale = grad_out / n
-        gh = (grad_h * scale.to(grad_h.dtype)) if grad_h is not None else None
-        gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return (*scale_saved_grads(ctx, grad_out), None, None, None)
+
+
+def scale_saved_grads(ctx, grad_out):
+    """Backward of a loss whose forward saved (grad_h, grad_w, n_valid) of the summed loss: scale them by
+    grad_out / n_valid (shared with parallel/loss.py's vocab-parallel variant)."""
+    grad_h, grad_w, n = ctx.saved_tensors
+    scale = grad_out / n
+    gh = (grad_h * scale.to(grad_h.dtype)) if grad_h is not None else None
+    gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+    return gh, gw
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
+from jamba.loss import scale_saved_grads
 from parallel.dims import ParallelDims
 
 
@@ -69,11 +70,7 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, n = ctx.saved_tensors
-        scale = grad_out / n
-        gh = (grad_h * scale.to(grad_h.dtype)) if grad_h is not None else None
-        gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None
+        return (*scale_saved_grads(ctx, grad_out), None, None, None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
