@@ -71,6 +71,9 @@ class JambaConfig:
     """Coefficient of the load-balancing loss (HF's load_balancing_loss_func) in the total loss."""
     router_z_loss_coef: float = 0.0
     """Coefficient of the router z-loss (mean of logsumexp(router_logits)^2)."""
+    moe_token_chunk: Optional[int] = None
+    """Run each MoE layer over chunks of this many tokens, each recomputed on its own in backward, so only
+    one chunk's expert activations are alive at a time (long context); None = all tokens at once."""
 
     # ---- Mamba ---------------------------------------------------------------------------------
     mamba_mixer: str = "mamba1"
@@ -198,6 +201,8 @@ class JambaConfig:
                 need(self.num_experts > 1,
                      f"model.layer_pattern has MoE layers (E) but model.num_experts={self.num_experts}; "
                      "set num_experts > 1 or use D")
+        need(self.moe_token_chunk is None or self.moe_token_chunk > 0,
+             f"model.moe_token_chunk={self.moe_token_chunk} must be a positive token count or null (no chunking)")
         kinds = list(self.activation_checkpointing)
         allowed = CHECKPOINT_KINDS + ("all",)
         bad = [k for k in kinds if k not in allowed]

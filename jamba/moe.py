@@ -18,6 +18,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from jamba.config import JambaConfig
 
@@ -99,11 +100,27 @@ class MoE(nn.Module):
         self.renormalize = cfg.moe_renormalize
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
+        self.token_chunk = cfg.moe_token_chunk
 
     def forward(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, L, H) -> (out (B, L, H), stats (2E+2,) fp32 (fp64 for fp64 models): [counts | prob_sum | z_sum | num_tokens])."""
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])  # (N, H)
+        c = self.token_chunk
+        if not c or x.shape[0] <= c:
+            out, stats = self._route_and_compute(x)
+            return out.view(shape), stats
+        # Token chunks, each recomputed on its own in backward: only one chunk's (c*k, I) expert activations
+        # are alive at a time. The statistics are sums over tokens, so adding the chunks' is exact.
+        outs, stats = [], None
+        for xc in x.split(c):
+            o, s = checkpoint(self._route_and_compute, xc, use_reentrant=False)
+            outs.append(o)
+            stats = s if stats is None else stats + s
+        return torch.cat(outs).view(shape), stats
+
+    def _route_and_compute(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (N, H) -> (out (N, H), stats (2E+2,))."""
         N, E, k = x.shape[0], self.num_experts, self.top_k
         logits = self.router(x)  # (N, E), model dtype
         logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
@@ -125,7 +142,7 @@ class MoE(nn.Module):
         z_sum = torch.logsumexp(logits32, dim=-1).pow(2).sum()
         stats = torch.cat([counts.to(probs.dtype), probs.sum(dim=0), z_sum.view(1),
                            torch.full((1,), float(N), dtype=probs.dtype, device=x.device)])  # (2E+2,)
-        return out.view(shape), stats
+        return out, stats
 
 
 def load_balancing_loss(stats: torch.Tensor, num_experts: int) -> torch.Tensor:

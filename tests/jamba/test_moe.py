@@ -67,6 +67,29 @@ def test_moe_gradients_match_reference():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_token_chunked_moe_equals_unchunked():
+    """moe_token_chunk (long context) changes memory, not math: outputs, statistics (incl. a ragged last
+    chunk) and every gradient equal the unchunked layer; the chunk really splits (7 < 2*3 + 7 tokens)."""
+    whole = random_moe(small_cfg()).double()
+    chunked = random_moe(small_cfg(moe_token_chunk=7)).double()
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 10, whole.router.in_features, dtype=torch.float64, requires_grad=True)
+    (out_w, st_w), (out_c, st_c) = whole(x), chunked(x)
+    torch.testing.assert_close(out_c, out_w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st_c, st_w, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out_w)
+    loss = lambda out, st: (out * g).sum() + st[6:12].pow(2).sum()  # noqa: E731 - grads through prob sums too
+    got = torch.autograd.grad(loss(out_c, st_c), [x] + list(chunked.parameters()))
+    want = torch.autograd.grad(loss(out_w, st_w), [x] + list(whole.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_moe_token_chunk_validation():
+    with pytest.raises(ValueError, match="moe_token_chunk=0"):
+        small_cfg(moe_token_chunk=0)
+
+
 def test_experts_take_local_count_from_weights():
     """Expert parallelism shards dim 0 and passes counts for the local experts only."""
     torch.manual_seed(0)
