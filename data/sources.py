@@ -186,6 +186,13 @@ def expand_path(path: str) -> List[str]:
     return sorted(f for f in glob.glob(p, recursive=True) if os.path.isfile(f))
 
 
+def remaining_pieces(text: str, max_chars: int, piece: int, stats: Dict[str, int]) -> List[str]:
+    """The pieces of a too-long document from `piece` on (resume inside it); counts the split once."""
+    if piece == 0:
+        stats["split_docs"] = stats.get("split_docs", 0) + 1
+    return split_text(text, max_chars)[piece:]
+
+
 def split_text(text: str, max_chars: int) -> List[str]:
     """Split a long document into pieces of at most max_chars, preferring newline boundaries."""
     pieces, i = [], 0
@@ -285,10 +292,7 @@ class FileSource(Source):
                 continue
             self.epoch_docs += 1
             if len(text) > self.max_doc_chars:
-                pieces = split_text(text, self.max_doc_chars)
-                if st["piece"] == 0:
-                    self.stats["split_docs"] = self.stats.get("split_docs", 0) + 1
-                self._pieces = pieces[st["piece"]:]  # resume inside a long document
+                self._pieces = remaining_pieces(text, self.max_doc_chars, st["piece"], self.stats)
                 continue
             st["doc"], st["piece"] = j + 1, 0
             return text
@@ -354,10 +358,8 @@ class HubSource(Source):
                 continue
             self.epoch_docs += 1
             if len(text) > self.max_doc_chars:
-                pieces = split_text(text, self.max_doc_chars)
-                if st["piece"] == 0:
-                    self.stats["split_docs"] = self.stats.get("split_docs", 0) + 1
-                self._pieces, self._hf_after = pieces[st["piece"]:], after
+                self._pieces = remaining_pieces(text, self.max_doc_chars, st["piece"], self.stats)
+                self._hf_after = after
                 continue
             st["hf"] = after
             return text

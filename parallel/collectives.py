@@ -9,6 +9,13 @@ import torch
 import torch.distributed as dist
 
 
+def _summed(t: torch.Tensor, group) -> torch.Tensor:
+    """A fresh tensor holding the sum of `t` over the group (never all-reduces autograd's buffers in place)."""
+    t = t.contiguous().clone()
+    dist.all_reduce(t, group=group)
+    return t
+
+
 class _AllReduceSum(torch.autograd.Function):
     """fwd: sum over the group. bwd: sum over the group of the incoming gradients.
 
@@ -19,15 +26,11 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        y = x.contiguous().clone()
-        dist.all_reduce(y, group=group)
-        return y
+        return _summed(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        return _summed(g, ctx.group), None
 
 
 class _CopyToGroup(torch.autograd.Function):
@@ -40,9 +43,7 @@ class _CopyToGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
+        return _summed(g, ctx.group), None
 
 
 class _ReduceFromGroup(torch.autograd.Function):
@@ -50,9 +51,7 @@ class _ReduceFromGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        y = x.contiguous().clone()
-        dist.all_reduce(y, group=group)
-        return y
+        return _summed(x, group)
 
     @staticmethod
     def backward(ctx, g):
