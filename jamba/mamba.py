@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from jamba.config import JambaConfig
 from jamba.layers import RMSNorm
 from jamba.ops import kernels
+from jamba.ops.channel_first import channel_first_linear, interleaved_in_proj
 
 logger = logging.getLogger(__name__)
 _doc_ids_logged = False
@@ -65,6 +66,11 @@ def _init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, dt_floor: fl
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     """fp32 for the scan parameters (A, D, dt bias), as the kernels want; fp64 stays fp64 (tests)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A plain tensor or Parameter (not a tensor subclass such as a DTensor)."""
+    return type(t) in (torch.Tensor, nn.Parameter)
 
 
 def _log_doc_ids_once(doc_ids) -> None:
@@ -119,20 +125,26 @@ class Mamba1Mixer(nn.Module):
             for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
                 norm.reset_parameters()
 
+    def _in_proj(self, hidden: torch.Tensor):
+        """hidden (B, L, H) -> x, z (B, Di, L) with unit stride along L (the scan's and conv's layout)."""
+        w, b = self.in_proj.weight, self.in_proj.bias
+        if _plain(w) and _plain(hidden) and (b is None or _plain(b)):
+            return interleaved_in_proj(hidden, w, b)  # one GEMM, no split/transposing copies
+        # Tensor subclasses (e.g. the DTensors of a tensor-parallel in_proj): through the module and autograd.
+        x, z = self.in_proj(hidden).unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, Di) each
+        return x.transpose(1, 2).contiguous(), z.transpose(1, 2)
+
     def forward(self, hidden: torch.Tensor, doc_ids=None) -> torch.Tensor:
         _log_doc_ids_once(doc_ids)
         dtype = hidden.dtype
-        xz = self.in_proj(hidden)  # (B, L, 2 * Di), interleaved per channel
-        x, z = xz.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, Di) each
-        x = x.transpose(1, 2).contiguous()  # (B, Di, L)
-        z = z.transpose(1, 2)  # (B, Di, L)
+        x, z = self._in_proj(hidden)  # (B, Di, L) each, unit stride along L
         x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_layernorm(dt)  # (B, L, R)
         B = self.b_layernorm(B).transpose(1, 2)  # (B, N, L)
         C = self.c_layernorm(C).transpose(1, 2)  # (B, N, L)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, Di, L); bias goes into the scan
+        dt = channel_first_linear(dt, self.dt_proj.weight)  # (B, Di, L); bias goes into the scan
         A = -torch.exp(_fp32(self.A_log))  # (Di, N)
         y = kernels.selective_scan(x, dt, A, B, C, D=_fp32(self.D), z=z,
                                    delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True)  # (B, Di, L)
