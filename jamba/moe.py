@@ -45,6 +45,31 @@ def split_moe_stats(stats: torch.Tensor, num_experts: int):
     return stats[..., :E], stats[..., E:2 * E], stats[..., 2 * E], stats[..., 2 * E + 1]
 
 
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, src, index, back_index, fold: int):
+        ctx.save_for_backward(back_index)
+        ctx.fold = fold
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back_index,) = ctx.saved_tensors
+        g = grad.index_select(0, back_index)  # a gather: no atomics, deterministic
+        if ctx.fold > 1:
+            g = g.view(-1, ctx.fold, g.shape[-1]).sum(1)  # the fold copies of each source row, summed in fp32
+        return g, None, None, None
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, back_index: torch.Tensor, fold: int = 1) -> torch.Tensor:
+    """`src.index_select(0, index)` (src (S, H), index (S * fold,)) where every source row is picked exactly
+    `fold` times, with a backward that gathers instead of scatter-adding (index_select's backward is an
+    atomic index_add): grad_src[s] = sum_j grad[back_index[s * fold + j]], i.e. `back_index` lists, for each
+    source row in turn, the `fold` output positions that copied it (the inverse permutation of `index`
+    when fold = 1)."""
+    return _GatherRows.apply(src, index, back_index, fold)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights in nn.Linear orientation (out x in):
     gate_proj (E, I, H), up_proj (E, I, H), down_proj (E, H, I).
@@ -133,10 +158,10 @@ class MoE(nn.Module):
         order = torch.argsort(flat_e, stable=True)  # token copies sorted by expert
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_e, torch.ones_like(flat_e))  # (E,) no host sync
-        x_sorted = x.index_select(0, order // k)  # (N*k, H)
-        y_sorted = self.experts(x_sorted, counts)  # (N*k, H)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        y = y_sorted.index_select(0, inverse).view(N, k, -1)  # (N, k, H) back in token order
+        x_sorted = gather_rows(x, order // k, inverse, fold=k)  # (N*k, H)
+        y_sorted = self.experts(x_sorted, counts)  # (N*k, H)
+        y = gather_rows(y_sorted, inverse, order).view(N, k, -1)  # (N, k, H) back in token order
         out = (y * top_w.to(y.dtype).unsqueeze(-1)).sum(dim=1)  # (N, H)
 
         z_sum = torch.logsumexp(logits32, dim=-1).pow(2).sum()
