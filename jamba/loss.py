@@ -60,9 +60,22 @@ def _chunk_loss_sum(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
 
 
+def softmax_xent_grad(logits: torch.Tensor, y_safe: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype):
+    """One chunk's summed CE and its logits gradient, written element-wise so that `torch.compile` fuses it
+    into two passes over the (c, V) fp32 logits (`parallel.compile.apply_compile` installs the compiled
+    form). logits (c, V) fp32; y_safe (c,) targets (any value where not valid); valid (c,) bool.
+    Returns (sum over valid rows of lse - logit[target] (fp32 scalar), (softmax - onehot) * valid in `dtype`)."""
+    lse = torch.logsumexp(logits, dim=-1)  # (c,)
+    tgt = logits.gather(1, y_safe[:, None]).squeeze(1)  # (c,)
+    loss_sum = ((lse - tgt) * valid).sum()
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == y_safe[:, None]  # (c, V), fused
+    g = (torch.exp(logits - lse[:, None]) - onehot.to(logits.dtype)) * valid[:, None]
+    return loss_sum, g.to(dtype)
+
+
 class _FusedChunkedCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int):
+    def forward(ctx, hidden, weight, labels, chunk_size: int, ignore_index: int, chunk_fn=None):
         # hidden (N, H), weight (V, H), labels (N,)
         valid = labels != ignore_index  # (N,)
         n_valid = valid.sum()
@@ -74,8 +87,17 @@ class _FusedChunkedCE(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk_size):
             h, y, m = hidden[s:s + chunk_size], labels[s:s + chunk_size], valid[s:s + chunk_size]
             logits = _logits_fp32(h, weight)  # (c, V) fp32 (fp64 stays fp64)
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
             y_safe = torch.where(m, y, torch.zeros_like(y))
+            if chunk_fn is not None:  # e.g. the compiled softmax_xent_grad: rows already masked in g
+                part, g = chunk_fn(logits, y_safe, m, hidden.dtype)
+                del logits
+                loss_sum += part
+                if need_h:
+                    grad_h[s:s + chunk_size] = g @ weight
+                if need_w:
+                    grad_w += _mm_acc(g.t(), h, acc)
+                continue
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
             tgt = logits.gather(1, y_safe[:, None]).squeeze(1)  # (c,)
             loss_sum += ((lse - tgt) * m).sum()
             if need_h or need_w:
@@ -96,7 +118,7 @@ class _FusedChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*scale_saved_grads(ctx, grad_out), None, None, None)
+        return (*scale_saved_grads(ctx, grad_out), None, None, None, None)
 
 
 def scale_saved_grads(ctx, grad_out):
@@ -110,9 +132,11 @@ def scale_saved_grads(ctx, grad_out):
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk_size: int = 4096, ignore_index: int = -100, impl: str = "auto") -> torch.Tensor:
+                          chunk_size: int = 4096, ignore_index: int = -100, impl: str = "auto",
+                          chunk_fn=None) -> torch.Tensor:
     """Mean CE over labels != ignore_index of logits = hidden @ weight.T, computed `chunk_size` tokens at a
-    time. hidden (..., H), weight (V, H), labels (...) long. impl: "auto" | "fused" | "checkpoint"."""
+    time. hidden (..., H), weight (V, H), labels (...) long. impl: "auto" | "fused" | "checkpoint".
+    chunk_fn: for "fused", a replacement of `softmax_xent_grad` (its compiled form) for every chunk."""
     hidden = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     labels = labels.reshape(-1)  # (N,)
     if labels.shape[0] != hidden.shape[0]:
@@ -127,7 +151,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                     for s in range(0, hidden.shape[0], chunk_size))
         return total / (labels != ignore_index).sum()
     if impl == "fused":
-        return _FusedChunkedCE.apply(hidden, weight, labels, chunk_size, ignore_index)
+        return _FusedChunkedCE.apply(hidden, weight, labels, chunk_size, ignore_index, chunk_fn)
     if impl != "checkpoint":
         raise ValueError(f"chunked_cross_entropy impl={impl!r}: use 'auto', 'fused' or 'checkpoint'")
     total = None

@@ -127,3 +127,23 @@ def test_cuda_bf16_memory_and_value():
         want = F.cross_entropy(F.linear(hidden.float(), weight.float()), labels)
     # bf16 logits: |logit| ~ 1, per-logit rounding ~4e-3, averaging over 16k tokens -> ~1e-3 on the mean
     assert abs(loss.item() - want.item()) < 1e-2 * want.item()
+
+
+def test_chunk_fn_softmax_xent_grad_matches_default_path():
+    """The element-wise chunk function (what apply_compile compiles) gives the default path's loss and grads,
+    with ignored labels and a ragged last chunk."""
+    from jamba.loss import chunked_cross_entropy, softmax_xent_grad
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(21, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 21, (2, 13))
+    y[0, 3] = y[1, -1] = -100
+    ref = chunked_cross_entropy(h, w, y, chunk_size=5)
+    gref = torch.autograd.grad(ref, [h, w])
+    out = chunked_cross_entropy(h, w, y, chunk_size=5, chunk_fn=softmax_xent_grad)
+    g = torch.autograd.grad(out, [h, w])
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, gref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert g[0][0, 3].abs().max() == 0  # ignored position: no gradient
