@@ -60,6 +60,10 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
             torch.set_num_threads(t.num_threads)
         build.seed_everything(t.seed)
         model = layout.build_model(cfg.model, device, t.seed, t.sharded_init)
+        if t.compile if t.compile is not None else device.type == "cuda":
+            from parallel.compile import apply_compile
+
+            apply_compile(model)
         build.seed_everything(t.seed + world.rank)  # runtime randomness differs per rank
         _, make_loader, make_eval = build.build_data(cfg, run_path, layout.dp_rank, layout.dp_size, world.is_main)
         optimizer = build_optimizer(model, cfg.optim, device.type)

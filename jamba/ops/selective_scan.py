@@ -140,6 +140,7 @@ class _SelectiveScanCore(torch.autograd.Function):
         return gdelta, gu, gA, gB.permute(1, 2, 0), gC.permute(1, 2, 0), None
 
 
+@torch.compiler.disable  # a Python loop over time: torch.compile runs it eagerly, as it does the CUDA kernels
 def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                        C: torch.Tensor, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                        delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,

@@ -55,6 +55,7 @@ def _finish(y, x, D, z, dtype_in):
     return y.to(dtype_in)
 
 
+@torch.compiler.disable  # a Python loop over time: torch.compile runs it eagerly, as it does the CUDA kernels
 def ssd_chunked_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     chunk_size: int, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                     dt_bias: Optional[torch.Tensor] = None, dt_softplus: bool = False,

@@ -8,7 +8,8 @@ step 3 from it in the other layouts. Rank 0 writes everything to out=<file> (tor
 
 Usage: torchrun --nproc_per_node N tests/parallel/dist_worker.py out=<file> layouts=a,b [reshard=<dir>]
 Layout syntax: "dp_shard=2+ep=2" (keys of ParallelConfig joined by "+"; "kv=1" overrides the model's
-num_key_value_heads, to exercise replicated kv heads under TP).
+num_key_value_heads, to exercise replicated kv heads under TP; "compile=aot_eager" applies
+parallel.compile.apply_compile with that backend after the layout).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def parse_layout(spec: str):
         k, v = item.split("=")
         if k == "kv":
             model["num_key_value_heads"] = int(v)
+        elif k == "compile":  # parallel.compile.apply_compile with this backend, after the layout
+            model["_compile"] = v
         else:
             kw[k] = (v == "true") if v in ("true", "false") else int(v) if v.lstrip("-").isdigit() else v
     kw.setdefault("dp_shard", -1)
@@ -60,11 +63,16 @@ def parse_layout(spec: str):
 
 def build(spec: str):
     pcfg, overrides = parse_layout(spec)
+    backend = overrides.pop("_compile", None)
     cfg = model_config(**overrides)
     dims = ParallelDims(pcfg, world_size=dist.get_world_size(), model=cfg, seq_len=16)
     dims.build_mesh(DEVICE.type)
     torch.manual_seed(SEED)
     model = parallelize(JambaForCausalLM(cfg).to(DEVICE), dims)
+    if backend:
+        from parallel.compile import apply_compile
+
+        apply_compile(model, backend=backend)
     return model, dims
 
 
