@@ -293,6 +293,7 @@ class Result:
     peak_alloc_gib: Optional[float] = None
     peak_reserved_gib: Optional[float] = None
     loss_first: Optional[float] = None
+    losses: List[float] = field(default_factory=list)
     loss_last: Optional[float] = None
     error: Optional[str] = None
     info: Dict[str, object] = field(default_factory=dict)
@@ -318,7 +319,10 @@ class Bench:
         if impl == "ours":
             model = build_ours(cfg, self.device, self.dtype, self.args.seed)
             if self.args.compile:
-                model = torch.compile(model)
+                from parallel.compile import apply_compile
+
+                kw = {"mode": self.args.compile_mode} if self.args.compile_mode else {}
+                apply_compile(model, **kw)  # per decoder layer, as train.compile=true does
             info = {}
         else:
             model = build_hf(cfg, self.device, self.dtype, self.args.seed, ac, self.args.hf_attn,
@@ -346,6 +350,7 @@ class Bench:
                 res.mfu = res.tflops / self.ceiling
         res.peak_alloc_gib, res.peak_reserved_gib = peak_gib(self.device)
         res.loss_first, res.loss_last = losses[0], losses[-1]
+        res.losses = [round(x, 5) for x in losses]
 
     # ---- one throughput point --------------------------------------------------------------------
     def run_point(self, impl: str, point: Point) -> Result:
@@ -440,10 +445,16 @@ class Bench:
         wall = time.perf_counter() - t0
         summary = summarize_profile(prof, self.device, wall, top=self.args.profile_top)
         summary.update(impl=impl, point=point.label(), ac=ac_label(point.ac))
+        if self.device.type == "cuda":
+            import tempfile
+            trace_dir = Path(self.args.trace_dir or tempfile.mkdtemp(prefix="bench_trace_"))
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            trace = trace_dir / f"trace_{impl}_{point.label()}.json"
+            prof.export_chrome_trace(str(trace))
+            summary["timeline"] = trace_timeline(trace)
+            if not self.args.trace_dir:
+                trace.unlink()
         print_profile(summary)
-        if self.args.trace_dir:
-            Path(self.args.trace_dir).mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(Path(self.args.trace_dir) / f"trace_{impl}_{point.label()}.json"))
         return summary
 
 
@@ -500,12 +511,43 @@ def summarize_profile(prof, device: torch.device, wall_s: float, top: int = 25) 
     for name, _, us in rows:
         fam = kernel_family(name)
         families[fam] = families.get(fam, 0.0) + us
+    ops = []
+    if device.type == "cuda":  # CPU-side operators (aten::*, autograd nodes) by the device time of their own kernels
+        ops = [(e.key, e.count, _event_time_us(e, device)) for e in events
+               if getattr(e, "device_type", None) == DeviceType.CPU and not e.key.startswith("ProfilerStep")]
+        ops = sorted((o for o in ops if o[2] > 0), key=lambda o: -o[2])[:top]
     return {
         "device": device.type, "wall_ms": wall_s * 1e3, "kernel_ms": total / 1e3,
+        "ops": [{"name": n, "calls": c, "ms": us / 1e3} for n, c, us in ops],
         "top": [{"name": n, "calls": c, "ms": us / 1e3, "pct": 100 * us / total} for n, c, us in rows[:top]],
         "families": [{"family": f, "ms": us / 1e3, "pct": 100 * us / total}
                      for f, us in sorted(families.items(), key=lambda kv: -kv[1])],
     }
+
+
+def trace_timeline(trace_path: Path, top_gaps: int = 12) -> dict:
+    """GPU busy time of one profiled step from its Chrome trace: the union of kernel intervals against
+    the span from the first kernel's start to the last kernel's end, and the longest idle gaps with the
+    kernels around them (a gap after a host sync or a Python-heavy region shows up here)."""
+    events = json.loads(Path(trace_path).read_text()).get("traceEvents", [])
+    kernels = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", ""))
+                     for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "ts" in e)
+    if not kernels:
+        return {}
+    busy, gaps, end = 0.0, [], kernels[0][0]
+    prev_name = ""
+    for start, stop, name in kernels:
+        if start > end:
+            gaps.append((start - end, prev_name, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, prev_name = stop, name
+    span = end - kernels[0][0]
+    gaps.sort(key=lambda g: -g[0])
+    return {"span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_ms": (span - busy) / 1e3,
+            "kernels": len(kernels), "gaps_over_50us": sum(1 for g in gaps if g[0] > 50),
+            "idle_in_gaps_over_50us_ms": sum(g[0] for g in gaps if g[0] > 50) / 1e3,
+            "top_gaps": [{"us": g[0], "after": g[1][:80], "before": g[2][:80]} for g in gaps[:top_gaps]]}
 
 
 def print_profile(s: dict) -> None:
@@ -519,6 +561,17 @@ def print_profile(s: dict) -> None:
     print("by family:")
     for r in s["families"]:
         print(f"  {r['ms']:9.2f} ms {r['pct']:5.1f}%  {r['family']}")
+    if s.get("ops"):
+        print("top operators by self device time (kernels they launched):")
+        for r in s["ops"]:
+            print(f"  {r['ms']:9.2f} ms {r['calls']:6d}x  {r['name'][:100]}")
+    t = s.get("timeline")
+    if t:
+        print(f"GPU timeline: span {t['span_ms']:.1f} ms, busy {t['busy_ms']:.1f} ms, idle {t['idle_ms']:.1f} ms "
+              f"over {t['kernels']} kernels; {t['gaps_over_50us']} gaps > 50 us hold "
+              f"{t['idle_in_gaps_over_50us_ms']:.1f} ms; longest gaps:")
+        for g in t["top_gaps"]:
+            print(f"  {g['us']:8.0f} us  after {g['after']}  before {g['before']}")
 
 
 # ================================================================================================
@@ -603,7 +656,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--hf-only", action="store_true", help="benchmark only transformers' model")
     p.add_argument("--hf-attn", default="sdpa", help="HF attn_implementation (default sdpa)")
     p.add_argument("--hf-experts", default=None, help="HF experts_implementation (default: transformers' choice)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our whole model (experimental)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers, as train.compile=true (parallel/compile.py)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode with --compile (e.g. reduce-overhead)")
     p.add_argument("--find-max-seq", action="store_true", help="search the longest batch-1 sequence that trains "
                                                                "(instead of the throughput points)")
     p.add_argument("--max-seq-list", default=DEFAULT_MAX_SEQ_LIST,
