@@ -51,17 +51,24 @@ def test_compile_twice_is_refused():
 
 @pytest.mark.gpu
 def test_inductor_compiled_layers_match_eager_bf16_cuda():
-    """Inductor on CUDA (bf16): the loss within bf16 noise of eager, gradients close in norm."""
+    """Inductor on CUDA in bf16 is as close to the fp32 model as eager bf16 is: for the loss and for every
+    gradient, the compiled error against fp32 is at most 1.5x eager's (+ a small floor); both differ from
+    each other by bf16 rounding only (a direct bf16-vs-bf16 tolerance would test noise)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    eager, compiled, ids, labels = _pair([], device="cuda", dtype=torch.bfloat16)
+    ref, _, ids, labels = _pair([], device="cuda", dtype=torch.float32)
+    eager, compiled, _, _ = _pair([], device="cuda", dtype=torch.bfloat16)
     apply_compile(compiled)
+    lr, gr = _loss_and_grads(ref, ids, labels)
     l0, g0 = _loss_and_grads(eager, ids, labels)
     l1, g1 = _loss_and_grads(compiled, ids, labels)
-    assert abs(float(l1) - float(l0)) < 2e-2 * abs(float(l0))
-    for n in g0:
-        rel = (g1[n].float() - g0[n].float()).norm() / g0[n].float().norm().clamp_min(1e-12)
-        assert rel < 5e-2, (n, float(rel))
+    assert abs(float(l1) - float(lr)) <= 1.5 * abs(float(l0) - float(lr)) + 1e-3 * abs(float(lr))
+
+    def err(g, n):
+        return float((g[n].float() - gr[n]).norm() / gr[n].norm().clamp_min(1e-12))
+
+    worst = max(gr, key=lambda n: err(g1, n) / (err(g0, n) + 1e-2))
+    assert err(g1, worst) <= 1.5 * err(g0, worst) + 1e-2, (worst, err(g1, worst), err(g0, worst))
 
 
 @pytest.mark.slow
