@@ -6,7 +6,7 @@ token ids, in one process and one after the other (a model and its optimizer are
 is built). transformers' `JambaForCausalLM` (`--hf`) is built by `jamba.hf.to_hf` from our freshly
 initialised model, so both train the same weights on the same batch: their first losses must agree.
 
-    python -m launch.bench --preset bench-3b --points 4096x4,16384x1,65536x1@all --hf --json bench.json
+    python -m launch.bench --preset bench-3b --points 4096x4,16384x1,65536x1@all --hf --compile --json bench.json
     python -m launch.bench --preset bench-3b --find-max-seq --ac all --hf
     python -m launch.bench --preset bench-3b --points 4096x4 --profile
     python launch/bench.py --device cpu --preset tiny --points 64x2 --steps 1 --hf     # CPU smoke run
@@ -21,8 +21,10 @@ the same run (an 8192^3 matmul by default); peak allocated memory; ours/HF token
 
 `--find-max-seq`: for each implementation, the longest batch-1 sequence of `--max-seq-list` that trains
 one full step without running out of memory (stops at the first OOM; memory is freed between tries).
+`--compile`: our decoder layers and loss chunks through torch.compile, as `train.compile` does on CUDA.
 `--profile`: one extra step under torch.profiler per implementation; prints the top kernels by device
-time and a breakdown by kernel family.
+time, a breakdown by kernel family, the operators that launched them, and the GPU timeline of the step
+(busy vs idle time and the longest idle gaps, from the Chrome trace).
 """
 
 from __future__ import annotations

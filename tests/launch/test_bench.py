@@ -80,3 +80,19 @@ def test_script_entry_point_runs_from_any_directory(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--find-max-seq" in proc.stdout
+
+
+def test_trace_timeline_busy_idle_and_gaps(tmp_path):
+    """Busy time is the union of kernel intervals (overlaps counted once); gaps are listed longest first."""
+    events = [{"cat": "kernel", "name": "a", "ts": 0, "dur": 10},
+              {"cat": "kernel", "name": "b", "ts": 5, "dur": 10},      # overlaps a: busy 0..15
+              {"cat": "gpu_memset", "name": "m", "ts": 115, "dur": 5},  # 100 us gap after b
+              {"cat": "kernel", "name": "c", "ts": 140, "dur": 60},     # 20 us gap after m
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500}]  # not a device event
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    t = bench.trace_timeline(path)
+    assert t["span_ms"] == pytest.approx(0.2) and t["busy_ms"] == pytest.approx(0.08)
+    assert t["idle_ms"] == pytest.approx(0.12) and t["kernels"] == 4
+    assert t["gaps_over_50us"] == 1 and t["idle_in_gaps_over_50us_ms"] == pytest.approx(0.1)
+    assert [(g["us"], g["after"], g["before"]) for g in t["top_gaps"]] == [(100, "b", "m"), (20, "m", "c")]
