@@ -16,6 +16,15 @@ def _loss_and_grads(model, ids, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _assert_same(compiled, eager, ids, labels):
+    """fp32: the compiled model's loss and every gradient equal eager's up to rounding."""
+    l0, g0 = _loss_and_grads(eager, ids, labels)
+    l1, g1 = _loss_and_grads(compiled, ids, labels)
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def _pair(ac, device="cpu", dtype=torch.float32, **overrides):
     cfg = get_preset("tiny", num_hidden_layers=4, layer_pattern="MD AE ME MD", activation_checkpointing=ac,
                      **overrides)
@@ -36,12 +45,8 @@ def test_compiled_layers_match_eager(ac, overrides):
     names = [n for n, _ in compiled.named_parameters()]
     apply_compile(compiled, backend="aot_eager")  # traces through Dynamo + AOTAutograd, no C++ toolchain
     assert [n for n, _ in compiled.named_parameters()] == names
-    l0, g0 = _loss_and_grads(eager, ids, labels)
     for _ in range(2):  # second call: the cached graphs
-        l1, g1 = _loss_and_grads(compiled, ids, labels)
-        torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
-        for n in g0:
-            torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+        _assert_same(compiled, eager, ids, labels)
 
 
 def test_compiled_layers_follow_a_sequence_length_change():
@@ -49,11 +54,7 @@ def test_compiled_layers_follow_a_sequence_length_change():
     eager, compiled, ids, labels = _pair([])
     apply_compile(compiled, backend="aot_eager")
     for length in (24, 12, 20):
-        l0, g0 = _loss_and_grads(eager, ids[:, :length], labels[:, :length])
-        l1, g1 = _loss_and_grads(compiled, ids[:, :length], labels[:, :length])
-        torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
-        for n in g0:
-            torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+        _assert_same(compiled, eager, ids[:, :length], labels[:, :length])
 
 
 def test_compile_twice_is_refused():
