@@ -109,19 +109,25 @@ def test_experts_take_local_count_from_weights():
         local(x, counts)
 
 
-def test_aux_loss_equals_transformers_load_balancing_loss():
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
-
+def _model_with_decisive_routers(cfg, seed):
+    """A JambaForCausalLM whose routers have large weights (no near-ties in the top-k)."""
     from jamba.model import JambaForCausalLM
 
-    cfg = small_cfg()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = JambaForCausalLM(cfg)
     with torch.no_grad():
         for layer in model.model.layers:
             if hasattr(layer.feed_forward, "router"):
                 layer.feed_forward.router.weight.normal_(0, 0.5)
+    return model
+
+
+def test_aux_loss_equals_transformers_load_balancing_loss():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
+
+    cfg = small_cfg()
+    model = _model_with_decisive_routers(cfg, seed=0)
     logits = []
     hooks = [l.feed_forward.router.register_forward_hook(lambda m, i, o: logits.append(o))
              for l in model.model.layers if hasattr(l.feed_forward, "router")]
@@ -146,15 +152,8 @@ def test_moe_stats_reduce_gives_global_statistics():
     those of the union of both batches, as HF's formula on the concatenated router logits."""
     from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
 
-    from jamba.model import JambaForCausalLM
-
     cfg = small_cfg()
-    torch.manual_seed(1)
-    model = JambaForCausalLM(cfg)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            if hasattr(layer.feed_forward, "router"):
-                layer.feed_forward.router.weight.normal_(0, 0.5)
+    model = _model_with_decisive_routers(cfg, seed=1)
     xa, xb = torch.randint(0, cfg.vocab_size, (2, 2, 7))
     captured = {}
     model.moe_stats_reduce = lambda s: captured.setdefault("b", s.detach().clone())
