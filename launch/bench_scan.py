@@ -1,0 +1,132 @@
+"""The Mamba-1 selective scan alone: our Triton kernels against mamba-ssm's CUDA kernel.
+
+For each (batch, d_inner, seq, d_state) shape this times forward and forward+backward (median of
+`--iters`, CUDA events) of mamba-ssm's `selective_scan_fn` and of `jamba.ops.selective_scan_triton`
+for each tile configuration in `--tiles` (BD,BL,WARPS; see JAMBA_SCAN_TILE), on the operands the Jamba
+mixer passes (bf16 u, delta, z; B and C as strided views of one projection; fp32 A, D, delta_bias;
+softplus). It also reports each gradient's largest difference to mamba-ssm's, relative to the largest
+magnitude of mamba-ssm's, and the same for an fp32 run of mamba-ssm (the bf16 rounding floor).
+
+    python -m launch.bench_scan --shapes 4x4096x4096x16,1x4096x16384x16 --tiles 4,64,4 8,64,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(bsz: int, dim: int, L: int, N: int, dtype, device, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    u = r(bsz, dim, L).to(device, dtype)
+    delta = (r(bsz, dim, L) * 0.5 - 1.0).to(device, dtype)
+    A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(dim, 1).to(device) * (0.5 + torch.rand(dim, N, generator=g).to(device))
+    xb = r(bsz, L, 2 * N).to(device, dtype)  # B, C as views of one (batch, L, 2N) tensor, like the mixer's x_proj
+    B, C = xb[..., :N].transpose(1, 2), xb[..., N:].transpose(1, 2)
+    D = r(dim).to(device)
+    z = r(bsz, dim, L).to(device, dtype)
+    bias = (r(dim) * 0.5 - 3.0).to(device)
+    return [u, delta, A, B, C, D, z, bias]
+
+
+def run_once(fn, inputs, dout):
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    out = fn(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7], delta_softplus=True)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def timed(fn, inputs, dout, iters: int, backward: bool) -> float:
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+
+    def once():
+        out = fn(*leaves[:5], D=leaves[5], z=leaves[6], delta_bias=leaves[7], delta_softplus=True)
+        if backward:
+            out.backward(dout)
+            for t in leaves:
+                t.grad = None
+
+    for _ in range(2):
+        once()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        once()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def rel_errs(outs, grads, ref_out, ref_grads) -> dict:
+    def rel(a, b):
+        return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+    errs = {"out": rel(outs, ref_out)}
+    errs.update({n: rel(a, b) for n, a, b in zip(NAMES, grads, ref_grads)})
+    return errs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
+    p = argparse.ArgumentParser(prog="python -m launch.bench_scan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="4x4096x4096x16,1x4096x16384x16", help="BATCHxDIMxSEQxSTATE,...")
+    p.add_argument("--tiles", nargs="*", default=["4,64,4"], help="BD,BL,WARPS tile configs of the Triton kernels")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args(argv)
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    from jamba.ops.selective_scan_triton import selective_scan_triton
+    import triton
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name(0)}")
+    rows = []
+    for shape in args.shapes.split(","):
+        bsz, dim, L, N = (int(v) for v in shape.split("x"))
+        inputs = make_inputs(bsz, dim, L, N, torch.bfloat16, "cuda")
+        dout = torch.randn(bsz, dim, L, device="cuda", dtype=torch.bfloat16)
+        ref_out, ref_grads = run_once(selective_scan_fn, inputs, dout)
+        f32 = [t.float() if t.is_floating_point() else t for t in inputs]
+        o32, g32 = run_once(selective_scan_fn, f32, dout.float())
+        floor = rel_errs(ref_out, ref_grads, o32, g32)
+        m_f = timed(selective_scan_fn, inputs, dout, args.iters, False)
+        m_fb = timed(selective_scan_fn, inputs, dout, args.iters, True)
+        row = {"shape": shape, "mamba_fwd_ms": m_f, "mamba_fwd_bwd_ms": m_fb,
+               "mamba_bf16_vs_fp32": floor, "triton": []}
+        print(f"{shape}: mamba-ssm fwd {m_f:.3f} ms, fwd+bwd {m_fb:.3f} ms; its bf16 vs its fp32: "
+              + " ".join(f"{k}={v:.1e}" for k, v in floor.items()), flush=True)
+        for tile in args.tiles:
+            os.environ["JAMBA_SCAN_TILE"] = tile
+            try:
+                out, grads = run_once(selective_scan_triton, inputs, dout)
+                errs = rel_errs(out, grads, o32, g32)
+                t_f = timed(selective_scan_triton, inputs, dout, args.iters, False)
+                t_fb = timed(selective_scan_triton, inputs, dout, args.iters, True)
+            except Exception as e:  # noqa: BLE001 - report the tile and go on
+                print(f"  tile {tile}: failed {type(e).__name__}: {str(e)[:300]}", flush=True)
+                row["triton"].append({"tile": tile, "error": f"{type(e).__name__}: {e}"[:300]})
+                continue
+            row["triton"].append({"tile": tile, "fwd_ms": t_f, "fwd_bwd_ms": t_fb, "vs_fp32": errs})
+            print(f"  tile {tile:9s} fwd {t_f:.3f} ms, fwd+bwd {t_fb:.3f} ms ({m_fb / t_fb:.2f}x mamba-ssm); "
+                  "vs fp32: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+        rows.append(row)
+        del inputs, dout
+        torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
