@@ -33,6 +33,12 @@ def time_fwd_bwd(fn: Callable[[], torch.Tensor], params: Sequence[torch.Tensor],
         for p in params:
             p.grad = None
 
+    return median_ms(once, iters, warmup, device)
+
+
+def median_ms(once: Callable[[], None], iters: int, warmup: int = 2,
+              device: torch.device = torch.device("cuda")) -> float:
+    """Median ms of `once()` over `iters` calls after `warmup` (CUDA events on CUDA, wall clock otherwise)."""
     for _ in range(warmup):
         once()
     times = []

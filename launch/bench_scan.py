@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -24,6 +23,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+
+from launch.bench_ops import median_ms
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -59,17 +60,7 @@ def timed(fn, inputs, dout, iters: int, backward: bool) -> float:
             for t in leaves:
                 t.grad = None
 
-    for _ in range(2):
-        once()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        once()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return median_ms(once, iters)
 
 
 def rel_errs(outs, grads, ref_out, ref_grads) -> dict:
