@@ -3,9 +3,10 @@
 Each decoder layer's computation (`DecoderLayer._forward`: norms, mixer, residuals, FFN or MoE routing) is
 compiled on its own; the model's module tree, parameter names and hooks stay as they are, so FSDP2's
 per-layer hooks, tensor/expert-parallel hooks, activation checkpointing (which wraps `_forward`) and
-checkpoints work unchanged. Layers of the same kind (mixer x FFN) share one compiled graph. The mamba-ssm
-and causal-conv1d kernels are opaque to Dynamo: the graph breaks around them, and Inductor fuses the
-element-wise work between them (norms, residual adds, SwiGLU, MoE routing and weighting).
+checkpoints work unchanged. Layers of the same kind (mixer x FFN) share one compiled graph. Our selective
+scan is a `torch.library` op that Dynamo keeps in the graph; mamba-ssm's pybind kernel (its fallback) and
+the in_proj's hand-written autograd are opaque, so the graph breaks around them. Inductor fuses the
+element-wise work between the kernels (norms, residual adds, SwiGLU, MoE routing and weighting).
 
 On one H100 (bench-3b, bf16, `python -m launch.bench --preset bench-3b --points 4096x4,16384x1 [--compile]`):
 45,193 -> 48,474 tokens/s at 4K x 4 and 42,753 -> 45,860 at 16K x 1 (two consecutive runs on one machine);

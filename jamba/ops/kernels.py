@@ -2,12 +2,15 @@
 
 | op | CUDA kernel (when importable and the tensors are on CUDA) | reference |
 | --- | --- | --- |
-| `selective_scan` | mamba_ssm `selective_scan_fn` | `selective_scan_ref` (chunked) |
+| `selective_scan` | ours, `selective_scan_cuda.py` (d_state 16), else mamba_ssm `selective_scan_fn` | `selective_scan_ref` (chunked) |
 | `causal_conv1d` | causal_conv1d `causal_conv1d_fn` | `causal_conv1d_ref` (F.conv1d) |
 | `ssd_scan` | mamba_ssm Triton `mamba_chunk_scan_combined` | `ssd_chunked_ref` |
 
 mamba_ssm's `mamba_inner_fn` is deliberately not used: it applies the dt projection before the point
 where Jamba normalises dt, so it cannot express Jamba's mixer.
+
+Which CUDA selective scan: `JAMBA_SCAN_KERNEL=auto` (default: ours where it applies and builds, else
+mamba-ssm's), `jamba` (ours, an error where it cannot run) or `mamba` (mamba-ssm's).
 
 Force the references (e.g. to compare against the kernels in tests) with `force_reference=True` on
 each call, or for the whole process with the environment variable `JAMBA_FORCE_REFERENCE=1`.
@@ -70,10 +73,53 @@ def kernels_available() -> dict:
             "ssd": _chunk_scan_combined is not None}
 
 
+SCAN_KERNELS = ("auto", "jamba", "mamba")
+
+
+def scan_kernel_choice() -> str:
+    choice = os.environ.get("JAMBA_SCAN_KERNEL", "auto").lower()
+    if choice not in SCAN_KERNELS:
+        raise ValueError(f"JAMBA_SCAN_KERNEL={choice!r}: expected one of {', '.join(SCAN_KERNELS)}")
+    return choice
+
+
+@torch.compiler.assume_constant_result
+def _jamba_scan_built() -> bool:
+    # Evaluated once when torch.compile traces (not traced itself): the first call compiles the extension.
+    from jamba.ops import selective_scan_cuda
+    built = selective_scan_cuda.extension() is not None
+    if built and ("selective_scan", "jamba") not in _logged:
+        _logged.add(("selective_scan", "jamba"))
+        logger.info("selective_scan: using jamba's CUDA kernel (jamba/ops/csrc; JAMBA_SCAN_KERNEL=mamba for mamba-ssm's)")
+    return built
+
+
+def _use_jamba_scan(u, A, B, choice: str) -> bool:
+    from jamba.ops import selective_scan_cuda as sc
+    if choice == "mamba":
+        return False
+    fits = sc.fits(u, A, B)
+    if choice == "jamba":
+        if not fits:
+            raise ValueError(f"JAMBA_SCAN_KERNEL=jamba: our scan needs CUDA tensors, d_state {sc.D_STATE}, d_inner a "
+                             f"multiple of {sc.CHANNELS_PER_BLOCK} and shared B/C; got u {tuple(u.shape)} on "
+                             f"{u.device}, A {tuple(A.shape)}, B {tuple(B.shape)}. Use JAMBA_SCAN_KERNEL=auto")
+        if not _jamba_scan_built():
+            raise RuntimeError(f"JAMBA_SCAN_KERNEL=jamba: the extension did not build ({sc.build_error()}); "
+                               "install a CUDA toolkit (nvcc) or use JAMBA_SCAN_KERNEL=auto")
+        return True
+    return fits and _jamba_scan_built()
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    force_reference: bool = False):
     """Mamba-1 selective scan. u, delta, z: (B, D, L); A: (D, N) fp32; B, C: (B, N, L); D, delta_bias: (D,) fp32.
     Returns (B, D, L) in u's dtype."""
+    if u.is_cuda and not force_reference and not reference_forced() and \
+            _use_jamba_scan(u, A, B, scan_kernel_choice()):
+        from jamba.ops.selective_scan_cuda import selective_scan_cuda
+        return selective_scan_cuda(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                   delta_softplus=delta_softplus)
     if _use_kernel("selective_scan", _selective_scan_fn, u.device, force_reference, "pip install mamba-ssm"):
         # The kernel wants delta/B/C/z in u's dtype and A/D/delta_bias in fp32; under autocast the
         # projections come out in the autocast dtype while the norms may return fp32, so align them here.

@@ -112,6 +112,19 @@ def test_dispatch_uses_reference_on_cpu_and_logs_once(caplog, monkeypatch):
     assert kernels.reference_forced()
 
 
+def test_scan_kernel_choice_and_clear_errors(monkeypatch):
+    u, A, B = torch.randn(1, 8, 32), -torch.rand(8, 16), torch.randn(1, 16, 32)
+    monkeypatch.setenv("JAMBA_SCAN_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="JAMBA_SCAN_KERNEL='fastest'.*auto, jamba, mamba"):
+        kernels.scan_kernel_choice()
+    monkeypatch.setenv("JAMBA_SCAN_KERNEL", "Mamba")
+    assert kernels.scan_kernel_choice() == "mamba"
+    # our kernel does not apply to CPU tensors: auto and mamba quietly pass, an explicit request says why
+    assert not kernels._use_jamba_scan(u, A, B, "auto") and not kernels._use_jamba_scan(u, A, B, "mamba")
+    with pytest.raises(ValueError, match=r"needs CUDA tensors, d_state 16.*on cpu.*JAMBA_SCAN_KERNEL=auto"):
+        kernels._use_jamba_scan(u, A, B, "jamba")
+
+
 # ---------------------------------------------------------------------------------------------------
 # GPU: kernels against the references, bf16 inputs. The kernels keep bf16 I/O and accumulate in fp32;
 # the references upcast the same bf16 inputs to fp32. The difference is then dominated by rounding the
@@ -142,8 +155,10 @@ def _compare(kernel_fn, ref_fn, inputs, out_tol=2e-2, grad_tol=5e-2):
 
 
 @pytest.mark.gpu
-def test_selective_scan_kernel_matches_ref_bf16():
-    if not kernels.kernels_available()["selective_scan"]:
+@pytest.mark.parametrize("impl", ["jamba", "mamba"])
+def test_selective_scan_kernel_matches_ref_bf16(impl, monkeypatch):
+    monkeypatch.setenv("JAMBA_SCAN_KERNEL", impl)
+    if impl == "mamba" and not kernels.kernels_available()["selective_scan"]:
         pytest.skip("mamba_ssm not importable")
     torch.manual_seed(0)
     b, d, n, L = 2, 256, 16, 1024

@@ -1,0 +1,142 @@
+"""Our CUDA Mamba-1 selective scan (`csrc/selective_scan.cu`), as `torch.library` custom ops.
+
+Same contract as mamba-ssm's `selective_scan_fn` for d_state 16 and one group of input-dependent B, C
+(what Jamba uses): u, delta, z (batch, dim, L) with unit stride along L; A (dim, 16) fp32; B, C (batch, 16, L);
+D, delta_bias (dim,) fp32. The kernel gives each thread one (channel, state) and runs it sequentially in time
+(see the .cu file for the layout and the backward's recomputation); the block sums dB and dC over its 8
+channels before its atomic adds.
+
+Being custom ops (`jamba::selective_scan_fwd` / `_bwd`, with fake implementations and autograd), the scan
+does not break `torch.compile` graphs, unlike mamba-ssm's pybind call.
+
+The extension is compiled on first use with `torch.utils.cpp_extension.load` (nvcc needed; about a minute,
+then cached under TORCH_EXTENSIONS_DIR). `fits(...)` says whether it applies to given operands;
+`jamba.ops.kernels.selective_scan` dispatches to it (JAMBA_SCAN_KERNEL chooses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+D_STATE = 16
+CHANNELS_PER_BLOCK = 8
+TILE, CHUNK = 16, 256  # time tile; most steps between the states the forward stores (kT, kChunk in the .cuh)
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SRC = _CSRC / "selective_scan.cu"
+_HEADERS = [_CSRC / "selective_scan_kernels.cuh"]
+_ext = None
+_ext_error: Optional[BaseException] = None
+
+
+def extension():
+    """The compiled extension (built on first call), or None when it cannot be built here."""
+    global _ext, _ext_error
+    if _ext is None and _ext_error is None:
+        if not torch.cuda.is_available():
+            _ext_error = RuntimeError("CUDA is not available")
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+            logger.info("selective_scan: compiling %s (first use; cached afterwards)", _SRC.name)
+            # torch rebuilds when a listed source changes but not a header: name the build by all their contents
+            digest = hashlib.sha1(b"".join(f.read_bytes() for f in [_SRC, *_HEADERS])).hexdigest()[:10]
+            _ext = load(name=f"jamba_selective_scan_{digest}", sources=[str(_SRC)], verbose=False,
+                        extra_cuda_cflags=["-O3", "--use_fast_math", "-std=c++17"])
+        except Exception as e:  # noqa: BLE001 - no nvcc, no compiler: callers fall back
+            _ext_error = e
+            logger.warning("selective_scan: could not build jamba's CUDA scan (%s: %s); using mamba-ssm's",
+                           type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    return _ext
+
+
+def build_error() -> Optional[BaseException]:
+    return _ext_error
+
+
+def fits(u: Tensor, A: Tensor, B: Tensor) -> bool:
+    """Whether the kernel applies to these operands: CUDA, d_state 16, dim a multiple of 8, B/C shared by all
+    channels ((batch, N, L)), bf16 / fp16 / fp32. (Whether it builds is `extension() is not None`.)"""
+    return (u.is_cuda and u.dim() == 3 and A.shape[-1] == D_STATE and u.shape[1] % CHANNELS_PER_BLOCK == 0
+            and B.dim() == 3 and u.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+@torch.library.custom_op("jamba::selective_scan_fwd", mutates_args=())
+def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+              ck_len: int) -> Tuple[Tensor, Tensor, Tensor]:
+    out, y, ck = extension().fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len)
+    return out, y, ck
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len):
+    bsz, dim, L = u.shape
+    out = u.new_empty((bsz, dim, L))
+    y = u.new_empty((bsz, dim, L)) if z is not None else u.new_empty((0,))
+    ck = u.new_empty((bsz, (L + ck_len - 1) // ck_len, dim, D_STATE), dtype=torch.float32)
+    return out, y, ck
+
+
+@torch.library.custom_op("jamba::selective_scan_bwd", mutates_args=())
+def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, ck_len: int,
+              dout: Tensor, y: Tensor, ck: Tensor) -> List[Tensor]:
+    return list(extension().bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len, dout, y, ck))
+
+
+@_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len, dout, y, ck):
+    bsz, dim, L = u.shape
+    f32 = dict(dtype=torch.float32)
+    return [u.new_empty((bsz, dim, L)), u.new_empty((bsz, dim, L)), A.new_empty(A.shape, **f32),
+            u.new_empty((bsz, D_STATE, L), **f32), u.new_empty((bsz, D_STATE, L), **f32),
+            u.new_empty((dim,), **f32), u.new_empty((dim,), **f32),
+            u.new_empty((bsz, dim, L)) if z is not None else u.new_empty((0,))]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len = inputs
+    _, y, ck = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, y, ck)
+    ctx.delta_softplus, ctx.ck_len = delta_softplus, ck_len
+
+
+def _backward(ctx, dout, _dy, _dck):
+    u, delta, A, B, C, D, z, delta_bias, y, ck = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dbias, dz = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                                                     ctx.ck_len, dout.contiguous(), y, ck)
+    return (du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD if D is not None else None,
+            dz if z is not None else None, dbias if delta_bias is not None else None, None, None)
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                        delta_softplus: bool = False, state_every: int = CHUNK) -> Tensor:
+    """out (batch, dim, L) in u's dtype. delta, B, C, z are cast to u's dtype; A, D, delta_bias to fp32.
+    `state_every` (a multiple of 16, at most 256): steps between the fp32 states kept for the backward, which
+    re-runs the forward from them. One per 16-step tile (4 bytes per batch x channel x step) spares that
+    re-run but measured no faster on an H100 (the backward then waits on a global load every tile), so the
+    default keeps one per 256 steps, 1/64 of that memory."""
+    if state_every % TILE or not 0 < state_every <= CHUNK:
+        raise ValueError(f"selective_scan_cuda: state_every={state_every} must be a multiple of {TILE} "
+                         f"between {TILE} and {CHUNK}")
+    act = u.dtype
+    unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    u, delta = unit(u), unit(delta.to(act))
+    B, C = B.to(act).contiguous(), C.to(act).contiguous()
+    z = unit(z.to(act)) if z is not None else None
+    A = A.float().contiguous()
+    D = D.float().contiguous() if D is not None else None
+    delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_every)[0]
