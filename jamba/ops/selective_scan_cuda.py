@@ -68,11 +68,26 @@ def fits(u: Tensor, A: Tensor, B: Tensor) -> bool:
             and B.dim() == 3 and u.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
+def _built_extension(u: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor]):
+    """The extension, after the checks its C++ side leaves to us: D and delta_bias (dim,) fp32, contiguous,
+    on u's device (the C++ side checks u, delta, A, B, C and z)."""
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != (u.shape[1],)
+                              or t.device != u.device):
+            raise ValueError(f"selective_scan_cuda: {name} must be a contiguous fp32 ({u.shape[1]},) tensor on "
+                             f"{u.device}, got {t.dtype} {tuple(t.shape)} on {t.device}; pass it through "
+                             "selective_scan_cuda(...), which converts it")
+    ext = extension()
+    if ext is None:
+        raise RuntimeError(f"selective_scan_cuda: the CUDA extension is not available ({build_error()})")
+    return ext
+
+
 @torch.library.custom_op("jamba::selective_scan_fwd", mutates_args=())
 def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
               z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
               ck_len: int) -> Tuple[Tensor, Tensor, Tensor]:
-    out, y, ck = extension().fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len)
+    out, y, ck = _built_extension(u, D, delta_bias).fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len)
     return out, y, ck
 
 
@@ -89,7 +104,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len):
 def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
               z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, ck_len: int,
               dout: Tensor, y: Tensor, ck: Tensor) -> List[Tensor]:
-    return list(extension().bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len, dout, y, ck))
+    return list(_built_extension(u, D, delta_bias).bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ck_len,
+                                                       dout, y, ck))
 
 
 @_scan_bwd.register_fake

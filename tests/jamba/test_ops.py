@@ -195,3 +195,18 @@ def test_ssd_kernel_matches_ref_bf16():
            for k, v in inp.items()}
     _compare(lambda **kw: kernels.ssd_scan(**kw, chunk_size=256, dt_softplus=True),
              lambda **kw: kernels.ssd_scan(**kw, chunk_size=256, dt_softplus=True, force_reference=True), inp)
+
+
+def test_cuda_scan_op_checks_what_its_cpp_side_does_not():
+    """Called directly (not through selective_scan_cuda, which converts them), the op rejects a D or
+    delta_bias of the wrong dtype or shape by name, before reaching the extension; without the extension
+    it says why."""
+    from jamba.ops import selective_scan_cuda as sc
+    u, A, B = torch.randn(1, 8, 32), -torch.rand(8, 16), torch.randn(1, 16, 32)
+    with pytest.raises(ValueError, match=r"D must be a contiguous fp32 \(8,\) tensor.*torch.float64"):
+        torch.ops.jamba.selective_scan_fwd(u, u, A, B, B, torch.ones(8, dtype=f64), None, None, True, 256)
+    with pytest.raises(ValueError, match=r"delta_bias must be .*\(7,\)"):
+        torch.ops.jamba.selective_scan_fwd(u, u, A, B, B, None, None, torch.ones(7), True, 256)
+    if sc.extension() is None:  # CPU-only machine
+        with pytest.raises(RuntimeError, match="extension is not available"):
+            torch.ops.jamba.selective_scan_fwd(u, u, A, B, B, torch.ones(8), None, torch.ones(8), True, 256)
