@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from jamba.ops.causal_conv1d import causal_conv1d_ref
-from jamba.ops.selective_scan import selective_scan_ref
+from jamba.ops.selective_scan import kernel_operands, selective_scan_ref
 from jamba.ops.ssd import ssd_chunked_ref
 
 logger = logging.getLogger(__name__)
@@ -121,14 +121,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_cuda(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                    delta_softplus=delta_softplus)
     if _use_kernel("selective_scan", _selective_scan_fn, u.device, force_reference, "pip install mamba-ssm"):
-        # The kernel wants delta/B/C/z in u's dtype and A/D/delta_bias in fp32; under autocast the
-        # projections come out in the autocast dtype while the norms may return fp32, so align them here.
-        act = u.dtype
-        delta, B, C = delta.to(act), B.to(act), C.to(act)
-        z = z.to(act) if z is not None else None
-        A = A.float()
-        D = D.float() if D is not None else None
-        delta_bias = delta_bias.float() if delta_bias is not None else None
+        u, delta, A, B, C, D, z, delta_bias = kernel_operands(u, delta, A, B, C, D, z, delta_bias)
         return _selective_scan_fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                   delta_softplus=delta_softplus)
     return selective_scan_ref(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)

@@ -25,6 +25,14 @@ import torch
 import torch.nn.functional as F
 
 
+def kernel_operands(u, delta, A, B, C, D=None, z=None, delta_bias=None):
+    """The dtypes the CUDA scans want (mamba-ssm's and ours): delta, B, C, z in u's dtype; A, D, delta_bias
+    fp32. Under autocast the projections come out in the autocast dtype while the norms may return fp32."""
+    act = u.dtype
+    return (u, delta.to(act), A.float(), B.to(act), C.to(act), D.float() if D is not None else None,
+            z.to(act) if z is not None else None, delta_bias.float() if delta_bias is not None else None)
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 

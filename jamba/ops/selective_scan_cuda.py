@@ -24,6 +24,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from jamba.ops.selective_scan import kernel_operands
+
 logger = logging.getLogger(__name__)
 
 D_STATE = 16
@@ -147,12 +149,11 @@ def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     if state_every % TILE or not 0 < state_every <= CHUNK:
         raise ValueError(f"selective_scan_cuda: state_every={state_every} must be a multiple of {TILE} "
                          f"between {TILE} and {CHUNK}")
-    act = u.dtype
+    u, delta, A, B, C, D, z, delta_bias = kernel_operands(u, delta, A, B, C, D, z, delta_bias)
     unit = lambda t: t if t.stride(-1) == 1 else t.contiguous()  # noqa: E731
-    u, delta = unit(u), unit(delta.to(act))
-    B, C = B.to(act).contiguous(), C.to(act).contiguous()
-    z = unit(z.to(act)) if z is not None else None
-    A = A.float().contiguous()
-    D = D.float().contiguous() if D is not None else None
-    delta_bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    u, delta = unit(u), unit(delta)
+    B, C, A = B.contiguous(), C.contiguous(), A.contiguous()
+    z = unit(z) if z is not None else None
+    D = D.contiguous() if D is not None else None
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     return _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_every)[0]
