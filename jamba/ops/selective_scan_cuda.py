@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -138,14 +139,41 @@ def _backward(ctx, dout, _dy, _dck):
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+STATE_BUDGET_BYTES = 1 << 30  # per call: up to this, the forward keeps a state per tile (see state_interval)
+
+
+def state_interval(u: Tensor) -> int:
+    """Steps between the fp32 states the forward keeps for the backward, for operands shaped like u.
+
+    A state per 16-step tile (4 bytes per batch x channel x step: twice u in bf16) spares the backward its
+    re-run of the forward: forward+backward 4.52 ms against 5.65 ms with one per 256 steps, bf16, batch 1 x
+    d_inner 4096 x 16K tokens on an H100 (`python -m launch.bench_scan`). It is kept while it takes at most
+    STATE_BUDGET_BYTES (1 GiB: batch x d_inner x seq up to 2^28, e.g. d_inner 4096 x 64K tokens); longer inputs
+    keep one per 256 steps, 1/16 of that memory, so the longest contexts fit. JAMBA_SCAN_STATE_EVERY (a multiple
+    of 16 from 16 to 256) forces an interval; `auto` (the default) applies this rule."""
+    env = os.environ.get("JAMBA_SCAN_STATE_EVERY", "auto").strip().lower()
+    if env != "auto":
+        try:
+            every = int(env)
+        except ValueError:
+            every = -1
+        if every <= 0 or every % TILE or every > CHUNK:
+            raise ValueError(f"JAMBA_SCAN_STATE_EVERY={env!r}: expected auto or a multiple of {TILE} from {TILE} "
+                             f"to {CHUNK}")
+        return every
+    bsz, dim, L = u.shape
+    per_tile_bytes = bsz * dim * (-(-L // TILE)) * TILE * 4
+    return TILE if per_tile_bytes <= STATE_BUDGET_BYTES else CHUNK
+
+
 def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                         z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                        delta_softplus: bool = False, state_every: int = CHUNK) -> Tensor:
+                        delta_softplus: bool = False, state_every: Optional[int] = None) -> Tensor:
     """out (batch, dim, L) in u's dtype. delta, B, C, z are cast to u's dtype; A, D, delta_bias to fp32.
     `state_every` (a multiple of 16, at most 256): steps between the fp32 states kept for the backward, which
-    re-runs the forward from them. One per 16-step tile (4 bytes per batch x channel x step) spares that
-    re-run but measured no faster on an H100 (the backward then waits on a global load every tile), so the
-    default keeps one per 256 steps, 1/64 of that memory."""
+    re-runs the forward from them unless there is one per 16-step tile; None: `state_interval(u)`."""
+    if state_every is None:
+        state_every = state_interval(u)
     if state_every % TILE or not 0 < state_every <= CHUNK:
         raise ValueError(f"selective_scan_cuda: state_every={state_every} must be a multiple of {TILE} "
                          f"between {TILE} and {CHUNK}")

@@ -210,3 +210,21 @@ def test_cuda_scan_op_checks_what_its_cpp_side_does_not():
     if sc.extension() is None:  # CPU-only machine
         with pytest.raises(RuntimeError, match="extension is not available"):
             torch.ops.jamba.selective_scan_fwd(u, u, A, B, B, torch.ones(8), None, torch.ones(8), True, 256)
+
+
+def test_scan_state_interval_policy_and_override(monkeypatch):
+    """A state per tile while it takes at most 1 GiB (fp32, batch x d_inner x padded seq), else one per 256
+    steps; JAMBA_SCAN_STATE_EVERY forces one and rejects what the kernel cannot take, naming the value."""
+    from jamba.ops import selective_scan_cuda as sc
+    monkeypatch.delenv("JAMBA_SCAN_STATE_EVERY", raising=False)
+    shaped = lambda *s: torch.empty(1, device="meta").expand(*s)  # noqa: E731 - a shape, no memory
+    assert sc.state_interval(shaped(1, 4096, 65536)) == 16  # exactly 1 GiB
+    assert sc.state_interval(shaped(1, 4096, 65537)) == 256  # padded to a whole tile: over
+    assert sc.state_interval(shaped(4, 4096, 4096)) == 16
+    assert sc.state_interval(shaped(1, 8192, 262144)) == 256
+    monkeypatch.setenv("JAMBA_SCAN_STATE_EVERY", "64")
+    assert sc.state_interval(shaped(1, 8, 32)) == 64
+    for bad in ("0", "24", "512", "often"):
+        monkeypatch.setenv("JAMBA_SCAN_STATE_EVERY", bad)
+        with pytest.raises(ValueError, match=f"JAMBA_SCAN_STATE_EVERY='{bad}': expected auto or a multiple of 16"):
+            sc.state_interval(shaped(1, 8, 32))

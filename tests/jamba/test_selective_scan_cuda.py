@@ -13,12 +13,13 @@ pytestmark = pytest.mark.gpu
 
 # (batch, dim, L, z, D, delta_bias, softplus, strided B/C, steps between stored states). L covers: shorter than
 # a tile, a tile tail, several chunks with a tail, and an exact multiple of the chunk; the state interval
-# covers one tile (no recomputation in backward), a few tiles, and the longest (256).
+# covers one tile (the backward's per-tile kernel: no recomputation), a few tiles, and the longest (256).
 CASES = [
     (2, 16, 37, True, True, True, True, True, 16),
     (1, 8, 300, False, False, False, False, False, 256),
     (2, 24, 513, True, False, True, True, True, 256),
     (2, 24, 513, True, False, True, True, True, 48),
+    (2, 24, 513, True, True, True, True, True, 16),
     (1, 32, 1024, True, True, False, True, False, 16),
 ]
 

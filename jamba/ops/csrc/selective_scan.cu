@@ -13,11 +13,13 @@
 // than one block per channel. Every tile's global loads are issued a tile ahead.
 //
 // Backward needs h_t in reverse order. The forward stores the state entering every chunk of ck_len steps
-// (256 by default); the backward walks chunks in reverse, re-runs the chunk forward once to keep the state
-// entering each tile (shared memory), then for each tile in reverse recomputes its 16 states in registers
-// and runs the reverse recurrence g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}. It uses
-// exp(dt_t A) h_{t-1} = h_t - dt_t u_t B_t, so h_{t-1} itself is never needed. The forward also keeps y
-// before the gate (as mamba-ssm keeps its `out`) for dz.
+// (16, one per tile, while that takes at most 1 GiB, else 256: selective_scan_cuda.state_interval). With a
+// state per tile the backward walks the tiles in reverse, prefetching each one's stored state with its other
+// operands; with longer chunks it walks chunks in reverse and first re-runs the chunk forward once to keep
+// the state entering each tile (shared memory). For each tile it recomputes the 16 states in registers and
+// runs the reverse recurrence g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}; du and ddelta come from the sums over
+// states of g B and g A exp(dt A) h_{t-1}, scaled by the step's own dt and u. The forward also keeps y before
+// the gate (as mamba-ssm keeps its `out`) for dz.
 //
 // Device code: selective_scan_kernels.cuh. Measured against mamba-ssm: python -m launch.bench_scan.
 
@@ -60,7 +62,11 @@ void launch_fwd(int mb, dim3 grid, cudaStream_t stream, const Params& p) {
 
 template <typename T, int kMinBlocks>
 void launch_bwd_with(dim3 grid, cudaStream_t stream, const Params& p) {
-  scan_bwd_kernel<T, kMinBlocks><<<grid, kThreads, 0, stream>>>(p);
+  if (p.ck_len == kT) {
+    scan_bwd_kernel<T, kMinBlocks, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    scan_bwd_kernel<T, kMinBlocks, false><<<grid, kThreads, 0, stream>>>(p);
+  }
 }
 
 template <typename T>
@@ -168,11 +174,13 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& dt, cons
   return {du, ddt, dA, dB, dC, dD, dbias, dz};
 }
 
-// Registers, local (spill) bytes and static shared memory of the bf16 kernels, for tuning.
+// Registers, local (spill) bytes and static shared memory of the bf16 kernels, for tuning: the forward, the
+// backward with chunk re-runs, the backward with a state per tile.
 std::vector<int64_t> kernel_info() {
   std::vector<int64_t> r;
   for (const void* f : {reinterpret_cast<const void*>(&scan_fwd_kernel<c10::BFloat16, 5>),
-                        reinterpret_cast<const void*>(&scan_bwd_kernel<c10::BFloat16, 4>)}) {
+                        reinterpret_cast<const void*>(&scan_bwd_kernel<c10::BFloat16, 4, false>),
+                        reinterpret_cast<const void*>(&scan_bwd_kernel<c10::BFloat16, 4, true>)}) {
     cudaFuncAttributes a;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&a, f));
     r.insert(r.end(), {a.numRegs, static_cast<int64_t>(a.localSizeBytes), static_cast<int64_t>(a.sharedSizeBytes)});
@@ -181,7 +189,7 @@ std::vector<int64_t> kernel_info() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("kernel_info", &kernel_info, "[regs, local bytes, shared bytes] of the bf16 forward, then backward kernel");
+  m.def("kernel_info", &kernel_info, "[regs, local bytes, shared bytes] of the bf16 forward, chunked backward, per-tile backward");
   m.def("fwd", &scan_fwd, "Mamba-1 selective scan forward (d_state 16)");
   m.def("bwd", &scan_bwd, "Mamba-1 selective scan backward (d_state 16)");
 }

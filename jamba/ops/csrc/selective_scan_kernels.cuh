@@ -173,9 +173,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_fwd_kernel(Params p
   }
 }
 
-template <typename T, int kMinBlocks>
+// kPerTile: the forward stored the state entering every tile (ck_len == 16), so there is no chunk re-run:
+// one reverse walk over all tiles, the stored state of the next tile prefetched with its other operands.
+template <typename T, int kMinBlocks, bool kPerTile>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(Params p) {
-  __shared__ float s_start[kTilesPerChunk][kThreads];
+  __shared__ float s_start[kPerTile ? 1 : kTilesPerChunk][kThreads];
   __shared__ float2 s_bc[2][kT][kN];
   // dB/dC partials per warp, double-buffered: a warp writing buffer j % 2 for tile j + 2 has passed tile
   // j + 1's barriers, which every warp reaches after reading tile j's sums.
@@ -200,19 +202,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(Params p
   int buf = 0, rbuf = 0;
 
   float g = 0.f, a_next = 1.f, dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
-  for (int c = p.n_ck - 1; c >= 0; --c) {
-    const int cs = c * p.ck_len, ce = min(cs + p.ck_len, p.L);
+  const float* ck = p.ck + (static_cast<int64_t>(b) * p.n_ck * p.dim + d) * kN + n;  // + (chunk * dim) * kN
+  for (int c = kPerTile ? 0 : p.n_ck - 1; c >= 0; --c) {
+    const int cs = kPerTile ? 0 : c * p.ck_len, ce = kPerTile ? p.L : min(cs + p.ck_len, p.L);
     const int ntiles = (ce - cs + kT - 1) / kT;
     // Pass 1: the state entering each tile of this chunk (none to compute when chunks are one tile long).
-    float h = p.ck[((static_cast<int64_t>(b) * p.n_ck + c) * p.dim + d) * kN + n];
-    s_start[0][threadIdx.x] = h;
+    float h = ck[static_cast<int64_t>(kPerTile ? ntiles - 1 : c) * p.dim * kN];
+    if (!kPerTile) s_start[0][threadIdx.x] = h;
     T un, dtn;
-    if (ntiles > 1) {
+    if (!kPerTile && ntiles > 1) {
       bc.load(cs, p.L, p.vec_BC);
       un = at_step(u, cs + n, p.L);
       dtn = at_step(dt, cs + n, p.L);
     }
-    for (int k = 0; k + 1 < ntiles; ++k, buf ^= 1) {
+    for (int k = 0; !kPerTile && k + 1 < ntiles; ++k, buf ^= 1) {
       const int t0 = cs + k * kT, t = t0 + n;
       bc.store(s_bc[buf]);
       const float u_o = to_f(un), dtr = to_f(dtn) + bias;
@@ -245,10 +248,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(Params p
       const bool tv = t < p.L;
       bc.store(s_bc[buf]);
       const float u_o = to_f(un), dtr = to_f(dtn) + bias, do_o = to_f(don), zv = to_f(zn), yv = to_f(yn);
+      const float h_in = kPerTile ? h : s_start[k][threadIdx.x];  // the state entering this tile
       if (k > 0) {
         bc.load(t0 - kT, p.L, p.vec_BC);
         un = u[t - kT]; dtn = dt[t - kT]; don = dout[t - kT];
         if (p.has_z) { zn = z[t - kT]; yn = y[t - kT]; }
+        if (kPerTile) h = ck[static_cast<int64_t>(k - 1) * p.dim * kN];
       }
       const float dt_o = tv ? (p.softplus ? softplus_f(dtr) : dtr) : 0.f;
       float dy_o = do_o;  // gradient of y (before the gate)
@@ -258,49 +263,57 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(Params p
         dz[t] = static_cast<T>(do_o * yv * sz * (1.f + zv * (1.f - sz)));
       }
       __syncthreads();
-      float hs[kT], as[kT];
-      float h = s_start[k][threadIdx.x];
+      // The tile's 16 states again, keeping h_i and dt_i (exp(dt_i A) is recomputed below: a few registers
+      // fewer, so nothing spills).
+      const float dtu_o = dt_o * u_o;
+      float hs[kT], dts[kT];
+      float hr = h_in;
 #pragma unroll
       for (int i = 0; i < kT; ++i) {
-        const float dti = __shfl_sync(kFull, dt_o, ln.half + i);
-        const float ui = __shfl_sync(kFull, u_o, ln.half + i);
-        as[i] = exp2f(dti * A2);
-        h = as[i] * h + dti * ui * s_bc[buf][i][n].x;
-        hs[i] = h;
+        dts[i] = __shfl_sync(kFull, dt_o, ln.half + i);
+        const float dtui = __shfl_sync(kFull, dtu_o, ln.half + i);
+        hr = exp2f(dts[i] * A2) * hr + dtui * s_bc[buf][i][n].x;
+        hs[i] = hr;
       }
-      float pdu[kT], pddt[kT], pdB[kT], pdC[kT];
+      // Reverse recurrence. Per step: x = exp(dt A) h_{i-1}; the sums over states of g B and g A x give
+      // du = dt * sum(g B) and ddelta = u * sum(g B) + sum(g A x) in the lane that owns the step.
+      // dB, dC: the warp's two channels are summed as we go (the low half-warp keeps steps 0-7, the high
+      // half 8-15, each receiving the other's by one shuffle), then the block's 4 warps after the barrier.
+      const bool hi = ln.half != 0;
+      float pgB[kT], pgAx[kT], keepB[kT / 2], keepC[kT / 2];
 #pragma unroll
       for (int i = kT - 1; i >= 0; --i) {
-        const float dti = __shfl_sync(kFull, dt_o, ln.half + i);
-        const float ui = __shfl_sync(kFull, u_o, ln.half + i);
         const float dyi = __shfl_sync(kFull, dy_o, ln.half + i);
+        const float dtui = __shfl_sync(kFull, dtu_o, ln.half + i);
         const float2 w = s_bc[buf][i][n];  // B, C
+        const float ai = exp2f(dts[i] * A2);
         g = g * a_next + w.y * dyi;
-        const float x = hs[i] - dti * ui * w.x;  // exp(dt_i A) h_{i-1}
-        dA_acc += g * dti * x;
-        pddt[i] = g * (ui * w.x + A * x);
-        pdu[i] = g * dti * w.x;
-        pdB[i] = g * dti * ui;
-        pdC[i] = dyi * hs[i];
-        a_next = as[i];
+        const float x = ai * (i > 0 ? hs[i > 0 ? i - 1 : 0] : h_in);
+        dA_acc += g * dts[i] * x;
+        pgB[i] = g * w.x;
+        pgAx[i] = g * A * x;
+        const float bB = g * dtui, bC = dyi * hs[i];
+        if (i >= kT / 2) {
+          keepB[i - kT / 2] = bB;
+          keepC[i - kT / 2] = bC;
+        } else {
+          const int j = i < kT / 2 ? i : 0;
+          const float sB = hi ? bB : keepB[j], kB = hi ? keepB[j] : bB;
+          const float sC = hi ? bC : keepC[j], kC = hi ? keepC[j] : bC;
+          const int col = (hi ? kT / 2 : 0) + j;
+          s_red[rbuf][0][warp][n][col] = kB + __shfl_xor_sync(kFull, sB, 16);
+          s_red[rbuf][1][warp][n][col] = kC + __shfl_xor_sync(kFull, sC, 16);
+        }
+        a_next = ai;
       }
-      const float du_sum = transpose_sum16(pdu, n), ddt_sum = transpose_sum16(pddt, n);
+      const float gB_sum = transpose_sum16(pgB, n), gAx_sum = transpose_sum16(pgAx, n);
       if (tv) {
+        const float ddt_sum = u_o * gB_sum + gAx_sum;
         const float ddt_pre = p.softplus && dtr <= 20.f ? ddt_sum * sigmoid_f(dtr) : ddt_sum;
-        du[t] = static_cast<T>(du_sum + Dv * dy_o);
+        du[t] = static_cast<T>(dt_o * gB_sum + Dv * dy_o);
         ddt[t] = static_cast<T>(ddt_pre);
         dD_acc += dy_o * u_o;
         dbias_acc += ddt_pre;
-      }
-      // dB, dC: sum the warp's two channels (each half keeps 8 steps), then the block's 4 warps.
-      const bool hi = ln.half != 0;
-#pragma unroll
-      for (int i = 0; i < kT / 2; ++i) {
-        const float sB = hi ? pdB[i] : pdB[i + 8], kB = hi ? pdB[i + 8] : pdB[i];
-        const float sC = hi ? pdC[i] : pdC[i + 8], kC = hi ? pdC[i + 8] : pdC[i];
-        const int col = (hi ? 8 : 0) + i;
-        s_red[rbuf][0][warp][n][col] = kB + __shfl_xor_sync(kFull, sB, 16);
-        s_red[rbuf][1][warp][n][col] = kC + __shfl_xor_sync(kFull, sC, 16);
       }
       __syncthreads();
 #pragma unroll
