@@ -465,7 +465,7 @@ class Bench:
 # ================================================================================================
 
 KERNEL_FAMILIES = [  # (family, regex on the kernel name), first match wins
-    ("selective scan (mamba-ssm)", r"selective_scan"),
+    ("selective scan (ours / mamba-ssm)", r"selective_scan|jamba_scan::"),
     ("causal conv1d", r"causal_conv1d|conv1d"),
     ("attention (flash/cuDNN/SDPA)", r"flash|fmha|attention|sdpa|cudnn"),
     ("grouped GEMM (experts)", r"grouped|_grouped_mm"),
@@ -477,6 +477,10 @@ KERNEL_FAMILIES = [  # (family, regex on the kernel name), first match wins
     ("elementwise / copies", r"elementwise|vectorized|copy|fill|cat|memcpy|memset|unrolled|Memcpy|Memset"),
     ("triton (compiled)", r"triton"),
 ]
+
+
+# CUPTI's own events, not operators (their "device time" spans other operators' kernels)
+PROFILER_MARKERS = {"Command Buffer Full", "Activity Buffer Request"}
 
 
 def kernel_family(name: str) -> str:
@@ -516,7 +520,8 @@ def summarize_profile(prof, device: torch.device, wall_s: float, top: int = 25) 
     ops = []
     if device.type == "cuda":  # CPU-side operators (aten::*, autograd nodes) by the device time of their own kernels
         ops = [(e.key, e.count, _event_time_us(e, device)) for e in events
-               if getattr(e, "device_type", None) == DeviceType.CPU and not e.key.startswith("ProfilerStep")]
+               if getattr(e, "device_type", None) == DeviceType.CPU and not e.key.startswith("ProfilerStep")
+               and e.key not in PROFILER_MARKERS]
         ops = sorted((o for o in ops if o[2] > 0), key=lambda o: -o[2])[:top]
     return {
         "device": device.type, "wall_ms": wall_s * 1e3, "kernel_ms": total / 1e3,

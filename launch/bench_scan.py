@@ -7,7 +7,10 @@ projection; fp32 A, D, delta_bias; softplus). It also reports each output's and 
 to an fp32 run of mamba-ssm, relative to that run's largest magnitude, for both kernels: mamba-ssm's own bf16
 error is the rounding floor ours is held to (tests/jamba/test_selective_scan_cuda.py).
 
-    python -m launch.bench_scan --shapes 4x4096x4096x16,1x4096x16384x16
+    python -m launch.bench_scan --shapes 4x4096x4096x16,1x4096x16384x16 --state-every 16,256
+
+`--state-every` times ours once per interval between the states its forward keeps (16: one per tile, so the
+backward does not re-run the forward; 256: 1/16 of that memory; see `state_interval`).
 
 `JAMBA_SCAN_OCC=F,B` picks the blocks-per-SM register budgets our kernels are compiled for (see
 jamba/ops/csrc/selective_scan.cu); it is read once per process, so sweep it with one run per value.
@@ -16,6 +19,7 @@ jamba/ops/csrc/selective_scan.cu); it is read once per process, so sweep it with
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -77,8 +81,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     p = argparse.ArgumentParser(prog="python -m launch.bench_scan", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="4x4096x4096x16,1x4096x16384x16", help="BATCHxDIMxSEQxSTATE,...")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--state-every", default="16,256",
+                   help="ours' state intervals to time, comma-separated multiples of 16 up to 256 (default 16,256)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
+    try:
+        intervals = list(dict.fromkeys(int(v) for v in args.state_every.split(",")))  # each once, in order
+    except ValueError:
+        p.error(f"--state-every {args.state_every!r}: expected comma-separated integers such as 16,256")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -86,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if ours.extension() is None:
         p.error(f"our CUDA scan did not build: {ours.build_error()}")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}; our kernels' [regs, spill bytes, smem] "
-          f"fwd/bwd: {ours.extension().kernel_info()}")
+          f"fwd / bwd chunked / bwd per tile: {ours.extension().kernel_info()}")
     rows = []
     for shape in args.shapes.split(","):
         bsz, dim, L, N = (int(v) for v in shape.split("x"))
@@ -95,18 +105,23 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         f32 = [t.float() if t.is_floating_point() else t for t in inputs]
         o32, g32 = run_once(selective_scan_fn, f32, dout.float())
         row = {"shape": shape}
-        for name, fn in (("mamba_ssm", selective_scan_fn), ("ours", ours.selective_scan_cuda)):
+        impls = [("mamba_ssm", selective_scan_fn)] + [
+            (f"ours_every{e}", functools.partial(ours.selective_scan_cuda, state_every=e)) for e in intervals]
+        for name, fn in impls:
             out, grads = run_once(fn, inputs, dout)
             row[name] = {"fwd_ms": timed(fn, inputs, dout, args.iters, False),
                          "fwd_bwd_ms": timed(fn, inputs, dout, args.iters, True),
                          "bf16_vs_mamba_fp32": rel_errs(out, grads, o32, g32)}
-        m, o = row["mamba_ssm"], row["ours"]
-        row["speedup_fwd_bwd"] = m["fwd_bwd_ms"] / o["fwd_bwd_ms"]
-        print(f"{shape}: mamba-ssm fwd {m['fwd_ms']:.3f} ms, fwd+bwd {m['fwd_bwd_ms']:.3f} ms | ours fwd "
-              f"{o['fwd_ms']:.3f} ms, fwd+bwd {o['fwd_bwd_ms']:.3f} ms ({row['speedup_fwd_bwd']:.2f}x)", flush=True)
-        for name in ("mamba_ssm", "ours"):
+        m = row["mamba_ssm"]
+        print(f"{shape}: mamba-ssm fwd {m['fwd_ms']:.3f} ms, fwd+bwd {m['fwd_bwd_ms']:.3f} ms", flush=True)
+        for name, _ in impls[1:]:
+            o = row[name]
+            o["speedup_fwd_bwd"] = m["fwd_bwd_ms"] / o["fwd_bwd_ms"]
+            print(f"  {name}: fwd {o['fwd_ms']:.3f} ms, fwd+bwd {o['fwd_bwd_ms']:.3f} ms "
+                  f"({o['speedup_fwd_bwd']:.2f}x mamba-ssm)", flush=True)
+        for name, _ in impls:
             errs = row[name]["bf16_vs_mamba_fp32"]
-            print(f"  {name:9s} bf16 vs fp32: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+            print(f"  {name:12s} bf16 vs fp32: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
         rows.append(row)
         del inputs, dout
         torch.cuda.empty_cache()

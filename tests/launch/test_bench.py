@@ -96,3 +96,12 @@ def test_trace_timeline_busy_idle_and_gaps(tmp_path):
     assert t["idle_ms"] == pytest.approx(0.12) and t["kernels"] == 4
     assert t["gaps_over_50us"] == 1 and t["idle_in_gaps_over_50us_ms"] == pytest.approx(0.1)
     assert [(g["us"], g["after"], g["before"]) for g in t["top_gaps"]] == [(100, "b", "m"), (20, "m", "c")]
+
+
+def test_kernel_families_name_both_scans_and_routing_apart():
+    assert bench.kernel_family("void jamba_scan::scan_bwd_kernel<c10::BFloat16, 4, true>(jamba_scan::Params)") \
+        == "selective scan (ours / mamba-ssm)"
+    assert bench.kernel_family("void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<...>>") \
+        == "selective scan (ours / mamba-ssm)"
+    assert bench.kernel_family("void at::native::radixSortKVInPlace<...>") == "MoE routing (topk/sort/scatter/index)"
+    assert bench.kernel_family("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT") == "GEMM (cuBLAS/CUTLASS)"
