@@ -263,8 +263,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(Params p
         dz[t] = static_cast<T>(do_o * yv * sz * (1.f + zv * (1.f - sz)));
       }
       __syncthreads();
-      // The tile's 16 states again, keeping h_i and dt_i (exp(dt_i A) is recomputed below: a few registers
-      // fewer, so nothing spills).
+      // The tile's 16 states again, keeping h_i and dt_i (exp(dt_i A) is recomputed below rather than kept:
+      // 16 registers fewer at the peak; ptxas still spills 52 bytes, against 72 when it was kept).
       const float dtu_o = dt_o * u_o;
       float hs[kT], dts[kT];
       float hr = h_in;
@@ -288,6 +288,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) scan_bwd_kernel(Params p
         const float2 w = s_bc[buf][i][n];  // B, C
         const float ai = exp2f(dts[i] * A2);
         g = g * a_next + w.y * dyi;
+        // (index guards like i > 0 ? i - 1 : 0 keep the unrolled, never-taken branch in bounds)
         const float x = ai * (i > 0 ? hs[i > 0 ? i - 1 : 0] : h_in);
         dA_acc += g * dts[i] * x;
         pgB[i] = g * w.x;
