@@ -142,6 +142,11 @@ _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 STATE_BUDGET_BYTES = 1 << 30  # per call: up to this, the forward keeps a state per tile (see state_interval)
 
 
+def _valid_interval(every: int) -> bool:
+    """Whether the kernels take this many steps between stored states (a multiple of 16, at most 256)."""
+    return 0 < every <= CHUNK and every % TILE == 0
+
+
 def state_interval(u: Tensor) -> int:
     """Steps between the fp32 states the forward keeps for the backward, for operands shaped like u.
 
@@ -157,7 +162,7 @@ def state_interval(u: Tensor) -> int:
             every = int(env)
         except ValueError:
             every = -1
-        if every <= 0 or every % TILE or every > CHUNK:
+        if not _valid_interval(every):
             raise ValueError(f"JAMBA_SCAN_STATE_EVERY={env!r}: expected auto or a multiple of {TILE} from {TILE} "
                              f"to {CHUNK}")
         return every
@@ -174,7 +179,7 @@ def selective_scan_cuda(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     re-runs the forward from them unless there is one per 16-step tile; None: `state_interval(u)`."""
     if state_every is None:
         state_every = state_interval(u)
-    if state_every % TILE or not 0 < state_every <= CHUNK:
+    if not _valid_interval(state_every):
         raise ValueError(f"selective_scan_cuda: state_every={state_every} must be a multiple of {TILE} "
                          f"between {TILE} and {CHUNK}")
     u, delta, A, B, C, D, z, delta_bias = kernel_operands(u, delta, A, B, C, D, z, delta_bias)
