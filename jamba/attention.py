@@ -36,8 +36,8 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype=torch.
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, L, hd) rotated by position: x * cos + rotate_half(x) * sin (computed in fp32)."""
-    xf = x.float()
+    """x (B, heads, L, hd) rotated by position: x * cos + rotate_half(x) * sin (computed in fp32 or fp64)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     x1, x2 = xf.chunk(2, dim=-1)
     rot = torch.cat((-x2, x1), dim=-1)
     return (xf * cos + rot * sin).to(x.dtype)

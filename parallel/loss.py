@@ -35,11 +35,12 @@ class _VocabParallelCE(torch.autograd.Function):
         n_valid = valid.sum()
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             h, y, m = hidden[s:s + chunk_size], labels[s:s + chunk_size], valid[s:s + chunk_size]
-            logits = F.linear(h, weight).float()  # (c, V_local)
+            logits = F.linear(h, weight).to(acc)  # (c, V_local)
             row_max = logits.max(dim=-1).values  # (c,)
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
             local_y = y - vocab_start
@@ -60,13 +61,13 @@ class _VocabParallelCE(torch.autograd.Function):
                 if need_h:
                     grad_h[s:s + chunk_size] = g @ weight  # (c, H) partial over the vocab shards
                 if need_w:
-                    grad_w += (g.t() @ h).float()  # (V_local, H)
+                    grad_w += (g.t() @ h).to(acc)  # (V_local, H)
         if need_h and reduce_grad_h:  # else the caller's sequence gather reduce-scatters it
             dist.all_reduce(grad_h, group=group)
-        n = n_valid.clamp_min(1).float()
+        n = n_valid.clamp_min(1).to(acc)
         ctx.save_for_backward(grad_h, grad_w, n)
         ctx.weight_dtype = weight.dtype
-        return loss_sum / n_valid.float()
+        return loss_sum / n_valid.to(acc)
 
     @staticmethod
     def backward(ctx, grad_out):

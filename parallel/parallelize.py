@@ -25,10 +25,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtypes(dims: ParallelDims, device_type: str):
-    """(param_dtype, reduce_dtype): "auto" = bf16 params + fp32 reduce on GPU, fp32 on CPU."""
+    """(param_dtype, reduce_dtype): "auto" = bf16 params + fp32 reduce on GPU; on CPU the parameters' own
+    dtype (None: no cast, so a float64 model, as the equivalence tests use, stays float64)."""
     c = dims.cfg
-    param = _DTYPES.get(c.param_dtype) or (torch.bfloat16 if device_type == "cuda" else torch.float32)
-    reduce = _DTYPES.get(c.reduce_dtype) or torch.float32
+    if device_type == "cuda":
+        param = _DTYPES.get(c.param_dtype) or torch.bfloat16
+        reduce = _DTYPES.get(c.reduce_dtype) or torch.float32
+    else:
+        param, reduce = _DTYPES.get(c.param_dtype), _DTYPES.get(c.reduce_dtype)
     return param, reduce
 
 

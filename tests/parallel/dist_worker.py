@@ -1,4 +1,4 @@
-"""Multi-process worker of tests/parallel/test_layouts.py (run under torchrun, gloo, CPU, fp32).
+"""Multi-process worker of tests/parallel/test_parallel_layouts.py (run under torchrun; gloo on CPU, NCCL on GPU).
 
 For each layout named on the command line: build the tiny model from the same seed, parallelize it,
 train 3 AdamW steps on the same global batch (each data-parallel rank takes its slice) and record
@@ -6,10 +6,16 @@ the global loss per step, the full gradients after the first backward and the fu
 end. With `reshard=<dir>`, also save a DCP checkpoint after 2 steps in the first layout and resume
 step 3 from it in the other layouts. Rank 0 writes everything to out=<file> (torch.save).
 
+On CPU everything runs in float64 (`dtype=float32` on the command line for fp32): the comparison then
+measures the layout, not the CPU's fp32 kernels (AVX2 and AVX512 sum in different orders, and AdamW's
+normalised update turns a 1e-7 gradient difference into a 1e-5 parameter difference for near-zero
+gradients). On GPU the parameters are fp32 (TF32 off) or bf16, as the layout's param_dtype says.
+
 Usage: torchrun --nproc_per_node N tests/parallel/dist_worker.py out=<file> layouts=a,b [reshard=<dir>]
 Layout syntax: "dp_shard=2+ep=2" (keys of ParallelConfig joined by "+"; "kv=1" overrides the model's
 num_key_value_heads, to exercise replicated kv heads under TP; "compile=aot_eager" applies
-parallel.compile.apply_compile with that backend after the layout).
+parallel.compile.apply_compile with that backend after the layout; "fault=1e-6" is a deliberately broken
+layout: data-parallel rank 0 scales its loss by 1 + 1e-6, which the tests must detect).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from parallel import ParallelConfig, ParallelDims, parallelize
 
 SEED, STEPS, LR = 1234, 3, 1e-3
 DEVICE = torch.device("cpu")  # device=cuda on the command line: NCCL, one GPU per rank
+DTYPE = torch.float64  # of the model on CPU (dtype=float32 on the command line); on GPU: float32
 MODEL_OVERRIDES = dict(loss_chunk_size=24, router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
 
 
@@ -46,6 +53,17 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def record(t):
+    """A full, CPU copy for comparison: bf16 widened to fp32, fp64 kept."""
+    t = full(t).detach()
+    return t.to(torch.promote_types(t.dtype, torch.float32)).cpu().clone()
+
+
+def new_model(cfg):
+    torch.manual_seed(SEED)
+    return JambaForCausalLM(cfg).to(DEVICE, DTYPE)
+
+
 def parse_layout(spec: str):
     """"tp=2+ep=2" -> (ParallelConfig, model overrides); "kv=1" sets model.num_key_value_heads."""
     kw, model = {}, {}
@@ -55,6 +73,8 @@ def parse_layout(spec: str):
             model["num_key_value_heads"] = int(v)
         elif k == "compile":  # parallel.compile.apply_compile with this backend, after the layout
             model["_compile"] = v
+        elif k == "fault":  # deliberately broken: rank 0 of the data-parallel group scales its loss
+            model["_fault"] = float(v)
         else:
             kw[k] = (v == "true") if v in ("true", "false") else int(v) if v.lstrip("-").isdigit() else v
     kw.setdefault("dp_shard", -1)
@@ -64,11 +84,12 @@ def parse_layout(spec: str):
 def build(spec: str):
     pcfg, overrides = parse_layout(spec)
     backend = overrides.pop("_compile", None)
+    fault = overrides.pop("_fault", 0.0)
     cfg = model_config(**overrides)
     dims = ParallelDims(pcfg, world_size=dist.get_world_size(), model=cfg, seq_len=16)
     dims.build_mesh(DEVICE.type)
-    torch.manual_seed(SEED)
-    model = parallelize(JambaForCausalLM(cfg).to(DEVICE), dims)
+    model = parallelize(new_model(cfg), dims)
+    model.fault = fault
     if backend:
         from parallel.compile import apply_compile
 
@@ -81,7 +102,8 @@ def step(model, dims, opt, i: int):
     per = ids.shape[0] // dims.dp_size
     sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
     out = model(ids[sl].to(DEVICE), labels=labels[sl].to(DEVICE))
-    out.loss.backward()
+    fault = getattr(model, "fault", 0.0) if dims.dp_rank == 0 else 0.0
+    (out.loss * (1 + fault) if fault else out.loss).backward()
     loss = out.loss.detach().clone()
     if dims.dp_size > 1:  # mean over the data-parallel ranks (TP ranks hold the same loss)
         dist.all_reduce(loss, group=dims.get_mesh("dp").get_group())
@@ -97,12 +119,11 @@ def run_layout(spec: str, result: dict) -> None:
         loss, out = step(model, dims, opt, i)
         losses.append(loss)
         if i == 0:
-            grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
+            grads = {n: record(p.grad) for n, p in model.named_parameters()}
             counts = out.expert_counts.clone()
         opt.step()
         opt.zero_grad()
-    params = {n: full(p.detach()).float().cpu() for n, p in model.named_parameters()}
-    grads = {n: g.float().cpu() for n, g in grads.items()}
+    params = {n: record(p) for n, p in model.named_parameters()}
     counts = counts.cpu()
     result[spec] = dict(losses=losses, grads=grads, params=params, expert_counts=counts, dims=str(dims))
 
@@ -129,14 +150,13 @@ def run_reshard(specs, ckpt_dir: str, result: dict) -> None:
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         loss, _ = step(model, dims, opt, 2)
         opt.step()
-        params = {n: full(p.detach()).float().cpu() for n, p in model.named_parameters()}
+        params = {n: record(p) for n, p in model.named_parameters()}
         result[f"reshard:{specs[0]}->{spec}"] = dict(loss=loss, params=params)
 
 
 def reference(model_overrides: dict) -> dict:
     """The single-process run on the whole global batch (what every layout must reproduce)."""
-    torch.manual_seed(SEED)
-    model = JambaForCausalLM(model_config(**model_overrides)).to(DEVICE)
+    model = new_model(model_config(**model_overrides))
     opt = make_optimizer(model)
     losses = []
     for i in range(STEPS):
@@ -145,11 +165,11 @@ def reference(model_overrides: dict) -> dict:
         out.loss.backward()
         losses.append(out.loss.item())
         if i == 0:
-            grads = {n: p.grad.float().cpu() for n, p in model.named_parameters()}
+            grads = {n: record(p.grad) for n, p in model.named_parameters()}
             counts = out.expert_counts.cpu()
         opt.step()
         opt.zero_grad()
-    params = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
+    params = {n: record(p) for n, p in model.named_parameters()}
     return dict(losses=losses, grads=grads, params=params, expert_counts=counts)
 
 
@@ -182,17 +202,19 @@ def check_init(spec: str, result: dict) -> None:
                     dist.all_gather(parts, local, group=p.device_mesh.get_group(dim))
                     if any(not torch.equal(parts[0], q) for q in parts[1:]):
                         inconsistent.append(name)
-        out[mode] = dict(params={n: full(p.detach()).float().cpu() for n, p in model.named_parameters()},
+        out[mode] = dict(params={n: record(p) for n, p in model.named_parameters()},
                          inconsistent=inconsistent)
     result[f"init:{spec}"] = out
 
 
 def main() -> None:
     args = dict(a.split("=", 1) for a in sys.argv[1:])
-    global DEVICE
+    global DEVICE, DTYPE
     torch.set_num_threads(1)
+    DTYPE = getattr(torch, args.get("dtype", "float64"))
     if args.get("device") == "cuda":
         import os
+        DTYPE = torch.float32  # the layout's param_dtype decides what the GPU computes in
         DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(DEVICE)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 comparisons

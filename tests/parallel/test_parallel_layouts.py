@@ -1,4 +1,4 @@
-"""Every parallel layout reproduces the single-process run (tiny model, fp32, gloo on CPU).
+"""Every parallel layout reproduces the single-process run (tiny model, float64, gloo on CPU).
 
 Two torchrun launches share the work (2 and 4 processes); each runs several layouts in turn
 (tests/parallel/dist_worker.py). The reference is computed here, in the test process, on the whole
@@ -6,9 +6,16 @@ global batch. Compared: the loss of each of 3 AdamW steps, every gradient after 
 (this checks by value that expert gradients are reduced over the expert-data-parallel ranks only and
 scaled like the dense ones) and every parameter after the 3 steps.
 
-Tolerance 1e-5 relative (norm of the difference / norm of the reference): sharded matmuls and
-all-reduces sum in a different order than one process, which moves fp32 results by ~1e-7 relative;
-AdamW's normalisation can amplify that for near-zero gradients, still far below 1e-5 at lr 1e-3.
+Everything runs in float64, so the comparison measures the layout and not the CPU's fp32 kernels. In
+fp32 the same layouts differed from one process by up to 1.6e-5 relative on AVX512 CPUs (and less on
+AVX2): sharded matmuls and all-reduces sum in another order (~1e-7), and AdamW's normalised update
+m / (sqrt(v) + eps) turns that into a much larger parameter difference for near-zero gradients.
+
+Tolerance 1e-9 relative (norm of the difference / norm of the reference): float64 rounding (1.1e-16)
+through the same amplification stays below 1e-13 (measured: at most 2e-14 over every layout here), so
+1e-9 leaves four orders of margin on any CPU, while a real bug shows far above it:
+`test_a_broken_layout_fails` runs a layout whose rank 0 scales its loss by 1 + 1e-6 (a gradient off by
+5e-7 relative) and requires the same checks to reject it.
 """
 
 import os
@@ -25,11 +32,12 @@ sys.path.insert(0, str(HERE))
 import dist_worker  # noqa: E402
 
 SP = "+sequence_parallel=true"
+BROKEN = "dp_shard=2+fault=1e-6"  # rank 0 scales its loss by 1 + 1e-6: must fail the checks
 LAYOUTS_2 = ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "tp=2+kv=1", "tp=2+kv=1" + SP]
 LAYOUTS_4 = ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2", "tp=2+ep=2" + SP, "dp_replicate=2+dp_shard=2+ep=2"]
 INIT = "tp=2+ep=2"  # parallel.init_weights on a meta-built model in this layout
 RESHARD = ["dp_shard=4+ep=2", "dp_shard=4", "tp=2"]  # save in the first, resume step 3 in the others
-TOL = 1e-5
+TOL = 1e-9
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -47,7 +55,7 @@ def _torchrun(nproc: int, out: Path, *args: str) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
-    results = _torchrun(2, tmp / "w2.pt", "layouts=" + ",".join(LAYOUTS_2))
+    results = _torchrun(2, tmp / "w2.pt", "layouts=" + ",".join(LAYOUTS_2 + [BROKEN]))
     results.update(_torchrun(4, tmp / "w4.pt", "layouts=" + ",".join(LAYOUTS_4), f"reshard={tmp / 'ckpt'}",
                              "reshard_layouts=" + ",".join(RESHARD), f"init={INIT}"))
     torch.set_num_threads(1)
@@ -63,19 +71,33 @@ def _ref_for(spec, refs):
     return refs["kv=1"] if "kv=1" in spec else refs[""]
 
 
+def check_matches(spec, got, ref, tol=TOL):
+    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
+        assert abs(a - b) <= tol * abs(b), f"{spec} ({got['dims']}): step {step} loss {a} vs {b}"
+    assert set(got["grads"]) == set(ref["grads"])
+    for name, g in ref["grads"].items():
+        assert rel(got["grads"][name], g) <= tol, f"{spec}: gradient of {name} off by {rel(got['grads'][name], g):.2e}"
+    for name, p in ref["params"].items():
+        assert rel(got["params"][name], p) <= tol, f"{spec}: {name} after 3 steps off by {rel(got['params'][name], p):.2e}"
+    # the logged per-expert counts are global (summed over the data-parallel ranks)
+    assert torch.equal(got["expert_counts"], ref["expert_counts"])
+
+
 @pytest.mark.parametrize("spec", LAYOUTS_2 + LAYOUTS_4)
 def test_layout_matches_single_process(runs, spec):
     results, refs = runs
-    got, ref = results[spec], _ref_for(spec, refs)
-    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
-        assert abs(a - b) <= TOL * abs(b), f"{spec} ({got['dims']}): step {step} loss {a} vs {b}"
-    assert set(got["grads"]) == set(ref["grads"])
-    for name, g in ref["grads"].items():
-        assert rel(got["grads"][name], g) <= TOL, f"{spec}: gradient of {name} off by {rel(got['grads'][name], g):.2e}"
-    for name, p in ref["params"].items():
-        assert rel(got["params"][name], p) <= TOL, f"{spec}: {name} after 3 steps off by {rel(got['params'][name], p):.2e}"
-    # the logged per-expert counts are global (summed over the data-parallel ranks)
-    assert torch.equal(got["expert_counts"], ref["expert_counts"])
+    assert results[spec]["params"]["lm_head.weight"].dtype == torch.float64
+    check_matches(spec, results[spec], _ref_for(spec, refs))
+
+
+def test_a_broken_layout_fails(runs):
+    """The checks are not blind: a loss scaled by 1 + 1e-6 on one rank fails them, by far."""
+    results, refs = runs
+    got, ref = results[BROKEN], refs[""]
+    with pytest.raises(AssertionError, match="off by"):
+        check_matches(BROKEN, got, ref)
+    worst = max(rel(got["params"][n], p) for n, p in ref["params"].items())
+    assert worst > 100 * TOL, worst
 
 
 def test_expert_gradients_would_differ_without_ep_scaling(runs):
