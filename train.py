@@ -95,12 +95,16 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
     from jamba.config import ConfigError
+    from trainer.checkpoint_integrity import CheckpointDiskFull
 
     try:
         code = run(dcfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as e:  # a user mistake: the message names the key, the value and the fix
         log.error("config error: %s", e)
         sys.exit(2)
+    except CheckpointDiskFull as e:  # says how much space a checkpoint needs; older checkpoints are intact
+        log.error("%s", e)
+        sys.exit(1)
     if code:
         sys.exit(code)
 

@@ -261,7 +261,11 @@ class CheckpointManager:
              trainer_state: Dict[str, Any], data_state: Any) -> Optional[Path]:
         """Collective: every rank calls it. Returns the final directory (complete once `wait()` returns),
         or None when the state is not saved (non-finite parameters)."""
+        t0 = time.perf_counter()
         self.wait()
+        if time.perf_counter() - t0 > 0.1:  # checkpoint.every is shorter than a background write
+            log.warning("checkpoint step %d: waited %.2f s for the previous checkpoint's background write",
+                        step, time.perf_counter() - t0)
         t0 = time.perf_counter()
         name = f"{PREFIX}{step:09d}"
         final, tmp = self.root / name, self.root / (TMP_PREFIX + name)

@@ -226,6 +226,7 @@ class Trainer:
                         self.state.nonfinite_in_a_row, self.state.skipped)
         self.optimizer.zero_grad(set_to_none=True)
         if self.state.nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
+            self.ckpt.wait()  # a background save completes (and prunes) before the newest is named
             newest = self.ckpt.latest()  # never pruned for a non-finite state: saves skip those
             raise NonFiniteError(
                 f"{self.state.nonfinite_in_a_row} steps in a row (up to step {self.state.step}) had a non-finite "
