@@ -232,7 +232,8 @@ class Trainer:
                 f"{self.state.nonfinite_in_a_row} steps in a row (up to step {self.state.step}) had a non-finite "
                 f"loss or gradient (last loss {loss}, grad norm {grad_norm}); halting. Lower optim.lr, keep "
                 f"optim.grad_clip > 0 or check the data, then re-run: it resumes from "
-                f"{newest if newest else 'scratch (no checkpoint yet)'}. (Limit: train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite})")
+                f"{newest if newest else 'scratch (no checkpoint yet)'}. "
+                f"(Limit: train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite})")
         return {"loss": loss, "aux_loss": aux if getattr(out, "aux_loss", None) is not None else None,
                 "z_loss": z if getattr(out, "z_loss", None) is not None else None,
                 "grad_norm": grad_norm, "lr": lr, "finite": finite, "stop": stop_any, "expert_counts": counts}
