@@ -12,8 +12,9 @@ import os
 from dataclasses import asdict, is_dataclass
 from typing import Any, Dict, List, Optional
 
-# Loader settings that change which tokens a position refers to (prefetch, doc_ids, the cache dir do not).
-_STREAM_KEYS = ("shuffle_buffer", "max_doc_chars", "validation_fraction", "num_workers")
+# Loader settings that change which tokens a position refers to (prefetch, doc_ids, the cache dir do not;
+# data.num_workers and the data-parallel size are checked by the loader's own load_state_dict).
+_STREAM_KEYS = ("shuffle_buffer", "max_doc_chars", "validation_fraction")
 
 
 def _as_dict(x: Any) -> Dict[str, Any]:

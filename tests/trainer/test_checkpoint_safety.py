@@ -319,3 +319,23 @@ def test_bench_checkpoint_reads_the_save_lines():
            "checkpoint step 12: written in 90.00 s, training waited (x)\n")
     assert parse(log) == [{"step": 4, "stall_s": 0.5, "write_s": 12.0}, {"step": 8, "stall_s": 3.4, "write_s": 11.0},
                           {"step": 12, "stall_s": 90.0, "write_s": 0.0}]
+
+
+def test_async_save_on_a_signal_is_complete_when_fit_returns(tmp_path, reference):
+    import signal
+
+    from trainer.checkpoint import EXIT_PREEMPTED
+
+    cfg, ref, crashed = reference
+    acfg = small_run_config(max_steps=8)
+    acfg.checkpoint.every, acfg.checkpoint.keep_last, acfg.checkpoint.async_save = 0, 3, True
+    d = tmp_path / "run"
+
+    def sigterm(pos):
+        if pos == 2 * ACCUM + 1:  # during step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    tr = build_trainer(acfg, d, on_batch=sigterm)
+    assert tr.fit() == EXIT_PREEMPTED
+    assert (d / "checkpoints" / "step_000000003" / MARKER).is_file()  # written before fit returned
+    assert tr.ckpt._pending is None
