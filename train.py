@@ -35,6 +35,7 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
     from trainer import build, distributed
     from trainer.checkpoint import CheckpointManager
     from trainer.curriculum import Curriculum
+    from trainer.data_fingerprint import data_fingerprint
     from trainer.loop import Trainer
     from trainer.metrics import MetricsLogger, gpu_peak_tflops
     from trainer.optim import build_optimizer
@@ -47,7 +48,7 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
     device = distributed.resolve_device(t.device, world)
     curriculum = Curriculum(cfg.curriculum, t.global_batch_tokens, t.max_steps, layout.dp_size)
 
-    metrics = None
+    metrics = ckpt = None
     distributed.init_distributed(world, device)
     try:
         run_path = Path(run_dir)
@@ -65,9 +66,9 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
 
             apply_compile(model)
         build.seed_everything(t.seed + world.rank)  # runtime randomness differs per rank
-        _, make_loader, make_eval = build.build_data(cfg, run_path, layout.dp_rank, layout.dp_size, world.is_main)
+        tok, make_loader, make_eval = build.build_data(cfg, run_path, layout.dp_rank, layout.dp_size, world.is_main)
         optimizer = build_optimizer(model, cfg.optim, device.type)
-        ckpt = CheckpointManager(run_path, cfg.checkpoint, world)
+        ckpt = CheckpointManager(run_path, cfg.checkpoint, world, data_fingerprint(cfg.data, tok), device.type)
         flops = None
         try:
             from jamba.flops import flops_per_token
@@ -86,18 +87,24 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
     finally:
         if metrics is not None:
             metrics.close()
+        if ckpt is not None:
+            ckpt.close()  # waits for a background save, releases the run directory's lock
         distributed.destroy_distributed()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(dcfg: DictConfig) -> None:
     from jamba.config import ConfigError
+    from trainer.checkpoint_integrity import CheckpointDiskFull
 
     try:
         code = run(dcfg, HydraConfig.get().runtime.output_dir)
     except ConfigError as e:  # a user mistake: the message names the key, the value and the fix
         log.error("config error: %s", e)
         sys.exit(2)
+    except CheckpointDiskFull as e:  # says how much space a checkpoint needs; older checkpoints are intact
+        log.error("%s", e)
+        sys.exit(1)
     if code:
         sys.exit(code)
 

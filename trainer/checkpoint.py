@@ -1,4 +1,4 @@
-"""Atomic, sharded, resumable checkpoints with torch Distributed Checkpoint (DCP).
+"""Atomic, verified, sharded, resumable checkpoints with torch Distributed Checkpoint (DCP).
 
 Layout of `<run_dir>/checkpoints/`:
 
@@ -6,39 +6,63 @@ Layout of `<run_dir>/checkpoints/`:
         .metadata, __*.distcp   DCP shards: {"model": ..., "optim": ...} from get_state_dict (plain, FSDP2
                                 and DTensor models alike; reshardable to another layout by DCP)
         rank00000.pt ...        per-rank state: data-loader position, RNG states (torch, cuda, python, numpy)
-        trainer.json            step, tokens seen, curriculum stage, skipped steps, world size, LR schedule step
-        COMPLETE                written last, before the rename
-    .tmp-step_000000300/       a save in progress (or one that crashed): ignored, removed at the next start
+        trainer.json            step, tokens seen, curriculum stage, skipped steps, world size, data fingerprint
+        MANIFEST.json           every file's size and CRC32 (trainer/checkpoint_integrity.py)
+        COMPLETE                written last (holds the manifest's CRC), before the rename
+    .tmp-step_000000300/       a save in progress (or one that crashed): removed at the next start
+    invalid-step_000000400/    a checkpoint that failed verification at a resume, moved aside for inspection
 
-A save writes everything into `.tmp-<name>`, waits for all ranks, then rank 0 writes `COMPLETE` and renames
-the directory to `<name>` (a rename is atomic on POSIX file systems). A crash at any point leaves the
-previous complete checkpoint untouched. After a successful save the oldest ones beyond `keep_last` go.
+A save writes everything into `.tmp-<name>`; once every rank's files are written and checksummed, rank 0
+writes MANIFEST.json and COMPLETE and renames the directory to `<name>` (atomic on POSIX). A crash at any
+point leaves the previous complete checkpoint in use. With `checkpoint.async_save` the state is first
+staged to CPU memory (the only stall), then a background thread writes, checksums and completes it; the
+next save, the end of the run and a signal exit wait for it. A resume takes the newest checkpoint whose
+files all match their CRCs (every rank reaches the same verdict), falling back loudly past corrupt ones.
+Never written: a state with non-finite parameters (the trainer also skips saves during a non-finite
+streak), or a save that would not fit on the disk. The run directory is locked (trainer/run_lock.py).
 """
 
 from __future__ import annotations
 
+import atexit
+import io
 import json
 import logging
 import os
 import random
+import re
 import shutil
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from jamba.config import ConfigError
+from trainer import checkpoint_integrity as integ
+from trainer.checkpoint_integrity import CheckpointDiskFull
 from trainer.config import CheckpointConfig
-from trainer.distributed import World, barrier, broadcast_object
+from trainer.data_fingerprint import describe_change
+from trainer.distributed import World, all_reduce_scalars, barrier, broadcast_object, is_dist
+from trainer.run_lock import RunLock
 
 log = logging.getLogger(__name__)
+# DCP says so on every single-process save (also from the background writer, where a local filter cannot
+# reach): saving in one process is the intent.
+warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
 
 MARKER = "COMPLETE"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+INVALID_PREFIX = "invalid-"
+_NAME = re.compile(r"^step_(\d+)$")  # anything else (step_12.bak, notes) is not a checkpoint
 EXIT_PREEMPTED = 75
 """Exit code after a signal-triggered checkpoint (EX_TEMPFAIL): the job should be requeued; re-running the
 same command resumes from the checkpoint just written. launch/slurm/train.sbatch requeues on it."""
@@ -59,87 +83,315 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _all_gather(obj: Any, group=None) -> List[Any]:
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _rank0_for_all(world: World, fn: Callable[[], None]) -> None:
+    """Run fn on rank 0; an error there is raised on every rank (no rank is left waiting in a collective)."""
+    err: Optional[BaseException] = None
+    if world.is_main:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every rank
+            err = e
+    verdict = broadcast_object(None if err is None else (isinstance(err, ConfigError), str(err)))
+    if err is not None:
+        raise err
+    if verdict is not None:
+        raise (ConfigError if verdict[0] else RuntimeError)(f"(from rank 0) {verdict[1]}")
+
+
+def _local_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> List[torch.Tensor]:
+    ts = [p for p in model.parameters()] + [b for b in model.buffers()]
+    for st in optimizer.state.values():
+        ts += [v for v in st.values() if isinstance(v, torch.Tensor)]
+    return [t.to_local() if hasattr(t, "to_local") else t for t in ts]
+
+
+@dataclass
+class _Save:
+    step: int
+    tmp: Path
+    final: Path
+    rank_blob: bytes
+    meta: Dict[str, Any]
+    need: int
+    started: float
+    staged_s: float = 0.0
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | os.PathLike, cfg: CheckpointConfig, world: World):
-        self.root = Path(run_dir) / "checkpoints"
-        self.cfg = cfg
-        self.world = world
-        if world.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(TMP_PREFIX + "*"):  # a save that crashed earlier
-                log.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
-                shutil.rmtree(stale, ignore_errors=True)
+    def __init__(self, run_dir: str | os.PathLike, cfg: CheckpointConfig, world: World,
+                 data_fingerprint: Optional[Dict[str, str]] = None, device_type: str = "cpu"):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.cfg, self.world = cfg, world
+        self.data_fingerprint = data_fingerprint
+        self.device_type = device_type
+        self.async_save = cfg.async_save if cfg.async_save is not None else device_type == "cuda"
+        self._lock = RunLock(self.run_dir)
+        self._pending: Optional[Future] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._stager = None
+        self._group = None  # the background writer's own gloo group: never interleaves with training's
+        self.last_save: Dict[str, float] = {}
+        _rank0_for_all(world, self._prepare_run_dir)
+        if self.async_save and is_dist():
+            self._group = dist.new_group(backend="gloo")
         barrier()
+
+    # ---- the run directory ---------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        """Rank 0: lock the run directory, refuse to mix two runs, remove saves that died mid-write."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
+        atexit.register(self._lock.release)
+        self.root.mkdir(parents=True, exist_ok=True)
+        earlier = [p.name for p in self.complete()]
+        metrics = self.run_dir / "metrics.jsonl"
+        has_metrics = metrics.is_file() and metrics.stat().st_size > 0
+        if (earlier or has_metrics) and self.cfg.overwrite:
+            self._move_earlier_run_aside(has_metrics)
+        elif (earlier or has_metrics) and not self.cfg.resume:
+            what = f"checkpoints up to {earlier[-1]}" if earlier else "a metrics.jsonl"
+            raise ConfigError(
+                f"checkpoint.resume=false but the run directory {self.run_dir} holds an earlier run ({what}): "
+                f"its checkpoints would not be replaced and metrics.jsonl would mix both runs. Use a new run "
+                f"directory (hydra.run.dir=... or name=...), or checkpoint.overwrite=true to move the earlier "
+                f"run to {self.run_dir}/previous-<time>/ and start afresh, or drop checkpoint.resume=false to resume")
+        # We hold the lock: every .tmp- directory is a save of a process that is gone.
+        for stale in self.root.glob(TMP_PREFIX + "*"):
+            log.warning("removing incomplete checkpoint %s (a save was interrupted)", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _move_earlier_run_aside(self, has_metrics: bool) -> None:
+        dest = self.run_dir / time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime())
+        dest.mkdir()
+        os.rename(self.root, dest / "checkpoints")
+        self.root.mkdir()
+        for name in ("metrics.jsonl", "wandb_id"):
+            if (self.run_dir / name).exists():
+                os.rename(self.run_dir / name, dest / name)
+        log.warning("checkpoint.overwrite=true: the earlier run's checkpoints and metrics moved to %s; "
+                    "starting afresh", dest)
+
+    def close(self) -> None:
+        """Wait for a background save, release the lock. Never raises (it runs in train.py's finally)."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 -- reported, the run is ending anyway
+            log.error("the last checkpoint could not be completed: %s", e)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        if self.world.is_main:
+            self._lock.release()
 
     # ---- discovery ----------------------------------------------------------------------------
     def complete(self) -> List[Path]:
-        """Complete checkpoints, oldest first."""
+        """Checkpoints with a COMPLETE marker (not yet verified), oldest first."""
         if not self.root.is_dir():
             return []
-        found = [p for p in self.root.iterdir()
-                 if p.is_dir() and p.name.startswith(PREFIX) and (p / MARKER).is_file()]
-        return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+        found = [(int(m.group(1)), p) for p in self.root.iterdir()
+                 if (m := _NAME.match(p.name)) and p.is_dir() and (p / MARKER).is_file()]
+        return [p for _, p in sorted(found)]
 
     def latest(self) -> Optional[Path]:
         ckpts = self.complete()
         return ckpts[-1] if ckpts else None
 
+    def verify(self, path: Path) -> List[str]:
+        """Collective: what is wrong with a checkpoint ([] = intact), the same answer on every rank. Rank 0
+        checks the structure and sizes; the CRC reads are split over the ranks."""
+        found = None
+        if self.world.is_main:
+            try:
+                problems, files, _ = integ.check_structure(path, self.world.world_size)
+            except OSError as e:
+                problems, files = [f"unreadable ({e})"], {}
+            found = (problems, files)
+        problems, files = broadcast_object(found)
+        if problems or not self.cfg.verify or not files:
+            return problems
+        names = sorted(files)[self.world.rank::self.world.world_size]
+        return [p for part in _all_gather(integ.verify_crcs(path, files, names)) for p in part]
+
+    def find_resumable(self) -> Optional[Path]:
+        """Collective: the newest intact checkpoint. Corrupt newer ones are named in the log and moved to
+        invalid-<name>/ (then a later save of the same step can be written); none intact is an error."""
+        names = broadcast_object([p.name for p in self.complete()] if self.world.is_main else None)
+        skipped: List[Tuple[str, List[str]]] = []
+        for name in reversed(names):
+            problems = self.verify(self.root / name)
+            if problems:
+                if self.world.is_main:
+                    log.error("checkpoint %s is corrupt, skipping it: %s", name, "; ".join(problems[:5]))
+                skipped.append((name, problems))
+                continue
+            if skipped and self.world.is_main:
+                for bad, _ in skipped:
+                    os.rename(self.root / bad, self.root / (INVALID_PREFIX + bad))
+                log.error("resuming from %s, the newest intact checkpoint; skipped (moved to %s*): %s", name,
+                          INVALID_PREFIX, ", ".join(f"{b} ({p[0]})" for b, p in skipped))
+            barrier()
+            return self.root / name
+        if skipped:
+            raise RuntimeError(
+                f"no intact checkpoint in {self.root}: "
+                + "; ".join(f"{b}: {', '.join(p[:3])}" for b, p in skipped)
+                + ". Move them away to start afresh (or pass checkpoint.overwrite=true)")
+        return None
+
     # ---- save ---------------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until the background save (if any) is complete; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: Dict[str, Any], data_state: Any) -> Path:
-        """Collective: every rank calls it. Returns the final directory."""
+             trainer_state: Dict[str, Any], data_state: Any) -> Optional[Path]:
+        """Collective: every rank calls it. Returns the final directory (complete once `wait()` returns),
+        or None when the state is not saved (non-finite parameters)."""
+        t0 = time.perf_counter()
+        self.wait()
+        if time.perf_counter() - t0 > 0.1:  # checkpoint.every is shorter than a background write
+            log.warning("checkpoint step %d: waited %.2f s for the previous checkpoint's background write",
+                        step, time.perf_counter() - t0)
+        t0 = time.perf_counter()
         name = f"{PREFIX}{step:09d}"
         final, tmp = self.root / name, self.root / (TMP_PREFIX + name)
-        if final.joinpath(MARKER).is_file():
-            return final
+        need = self._check_state_and_space(step, model, optimizer)
+        if need is None:
+            return None
         if self.world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
+        buf = io.BytesIO()
+        torch.save({"rank": self.world.rank, "world_size": self.world.world_size, "data": data_state,
+                    "rng": rng_state()}, buf)
+        meta = dict(trainer_state, world_size=self.world.world_size, data_fingerprint=self.data_fingerprint)
+        job = _Save(step, tmp, final, buf.getvalue(), meta, need, t0)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        rank_state = {"rank": self.world.rank, "world_size": self.world.world_size,
-                      "data": data_state, "rng": rng_state()}
-        rank_file = tmp / f"rank{self.world.rank:05d}.pt"
-        torch.save(rank_state, rank_file)
-        with open(rank_file, "rb+") as f:
-            os.fsync(f.fileno())
-        barrier()
-        if self.world.is_main:
-            meta = dict(trainer_state, world_size=self.world.world_size)
-            _write_file(tmp / "trainer.json", json.dumps(meta, indent=1).encode())
-            _write_file(tmp / MARKER, b"ok\n")
-            _fsync_dir(tmp)
-            if final.exists():  # an incomplete directory of the same name (should not happen)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            self._prune()
-        barrier()
-        log.info("saved checkpoint %s", final)
+        state = {"model": model_sd, "optim": optim_sd}
+        if not self.async_save:
+            try:
+                dcp.save(state, checkpoint_id=str(tmp))
+            except Exception as e:
+                raise self._failed(job, e) from e
+            self._finish(job, None)
+            return final
+        try:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._group,
+                                    async_stager=self._get_stager(), no_dist=not is_dist())
+        except Exception as e:
+            raise self._failed(job, e) from e
+        job.staged_s = time.perf_counter() - t0  # training resumes now
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = self._executor.submit(self._finish, job, future)
         return final
+
+    def _get_stager(self):
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = self.device_type == "cuda"
+            # Kept across saves: its (pinned) CPU buffers are reused; the previous write has ended by then.
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+        return self._stager
+
+    def _check_state_and_space(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                               ) -> Optional[int]:
+        """Collective. Bytes the checkpoint needs, None when a parameter is non-finite; raises when the disk
+        lacks the space. Estimate: the newest checkpoint's size, at least the state's bytes."""
+        tensors = _local_tensors(model, optimizer)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+        bad = int(torch.stack([~torch.isfinite(p).all() for p in params]).sum()) if params else 0
+        device = tensors[0].device if tensors else torch.device("cpu")
+        nbytes, bad = all_reduce_scalars(torch.tensor([nbytes, bad], dtype=torch.float64, device=device),
+                                         "sum").tolist()
+        if bad:
+            newest = self.latest()
+            log.error("step %d: %d parameter tensors are non-finite: no checkpoint saved (the newest one stays "
+                      "%s)", step, int(bad), newest or "none")
+            return None
+        verdict = None
+        if self.world.is_main:
+            newest = self.latest()
+            need = max(int(nbytes), integ.dir_bytes(newest) if newest else 0)
+            free = integ.free_bytes(self.root)
+            ok = free >= need * 1.05 + (16 << 20)
+            verdict = (ok, need, free, None if ok else integ.disk_full_message(
+                step, self.root, need, free, self.cfg.keep_last, newest, during=False))
+        ok, need, free, msg = broadcast_object(verdict)
+        if not ok:
+            raise CheckpointDiskFull(msg)
+        return need
+
+    def _failed(self, job: _Save, e: BaseException) -> BaseException:
+        """The error to raise for a failed save (the partial directory removed on rank 0)."""
+        if self.world.is_main:
+            shutil.rmtree(job.tmp, ignore_errors=True)
+        if integ.is_disk_full(e):
+            free = integ.free_bytes(self.root)
+            return CheckpointDiskFull(integ.disk_full_message(job.step, self.root, job.need, free,
+                                                              self.cfg.keep_last, self.latest(), during=True))
+        return RuntimeError(f"checkpoint step {job.step} failed: {type(e).__name__}: {e}")
+
+    def _finish(self, job: _Save, future: Optional[Future]) -> None:
+        """After DCP's write: the rank file, checksums, then (every rank done) MANIFEST, COMPLETE, rename.
+        In the background thread for async saves (collectives on the writer's own group)."""
+        group, err = self._group, None
+        t_write = time.perf_counter()
+        try:
+            if future is not None:
+                future.result()
+            integ.write_file(job.tmp / f"rank{self.world.rank:05d}.pt", job.rank_blob)
+            if self.world.is_main:
+                integ.write_file(job.tmp / "trainer.json", json.dumps(job.meta, indent=1).encode())
+            entries = integ.checksum(job.tmp, integ.files_of_rank(job.tmp, self.world.rank))
+        except Exception as e:  # noqa: BLE001 -- every rank learns of it below
+            err, entries = e, {}
+        results = _all_gather((entries, None if err is None else (integ.is_disk_full(err), repr(err))), group)
+        failures = [(r, f) for r, (_, f) in enumerate(results) if f is not None]
+        if failures:
+            rank, (full, text) = failures[0]
+            exc = err or (OSError(28, "No space left on device") if full else RuntimeError(f"rank {rank}: {text}"))
+            raise self._failed(job, exc)
+        if self.world.is_main:
+            manifest = integ.manifest_bytes({k: v for part, _ in results for k, v in part.items()})
+            integ.write_file(job.tmp / integ.MANIFEST, manifest)
+            integ.write_file(job.tmp / MARKER, integ.complete_marker(manifest))
+            integ.fsync_dir(job.tmp)
+            if job.final.exists():  # a checkpoint of this step from an abandoned history: replaced
+                log.warning("replacing the existing checkpoint %s", job.final)
+                shutil.rmtree(job.final)
+            os.rename(job.tmp, job.final)
+            integ.fsync_dir(self.root)
+            self._prune()
+        if is_dist():
+            dist.barrier(group=group)
+        done = time.perf_counter()
+        if future is not None:
+            self.last_save = {"step": job.step, "staged_s": job.staged_s, "written_s": done - t_write}
+            log.info("checkpoint step %d: staged in %.2f s, written in %.2f s in the background (%s)",
+                     job.step, job.staged_s, done - t_write, job.final)
+        else:
+            self.last_save = {"step": job.step, "staged_s": done - job.started, "written_s": 0.0}
+            log.info("checkpoint step %d: written in %.2f s, training waited (%s)", job.step,
+                     done - job.started, job.final)
 
     def _prune(self) -> None:
         ckpts = self.complete()
@@ -152,23 +404,34 @@ class CheckpointManager:
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
              ) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
         """Collective. Loads model and optimizer in place (resharding to the current layout as needed).
-        Returns (trainer_state, this rank's state or None when the data-parallel layout changed)."""
-        path = broadcast_object(str(path))
+        Returns (trainer_state, this rank's state). Refuses (ConfigError) when the data stream cannot
+        continue exactly, unless checkpoint.allow_data_change."""
+        path = Path(broadcast_object(str(path)))
+        trainer_state = json.loads((path / "trainer.json").read_text())
+        self._check_data(path, trainer_state)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        trainer_state = json.loads((Path(path) / "trainer.json").read_text())
         rank_state = None
-        rank_file = Path(path) / f"rank{self.world.rank:05d}.pt"
-        if trainer_state.get("world_size") == self.world.world_size and rank_file.is_file():
+        rank_file = path / f"rank{self.world.rank:05d}.pt"
+        if trainer_state.get("world_size") == self.world.world_size:
             rank_state = torch.load(rank_file, weights_only=False)
-        else:
-            log.warning("checkpoint %s was written by %s ranks, this run has %d: model and optimizer are "
-                        "resharded, but per-rank data-loader positions and RNG states cannot be mapped; "
-                        "the loaders start afresh", path, trainer_state.get("world_size"),
-                        self.world.world_size)
         log.info("resumed from %s (step %d)", path, trainer_state["step"])
         return trainer_state, rank_state
+
+    def _check_data(self, path: Path, trainer_state: Dict[str, Any]) -> None:
+        changes = []
+        saved_ws = trainer_state.get("world_size")
+        if saved_ws != self.world.world_size:
+            changes.append(f"ranks: {saved_ws} -> {self.world.world_size} (the per-rank loader positions and RNG "
+                           f"states cannot be mapped; the loaders would start over)")
+        saved_fp = trainer_state.get("data_fingerprint")
+        if saved_fp is not None and self.data_fingerprint is not None:
+            changes += describe_change(saved_fp, self.data_fingerprint)
+        if not changes:
+            return
+        if not self.cfg.allow_data_change:
+            raise ConfigError(f"resuming {path} would not continue its data stream: {'; '.join(changes)}. Pass "
+                              f"checkpoint.allow_data_change=true to resume anyway, or use another run directory")
+        log.warning("resuming %s with changed data (checkpoint.allow_data_change=true): %s", path, "; ".join(changes))

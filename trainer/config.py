@@ -148,7 +148,22 @@ class CheckpointConfig:
     """Keep the newest K complete checkpoints (older ones are deleted after a successful save)."""
     save_final: bool = True
     resume: bool = True
-    """Resume automatically from the newest complete checkpoint in the run directory."""
+    """Resume automatically from the newest complete, intact checkpoint in the run directory. false in a
+    run directory that already holds checkpoints or metrics is refused unless `overwrite` is true."""
+    overwrite: bool = False
+    """Start afresh in a run directory that holds an earlier run: its checkpoints/ and metrics.jsonl are moved
+    to <run dir>/previous-<UTC time>/ first (nothing is deleted). Implies no resume."""
+    allow_data_change: bool = False
+    """Resume although the data no longer matches the checkpoint's (another corpus, tokenizer, file list or
+    loader setting, or another number of ranks whose loader positions cannot be mapped): the data stream
+    then differs from the interrupted run's. Refused by default, naming what changed."""
+    async_save: Optional[bool] = None
+    """Write checkpoints in the background: the state is copied to CPU memory (pinned on CUDA), training
+    goes on while a thread writes it; COMPLETE comes only after every rank's write ended, and the next save
+    (or the end of the run) waits for it. null = on for CUDA, off on CPU."""
+    verify: bool = True
+    """Check every file of a checkpoint against its recorded CRC32 before loading it (a corrupt one is
+    skipped, loudly, for the newest intact one). Reads each file once."""
     signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """On these signals: finish the current step, save, exit with code 75 (EXIT_PREEMPTED; requeue)."""
 

@@ -135,8 +135,8 @@ class Trainer:
 
     # ---- resume -------------------------------------------------------------------------------
     def restore(self) -> bool:
-        """Load the newest complete checkpoint of the run directory, if any (and checkpoint.resume)."""
-        path = self.ckpt.latest() if self.cfg.checkpoint.resume else None
+        """Load the newest intact checkpoint of the run directory, if any (and checkpoint.resume)."""
+        path = self.ckpt.find_resumable() if self.cfg.checkpoint.resume else None
         if path is None:
             return False
         trainer_state, rank_state = self.ckpt.load(path, self.model, self.optimizer)
@@ -226,11 +226,14 @@ class Trainer:
                         self.state.nonfinite_in_a_row, self.state.skipped)
         self.optimizer.zero_grad(set_to_none=True)
         if self.state.nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
+            self.ckpt.wait()  # a background save completes (and prunes) before the newest is named
+            newest = self.ckpt.latest()  # never pruned for a non-finite state: saves skip those
             raise NonFiniteError(
                 f"{self.state.nonfinite_in_a_row} steps in a row (up to step {self.state.step}) had a non-finite "
                 f"loss or gradient (last loss {loss}, grad norm {grad_norm}); halting. Lower optim.lr, keep "
-                f"optim.grad_clip > 0, check the data, or resume from an earlier checkpoint in "
-                f"{self.ckpt.root}. (Limit: train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite})")
+                f"optim.grad_clip > 0 or check the data, then re-run: it resumes from "
+                f"{newest if newest else 'scratch (no checkpoint yet)'}. "
+                f"(Limit: train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite})")
         return {"loss": loss, "aux_loss": aux if getattr(out, "aux_loss", None) is not None else None,
                 "z_loss": z if getattr(out, "z_loss", None) is not None else None,
                 "grad_norm": grad_norm, "lr": lr, "finite": finite, "stop": stop_any, "expert_counts": counts}
@@ -270,7 +273,9 @@ class Trainer:
             return 0
         self.stop = StopSignal(cfg.checkpoint.signals)
         try:
-            return self._fit(max_steps)
+            code = self._fit(max_steps)
+            self.ckpt.wait()  # a background save must be complete before the run counts as done
+            return code
         finally:
             self.stop.restore()
 
@@ -315,4 +320,8 @@ class Trainer:
         return 0
 
     def save(self):
+        if self.state.nonfinite_in_a_row:  # the last step(s) diverged: keep the newest good checkpoint newest
+            log.error("step %d: no checkpoint during a non-finite streak (%d in a row); the newest stays %s",
+                      self.state.step, self.state.nonfinite_in_a_row, self.ckpt.latest())
+            return None
         return self.ckpt.save(self.state.step, self.model, self.optimizer, asdict(self.state), self.data_state())

@@ -91,7 +91,7 @@ def small_run_config(max_steps: int = 6, **train) -> RunConfig:
 
 
 def build_trainer(cfg: RunConfig, run_dir, world=None, dp_size: int = 1, model_seed: int = 0, grad_sync=None,
-                  model: nn.Module = None, on_batch=None):
+                  model: nn.Module = None, on_batch=None, data_fingerprint=None):
     """The loop wired to the stand-ins, as train.py wires it to the real pieces."""
     from trainer.checkpoint import CheckpointManager
     from trainer.curriculum import Curriculum
@@ -118,7 +118,7 @@ def build_trainer(cfg: RunConfig, run_dir, world=None, dp_size: int = 1, model_s
     def make_eval_loader(stage):
         return StandInLoader(stage.seq_len, stage.micro_batch_size, dp_rank=world.rank, seed=t.seed, split="val")
 
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint, world)
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint, world, data_fingerprint)
     trainer = Trainer(cfg, model, optimizer, curriculum, make_loader, make_eval_loader, ckpt, None, world,
                       torch.device("cpu"), dp_size, grad_sync=grad_sync)
     trainer.restore()
