@@ -1,0 +1,123 @@
+"""The memory and time planner (launch/plan*.py) against the measured points of launch/plan_points.jsonl.
+
+Tolerances: the issue asks for peak memory within 10% of every measured point; the fitted constants give
+at most 1.2% (python -m launch.plan --calibrate prints the table), so 10% leaves room for a new point to
+show a modelling gap without making this test the place where it is tuned. Tokens/s is held to the same 10%
+(the fit gives -2.9% to +3.5%). Pure arithmetic on configs: no model is built (except on the meta device
+by jamba.flops for parameter counts), nothing depends on the CPU's vector width.
+"""
+
+import json
+
+import pytest
+import torch
+
+from jamba.config import ConfigError, get_preset
+from jamba.flops import param_counts
+from launch import plan
+from launch.plan_layout import GPUS, Setup, layer_param_counts, scan_state_interval
+from launch.plan_memory import plan_memory
+from launch.plan_time import plan_time
+
+POINTS = plan.load_points()
+ROWS = {r["id"]: r for r in plan.point_errors(POINTS)}
+
+
+@pytest.mark.parametrize("point", [p for p in POINTS if p.peak_gib], ids=lambda p: p.id)
+def test_peak_memory_within_10_percent_of_measured(point):
+    r = ROWS[point.id]
+    assert abs(r["mem_err"]) <= 0.10, f"{point.id}: predicted {r['pred_gib']:.1f} GiB, measured {point.peak_gib}"
+
+
+@pytest.mark.parametrize("point", [p for p in POINTS if p.status == "oom" or not (p.peak_gib or p.tokens_per_s)],
+                         ids=lambda p: p.id)
+def test_fit_verdicts_match_measured_runs(point):
+    """An out-of-memory run must be predicted not to fit; a run that trained (no peak recorded) to fit."""
+    mem = plan_memory(point.setup)
+    assert mem.fits(point.setup) == (point.status == "ok"), (point.id, mem.peak_gib)
+
+
+@pytest.mark.parametrize("point", [p for p in POINTS if p.tokens_per_s], ids=lambda p: p.id)
+def test_tokens_per_s_within_10_percent_of_measured(point):
+    r = ROWS[point.id]
+    assert abs(r["tps_err"]) <= 0.10, f"{point.id}: predicted {r['pred_tps']:,.0f}, measured {point.tokens_per_s}"
+
+
+def test_points_file_covers_the_issue_points():
+    ids = {p.id for p in POINTS}
+    assert {"bench-4096x4", "bench-16384x1", "bench-65536x1-ac", "bench-max-393216", "bench-oom-458752",
+            "bench-327680", "bench-327680-eager", "train-h200-4096x4"} <= ids
+    assert all(p.source for p in POINTS)
+
+
+def test_a_measured_point_is_one_line(tmp_path):
+    """The lead's 2-GPU cp=2 run becomes one line; layout keys and the GPU's ceiling are read."""
+    line = {"id": "cp2-1m", "model": "bench-3b", "set": {"activation_checkpointing": ["all"], "moe_token_chunk": 65536},
+            "seq": 1048576, "cp": 2, "weights": "fp32-master", "gpu": "h200", "matmul_tflops": 700.0,
+            "peak_gib": 100.0, "tokens_per_s": 9000, "source": "test"}
+    f = tmp_path / "points.jsonl"
+    f.write_text(json.dumps(line) + "\n")
+    (p,) = plan.load_points(f)
+    assert (p.setup.cp, p.setup.world, p.setup.tokens_per_rank, p.setup.gpu.matmul_tflops) == (2, 2, 524288, 700.0)
+    (row,) = plan.point_errors([p])
+    assert "mem_err" in row and "tps_err" in row
+    f.write_text(json.dumps({**line, "seq": 1048575}) + "\n")
+    with pytest.raises(ConfigError, match="line 1.*divisible by parallel.cp=2"):
+        plan.load_points(f)
+
+
+@pytest.mark.parametrize("name", ["tiny", "bench-3b", "jamba-v0.1"])
+def test_parameter_counts_from_the_config_equal_the_model(name):
+    cfg = get_preset(name)
+    top, layers = layer_param_counts(cfg)
+    assert sum(d + e for d, e in layers) + sum(top.values()) == param_counts(cfg)["total"]
+    assert sum(e for _, e in layers) == param_counts(cfg)["experts"]
+
+
+@pytest.mark.parametrize("shape", [(1, 4096, 16384), (4, 4096, 4096), (1, 4096, 65536), (1, 4096, 65552),
+                                   (1, 2048, 524288), (2, 1024, 393216)])
+def test_scan_state_interval_is_the_kernels_rule(shape, monkeypatch):
+    from jamba.ops.selective_scan_cuda import state_interval
+
+    monkeypatch.delenv("JAMBA_SCAN_STATE_EVERY", raising=False)
+    assert scan_state_interval(*shape) == state_interval(torch.empty(shape, device="meta"))
+
+
+def _bench_1m(cp, **kw):
+    m = get_preset("bench-3b", activation_checkpointing=["all"], moe_token_chunk=65536)
+    return Setup(m, seq_len=1 << 20, cp=cp, gpu=GPUS["h200"], **kw)
+
+
+def test_context_parallelism_divides_activations_and_costs_all_to_alls():
+    one, two, four, eight = (plan_memory(_bench_1m(cp)) for cp in (1, 2, 4, 8))
+    act = [p.parts["activations"] for p in (two, four, eight)]  # (one rank has no FSDP and an fp32 stream)
+    # about halved per doubling; less where a fixed-size MoE chunk (65,536 tokens) is a larger share of the peak
+    assert 1.95 < act[0] / act[1] < 2.05 and 1.7 < act[1] / act[2] < 2.0
+    assert not one.fits(_bench_1m(1)) and two.fits(_bench_1m(2))  # 1M tokens need cp >= 2 on H200s (DESIGN)
+    t1, t2 = plan_time(_bench_1m(1)), plan_time(_bench_1m(2))
+    assert t1.parts["cp all-to-all"] == 0 < t2.parts["cp all-to-all"]
+    # per GPU, cp=2 does half the work in about half the time: within the all-to-all share
+    assert t2.tokens_per_s_per_gpu == pytest.approx(t1.tokens_per_s_per_gpu, rel=0.1)
+
+
+def test_layout_errors_name_the_value_and_the_fix():
+    m = get_preset("bench-3b")
+    with pytest.raises(ConfigError, match="seq_len=1000 is not divisible by parallel.cp=3"):
+        Setup(m, seq_len=1000, cp=3)
+    with pytest.raises(ConfigError, match="parallel.ep=3 must divide"):
+        Setup(m, seq_len=4096, dp_shard=3, ep=3)
+    with pytest.raises(ConfigError, match="mamba1"):
+        Setup(get_preset("tiny", mamba_mixer="mamba2", mamba2_head_dim=16), seq_len=64)
+
+
+def test_cli_composes_the_hydra_config_and_searches_cp(capsys):
+    """The brief's example: bench-3b at 1M tokens on 2 H200s. One plan (cp=2 fits), and the search over cp,
+    which must land on cp=2 (cp=1 cannot hold 1M tokens, DESIGN's measured limit is 655,360)."""
+    common = ["experiment=bench_3b", "model.activation_checkpointing=[all]", "model.moe_token_chunk=65536",
+              "--seq", "1048576", "--gpus", "2", "--gpu", "h200", "--json"]
+    assert plan.main(["parallel.cp=2", *common]) == 0
+    (res,) = json.loads(capsys.readouterr().out)
+    assert res["cp"] == 2 and res["fits"] and 0 < res["tokens_per_s"]
+    assert plan.main([*common, "--search"]) == 0
+    (res,) = json.loads(capsys.readouterr().out)
+    assert res["cp"] == 2 and res["fits"]
