@@ -11,8 +11,8 @@ Positional arguments are Hydra overrides (as for train.py); the options choose w
 say: the sequence (default: the curriculum's longest stage), the GPU count and kind, and `--weights`:
 fp32-master (train.py) or bf16 (launch.bench: bf16 weights and AdamW states, one GPU).
 
-`--search` tries cp = 1, 2, 4, ... (the GPU count fixed: dp_shard shrinks as cp grows) with activation
-checkpointing as configured, then on every layer ("all"), then "all" with token-chunked MoE layers
+`--search` tries cp = 1, 2, 4, ... (the GPU count fixed: dp_shard shrinks as cp grows) with no activation
+checkpointing, with it as configured, on every layer ("all"), and "all" with token-chunked MoE layers
 (65,536 tokens per chunk unless the config sets one), and reports, per stage, the smallest cp at which the
 stage fits and the fastest setting there.
 
@@ -190,6 +190,8 @@ def resolve_layout(par, gpus: Optional[int], cp: Optional[int] = None) -> Dict[s
 
 def make_setup(cfg, seq_len: int, micro_batch: int, gpus: Optional[int], gpu, weights: str, compiled: bool,
                model: Optional[JambaConfig] = None, cp: Optional[int] = None) -> Setup:
+    """The Setup of one stage; gradient accumulation from train.global_batch_tokens (at least 1: a global batch
+    smaller than one micro-batch per data-parallel rank is reported by `describe`, train.py rejects it)."""
     model = model or cfg.model
     lay = resolve_layout(cfg.parallel, gpus, cp)
     dp = lay["dp_replicate"] * lay["dp_shard"]
@@ -207,7 +209,7 @@ def ac_label(m: JambaConfig) -> str:
     return ac + (f", MoE chunks of {m.moe_token_chunk:,}" if m.moe_token_chunk else "")
 
 
-def describe(s: Setup, mem: MemoryPlan, t: TimePlan) -> str:
+def describe(s: Setup, mem: MemoryPlan, t: TimePlan, global_batch_tokens: Optional[int] = None) -> str:
     m = s.model
     top, layers = layer_param_counts(m)
     total = sum(d + e for d, e in layers) + top["embedding"] + top["lm_head"] + top["final_norm"]
@@ -222,6 +224,11 @@ def describe(s: Setup, mem: MemoryPlan, t: TimePlan) -> str:
         f"step {t.step_s:.2f} s per micro-batch, communication {100 * t.comm_share:.0f}% of it",
         "    " + ", ".join(f"{k} {v:.3f} s" for k, v in t.parts.items() if v >= 5e-4),
     ]
+    per_step = s.dp * s.micro_batch * s.seq_len
+    if global_batch_tokens and global_batch_tokens < per_step:
+        lines.append(f"  note: train.global_batch_tokens={global_batch_tokens:,} is less than one micro-batch per "
+                     f"data-parallel rank ({s.dp} x {s.micro_batch} x {s.seq_len:,} = {per_step:,}); train.py "
+                     "rejects that: raise it, or use fewer data-parallel ranks (more cp, tp or fewer GPUs)")
     if s.grad_accum > 1 and s.fsdp:
         lines.append("  note: with gradient accumulation FSDP2 keeps unsharded fp32 gradients between micro-batches "
                      "(counted above)")
@@ -229,8 +236,8 @@ def describe(s: Setup, mem: MemoryPlan, t: TimePlan) -> str:
 
 
 def ac_options(m: JambaConfig) -> List[JambaConfig]:
-    """As configured, then AC on every layer, then AC all with token-chunked MoE (distinct ones only)."""
-    opts = [m, m.replace(activation_checkpointing=["all"]),
+    """No AC, as configured, AC on every layer, AC on every layer with token-chunked MoE (distinct ones only)."""
+    opts = [m.replace(activation_checkpointing=[], moe_token_chunk=None), m, m.replace(activation_checkpointing=["all"]),
             m.replace(activation_checkpointing=["all"], moe_token_chunk=m.moe_token_chunk or DEFAULT_CHUNK)]
     seen, out = set(), []
     for o in opts:
@@ -275,6 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--matmul-tflops", type=float, help="measured bf16 matmul ceiling, overriding --gpu's")
     ap.add_argument("--link-gbs", type=float, help="intra-node bus bandwidth per GPU, GB/s (default 350)")
     ap.add_argument("--inter-node-gbs", type=float, help="inter-node bandwidth per GPU, GB/s (default 45)")
+    ap.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 8): groups beyond it use --inter-node-gbs")
     ap.add_argument("--weights", choices=("fp32-master", "bf16"), default="fp32-master",
                     help="fp32-master: train.py; bf16: launch.bench (bf16 weights and AdamW states)")
     ap.add_argument("--eager", action="store_true", help="train.compile=false (more saved activations)")
@@ -296,7 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = compose(args.overrides)
     gpu = GPUS[args.gpu]
     changes = {k: v for k, v in (("mem_gib", args.gpu_mem), ("matmul_tflops", args.matmul_tflops),
-                                 ("link_gbs", args.link_gbs), ("inter_node_gbs", args.inter_node_gbs)) if v}
+                                 ("link_gbs", args.link_gbs), ("inter_node_gbs", args.inter_node_gbs),
+                                 ("gpus_per_node", args.gpus_per_node)) if v}
     gpu = replace(gpu, **changes)
     compiled = not args.eager and cfg.train.compile is not False
     stages = [(st.seq_len, st.micro_batch_size) for st in cfg.curriculum.stages]
@@ -318,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           f"{'fits' if mem.fits(s) else 'no  '}  {t.tokens_per_s_per_gpu:9,.0f} tokens/s/GPU")
                 if best:
                     print(f"   smallest cp that fits: cp={best[0].cp} with AC {ac_label(best[0].model)}")
-                    print(describe(*best))
+                    print(describe(*best, cfg.train.global_batch_tokens))
                 else:
                     print("   nothing tried fits: add GPUs (--gpus), tp or ep, or a shorter sequence")
             results.append({"seq": seq, "micro_batch": mb, "fits": best is not None,
@@ -330,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             s = make_setup(cfg, seq, mb, args.gpus, gpu, args.weights, compiled)
             mem, t = _plan_memory(s), _plan_time(s)
             if not args.json:
-                print(describe(s, mem, t))
+                print(describe(s, mem, t, cfg.train.global_batch_tokens))
             results.append({"seq": seq, "micro_batch": mb, "cp": s.cp, "fits": mem.fits(s),
                             "peak_gib": mem.peak_gib, "where": mem.where, "memory_gib": mem.parts,
                             "tokens_per_s": t.tokens_per_s, "tokens_per_s_per_gpu": t.tokens_per_s_per_gpu,
