@@ -68,11 +68,13 @@ class MemoryPlan:
     where: str
     parts: Dict[str, float] = field(default_factory=dict)  # GiB at the peak, by kind
 
-    def fits(self, setup: Setup) -> bool:
-        return self.peak_gib <= usable_gib(setup)
+    def fits(self, setup: Setup, margin: float = 0.0) -> bool:
+        """Whether the peak fits the GPU, keeping a `margin` fraction of the usable memory free."""
+        return self.peak_gib <= usable_gib(setup) * (1 - margin)
 
 
 def usable_gib(setup: Setup) -> float:
+    """The GPU's memory less what lives outside PyTorch's allocator (RESERVE_GIB / RESERVE_MULTI_GIB)."""
     return setup.gpu.mem_gib - (RESERVE_MULTI_GIB if setup.world > 1 else RESERVE_GIB)
 
 
