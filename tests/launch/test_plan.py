@@ -121,3 +121,23 @@ def test_cli_composes_the_hydra_config_and_searches_cp(capsys):
     assert plan.main([*common, "--search"]) == 0
     (res,) = json.loads(capsys.readouterr().out)
     assert res["cp"] == 2 and res["fits"]
+
+
+@pytest.mark.parametrize("gpus,gpu,cp,row", [
+    (8, "h200", 8, "| 8 x H200 | none | {peak:.0f} at `cp=8` |"),
+    (16, "h200", 8, "| 16 x H200 | `cp=8`, dp_shard=2 | {peak:.0f} | {tps:,.0f} ({tpg:,.0f}) | {mfu:.0f}% |"),
+    (64, "h100", 16, "| 64 x H100 80GB | `cp=16`, dp_shard=4 | {peak:.0f} | {tps:,.0f} ({tpg:,.0f}) | {mfu:.0f}% |"),
+    (64, "h200", 8, "| 64 x H200 | `cp=8`, dp_shard=8 | {peak:.0f} | {tps:,.0f} ({tpg:,.0f}) | {mfu:.0f}% |"),
+])
+def test_readme_jamba_predictions_are_the_planners(gpus, gpu, cp, row):
+    """The README's jamba-v0.1 1M-token table is what the planner says (tokens/s rounded to hundreds there)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    m = get_preset("jamba-v0.1", activation_checkpointing=["all"], moe_token_chunk=65536)
+    s = Setup(m, seq_len=1 << 20, dp_shard=gpus // cp, cp=cp, ep=8, gpu=GPUS[gpu])
+    mem, t = plan_memory(s), plan_time(s)
+    text = row.format(peak=mem.peak_gib, tps=round(t.tokens_per_s, -2), tpg=t.tokens_per_s_per_gpu,
+                      mfu=100 * t.mfu)
+    assert text in readme, text
+    assert mem.fits(s, 0.05) == (gpus > 8)
