@@ -217,7 +217,8 @@ def describe(s: Setup, mem: MemoryPlan, t: TimePlan, global_batch_tokens: Option
     lines = [
         f"{s.seq_len:,} tokens x {s.micro_batch} on {s.world} x {s.gpu.name}: dp_replicate={s.dp_replicate} "
         f"dp_shard={s.dp_shard} cp={s.cp} tp={s.tp} ep={s.ep}; AC {ac_label(m)}; weights {s.weights}; "
-        f"grad accumulation {s.grad_accum}; model {total / 1e9:.2f}B parameters",
+        f"grad accumulation {s.grad_accum}; model "
+        + (f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.1f}M") + " parameters",
         f"  peak memory per GPU: {mem.peak_gib:.1f} GiB of {usable_gib(s):.1f} usable -> "
         f"{'fits' if mem.fits(s, margin) else 'DOES NOT FIT'} with a {100 * margin:.0f}% margin (peak at {mem.where})",
         "    " + ", ".join(f"{k} {v:.1f}" for k, v in mem.parts.items() if abs(v) >= 0.05),
@@ -225,6 +226,7 @@ def describe(s: Setup, mem: MemoryPlan, t: TimePlan, global_batch_tokens: Option
         f"step {t.step_s:.2f} s per micro-batch, communication {100 * t.comm_share:.0f}% of it",
         "    " + ", ".join(f"{k} {v:.3f} s" for k, v in t.parts.items() if v >= 5e-4),
     ]
+    lines = [line for line in lines if line.strip()]
     per_step = s.dp * s.micro_batch * s.seq_len
     if global_batch_tokens and global_batch_tokens < per_step:
         lines.append(f"  note: train.global_batch_tokens={global_batch_tokens:,} is less than one micro-batch per "

@@ -141,3 +141,20 @@ def test_readme_jamba_predictions_are_the_planners(gpus, gpu, cp, row):
                       mfu=100 * t.mfu)
     assert text in readme, text
     assert mem.fits(s, 0.05) == (gpus > 8)
+
+
+@pytest.mark.parametrize("name,seq", [("bench-3b", 16384), ("jamba-v0.1", 4096)])
+def test_gemm_and_attention_work_is_jamba_flops(name, seq):
+    """Without recomputation the planner's GEMM + attention FLOPs are jamba.flops' training FLOPs (less the scan
+    and conv terms, priced by time instead): the time model and MFU count the same work."""
+    from jamba.flops import flops_per_token
+    from launch import plan_time as pt
+
+    s = Setup(get_preset(name), seq_len=seq, weights="bf16")
+    t = plan_time(s)
+    ceiling = s.gpu.matmul_tflops * 1e12
+    work = (t.parts["gemm"] + t.parts["attention"] * pt.ATTN_EFF) / pt.STEP_OVERHEAD * ceiling / seq
+    m = s.model
+    scan_conv = 3 * sum(sp.mixer == "mamba" for sp in m.layer_specs()) * (
+        9 * m.d_inner * m.mamba_d_state + 2 * m.d_inner * m.mamba_d_conv)
+    assert work == pytest.approx(flops_per_token(m, seq) - scan_conv, rel=2e-3)
