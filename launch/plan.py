@@ -64,7 +64,12 @@ _LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp", "ep", "cp", "sequence_parallel
 def load_points(path: Path = POINTS) -> List[Point]:
     """One JSON object per line: id, model (a preset), set (model field overrides), seq, micro_batch, weights,
     gpu (h100 | h200), optional matmul_tflops (the ceiling measured in that run), compiled, first_step, the
-    layout degrees, and the measurement: peak_gib, tokens_per_s, status ("ok" | "oom"), source."""
+    layout degrees, and the measurement: peak_gib, tokens_per_s, status ("ok" | "oom"), source. E.g. a 2-GPU
+    train.py run with cp=2 (world = dp_replicate x dp_shard x cp x tp; weights fp32-master is train.py):
+
+        {"id": "train-cp2-1m", "model": "bench-3b", "set": {"activation_checkpointing": ["all"],
+         "moe_token_chunk": 65536}, "seq": 1048576, "cp": 2, "weights": "fp32-master", "gpu": "h200",
+         "peak_gib": ..., "tokens_per_s": ..., "source": "the command that measured it"}   (on one line)"""
     points = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
