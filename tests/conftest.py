@@ -14,6 +14,6 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (run with -m gpu on the GPU machine)")
-    for item in items:
-        if "gpu" in item.keywords:
+    for item in items:  # the marker, not item.keywords: those also hold directory names (tests/gpu/)
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
