@@ -1,0 +1,348 @@
+"""train.py on 2 ranks as a user runs it (torchrun --standalone --nproc_per_node 2), per parallel layout:
+training, validation on a split that gives the ranks unequal batch counts, scheduled checkpoints, a kill -9
+of one rank under --max-restarts 1, SIGTERM to torchrun, and a resume with the same command; every phase
+within a time limit, the resumed run continuing the uninterrupted one.
+
+One scenario per (device, layout), three launches plus torchrun's restart:
+
+1. reference: uninterrupted, STEPS steps, validation and a checkpoint every EVERY steps;
+2. the same command with --max-restarts 1: after the first checkpoint one rank gets SIGKILL; torchrun restarts
+   the workers, which resume from the newest checkpoint (a step is logged twice); then torchrun gets SIGTERM
+   (as from a scheduler): the workers finish the step, checkpoint, exit 75;
+3. the same command again: resumes from that checkpoint and finishes.
+
+Checked against the reference: every step is logged with the same tokens and losses (all attempts of a redone
+step), the same validation losses, and the final checkpoint holds the same step, tokens and data-loader
+position on every rank. On CPU (gloo, fp32) losses must be equal bit for bit. On GPU (NCCL, bf16 autocast)
+the order of floating-point reductions is not fixed (NCCL reduce-scatter, the scan backward's atomics), so
+losses may differ by bf16 rounding: they must agree within GPU_LOSS_RTOL, four bf16 ulps (2^-8 relative
+each); a wrong data position or a lost optimizer state moves them by far more. The largest deviations are
+printed (run with -s) to judge the noise.
+
+    python -m pytest -q tests/gpu/test_train_multi_gpu.py -k cpu          # CPU variant (slow, part of the suite)
+    source .gpu/env.sh && python3 -m pytest -m gpu -s tests/gpu/test_train_multi_gpu.py   # 2 GPUs, kernels
+
+Validation split: a JSONL file of three documents; with two readers the first reader keeps documents 0 and 2
+and the second document 1 (data/sources.py deals documents j % readers), sized so that data-parallel rank 0
+has 3 validation batches and rank 1 has 1 (train.eval_batches is larger): ranks whose loop runs out at
+different points must still run the same collectives (the first 2-GPU runs deadlocked exactly there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+
+from tests.launch.test_e2e_train import clean_env, complete_checkpoints, finish, output, reap, start  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_LOSS_RTOL = 4 * 2.0 ** -8  # bf16 noise on GPU (see the module docstring); CPU compares exactly
+VAL_BATCHES = (3, 1)  # validation batches of data-parallel ranks 0 and 1
+EVAL_BATCHES = 5  # > max(VAL_BATCHES): every rank's validation loader runs out
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one device runs: the model, the batch shape, the step counts and the time budget."""
+
+    device: str
+    overrides: Tuple[str, ...]
+    seq_len: int
+    micro_batch: int
+    steps: int
+    every: int  # validation and checkpoint period
+    budget_s: float  # the whole scenario (all launches)
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+# CPU: the tiny model (fp32, gloo); the same scenario as CI runs it.
+CPU = Profile("cpu", ("model=tiny", "train.device=cpu", "train.num_threads=1"), seq_len=64, micro_batch=2,
+              steps=12, every=4, budget_s=300, env={"OMP_NUM_THREADS": "1"})
+# GPU: bench-3b's layer kinds at a small size (hidden 512, 8 experts top-2, 8/4 heads; 4 layers: Mamba, Mamba+MoE,
+# attention, Mamba+MoE), bf16 autocast. 40 steps of 4096 tokens: a step takes tens of milliseconds, so the
+# signals need that many steps to land mid-run.
+GPU = Profile("cuda", ("model=small", "model.num_hidden_layers=4", "model.attn_layer_period=4",
+                       "model.attn_layer_offset=2", "model.vocab_size=2048", "train.device=cuda"),
+              seq_len=512, micro_batch=4, steps=40, every=10, budget_s=300)
+
+# layout -> (parallel overrides, data-parallel size on 2 ranks, rank to SIGKILL)
+LAYOUTS = {
+    "fsdp": (("parallel=fsdp",), 2, 1),
+    "hsdp": (("parallel=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=1"), 2, 0),
+    "tp": (("parallel=tp",), 1, 1),
+    "ep": (("parallel=ep",), 2, 0),
+}
+
+
+def _cases():
+    cases = []
+    for name in ("fsdp", "ep"):  # CPU: the two layouts the first GPU runs hung in, to keep CI short
+        cases.append(pytest.param(CPU, name, False, marks=_marks(CPU, False), id=f"cpu-{name}"))
+    for name in LAYOUTS:
+        cases.append(pytest.param(GPU, name, False, marks=_marks(GPU, False), id=f"cuda-{name}"))
+    cases.append(pytest.param(GPU, "ep", True, marks=_marks(GPU, True), id="cuda-ep-compiled"))
+    return cases
+
+
+def _marks(prof: Profile, compiled: bool) -> list:
+    marks = [pytest.mark.slow, pytest.mark.timeout(int(budget(prof, compiled)) + 60)]
+    return marks + ([pytest.mark.gpu] if prof.device == "cuda" else [])
+
+
+def budget(prof: Profile, compiled: bool) -> float:
+    """Seconds for the whole scenario; compiling (each launch compiles again) doubles it."""
+    return prof.budget_s * (2 if compiled else 1)
+
+
+# ---- metrics and checkpoints ------------------------------------------------------------------------
+def records(run_dir: Path) -> List[dict]:
+    """metrics.jsonl in file order; a line torn by a SIGKILLed rank 0 is skipped."""
+    path = run_dir / "metrics.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def by_step(recs: List[dict], key: str) -> Dict[int, List[dict]]:
+    """step -> the records carrying `key` (training: loss; validation: val_loss), every attempt in order."""
+    out: Dict[int, List[dict]] = {}
+    for r in recs:
+        if key in r:
+            out.setdefault(r["step"], []).append(r)
+    return out
+
+
+def last_step(run_dir: Path) -> int:
+    return max(by_step(records(run_dir), "loss"), default=0)
+
+
+def redone_steps(run_dir: Path) -> List[int]:
+    return sorted(s for s, rs in by_step(records(run_dir), "loss").items() if len(rs) > 1)
+
+
+def rank_states(ckpt: Path) -> Dict[str, dict]:
+    """Per-rank files of a checkpoint: file name -> its data-loader state (position in the corpus)."""
+    files = sorted(ckpt.glob("rank*.pt"))
+    assert files, f"no per-rank state in {ckpt}: {sorted(p.name for p in ckpt.iterdir())}"
+    return {p.name: torch.load(p, weights_only=False)["data"] for p in files}
+
+
+# ---- the validation split ---------------------------------------------------------------------------
+def validation_file(path: Path, seq_len: int, micro_batch: int) -> Path:
+    """Three documents such that reader 0 (documents 0 and 2) packs VAL_BATCHES[0] batches and reader 1
+    (document 1) VAL_BATCHES[1]. Rows are windows of seq_len + 1 tokens with a stride of seq_len, and a partial
+    last batch is dropped (data/stream.py), so n tokens give (n - 1) // seq_len rows: each reader gets half a
+    batch more than its count, a margin for the few tokens that re-encoding decoded text can change."""
+    from data import load_tokenizer
+    from data.config import DataConfig
+
+    tok = load_tokenizer(DataConfig())  # train.py's default tokenizer (cached; trained on first use)
+    source = Path(argparse.__file__).read_text() + Path(pathlib.__file__).read_text()  # any text will do
+    ids = tok.encode(source)
+    batch = seq_len * micro_batch
+
+    def doc(tokens: int, offset: int) -> str:
+        assert offset + tokens <= len(ids), "not enough source text for the validation documents"
+        return tok.decode(ids[offset:offset + tokens])
+
+    # tokens (eos included) for n batches and a half: the middle of the range that packs n batches
+    total = [int((n + 0.5) * micro_batch * seq_len) + 1 for n in VAL_BATCHES]
+    half = (total[0] - 2) // 2  # reader 0's text over two documents, two eos
+    docs = [doc(half, 0), doc(total[1] - 1, half), doc(total[0] - 2 - half, half + total[1])]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for reader, want in ((0, VAL_BATCHES[0]), (1, VAL_BATCHES[1])):
+        n = sum(len(tok.encode(d)) + 1 for d in docs[reader::2])  # + eos per document
+        assert ((n - 1) // seq_len) // micro_batch == want, (reader, n, want)
+    return path
+
+
+# ---- one scenario -----------------------------------------------------------------------------------
+class Scenario:
+    """Launches of one (device, layout) case; every wait counts against one deadline."""
+
+    def __init__(self, tmp_path: Path, prof: Profile, layout: str, compiled: bool):
+        self.tmp, self.prof, self.layout = tmp_path, prof, layout
+        self.budget = budget(prof, compiled)
+        self.deadline = time.monotonic() + self.budget
+        parallel, self.dp, self.victim = LAYOUTS[layout]
+        val = validation_file(tmp_path / "val.jsonl", prof.seq_len, prof.micro_batch)
+        self.tokens = prof.seq_len * prof.micro_batch * 2  # per step: 2 data-parallel ranks (tp: 2 accumulations)
+        self.train_args = [
+            *prof.overrides, *parallel, f"train.compile={str(compiled).lower()}",
+            f"train.max_steps={prof.steps}", f"train.global_batch_tokens={self.tokens}", "optim.warmup_steps=2",
+            f"curriculum.stages=[{{seq_len: {prof.seq_len}, micro_batch_size: {prof.micro_batch}}}]",
+            f"train.eval_every={prof.every}", f"train.eval_batches={EVAL_BATCHES}",
+            f"data.validation_sources=[{{path: '{val}'}}]",
+            f"checkpoint.every={prof.every}", "checkpoint.keep_last=100",
+            "logging.log_every=1", "logging.progress_bar=false", "logging.wandb.mode=disabled"]
+        # torchrun gives signalled workers this long to checkpoint before SIGKILL (launch/torchrun.py sets it
+        # on torch versions without --shutdown-timeout); after a kill -9 the survivors, blocked in a
+        # collective with the dead rank, wait it out unless they fail first.
+        self.env = clean_env(HYDRA_FULL_ERROR="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="15",
+                             **prof.env)
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"{self.prof.device}-{self.layout}: the scenario ran past its {self.budget:.0f} s budget")
+        return left
+
+    def cmd(self, run_dir: Path, max_restarts: int = 0) -> List[str]:
+        return [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2",
+                f"--max-restarts={max_restarts}", "train.py", f"hydra.run.dir='{run_dir}'", *self.train_args]
+
+    def launch(self, run_dir: Path, log: str, max_restarts: int = 0):
+        return start(self.cmd(run_dir, max_restarts), self.tmp / log, env=self.env, cwd=ROOT)
+
+    def wait(self, predicate, proc, what: str) -> None:
+        """Poll until predicate(); fail if the run exits first or the budget runs out (a hang)."""
+        while not predicate():
+            if proc.poll() is not None:
+                pytest.fail(f"torchrun exited ({proc.returncode}) before {what}:\n{output(proc)[-6000:]}")
+            if time.monotonic() > self.deadline:
+                proc.kill()
+                pytest.fail(f"no {what} within the {self.budget:.0f} s budget (a hang?):\n"
+                            f"{output(proc)[-6000:]}")
+            time.sleep(0.02)
+
+    def finish(self, proc) -> str:
+        return finish(proc, timeout=self.left())
+
+
+def worker_pid(agent_pid: int, rank: int) -> int:
+    """The worker process torchrun started for global `rank` (its children, by RANK in their environment)."""
+    for child in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no worker with RANK={rank} under torchrun (pid {agent_pid})")
+
+
+def close(a: float, b: float, exact: bool) -> bool:
+    return a == b if exact else abs(a - b) <= GPU_LOSS_RTOL * max(1.0, abs(b))
+
+
+def skip_without_gpus(prof: Profile) -> None:
+    if prof.device != "cuda":
+        return
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
+    from jamba.ops.kernels import kernels_available
+
+    if not all(kernels_available()[k] for k in ("selective_scan", "causal_conv1d")):
+        pytest.skip(f"needs the mamba-ssm / causal-conv1d kernels (source .gpu/env.sh): {kernels_available()}")
+
+
+def reference_run(sc: Scenario) -> Dict[str, Dict[int, List[dict]]]:
+    """Phase 1: uninterrupted. It trains, validates at every `every` steps (ranks with 3 and 1 batches) and
+    saves a checkpoint there. Returns its training and validation records by step."""
+    steps, every = sc.prof.steps, sc.prof.every
+    ref_dir = sc.tmp / "ref"
+    proc = sc.launch(ref_dir, "ref.log")
+    out = sc.finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    recs = records(ref_dir)
+    train, val = by_step(recs, "loss"), by_step(recs, "val_loss")
+    assert sorted(train) == list(range(1, steps + 1)) and all(len(v) == 1 for v in train.values())
+    assert [r[0]["tokens"] for r in train.values()] == [s * sc.tokens for s in range(1, steps + 1)]
+    for (r,) in train.values():
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
+    assert train[steps][0]["loss"] < train[1][0]["loss"] - 0.1, "the reference does not train"
+    assert sorted(val) == list(range(every, steps + 1, every)), f"validation steps: {sorted(val)}"
+    assert all(math.isfinite(v[0]["val_loss"]) for v in val.values()), val
+    assert complete_checkpoints(ref_dir) == list(range(every, steps + 1, every))
+    return {"train": train, "val": val}
+
+
+def kill_restart_then_sigterm(sc: Scenario, run_dir: Path) -> dict:
+    """Phase 2: under --max-restarts 1, SIGKILL one rank after the first checkpoint; torchrun restarts the
+    workers, which resume from the newest checkpoint (a step shows up twice in metrics.jsonl); then SIGTERM to
+    torchrun: the workers finish the step, checkpoint and exit 75, torchrun exits non-zero."""
+    proc = sc.launch(run_dir, "run.log", max_restarts=1)
+    sc.wait(lambda: complete_checkpoints(run_dir) and last_step(run_dir) > complete_checkpoints(run_dir)[0],
+            proc, "a step after the first checkpoint")
+    ckpt_before_kill = complete_checkpoints(run_dir)[-1]
+    os.kill(worker_pid(proc.pid, sc.victim), signal.SIGKILL)
+    killed_at = last_step(run_dir)
+    sc.wait(lambda: redone_steps(run_dir), proc, "a step redone after torchrun restarted the workers")
+    resumed_from = redone_steps(run_dir)[0] - 1
+    assert resumed_from in complete_checkpoints(run_dir) and resumed_from >= ckpt_before_kill, \
+        f"restarted from step {resumed_from}; checkpoints {complete_checkpoints(run_dir)}, {ckpt_before_kill} before"
+    proc.send_signal(signal.SIGTERM)  # to torchrun, as a scheduler's preemption does; it forwards it
+    out = sc.finish(proc)
+    stopped_at = last_step(run_dir)
+    assert proc.returncode != 0, "torchrun ended normally after SIGTERM: the signal came too late?\n" + out[-6000:]
+    assert "got SIGTERM" in out and "exit code 75" in out, out[-6000:]
+    assert killed_at < sc.prof.steps and stopped_at < sc.prof.steps, \
+        f"the run was too fast for the signals (killed after step {killed_at}, stopped at {stopped_at})"
+    assert complete_checkpoints(run_dir)[-1] == stopped_at, (complete_checkpoints(run_dir), stopped_at)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "a save was left half-written"
+    return {"killed_at": killed_at, "resumed_from": resumed_from, "stopped_at": stopped_at}
+
+
+def resume(sc: Scenario, run_dir: Path, stopped_at: int) -> None:
+    """Phase 3: the same command again resumes from the SIGTERM checkpoint and finishes."""
+    proc = sc.launch(run_dir, "resume.log", max_restarts=1)
+    out = sc.finish(proc)
+    assert proc.returncode == 0, out[-6000:]
+    assert f"(step {stopped_at})" in out, f"did not resume from step {stopped_at}:\n{out[-6000:]}"
+
+
+def assert_continues(sc: Scenario, run_dir: Path, ref: Dict[str, Dict[int, List[dict]]]) -> float:
+    """Every attempt of every step has the reference's tokens and loss, validation the same losses, and the
+    final checkpoints the same step, tokens and data-loader state per rank. Returns the largest relative
+    loss deviation."""
+    steps, exact = sc.prof.steps, sc.prof.device == "cpu"
+    recs = records(run_dir)
+    train, val = by_step(recs, "loss"), by_step(recs, "val_loss")
+    assert sorted(train) == list(range(1, steps + 1)), f"steps logged: {sorted(train)}"
+    assert sorted(val) == sorted(ref["val"]), f"validation steps {sorted(val)} != {sorted(ref['val'])}"
+    worst = 0.0
+    for got, want, key in ((train, ref["train"], "loss"), (val, ref["val"], "val_loss")):
+        for s, attempts in got.items():
+            w = want[s][0]
+            for r in attempts:
+                assert r["tokens"] == w["tokens"], f"step {s}: tokens {r['tokens']} != {w['tokens']}"
+                assert close(r[key], w[key], exact), f"step {s}: {key} {r[key]} != reference {w[key]}"
+                worst = max(worst, abs(r[key] - w[key]) / abs(w[key]))
+    final, ref_final = (d / "checkpoints" / f"step_{steps:09d}" for d in (run_dir, sc.tmp / "ref"))
+    state, ref_state = (json.loads((d / "trainer.json").read_text()) for d in (final, ref_final))
+    assert (state["step"], state["tokens"]) == (ref_state["step"], ref_state["tokens"]) == (steps, steps * sc.tokens)
+    assert rank_states(final) == rank_states(ref_final), "the data-loader position differs from the reference"
+    return worst
+
+
+@pytest.mark.parametrize("prof, layout, compiled", _cases())
+def test_train_kill_restart_sigterm_resume(tmp_path, reap, prof, layout, compiled):  # noqa: F811 (fixture)
+    skip_without_gpus(prof)
+    sc = Scenario(tmp_path, prof, layout, compiled)
+    t0 = time.monotonic()
+    ref = reference_run(sc)
+    t_ref = time.monotonic() - t0
+    run_dir = tmp_path / "run"
+    when = kill_restart_then_sigterm(sc, run_dir)
+    resume(sc, run_dir, when["stopped_at"])
+    worst = assert_continues(sc, run_dir, ref)
+    print(f"\n{prof.device}-{layout}{'-compiled' if compiled else ''}: reference {t_ref:.0f} s, scenario "
+          f"{time.monotonic() - t0:.0f} s; rank {sc.victim} killed after step {when['killed_at']}, restarted from "
+          f"{when['resumed_from']}, SIGTERM stopped at {when['stopped_at']}; largest relative loss deviation "
+          f"{worst:.2e} (limit {f'{GPU_LOSS_RTOL:.2e}' if prof.device == 'cuda' else '0'})")
