@@ -1,0 +1,136 @@
+"""Share of a training step's GPU time in NCCL kernels, for one parallel layout (run under torchrun).
+
+    torchrun --standalone --nproc_per_node 2 -m launch.comm_profile --out comm.json -- model=bench-3b parallel=tp \
+        train.device=cuda 'curriculum.stages=[{seq_len: 4096, micro_batch_size: 4}]' train.global_batch_tokens=16384
+
+The model, layout, precision and compilation come from the same Hydra overrides as train.py, built by the same
+functions (trainer.build.Layout, parallel.compile, trainer.optim), and each rank trains on random token ids of the
+first curriculum stage's shape (forward with labels, backward, AdamW step: what a train.py step does without
+its data loader, logging and gradient accumulation). After `--warmup` steps, `--steps` steps run under
+torch.profiler; rank 0 writes per-step wall time, total kernel time, NCCL kernel time by collective
+(AllReduce, ReduceScatter, AllGather, SendRecv = all-to-all, ...) and their share of the wall time. NCCL kernels
+run on their own streams and may overlap computation (FSDP prefetches its all-gathers); tensor parallelism's
+all-reduces sit between the layers' matmuls, so for TP the share is close to the time they cost.
+`launch/scale.py --comm-profile tp` runs this after the layout's throughput run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+NCCL = re.compile(r"nccl", re.IGNORECASE)
+KINDS = ("AllReduce", "ReduceScatter", "AllGather", "SendRecv", "Broadcast", "Reduce", "AllToAll")
+
+
+def nccl_kind(kernel: str) -> Optional[str]:
+    """'ncclDevKernel_AllReduce_Sum_bf16_RING_LL(...)' -> 'AllReduce'; None for a non-NCCL kernel."""
+    if not NCCL.search(kernel):
+        return None
+    for kind in KINDS:  # AllReduce before Reduce
+        if kind.lower() in kernel.lower():
+            return kind
+    return "other"
+
+
+def summarize(kernels: Iterable[Tuple[str, float]], wall_ms: float, steps: int) -> dict:
+    """kernels: (name, device time in ms) over `steps` profiled steps taking `wall_ms` in all."""
+    by_kind: Dict[str, float] = defaultdict(float)
+    total = 0.0
+    for name, ms in kernels:
+        total += ms
+        kind = nccl_kind(name)
+        if kind is not None:
+            by_kind[kind] += ms
+    nccl = sum(by_kind.values())
+    return {"steps": steps, "wall_ms_per_step": wall_ms / steps, "kernel_ms_per_step": total / steps,
+            "nccl_ms_per_step": nccl / steps,
+            "nccl_ms_by_kind": {k: v / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "nccl_share_of_wall": nccl / wall_ms if wall_ms else 0.0,
+            "nccl_share_of_kernels": nccl / total if total else 0.0}
+
+
+def _compose(overrides: Sequence[str]):
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register_configs, to_object
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return to_object(compose(config_name="config", overrides=list(overrides)))
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m launch.comm_profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON written by rank 0")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="train.py's Hydra overrides (after --)")
+    args = p.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer import build, distributed
+    from trainer.loop import autocast_context
+    from trainer.optim import build_optimizer
+
+    cfg = _compose(args.overrides)
+    world = distributed.world_from_env()
+    stage = cfg.curriculum.stages[0]
+    layout = build.Layout(cfg.parallel, world.world_size, cfg.model, stage.seq_len)
+    device = distributed.resolve_device(cfg.train.device, world)
+    distributed.init_distributed(world, device)
+    try:
+        build.seed_everything(cfg.train.seed)
+        model = layout.build_model(cfg.model, device, cfg.train.seed, cfg.train.sharded_init)
+        if cfg.train.compile if cfg.train.compile is not None else device.type == "cuda":
+            from parallel.compile import apply_compile
+
+            apply_compile(model)
+        optimizer = build_optimizer(model, cfg.optim, device.type)
+        gen = torch.Generator().manual_seed(cfg.train.seed + layout.dp_rank)  # tp ranks of a group: same batch
+        ids = torch.randint(0, cfg.model.vocab_size, (stage.micro_batch_size, stage.seq_len + 1), generator=gen)
+        ids = ids.to(device)
+
+        def step():
+            with autocast_context(device, cfg.train.precision):
+                out = model(ids[:, :-1], labels=ids[:, 1:])
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup):
+            step()
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync()
+            wall_ms = 1e3 * (time.perf_counter() - t0)
+        from torch.autograd import DeviceType
+
+        kernels = [(e.key, e.self_device_time_total / 1e3) for e in prof.key_averages()
+                   if getattr(e, "device_type", None) == DeviceType.CUDA]
+        result = summarize(kernels, wall_ms, args.steps)
+        result.update(world_size=world.world_size, layout=str(layout.dims), rank=world.rank)
+        if world.is_main:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1))
+            print(json.dumps(result), flush=True)
+        return result
+    finally:
+        distributed.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

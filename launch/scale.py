@@ -1,0 +1,359 @@
+"""Multi-GPU scaling of train.py: tokens/s per GPU on 1 and N GPUs per parallel layout, read from metrics.jsonl.
+
+    python -m launch.scale          # bench-3b, 4096 x 4 per data-parallel rank: 1 GPU, then fsdp, ep, tp, hsdp on 2
+    python -m launch.scale --layouts single,fsdp,ep --compile --json scale.json --md scale.md
+    python -m launch.scale --device cpu --preset tiny --seq 64 --micro-batch 2 --steps 4 --warmup 2 --log-every 2 \
+        --ceiling-size 0 --comm-profile none      # CPU smoke run (gloo)
+
+Every configuration is its own `torchrun --standalone --nproc_per_node N train.py ...` with the same model,
+sequence length and micro-batch per data-parallel rank (global batch = seq x micro-batch x dp size, so no
+gradient accumulation), `--steps` optimizer steps, no validation and no checkpoint. tokens/s comes from the
+run's metrics.jsonl: the trainer logs every `--log-every` steps the tokens/s since its previous record, so the
+records after `--warmup` steps (compilation, allocator warm-up, the loader's first fill) are combined into
+total tokens / total time of the timed steps, with no extra host sync per step.
+
+Reported per configuration: tokens/s of the whole job and per GPU, scaling efficiency (per-GPU tokens/s over the
+1-GPU run's), MFU (model FLOPs per token from `jamba.flops.flops_per_token` x per-GPU tokens/s, over a bf16 matmul
+ceiling measured on this machine as `launch.bench` does), peak memory, and for the layouts in `--comm-profile`
+(default tp) the share of a training step's GPU time spent in NCCL kernels, from torch.profiler
+(`launch/comm_profile.py`, a separate torchrun of a few steps on random tokens). Output: a markdown table on
+stdout (and `--md`), everything in `--json`.
+
+Layouts on N GPUs (`--gpus`, default 2): single (1 GPU, the baseline), fsdp (dp_shard=N), ep (ep=2 over
+dp_shard=N), tp (tp=2, dp=N/2: each tensor-parallel pair processes one micro-batch, so per-GPU tokens/s is
+half the pair's), hsdp (dp_replicate=2 x dp_shard=N/2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUT_NAMES = ("single", "fsdp", "ep", "tp", "hsdp")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    gpus: int
+    overrides: tuple
+    dp: int  # data-parallel size: micro-batches processed per step
+
+
+def layout(name: str, gpus: int) -> Layout:
+    """The parallel overrides of a named layout on `gpus` GPUs (single always runs on one)."""
+    if name == "single":
+        return Layout("single", 1, ("parallel=single",), 1)
+    if gpus < 2 or gpus % 2:
+        raise ValueError(f"--gpus={gpus}: the multi-GPU layouts need an even number of GPUs >= 2")
+    table = {
+        "fsdp": (("parallel=fsdp",), gpus),
+        "ep": (("parallel=ep", "parallel.ep=2"), gpus),
+        "tp": (("parallel=tp", "parallel.tp=2"), gpus // 2),
+        "hsdp": (("parallel=hsdp", "parallel.dp_replicate=2", f"parallel.dp_shard={gpus // 2}"), gpus),
+    }
+    if name not in table:
+        raise ValueError(f"--layouts: unknown layout {name!r}; choose from {', '.join(LAYOUT_NAMES)}")
+    overrides, dp = table[name]
+    return Layout(name, gpus, overrides, dp)
+
+
+@dataclass
+class Result:
+    layout: str
+    gpus: int
+    status: str = "not run"
+    tokens_per_s: Optional[float] = None
+    tokens_per_s_per_gpu: Optional[float] = None
+    efficiency: Optional[float] = None
+    mfu: Optional[float] = None
+    timed_steps: int = 0
+    step_ms: Optional[float] = None
+    peak_gib: Optional[float] = None
+    loss_last: Optional[float] = None
+    wall_s: Optional[float] = None
+    comm: Optional[dict] = None
+    run_dir: str = ""
+    error: str = ""
+    command: List[str] = field(default_factory=list)
+
+
+# ---- metrics.jsonl -> throughput ------------------------------------------------------------------
+def read_records(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def timed_throughput(records: Sequence[dict], warmup: int) -> dict:
+    """Combine the training records after `warmup` steps into one rate.
+
+    A record at step s with tokens T and tokens_per_s R covers the steps since the previous record (tokens
+    T - T_prev over (T - T_prev) / R seconds), so the timed rate is the sum of tokens over the sum of times.
+    Windows that start before step `warmup` are left out."""
+    train = sorted((r for r in records if "loss" in r and "tokens_per_s" in r), key=lambda r: r["step"])
+    prev_tokens, prev_step = 0, 0  # a fresh run (checkpoint.resume=false): the meter starts at step 0
+    tokens, secs, steps = 0, 0.0, 0
+    for r in train:
+        window = r["tokens"] - prev_tokens
+        if prev_step >= warmup and window > 0 and (r["tokens_per_s"] or 0) > 0:
+            tokens += window
+            secs += window / r["tokens_per_s"]
+            steps += r["step"] - prev_step
+        prev_tokens, prev_step = r["tokens"], r["step"]
+    if not steps:
+        raise ValueError(f"no training record after the {warmup} warm-up steps (steps logged: "
+                         f"{[r['step'] for r in train]}); raise --steps or lower --warmup / --log-every")
+    return {"tokens_per_s": tokens / secs, "timed_steps": steps, "step_ms": 1e3 * secs / steps,
+            "peak_gib": max((r.get("mem_gb") or 0.0) for r in train) or None, "loss_last": train[-1]["loss"]}
+
+
+def fill(res: Result, tp: dict, lay: Layout, flops_per_token: Optional[float], ceiling: Optional[float],
+         baseline: Optional[float]) -> None:
+    """Per-GPU rate, efficiency against the 1-GPU per-GPU rate, MFU against the measured ceiling."""
+    res.tokens_per_s = tp["tokens_per_s"]
+    res.tokens_per_s_per_gpu = tp["tokens_per_s"] / lay.gpus
+    res.timed_steps, res.step_ms, res.peak_gib, res.loss_last = (tp["timed_steps"], tp["step_ms"], tp["peak_gib"],
+                                                                 tp["loss_last"])
+    if baseline:
+        res.efficiency = res.tokens_per_s_per_gpu / baseline
+    if flops_per_token and ceiling:
+        res.mfu = flops_per_token * res.tokens_per_s_per_gpu / (ceiling * 1e12)
+    res.status = "ok"
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def _f(x, spec: str, scale: float = 1.0) -> str:
+    return "-" if x is None else format(x * scale, spec)
+
+
+def markdown(results: Sequence[Result], meta: dict) -> str:
+    lines = [f"{meta['preset']}, {meta['seq']} x {meta['micro_batch']} per data-parallel rank, "
+             f"{'compiled' if meta['compile'] else 'eager'}, {meta['timed']} timed steps after {meta['warmup']} "
+             f"warm-up; MFU against a measured {meta['dtype']} matmul ceiling of "
+             f"{_f(meta['ceiling_tflops'], '.1f')} TFLOP/s ({meta.get('gpu') or meta['device']})", "",
+             "| layout | GPUs | tokens/s | tokens/s per GPU | vs 1 GPU | MFU | step ms | peak GiB | NCCL share of step "
+             "|",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        comm = "-"
+        if r.comm:
+            kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in r.comm["nccl_ms_by_kind"].items())
+            comm = f"{100 * r.comm['nccl_share_of_wall']:.1f}% ({kinds})"
+        status = "" if r.status == "ok" else f" **{r.status}**"
+        lines.append(f"| {r.layout}{status} | {r.gpus} | {_f(r.tokens_per_s, ',.0f')} | "
+                     f"{_f(r.tokens_per_s_per_gpu, ',.0f')} | {_f(r.efficiency, '.1f', 100)}% | "
+                     f"{_f(r.mfu, '.1f', 100)}% | {_f(r.step_ms, '.0f')} | {_f(r.peak_gib, '.1f')} | {comm} |")
+    return "\n".join(lines)
+
+
+# ---- running ----------------------------------------------------------------------------------------
+def train_overrides(args: argparse.Namespace, lay: Layout, run_dir: Path) -> List[str]:
+    return [f"hydra.run.dir={run_dir}", f"model={args.preset}", *lay.overrides, f"train.device={args.device}",
+            f"train.max_steps={args.steps}", f"train.global_batch_tokens={args.seq * args.micro_batch * lay.dp}",
+            f"curriculum.stages=[{{seq_len: {args.seq}, micro_batch_size: {args.micro_batch}}}]",
+            f"optim.warmup_steps={min(args.steps, 2)}", f"train.compile={str(args.compile).lower()}",
+            "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=false",
+            f"logging.log_every={args.log_every}", "logging.progress_bar=false", "logging.wandb.mode=disabled",
+            *args.set]
+
+
+def torchrun(nproc: int, *rest: str) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *rest]
+
+
+def run_logged(cmd: List[str], log: Path, timeout: float, env: dict) -> tuple:
+    """Run in its own session (so a timeout kills the workers and their loader processes too)."""
+    t0 = time.monotonic()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    return code, time.monotonic() - t0
+
+
+def measure_ceiling(args: argparse.Namespace, env: dict) -> Optional[float]:
+    """bf16 matmul TFLOP/s on this machine's first device, in a subprocess (the driver keeps no CUDA context)."""
+    if not args.ceiling_size:
+        return None
+    code = ("import json, torch; from launch.bench import DTYPES, matmul_ceiling; "
+            f"print(json.dumps(matmul_ceiling(torch.device({args.device!r}), {args.ceiling_size}, "
+            f"DTYPES[{args.dtype!r}])))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode:
+        print(f"matmul ceiling: failed ({out.stderr.strip()[-500:]}); no MFU", flush=True)
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else ""
+
+
+def run_all(args: argparse.Namespace) -> dict:
+    from jamba.config import get_preset
+    from jamba.flops import flops_per_token
+
+    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
+    if args.device == "cpu":
+        env.setdefault("OMP_NUM_THREADS", "1")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fpt = flops_per_token(get_preset(args.preset), args.seq)
+    ceiling = measure_ceiling(args, env)
+    print(f"matmul ceiling: {_f(ceiling, '.1f')} TFLOP/s; model FLOPs per token {fpt:.4g}", flush=True)
+    meta = {"preset": args.preset, "seq": args.seq, "micro_batch": args.micro_batch, "compile": args.compile,
+            "warmup": args.warmup, "timed": args.steps - args.warmup, "dtype": args.dtype, "device": args.device,
+            "ceiling_tflops": ceiling, "flops_per_token": fpt, "gpus": args.gpus, "set": args.set,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        from launch.bench import environment
+        meta.update(environment())
+    except Exception as e:  # noqa: BLE001 - informational only
+        meta["environment_error"] = str(e)
+    report = {"meta": meta, "results": []}
+    baseline = None
+    results: List[Result] = []
+    for name in args.layouts:
+        lay = layout(name, args.gpus)
+        run_dir = out_dir / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # this script's own output: a fresh metrics.jsonl
+        run_dir.mkdir(parents=True)
+        cmd = torchrun(lay.gpus, "train.py", *train_overrides(args, lay, run_dir))
+        res = Result(name, lay.gpus, run_dir=str(run_dir), command=cmd)
+        print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+        code, res.wall_s = run_logged(cmd, run_dir / "torchrun.log", args.timeout, env)
+        if code != 0:
+            res.status = "timeout" if code is None else f"exit {code}"
+            res.error = tail(run_dir / "torchrun.log")
+            print(f"[{name}] {res.status} after {res.wall_s:.0f} s; log {run_dir / 'torchrun.log'}:\n"
+                  f"{res.error[-1500:]}", flush=True)
+        else:
+            try:
+                tp = timed_throughput(read_records(run_dir / "metrics.jsonl"), args.warmup)
+                if name == "single":
+                    baseline = tp["tokens_per_s"]
+                fill(res, tp, lay, fpt, ceiling, baseline)
+            except ValueError as e:
+                res.status, res.error = "no timed steps", str(e)
+            print(f"[{name}] {res.status}: {_f(res.tokens_per_s, ',.0f')} tokens/s, "
+                  f"{_f(res.tokens_per_s_per_gpu, ',.0f')} per GPU, {_f(res.efficiency, '.1f', 100)}% of 1 GPU, "
+                  f"MFU {_f(res.mfu, '.1f', 100)}% ({res.wall_s:.0f} s)", flush=True)
+        if name in args.comm_profile and res.status == "ok":
+            res.comm = comm_profile(args, lay, run_dir, env)
+        results.append(res)
+        report["results"] = [asdict(r) for r in results]
+        save(args, report, results, meta)
+    return report
+
+
+def comm_profile(args: argparse.Namespace, lay: Layout, run_dir: Path, env: dict) -> Optional[dict]:
+    """NCCL kernel time in a few profiled training steps of this layout (launch/comm_profile.py)."""
+    out = run_dir / "comm_profile.json"
+    cmd = torchrun(lay.gpus, "-m", "launch.comm_profile", f"--out={out}", f"--warmup={args.profile_warmup}",
+                   f"--steps={args.profile_steps}", "--",
+                   *[o for o in train_overrides(args, lay, run_dir) if not o.startswith("hydra.")])
+    print(f"[{lay.name}] comm profile: {' '.join(cmd[2:])}", flush=True)
+    code, wall = run_logged(cmd, run_dir / "comm_profile.log", args.timeout, env)
+    if code != 0 or not out.is_file():
+        print(f"[{lay.name}] comm profile failed ({'timeout' if code is None else code}):\n"
+              f"{tail(run_dir / 'comm_profile.log', 1500)}", flush=True)
+        return None
+    prof = json.loads(out.read_text())
+    print(f"[{lay.name}] NCCL {100 * prof['nccl_share_of_wall']:.1f}% of the step's wall time "
+          f"({prof['nccl_ms_per_step']:.1f} of {prof['wall_ms_per_step']:.1f} ms; {wall:.0f} s)", flush=True)
+    return prof
+
+
+def save(args: argparse.Namespace, report: dict, results: Sequence[Result], meta: dict) -> None:
+    table = markdown(results, meta)
+    report["markdown"] = table
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(table + "\n")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.scale", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layouts", default=",".join(LAYOUT_NAMES),
+                   help=f"comma-separated, run in this order (default {','.join(LAYOUT_NAMES)}); "
+                        "put single first: it is the baseline of the efficiency column")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs of the multi-GPU layouts (default 2)")
+    p.add_argument("--preset", default="bench-3b", help="model preset, a conf/model/ name (default bench-3b)")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per data-parallel rank per step (default 4)")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default 12)")
+    p.add_argument("--warmup", type=int, default=4, help="steps left out of the rate (default 4)")
+    p.add_argument("--log-every", type=int, default=4,
+                   help="trainer's logging.log_every; must divide --warmup and --steps (default 4)")
+    p.add_argument("--compile", action="store_true",
+                   help="train.compile=true (the first steps compile: raise --warmup)")
+    p.add_argument("--comm-profile", default="tp",
+                   help="layouts whose NCCL share is profiled in an extra short run ('none' to skip; default tp)")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile-warmup", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra train.py override for every run, e.g. --set data.num_workers=2")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bf16", help="dtype of the ceiling matmul (default bf16)")
+    p.add_argument("--ceiling-size", type=int, default=None,
+                   help="n of the n^3 ceiling matmul (default 8192 on CUDA, 0 = skip elsewhere)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per torchrun before it is killed")
+    p.add_argument("--out-dir", default="runs/scale", help="run directories, one per layout (replaced)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--md", default=None)
+    args = p.parse_args(argv)
+    args.layouts = [s.strip() for s in args.layouts.split(",") if s.strip()]
+    args.comm_profile = [] if args.comm_profile in ("", "none") else [s.strip() for s in args.comm_profile.split(",")]
+    if args.ceiling_size is None:
+        args.ceiling_size = 8192 if args.device == "cuda" else 0
+    try:
+        for name in args.layouts + args.comm_profile:
+            layout(name, args.gpus)
+    except ValueError as e:
+        p.error(str(e))
+    if not 0 <= args.warmup < args.steps:
+        p.error(f"--warmup={args.warmup} must be in [0, --steps={args.steps})")
+    if args.log_every < 1 or args.warmup % args.log_every or args.steps % args.log_every:
+        p.error(f"--log-every={args.log_every} must divide --warmup={args.warmup} and --steps={args.steps} "
+                f"(the rate is read from the records at multiples of it)")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    report = run_all(args)
+    print("\n" + report.get("markdown", markdown([], report["meta"])))
+    if not all(r["status"] == "ok" for r in report["results"]):
+        print("some configurations failed: see their torchrun.log", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    rep = main()
+    sys.exit(0 if rep["results"] and all(r["status"] == "ok" for r in rep["results"]) else 1)

@@ -1,0 +1,112 @@
+"""launch/scale.py and launch/comm_profile.py: the arithmetic on fake records, and one real CPU run (gloo, tiny)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import comm_profile, scale
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _records(rates, log_every=2, tokens_per_step=100):
+    """Training records every `log_every` steps, each window at the given tokens/s, plus a validation record."""
+    recs = []
+    for i, rate in enumerate(rates, 1):
+        step = i * log_every
+        recs.append({"step": step, "tokens": step * tokens_per_step, "loss": 10.0 - i, "tokens_per_s": rate,
+                     "mem_gb": float(i)})
+    recs.append({"step": step, "tokens": step * tokens_per_step, "val_loss": 5.0})
+    return recs
+
+
+def test_timed_throughput_is_tokens_over_time_after_warmup():
+    # windows of 200 tokens: steps 1-2 at 1 tokens/s (warm-up, left out), 3-4 at 100, 5-6 at 400
+    tp = scale.timed_throughput(_records([1.0, 100.0, 400.0]), warmup=2)
+    assert tp["timed_steps"] == 4
+    assert tp["tokens_per_s"] == pytest.approx(400 / (200 / 100 + 200 / 400))  # not the mean of the rates (250)
+    assert tp["step_ms"] == pytest.approx(1e3 * (2.0 + 0.5) / 4)
+    assert tp["peak_gib"] == 3.0 and tp["loss_last"] == 7.0
+    assert scale.timed_throughput(_records([1.0, 100.0]), warmup=0)["timed_steps"] == 4
+    with pytest.raises(ValueError, match="no training record after the 6 warm-up steps"):
+        scale.timed_throughput(_records([1.0, 100.0, 400.0]), warmup=6)
+
+
+def test_fill_efficiency_and_mfu():
+    lay = scale.layout("fsdp", 2)
+    res = scale.Result("fsdp", 2)
+    tp = {"tokens_per_s": 180.0, "timed_steps": 8, "step_ms": 10.0, "peak_gib": 1.0, "loss_last": 3.0}
+    scale.fill(res, tp, lay, flops_per_token=1e12, ceiling=500.0, baseline=100.0)
+    assert res.tokens_per_s_per_gpu == 90.0 and res.efficiency == pytest.approx(0.9)
+    assert res.mfu == pytest.approx(1e12 * 90 / 500e12)
+    table = scale.markdown([res, scale.Result("tp", 2, status="exit 1")],
+                           {"preset": "tiny", "seq": 64, "micro_batch": 2, "compile": False, "timed": 8,
+                            "warmup": 4, "dtype": "bf16", "ceiling_tflops": 500.0, "device": "cpu"})
+    assert "| fsdp | 2 | 180 | 90 | 90.0% | 18.0% | 10 | 1.0 | - |" in table
+    assert "| tp **exit 1** | 2 | - |" in table
+
+
+def test_layouts_and_arguments():
+    assert scale.layout("single", 2) == scale.Layout("single", 1, ("parallel=single",), 1)
+    assert scale.layout("tp", 4).dp == 2 and scale.layout("ep", 4).dp == 4
+    assert scale.layout("hsdp", 4).overrides[-1] == "parallel.dp_shard=2"
+    with pytest.raises(ValueError, match="unknown layout 'bogus'"):
+        scale.layout("bogus", 2)
+    args = scale.parse_args(["--layouts", "single,tp", "--device", "cpu"])
+    assert args.layouts == ["single", "tp"] and args.comm_profile == ["tp"] and args.ceiling_size == 0
+    over = scale.train_overrides(args, scale.layout("tp", 2), Path("/x"))
+    assert "train.global_batch_tokens=16384" in over and "checkpoint.save_final=false" in over
+    for bad in (["--log-every", "3"], ["--warmup", "12"], ["--layouts", "single,zero"], ["--gpus", "3"]):
+        with pytest.raises(SystemExit):
+            scale.parse_args(bad)
+
+
+def test_nccl_kernel_kinds_and_shares():
+    assert comm_profile.nccl_kind("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)") \
+        == "AllReduce"
+    assert comm_profile.nccl_kind("ncclKernel_ReduceScatter_RING_LL_Sum_float") == "ReduceScatter"
+    assert comm_profile.nccl_kind("ncclDevKernel_SendRecv(...)") == "SendRecv"
+    assert comm_profile.nccl_kind("sm90_xmma_gemm_bf16bf16") is None
+    s = comm_profile.summarize([("ncclDevKernel_AllReduce_Sum", 6.0), ("gemm", 10.0), ("ncclDevKernel_AllGather", 2.0)],
+                               wall_ms=40.0, steps=2)
+    assert s["nccl_ms_per_step"] == 4.0 and s["nccl_ms_by_kind"] == {"AllReduce": 3.0, "AllGather": 1.0}
+    assert s["nccl_share_of_wall"] == pytest.approx(0.2) and s["nccl_share_of_kernels"] == pytest.approx(8 / 18)
+
+
+@pytest.mark.slow
+def test_cpu_run_single_and_fsdp(tmp_path):
+    """The whole script on CPU: a 1-process and a 2-process (gloo) run of the tiny model."""
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, "-m", "launch.scale", "--device", "cpu", "--preset", "tiny", "--seq", "64",
+           "--micro-batch", "2", "--steps", "4", "--warmup", "2", "--log-every", "2", "--layouts", "single,fsdp",
+           "--comm-profile", "none", "--out-dir",
+           str(tmp_path / "runs"), "--json", str(out), "--md", str(tmp_path / "scale.md"), "--set",
+           "train.num_threads=1", "--timeout", "240"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    single, fsdp = rep["results"]
+    assert (single["layout"], single["gpus"], fsdp["layout"], fsdp["gpus"]) == ("single", 1, "fsdp", 2)
+    for res in (single, fsdp):
+        assert res["status"] == "ok" and res["timed_steps"] == 2 and res["tokens_per_s"] > 0, res
+        assert math.isfinite(res["loss_last"])
+    assert single["efficiency"] == 1.0
+    assert fsdp["efficiency"] == pytest.approx(fsdp["tokens_per_s"] / 2 / single["tokens_per_s"])
+    assert rep["meta"]["flops_per_token"] > 0 and rep["meta"]["ceiling_tflops"] is None
+    assert (tmp_path / "scale.md").read_text().strip() == rep["markdown"].strip()
+    assert "| fsdp | 2 |" in rep["markdown"] and "| fsdp | 2 |" in r.stdout
+
+
+def test_comm_profile_one_process(tmp_path):
+    """The profiling worker composes train.py's config from the same overrides and profiles real steps (one
+    process on CPU: no NCCL kernels, so the shares are 0; on GPUs launch.scale runs it under torchrun)."""
+    out = tmp_path / "comm.json"
+    res = comm_profile.main([f"--out={out}", "--warmup=1", "--steps=2", "--", "model=tiny", "train.device=cpu",
+                             "curriculum.stages=[{seq_len: 32, micro_batch_size: 2}]", "train.global_batch_tokens=64"])
+    assert json.loads(out.read_text()) == res
+    assert res["steps"] == 2 and res["wall_ms_per_step"] > 0 and res["world_size"] == 1
+    assert res["nccl_ms_per_step"] == 0 and res["nccl_share_of_wall"] == 0
