@@ -7,7 +7,8 @@
 
 Every configuration is its own `torchrun --standalone --nproc_per_node N train.py ...` with the same model,
 sequence length and micro-batch per data-parallel rank (global batch = seq x micro-batch x dp size, so no
-gradient accumulation), `--steps` optimizer steps, no validation and no checkpoint. tokens/s comes from the
+gradient accumulation), `--steps` optimizer steps at experiment=bench_3b's learning rate, no validation and no
+checkpoint. tokens/s comes from the
 run's metrics.jsonl: the trainer logs every `--log-every` steps the tokens/s since its previous record, so the
 records after `--warmup` steps (compilation, allocator warm-up, the loader's first fill) are combined into
 total tokens / total time of the timed steps, with no extra host sync per step.
@@ -140,8 +141,8 @@ def fill(res: Result, tp: dict, lay: Layout, flops_per_token: Optional[float], c
 
 
 # ---- report ---------------------------------------------------------------------------------------
-def _f(x, spec: str, scale: float = 1.0) -> str:
-    return "-" if x is None else format(x * scale, spec)
+def _f(x, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    return "-" if x is None else format(x * scale, spec) + unit
 
 
 def markdown(results: Sequence[Result], meta: dict) -> str:
@@ -156,11 +157,11 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
         comm = "-"
         if r.comm:
             kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in r.comm["nccl_ms_by_kind"].items())
-            comm = f"{100 * r.comm['nccl_share_of_wall']:.1f}% ({kinds})"
+            comm = f"{100 * r.comm['nccl_share_of_wall']:.1f}%" + (f" ({kinds})" if kinds else "")
         status = "" if r.status == "ok" else f" **{r.status}**"
         lines.append(f"| {r.layout}{status} | {r.gpus} | {_f(r.tokens_per_s, ',.0f')} | "
-                     f"{_f(r.tokens_per_s_per_gpu, ',.0f')} | {_f(r.efficiency, '.1f', 100)}% | "
-                     f"{_f(r.mfu, '.1f', 100)}% | {_f(r.step_ms, '.0f')} | {_f(r.peak_gib, '.1f')} | {comm} |")
+                     f"{_f(r.tokens_per_s_per_gpu, ',.0f')} | {_f(r.efficiency, '.1f', 100, '%')} | "
+                     f"{_f(r.mfu, '.1f', 100, '%')} | {_f(r.step_ms, '.0f')} | {_f(r.peak_gib, '.1f')} | {comm} |")
     return "\n".join(lines)
 
 
@@ -169,7 +170,7 @@ def train_overrides(args: argparse.Namespace, lay: Layout, run_dir: Path) -> Lis
     return [f"hydra.run.dir={run_dir}", f"model={args.preset}", *lay.overrides, f"train.device={args.device}",
             f"train.max_steps={args.steps}", f"train.global_batch_tokens={args.seq * args.micro_batch * lay.dp}",
             f"curriculum.stages=[{{seq_len: {args.seq}, micro_batch_size: {args.micro_batch}}}]",
-            f"optim.warmup_steps={min(args.steps, 2)}", f"train.compile={str(args.compile).lower()}",
+            "optim.lr=6e-4", f"optim.warmup_steps={min(args.steps, 2)}", f"train.compile={str(args.compile).lower()}",
             "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=false",
             f"logging.log_every={args.log_every}", "logging.progress_bar=false", "logging.wandb.mode=disabled",
             *args.set]
@@ -258,8 +259,8 @@ def run_all(args: argparse.Namespace) -> dict:
             except ValueError as e:
                 res.status, res.error = "no timed steps", str(e)
             print(f"[{name}] {res.status}: {_f(res.tokens_per_s, ',.0f')} tokens/s, "
-                  f"{_f(res.tokens_per_s_per_gpu, ',.0f')} per GPU, {_f(res.efficiency, '.1f', 100)}% of 1 GPU, "
-                  f"MFU {_f(res.mfu, '.1f', 100)}% ({res.wall_s:.0f} s)", flush=True)
+                  f"{_f(res.tokens_per_s_per_gpu, ',.0f')} per GPU, {_f(res.efficiency, '.1f', 100, '%')} of 1 GPU, "
+                  f"MFU {_f(res.mfu, '.1f', 100, '%')} ({res.wall_s:.0f} s)", flush=True)
         if name in args.comm_profile and res.status == "ok":
             res.comm = comm_profile(args, lay, run_dir, env)
         results.append(res)

@@ -36,6 +36,7 @@ import math
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
-from tests.launch.test_e2e_train import clean_env, complete_checkpoints, finish, output, reap, start  # noqa: F401
+from tests.launch.test_e2e_train import clean_env, complete_checkpoints, output, reap, start  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_LOSS_RTOL = 4 * 2.0 ** -8  # bf16 noise on GPU (see the module docstring); CPU compares exactly
@@ -75,7 +76,7 @@ CPU = Profile("cpu", ("model=tiny", "train.device=cpu", "train.num_threads=1"), 
 # signals need that many steps to land mid-run.
 GPU = Profile("cuda", ("model=small", "model.num_hidden_layers=4", "model.attn_layer_period=4",
                        "model.attn_layer_offset=2", "model.vocab_size=2048", "train.device=cuda"),
-              seq_len=512, micro_batch=4, steps=40, every=10, budget_s=300)
+              seq_len=512, micro_batch=4, steps=40, every=10, budget_s=240)
 
 # layout -> (parallel overrides, data-parallel size on 2 ranks, rank to SIGKILL)
 LAYOUTS = {
@@ -221,8 +222,15 @@ class Scenario:
                             f"{output(proc)[-6000:]}")
             time.sleep(0.02)
 
-    def finish(self, proc) -> str:
-        return finish(proc, timeout=self.left())
+    def finish(self, proc, what: str) -> str:
+        """Wait for torchrun to exit; past the budget kill it and fail (a hang: the log's tail says where)."""
+        try:
+            proc.wait(timeout=self.left())
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{what} did not end within the {self.budget:.0f} s budget (a hang?):\n{output(proc)[-6000:]}")
+        return output(proc)
 
 
 def worker_pid(agent_pid: int, rank: int) -> int:
@@ -258,7 +266,7 @@ def reference_run(sc: Scenario) -> Dict[str, Dict[int, List[dict]]]:
     steps, every = sc.prof.steps, sc.prof.every
     ref_dir = sc.tmp / "ref"
     proc = sc.launch(ref_dir, "ref.log")
-    out = sc.finish(proc)
+    out = sc.finish(proc, "the reference run")
     assert proc.returncode == 0, out[-6000:]
     recs = records(ref_dir)
     train, val = by_step(recs, "loss"), by_step(recs, "val_loss")
@@ -288,7 +296,7 @@ def kill_restart_then_sigterm(sc: Scenario, run_dir: Path) -> dict:
     assert resumed_from in complete_checkpoints(run_dir) and resumed_from >= ckpt_before_kill, \
         f"restarted from step {resumed_from}; checkpoints {complete_checkpoints(run_dir)}, {ckpt_before_kill} before"
     proc.send_signal(signal.SIGTERM)  # to torchrun, as a scheduler's preemption does; it forwards it
-    out = sc.finish(proc)
+    out = sc.finish(proc, "the run after SIGTERM")
     stopped_at = last_step(run_dir)
     assert proc.returncode != 0, "torchrun ended normally after SIGTERM: the signal came too late?\n" + out[-6000:]
     assert "got SIGTERM" in out and "exit code 75" in out, out[-6000:]
@@ -302,7 +310,7 @@ def kill_restart_then_sigterm(sc: Scenario, run_dir: Path) -> dict:
 def resume(sc: Scenario, run_dir: Path, stopped_at: int) -> None:
     """Phase 3: the same command again resumes from the SIGTERM checkpoint and finishes."""
     proc = sc.launch(run_dir, "resume.log", max_restarts=1)
-    out = sc.finish(proc)
+    out = sc.finish(proc, "the resumed run")
     assert proc.returncode == 0, out[-6000:]
     assert f"(step {stopped_at})" in out, f"did not resume from step {stopped_at}:\n{out[-6000:]}"
 
