@@ -16,8 +16,10 @@ step), the same validation losses, and the final checkpoint holds the same step,
 position on every rank. On CPU (gloo, fp32) losses must be equal bit for bit. On GPU (NCCL, bf16 autocast)
 the order of floating-point reductions is not fixed (NCCL reduce-scatter, the scan backward's atomics), so
 losses may differ by bf16 rounding: they must agree within GPU_LOSS_RTOL, four bf16 ulps (2^-8 relative
-each); a wrong data position or a lost optimizer state moves them by far more. The largest deviations are
-printed (run with -s) to judge the noise.
+each), a bound chosen before any GPU run (the largest deviation is printed, run with -s, to tighten it). On GPU
+the exact checks carry the weight: tokens, step numbers and the data-loader state must be equal, so a wrong
+data position fails whatever the loss noise; the loss bound catches a resume that loses weights or optimizer
+state only if that moves the loss by more than 1.6%.
 
     python -m pytest -q tests/gpu/test_train_multi_gpu.py -k cpu          # CPU variant (slow, part of the suite)
     source .gpu/env.sh && python3 -m pytest -m gpu -s tests/gpu/test_train_multi_gpu.py   # 2 GPUs, kernels
