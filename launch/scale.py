@@ -326,6 +326,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="n of the n^3 ceiling matmul (default 8192 on CUDA, 0 = skip elsewhere)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per torchrun before it is killed")
     p.add_argument("--out-dir", default="runs/scale", help="run directories, one per layout (replaced)")
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun commands, run nothing")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     args = p.parse_args(argv)
@@ -346,8 +347,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def dry_run(args: argparse.Namespace) -> dict:
+    cmds = []
+    for name in args.layouts:
+        lay = layout(name, args.gpus)
+        cmds.append(torchrun(lay.gpus, "train.py", *train_overrides(args, lay, Path(args.out_dir) / name)))
+        print(" ".join(cmds[-1][2:]))
+    return {"meta": {}, "results": [], "commands": cmds}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     report = run_all(args)
     print("\n" + report.get("markdown", markdown([], report["meta"])))
     if not all(r["status"] == "ok" for r in report["results"]):
@@ -357,4 +369,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 if __name__ == "__main__":
     rep = main()
-    sys.exit(0 if rep["results"] and all(r["status"] == "ok" for r in rep["results"]) else 1)
+    sys.exit(0 if "commands" in rep or (rep["results"] and all(r["status"] == "ok" for r in rep["results"])) else 1)

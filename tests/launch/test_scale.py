@@ -60,6 +60,8 @@ def test_layouts_and_arguments():
     assert args.layouts == ["single", "tp"] and args.comm_profile == ["tp"] and args.ceiling_size == 0
     over = scale.train_overrides(args, scale.layout("tp", 2), Path("/x"))
     assert "train.global_batch_tokens=16384" in over and "checkpoint.save_final=false" in over
+    cmds = scale.main(["--dry-run", "--layouts", "single,ep"])["commands"]
+    assert [c[4] for c in cmds] == ["--nproc_per_node=1", "--nproc_per_node=2"] and "parallel.ep=2" in cmds[1]
     for bad in (["--log-every", "3"], ["--warmup", "12"], ["--layouts", "single,zero"], ["--gpus", "3"]):
         with pytest.raises(SystemExit):
             scale.parse_args(bad)
