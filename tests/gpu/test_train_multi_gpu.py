@@ -74,11 +74,13 @@ class Profile:
 CPU = Profile("cpu", ("model=tiny", "train.device=cpu", "train.num_threads=1"), seq_len=64, micro_batch=2,
               steps=12, every=4, budget_s=300, env={"OMP_NUM_THREADS": "1"})
 # GPU: bench-3b's layer kinds at a small size (hidden 512, 8 experts top-2, 8/4 heads; 4 layers: Mamba, Mamba+MoE,
-# attention, Mamba+MoE), bf16 autocast. 40 steps of 4096 tokens: a step takes tens of milliseconds, so the
-# signals need that many steps to land mid-run.
+# attention, Mamba+MoE; 47M parameters), bf16 autocast, asynchronous checkpoints (the CUDA default). Expected (not
+# yet measured): a step takes tens of milliseconds, a checkpoint (560 MB with AdamW's moments, written and
+# checksummed in the background while training goes on) a second or two; 120 steps with one every 30 keep the
+# kill, which waits for the first COMPLETE, and the SIGTERM well inside the run.
 GPU = Profile("cuda", ("model=small", "model.num_hidden_layers=4", "model.attn_layer_period=4",
                        "model.attn_layer_offset=2", "model.vocab_size=2048", "train.device=cuda"),
-              seq_len=512, micro_batch=4, steps=40, every=10, budget_s=240)
+              seq_len=512, micro_batch=4, steps=120, every=30, budget_s=240)
 
 # layout -> (parallel overrides, data-parallel size on 2 ranks, rank to SIGKILL)
 LAYOUTS = {
