@@ -48,7 +48,8 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
-from tests.launch.test_e2e_train import clean_env, complete_checkpoints, output, reap, start  # noqa: F401
+from tests.launch.test_e2e_train import (clean_env, complete_checkpoints, output, reap,  # noqa: F401
+                                         start, worker_pids)
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_LOSS_RTOL = 4 * 2.0 ** -8  # bf16 noise on GPU (see the module docstring); CPU compares exactly
@@ -199,14 +200,8 @@ class Scenario:
         # torchrun gives signalled workers this long to checkpoint before SIGKILL (launch/torchrun.py sets it
         # on torch versions without --shutdown-timeout); after a kill -9 the survivors, blocked in a
         # collective with the dead rank, wait it out unless they fail first.
-        self.env = clean_env(HYDRA_FULL_ERROR="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="15",
+        self.env = clean_env(HYDRA_FULL_ERROR="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="15", PYTHONFAULTHANDLER="1",
                              **prof.env)
-
-    def left(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            pytest.fail(f"{self.prof.device}-{self.layout}: the scenario ran past its {self.budget:.0f} s budget")
-        return left
 
     def cmd(self, run_dir: Path, max_restarts: int = 0) -> List[str]:
         return [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc_per_node=2",
@@ -221,20 +216,30 @@ class Scenario:
             if proc.poll() is not None:
                 pytest.fail(f"torchrun exited ({proc.returncode}) before {what}:\n{output(proc)[-6000:]}")
             if time.monotonic() > self.deadline:
-                proc.kill()
-                pytest.fail(f"no {what} within the {self.budget:.0f} s budget (a hang?):\n"
-                            f"{output(proc)[-6000:]}")
+                self.hang(proc, f"no {what}")
             time.sleep(0.02)
 
     def finish(self, proc, what: str) -> str:
-        """Wait for torchrun to exit; past the budget kill it and fail (a hang: the log's tail says where)."""
+        """Wait for torchrun to exit; past the budget, fail with the workers' Python stacks."""
         try:
-            proc.wait(timeout=self.left())
+            proc.wait(timeout=max(self.deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"{what} did not end within the {self.budget:.0f} s budget (a hang?):\n{output(proc)[-6000:]}")
+            self.hang(proc, f"{what} did not end")
         return output(proc)
+
+    def hang(self, proc, what: str) -> None:
+        """SIGABRT to the workers (PYTHONFAULTHANDLER prints every thread's stack: which collective each rank
+        waits in), then kill torchrun and fail."""
+        for pid in worker_pids(proc.pid):  # one at a time: their stacks do not interleave
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except OSError:
+                pass
+            time.sleep(2)
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"{what} within the {self.budget:.0f} s budget (a hang?); the workers' stacks at the end:\n"
+                    f"{output(proc)[-12000:]}")
 
 
 def worker_pid(agent_pid: int, rank: int) -> int:
