@@ -188,10 +188,26 @@ def run_logged(cmd: List[str], log: Path, timeout: float, env: dict) -> tuple:
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            dump_stacks(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             code = None
     return code, time.monotonic() - t0
+
+
+def dump_stacks(agent_pid: int) -> None:
+    """A run past --timeout (a stall): SIGABRT to torchrun's workers, one at a time, so that faulthandler
+    (PYTHONFAULTHANDLER=1 in their environment) writes each rank's Python stack into the log."""
+    try:
+        children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    except OSError:
+        return
+    for pid in children:
+        try:
+            os.kill(int(pid), signal.SIGABRT)
+        except OSError:
+            pass
+        time.sleep(2)
 
 
 def measure_ceiling(args: argparse.Namespace, env: dict) -> Optional[float]:
@@ -216,7 +232,7 @@ def run_all(args: argparse.Namespace) -> dict:
     from jamba.config import get_preset
     from jamba.flops import flops_per_token
 
-    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
+    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="1", PYTHONFAULTHANDLER="1")
     if args.device == "cpu":
         env.setdefault("OMP_NUM_THREADS", "1")
     out_dir = Path(args.out_dir)
@@ -324,7 +340,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", help="dtype of the ceiling matmul (default bf16)")
     p.add_argument("--ceiling-size", type=int, default=None,
                    help="n of the n^3 ceiling matmul (default 8192 on CUDA, 0 = skip elsewhere)")
-    p.add_argument("--timeout", type=float, default=600, help="seconds per torchrun before it is killed")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds per torchrun; past it the workers' Python stacks go to its log, then it is killed")
     p.add_argument("--out-dir", default="runs/scale", help="run directories, one per layout (replaced)")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun commands, run nothing")
     p.add_argument("--json", default=None)

@@ -112,3 +112,15 @@ def test_comm_profile_one_process(tmp_path):
     assert json.loads(out.read_text()) == res
     assert res["steps"] == 2 and res["wall_ms_per_step"] > 0 and res["world_size"] == 1
     assert res["nccl_ms_per_step"] == 0 and res["nccl_share_of_wall"] == 0
+
+
+def test_a_run_past_its_timeout_leaves_the_workers_stacks(tmp_path):
+    """A stand-in torchrun (a parent with one worker that hangs in `stuck_in_a_collective`): past --timeout
+    the worker's Python stack is in the log (5 s: time enough for the two interpreters to start on a busy CPU)."""
+    worker = "import time\ndef stuck_in_a_collective():\n    time.sleep(600)\nstuck_in_a_collective()\n"
+    agent = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {worker!r}])\n"
+    env = dict(__import__("os").environ, PYTHONFAULTHANDLER="1")
+    code, wall = scale.run_logged([sys.executable, "-c", agent], tmp_path / "log", timeout=5, env=env)
+    log = (tmp_path / "log").read_text()
+    assert code is None and wall < 30
+    assert "Fatal Python error: Aborted" in log and "stuck_in_a_collective" in log, log
