@@ -6,7 +6,7 @@
 
 The run directory (Hydra's output dir, runs/<name>/<overrides>) holds the resolved config, metrics.jsonl,
 checkpoints and the tokenizer; running the same command again resumes from its newest complete checkpoint.
-Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (requeue and re-run to resume), 1 error.
+Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGINT/SIGUSR1 (requeue and re-run to resume), 1 error.
 """
 
 import logging
@@ -29,7 +29,7 @@ register_configs()
 OmegaConf.register_new_resolver("run_suffix", lambda s: f"/{s}" if s else "", replace=True)
 
 
-def run(dcfg: DictConfig, run_dir: str) -> int:
+def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
     import torch
 
     from trainer import build, distributed
@@ -78,6 +78,7 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
         trainer = Trainer(cfg, model, optimizer, curriculum, make_loader, make_eval, ckpt, None, world, device,
                           layout.dp_size, flops_per_token=flops,
                           peak_tflops=gpu_peak_tflops(device, cfg.logging.peak_tflops))
+        trainer.stop = stop
         trainer.restore()
         metrics = MetricsLogger(run_path, cfg.logging, world.is_main, t.max_steps, trainer.state.step,
                                 OmegaConf.to_container(dcfg, resolve=True))
@@ -96,15 +97,24 @@ def run(dcfg: DictConfig, run_dir: str) -> int:
 def main(dcfg: DictConfig) -> None:
     from jamba.config import ConfigError
     from trainer.checkpoint_integrity import CheckpointDiskFull
+    from trainer.config import SIGNALS
+    from trainer.signals import StopSignal, watch_launcher
 
+    # First thing: a signal during start-up (imports, model build, resume) ends in a checkpoint after the first
+    # step and exit 75, not in death by -15. Names the config does not allow are reported by validation.
+    stop = StopSignal([s for s in dcfg.checkpoint.signals if s in SIGNALS])
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: stop when the agent dies (kill -9 of torchrun)
+        watch_launcher(float(os.environ.get("JAMBA_ORPHAN_GRACE_S", "300")))
     try:
-        code = run(dcfg, HydraConfig.get().runtime.output_dir)
+        code = run(dcfg, HydraConfig.get().runtime.output_dir, stop)
     except ConfigError as e:  # a user mistake: the message names the key, the value and the fix
         log.error("config error: %s", e)
         sys.exit(2)
     except CheckpointDiskFull as e:  # says how much space a checkpoint needs; older checkpoints are intact
         log.error("%s", e)
         sys.exit(1)
+    finally:
+        stop.restore()
     if code:
         sys.exit(code)
 

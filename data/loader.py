@@ -16,8 +16,12 @@ round-robin continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import logging
+import os
 import pickle
+import sys
 import time
 import weakref
 from typing import Any, Dict, List, Optional
@@ -28,9 +32,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.config import DataConfig
 from data.sources import expand_path, make_source
 from data.stream import COUNTERS, ReaderStream
+from data.workers import fork_shielded, init_worker, kill_workers
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation")
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators whose workers run
+
+
+@atexit.register
+def _kill_live_workers() -> None:
+    """At interpreter exit, before multiprocessing's own exit hook (registered earlier, so run later): that one
+    SIGTERMs daemonic workers and joins them, which would wait forever on workers that ignore SIGTERM."""
+    for it in list(_LIVE):
+        kill_workers(getattr(it, "_workers", ()))
 
 
 def build_stream(cfg: DataConfig, tokenizer, *, reader: int, n_readers: int, seed: int, split: str,
@@ -131,9 +145,15 @@ class PackedLoader:
         params = dict(num_workers=W, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size, seed=self.seed,
                       split=self.split, seq_len=self.seq_len, micro_batch_size=self.micro_batch_size)
         ds = _Workers(self.cfg, self.tokenizer, params, list(self._states), self._next)
+        # fork: workers start in milliseconds (spawn/forkserver re-import torch in each), and data/workers.py
+        # makes forking after the process group safe (no inherited sockets, signals ignored, die with us).
         dl = DataLoader(ds, batch_size=None, num_workers=W, prefetch_factor=self.cfg.prefetch_factor,
-                        persistent_workers=False, pin_memory=False)
-        it = iter(dl)
+                        persistent_workers=False, pin_memory=False,
+                        worker_init_fn=functools.partial(init_worker, parent_pid=os.getpid()),
+                        multiprocessing_context="fork" if sys.platform.startswith("linux") else None)
+        with fork_shielded():
+            it = iter(dl)  # forks the workers
+        _LIVE.add(it)
         try:
             for batch in it:
                 w = batch.pop("_worker")
@@ -145,6 +165,8 @@ class PackedLoader:
             shutdown = getattr(it, "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
+            kill_workers(getattr(it, "_workers", ()))  # one that did not stop in time ignores SIGTERM
+            _LIVE.discard(it)
 
     def _close(self) -> None:
         prev = self._gen() if self._gen is not None else None

@@ -164,7 +164,7 @@ class CheckpointConfig:
     verify: bool = True
     """Check every file of a checkpoint against its recorded CRC32 before loading it (a corrupt one is
     skipped, loudly, for the newest intact one). Reads each file once."""
-    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
     """On these signals: finish the current step, save, exit with code 75 (EXIT_PREEMPTED; requeue)."""
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
 from trainer.distributed import World, all_reduce_scalars
 from trainer.metrics import MetricsLogger, Throughput, memory_gb, moe_balance
+from trainer.signals import StopSignal
 from trainer.optim import lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -43,31 +43,6 @@ class TrainState:
     """Steps skipped for a non-finite loss or gradient, in total."""
     nonfinite_in_a_row: int = 0
     stage: int = 0
-
-
-class StopSignal:
-    """Remembers the first of the given signals; the loop checks it (agreed across ranks) after each step."""
-
-    def __init__(self, names: Iterable[str]):
-        self.received: Optional[str] = None
-        self._previous = {}
-        for name in names:
-            sig = getattr(signal, name)
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some test runners): no handler
-                log.warning("cannot install a %s handler outside the main thread", name)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-            log.warning("got %s: checkpointing after this step, then exiting with code %d",
-                        self.received, EXIT_PREEMPTED)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
 
 
 def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -271,13 +246,16 @@ class Trainer:
         if self.state.step >= max_steps:
             log.info("run already complete (step %d of %d): nothing to do", self.state.step, max_steps)
             return 0
-        self.stop = StopSignal(cfg.checkpoint.signals)
+        owned = self.stop is None  # train.py installs the handlers at start-up and passes them in
+        if owned:
+            self.stop = StopSignal(cfg.checkpoint.signals)
         try:
             code = self._fit(max_steps)
             self.ckpt.wait()  # a background save must be complete before the run counts as done
             return code
         finally:
-            self.stop.restore()
+            if owned:
+                self.stop.restore()
 
     def _fit(self, max_steps: int) -> int:
         cfg, st = self.cfg, self.state
