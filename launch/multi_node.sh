@@ -81,8 +81,10 @@ fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || fail "--nproc-per-node must be a positive integer, got '$nproc'"
 
 jamba_launch_env "$nproc"
+# torchrun through launch/torchrun.py: on a signal it exits 75 when every worker checkpointed, without a traceback.
+export PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}"
 
-cmd=("${PYTHON:-python}" -m torch.distributed.run
+cmd=("${PYTHON:-python}" -m launch.torchrun
   --nnodes="$nnodes"
   --nproc-per-node="$nproc"
   --rdzv-backend=c10d

@@ -51,8 +51,10 @@ if ! [[ "$max_restarts" =~ ^[0-9]+$ ]]; then
 fi
 
 jamba_launch_env "$nproc"
+# torchrun through launch/torchrun.py: on a signal it exits 75 when every worker checkpointed, without a traceback.
+export PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}"
 
-cmd=("${PYTHON:-python}" -m torch.distributed.run
+cmd=("${PYTHON:-python}" -m launch.torchrun
   --standalone
   --nnodes=1
   --nproc-per-node="$nproc"

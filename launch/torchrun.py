@@ -1,22 +1,28 @@
-"""`torchrun` with a configurable worker shutdown timeout on torch versions that lack `--shutdown-timeout`.
+"""`torchrun`, with two things the launchers in launch/ need:
 
-When torchrun is signalled (SIGUSR1 before the SLURM time limit, SIGTERM on preemption) it forwards the signal
-to the workers, which checkpoint and exit, and SIGKILLs them after a timeout. torch >= 2.12 takes
-`--shutdown-timeout`; older versions (e.g. 2.11) hard-code 30 s, too short to save a large model. This wrapper
-sets that default from $TORCH_ELASTIC_SHUTDOWN_TIMEOUT, then runs torchrun unchanged:
+1. A signalled torchrun (SIGTERM from SLURM/Kubernetes, Ctrl-C, SIGUSR1 with --signals-to-handle) forwards the
+   signal to the workers, which checkpoint and exit 75, and then dies with a SignalException traceback and
+   exit code 1. Here it says what happened in one line and exits 75 when every worker exited 75 (they saved:
+   requeue / re-run to resume), else 128 + the signal number. Likewise when the workers stopped by
+   themselves after a signal (exit 75 with no restarts left): 75, after torchrun's failure summary.
+2. A configurable worker shutdown timeout on torch versions without `--shutdown-timeout` (< 2.12, which
+   hard-code 30 s, too short to save a large model): from $TORCH_ELASTIC_SHUTDOWN_TIMEOUT when set.
 
-    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=240 python -m launch.torchrun --nnodes=2 ... train.py ...
+    python -m launch.torchrun --standalone --nproc-per-node=8 train.py ...     # torchrun's arguments
 
-launch/slurm/train.sbatch uses it only when `torchrun --help` has no --shutdown-timeout.
+launch/single_node.sh, launch/multi_node.sh and launch/slurm/train.sbatch run torchrun through this module.
 """
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
+import signal
 import sys
+from typing import Dict, Optional
 
-log = logging.getLogger(__name__)
+EXIT_PREEMPTED = 75  # trainer.signals.EXIT_PREEMPTED (not imported: this runs without the trainer's deps)
+_exit_codes: Dict[int, Optional[int]] = {}  # local rank -> exit code, recorded when torchrun closes workers
 
 
 def patch_shutdown_timeout(seconds: int) -> bool:
@@ -31,14 +37,59 @@ def patch_shutdown_timeout(seconds: int) -> bool:
     return True
 
 
+def record_exit_codes() -> bool:
+    """Wrap `PContext.close` to keep the workers' exit codes (subprocess workers, as torchrun starts them)."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    close = getattr(api.PContext, "close", None)
+    if close is None or getattr(close, "_records_exit_codes", False):
+        return close is not None
+
+    @functools.wraps(close)
+    def recording_close(self, *args, **kwargs):
+        try:
+            return close(self, *args, **kwargs)
+        finally:
+            for rank, handler in (getattr(self, "subprocess_handlers", None) or {}).items():
+                _exit_codes[int(rank)] = handler.proc.poll()
+
+    recording_close._records_exit_codes = True
+    api.PContext.close = recording_close
+    return True
+
+
+def _codes() -> str:
+    return ", ".join(f"local rank {r}: {c}" for r, c in sorted(_exit_codes.items())) or "none recorded"
+
+
 def main() -> None:
-    seconds = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
-    if not patch_shutdown_timeout(seconds):
-        print(f"launch.torchrun: cannot set the shutdown timeout on this torch; workers get torchrun's default",
+    seconds = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    if seconds and not patch_shutdown_timeout(int(seconds)):
+        print("launch.torchrun: cannot set the shutdown timeout on this torch; workers get torchrun's default",
               file=sys.stderr)
+    record_exit_codes()
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    torchrun_main()
+    try:
+        torchrun_main()
+    except SignalException as e:
+        name = signal.Signals(e.sigval).name
+        if _exit_codes and all(c == EXIT_PREEMPTED for c in _exit_codes.values()):
+            print(f"launch.torchrun: got {name}; every worker checkpointed and exited {EXIT_PREEMPTED}: re-run the "
+                  f"same command to resume", file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
+        print(f"launch.torchrun: got {name}; workers exited with ({_codes()}): not all of them checkpointed",
+              file=sys.stderr)
+        sys.exit(128 + int(e.sigval))
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        if codes and all(c == EXIT_PREEMPTED for c in codes):
+            print(f"launch.torchrun: the workers checkpointed and exited {EXIT_PREEMPTED} (a signal reached them): "
+                  f"re-run the same command to resume", file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
+        raise
 
 
 if __name__ == "__main__":

@@ -190,3 +190,19 @@ def test_kill9_of_the_trainer_takes_its_workers(tmp_path, reap):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not gone(workers, 10), "DataLoader workers outlived their trainer"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT"])  # SIGTERM takes the same path in torchrun and here
+def test_signalled_torchrun_wrapper_exits_75_without_a_traceback(tmp_path, reap, sig):
+    """launch.torchrun (what our launch scripts run): Ctrl-C or SIGTERM to the launcher's process group;
+    torchrun forwards it, the ranks checkpoint and exit 75, and so does the launcher, with one line."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch.torchrun", *torchrun(run_dir)[3:], "train.max_steps=100000"]
+    proc = start(cmd, tmp_path / "torchrun.log")
+    wait_until(lambda: max(losses(run_dir), default=0) >= 2, proc, "step 2", 120)
+    os.killpg(proc.pid, getattr(signal, sig))
+    proc.wait(timeout=90)
+    out = proc.log.read_text()
+    assert proc.returncode == 75, out[-4000:]
+    assert "Traceback" not in out and "every worker checkpointed and exited 75" in out, out[-4000:]
+    assert complete_steps(run_dir) == [max(losses(run_dir))]

@@ -45,7 +45,7 @@ def test_single_node_dry_run():
     assert "NCCL_NVLS_ENABLE=0" in lines and "TORCH_SYMM_MEM_DISABLE_MULTICAST=1" in lines
     assert f"OMP_NUM_THREADS={max(1, len(os.sched_getaffinity(0)) // 4)}" in lines
     cmd = lines[-1].split()
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "launch.torchrun"]
     assert cmd[3:7] == ["--standalone", "--nnodes=1", "--nproc-per-node=4", "--max-restarts=2"]
     assert cmd[7:] == [str(REPO / "train.py"), "model=tiny", "hydra.run.dir=runs/x"]
 
