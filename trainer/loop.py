@@ -197,14 +197,14 @@ class Trainer:
             self.state.skipped += 1
             self.state.nonfinite_in_a_row += 1
             log.warning("step %d: non-finite %s (loss %s, grad norm %s): skipped (%d in a row, %d in total)",
-                        self.state.step, "loss" if not math.isfinite(loss) else "gradient", loss, grad_norm,
+                        self.state.step + 1, "loss" if not math.isfinite(loss) else "gradient", loss, grad_norm,
                         self.state.nonfinite_in_a_row, self.state.skipped)
         self.optimizer.zero_grad(set_to_none=True)
         if self.state.nonfinite_in_a_row >= cfg.train.max_consecutive_nonfinite:
             self.ckpt.wait()  # a background save completes (and prunes) before the newest is named
             newest = self.ckpt.latest()  # never pruned for a non-finite state: saves skip those
             raise NonFiniteError(
-                f"{self.state.nonfinite_in_a_row} steps in a row (up to step {self.state.step}) had a non-finite "
+                f"{self.state.nonfinite_in_a_row} steps in a row (up to step {self.state.step + 1}) had a non-finite "
                 f"loss or gradient (last loss {loss}, grad norm {grad_norm}); halting. Lower optim.lr, keep "
                 f"optim.grad_clip > 0 or check the data, then re-run: it resumes from "
                 f"{newest if newest else 'scratch (no checkpoint yet)'}. "

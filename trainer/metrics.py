@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per logged step: step, tokens, loss, lr, grad_norm, tokens_per_s, plus
 aux_loss, z_loss, skipped, stage, seq_len, mfu (GPU), moe_load_max / moe_load_min, mem_gb; validation
-records carry val_loss and val_ppl. wandb gets the same records. Its run id lives in <run_dir>/wandb_id, so
+records carry val_loss and val_ppl. A resumed run moves the records of the steps it redoes to
+metrics.replayed.jsonl, so metrics.jsonl has each step once. wandb gets the same records. Its run id lives in <run_dir>/wandb_id, so
 a resumed or requeued job continues the same wandb run.
 """
 
@@ -69,6 +70,31 @@ def _wandb_mode(requested: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+REPLAYED = "metrics.replayed.jsonl"
+
+
+def set_aside_replayed(path: Path, start_step: int) -> int:
+    """A resumed run redoes the steps after its checkpoint: move their old records (and a line torn by a kill)
+    from metrics.jsonl to metrics.replayed.jsonl beside it, so each step appears once. Returns how many."""
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None
+        (keep if isinstance(step, int) and step <= start_step else moved).append(line)
+    if not moved:
+        return 0
+    with open(path.with_name(REPLAYED), "a") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return len(moved)
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks' calls are no-ops. `log(record)` for training, `log_eval` for validation."""
 
@@ -80,6 +106,10 @@ class MetricsLogger:
         self._fh = None
         if not is_main:
             return
+        moved = set_aside_replayed(self.run_dir / "metrics.jsonl", start_step)
+        if moved:
+            log.info("metrics.jsonl: %d records after step %d (redone by this run) moved to %s", moved, start_step,
+                     REPLAYED)
         self._fh = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.progress_bar:
             from tqdm import tqdm

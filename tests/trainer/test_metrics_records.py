@@ -1,0 +1,52 @@
+"""What metrics.jsonl and the log say: each step once after a resume, the non-finite warning numbered as in
+metrics.jsonl, bad-data skip counters."""
+
+import json
+import logging
+
+from tests.trainer.trainer_standins import build_trainer, read_metrics, small_run_config
+from trainer.config import LoggingConfig
+from trainer.metrics import REPLAYED, MetricsLogger
+
+
+def test_resume_sets_aside_the_records_it_redoes(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 10.0 - s}) for s in range(1, 11)]
+    lines.insert(6, json.dumps({"step": 6, "val_loss": 3.0}))
+    path.write_text("\n".join(lines) + '\n{"step": 11, "lo')  # a line torn by kill -9
+    cfg = LoggingConfig(progress_bar=False)
+    cfg.wandb.mode = "disabled"
+    m = MetricsLogger(tmp_path, cfg, True, 20, start_step=6)
+    m.log({"step": 7, "loss": 1.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0, "mem_gb": 0.1})
+    m.close()
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 6, 7] and recs[-1]["loss"] == 1.5
+    moved = (tmp_path / REPLAYED).read_text().splitlines()
+    assert [json.loads(x)["step"] for x in moved[:-1]] == [7, 8, 9, 10] and moved[-1] == '{"step": 11, "lo'
+
+
+def test_resumed_trainer_logs_each_step_once(tmp_path):
+    cfg = small_run_config(max_steps=8)
+    d = tmp_path / "run"
+    tr = build_trainer(cfg, d)
+    tr.cfg.train.max_steps = 5  # stop after step 5; the newest checkpoint is step 3
+    tr.cfg.checkpoint.save_final = False
+    assert tr.fit() == 0
+    cfg = small_run_config(max_steps=8)
+    assert build_trainer(cfg, d).fit() == 0  # resumes at 3, redoes 4 and 5
+    steps = [r["step"] for r in read_metrics(d)]
+    assert steps == list(range(1, 9)), steps
+    assert [json.loads(x)["step"] for x in (d / REPLAYED).read_text().splitlines()] == [4, 5]
+
+
+def test_nonfinite_warning_names_the_step_metrics_logs(tmp_path, caplog):
+    cfg = small_run_config(max_steps=4, max_consecutive_nonfinite=3)
+    cfg.checkpoint.every = 0
+    cfg.checkpoint.save_final = False
+    tr = build_trainer(cfg, tmp_path / "skip")
+    tr.model.nan_calls = {3}  # 2 micro-batches per step: the 2nd step's first forward is NaN
+    with caplog.at_level(logging.WARNING, logger="trainer.loop"):
+        assert tr.fit() == 0
+    bad = [r["step"] for r in read_metrics(tmp_path / "skip") if r["loss"] is None]
+    warned = [m for m in caplog.messages if "non-finite" in m]
+    assert bad == [2] and len(warned) == 1 and warned[0].startswith("step 2:"), (bad, warned)
