@@ -16,8 +16,10 @@ where ours skips and counts the line. Hub datasets (`name=`) do stream through H
 position from `IterableDataset.state_dict()` (we keep our own shuffle buffer, which HF does not restore).
 
 Bad input never raises: non-UTF-8 documents, invalid JSON lines, missing/non-string text fields, empty and
-whitespace-only documents, and unreadable files are skipped and counted (`skipped_*` counters) with a
-rate-limited warning; documents longer than `max_doc_chars` are split into pieces (`split_docs`).
+whitespace-only documents, and unreadable files are skipped and counted (`skipped_*` counters); documents
+longer than `max_doc_chars` are split into pieces (`split_docs`). Each bad line is counted once: by the reader
+that owns it, in the source's first epoch (later epochs skip the same lines silently). The counters reach
+metrics.jsonl and the log line; warnings stop after the first 5 of a kind per process, saying so.
 """
 
 from __future__ import annotations
@@ -37,16 +39,47 @@ from data.corpus import split_of, stdlib_files, stdlib_root
 log = logging.getLogger(__name__)
 
 TEXT_EXTS = (".txt", ".md", ".py", ".rst", ".text", ".tex", ".c", ".h", ".js", ".html")
+WARN_LIMIT = 5
 _warned: Dict[str, int] = {}
 
 
+class Skips(dict):
+    """Skip counters of one document being read, with its warnings held back until the reader knows whether
+    the document is its own (and in its first epoch): `keep(into)` counts and warns, `clear()` forgets."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending: List[Tuple[str, str, tuple]] = []
+
+    def keep(self, into: Dict[str, int]) -> None:
+        for k, v in self.items():
+            into[k] = into.get(k, 0) + v
+        for reason, msg, args in self.pending:
+            _log_skip(reason, msg, args)
+        self.clear()
+
+    def clear(self) -> None:
+        super().clear()
+        self.pending = []
+
+
+def _log_skip(reason: str, msg: str, args: tuple) -> None:
+    """The first WARN_LIMIT warnings of each reason in this process, then one line saying that they stop."""
+    n = _warned[reason] = _warned.get(reason, 0) + 1
+    if n <= WARN_LIMIT:
+        log.warning("data: " + msg + f" (skipped; {reason})", *args)
+    if n == WARN_LIMIT:
+        log.warning("data: further %s warnings suppressed; counts in metrics.jsonl and the log line", reason)
+
+
 def _warn(stats: Optional[Dict[str, int]], reason: str, msg: str, *args) -> None:
-    """Count `reason`; log the first 5 occurrences and then every 1000th (per process)."""
+    """Count `reason` in stats and warn (a Skips holds the warning back for its reader to decide)."""
     if stats is not None:
         stats[reason] = stats.get(reason, 0) + 1
-    n = _warned[reason] = _warned.get(reason, 0) + 1
-    if n <= 5 or n % 1000 == 0:
-        log.warning("data: " + msg + f" (skipped; {reason} #{n} in this process)", *args)
+    if isinstance(stats, Skips):
+        stats.pending.append((reason, msg, args))
+    else:
+        _log_skip(reason, msg, args)
 
 
 def detect_format(path: str) -> str:
@@ -242,7 +275,7 @@ class FileSource(Source):
         self._order: Optional[List[int]] = None
         self._it: Optional[Iterator] = None
         self._pieces: List[str] = []
-        self._scratch: Dict[str, int] = {}
+        self._scratch = Skips()
 
     def _epoch_order(self) -> List[int]:
         order = list(range(len(self.files)))
@@ -276,10 +309,10 @@ class FileSource(Source):
             nxt = next(self._it, None)
             j = nxt[0] if nxt is not None else -1
             mine = (self._order[st["file_pos"]] + j) % self.stride == self.offset
-            if self._scratch:  # skip counters: only the reader that owns the document (or file) counts them
-                if (mine if nxt is not None else self.offset == 0):
-                    for k, v in self._scratch.items():
-                        self.stats[k] = self.stats.get(k, 0) + v
+            if self._scratch:  # skip counters: only the reader that owns the document (or file) counts them,
+                # once: in the first epoch (later epochs meet the same bad lines again)
+                if st["epoch"] == 0 and (mine if nxt is not None else self.offset == 0):
+                    self._scratch.keep(self.stats)
                 self._scratch.clear()
             if nxt is None:  # end of file
                 st.update(file_pos=st["file_pos"] + 1, doc=0, piece=0)
@@ -292,7 +325,8 @@ class FileSource(Source):
                 continue
             self.epoch_docs += 1
             if len(text) > self.max_doc_chars:
-                self._pieces = remaining_pieces(text, self.max_doc_chars, st["piece"], self.stats)
+                self._pieces = remaining_pieces(text, self.max_doc_chars, st["piece"],
+                                                self.stats if st["epoch"] == 0 else {})
                 continue
             st["doc"], st["piece"] = j + 1, 0
             return text
@@ -349,8 +383,9 @@ class HubSource(Source):
             after = copy.deepcopy(self.ds.state_dict())
             text = rec.get(self.text_field)
             if not isinstance(text, str) or not text.strip():
-                _warn(self.stats, "skipped_field" if not isinstance(text, str) else "skipped_empty",
-                      "%s: record without text in field %r", self.label, self.text_field)
+                if st["epoch"] == 0:  # counted once, not again in every epoch
+                    _warn(self.stats, "skipped_field" if not isinstance(text, str) else "skipped_empty",
+                          "%s: record without text in field %r", self.label, self.text_field)
                 st["hf"] = after
                 continue
             if not self._keep(text):
@@ -358,7 +393,8 @@ class HubSource(Source):
                 continue
             self.epoch_docs += 1
             if len(text) > self.max_doc_chars:
-                self._pieces = remaining_pieces(text, self.max_doc_chars, st["piece"], self.stats)
+                self._pieces = remaining_pieces(text, self.max_doc_chars, st["piece"],
+                                                self.stats if st["epoch"] == 0 else {})
                 self._hf_after = after
                 continue
             st["hf"] = after

@@ -22,7 +22,7 @@ from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, set_rng_state
 from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
 from trainer.distributed import World, all_reduce_scalars
-from trainer.metrics import MetricsLogger, Throughput, memory_gb, moe_balance
+from trainer.metrics import DATA_COUNTERS, MetricsLogger, Throughput, memory_gb, moe_balance
 from trainer.signals import StopSignal
 from trainer.optim import lr_at, set_lr
 
@@ -148,6 +148,14 @@ class Trainer:
             log.info("data loader exhausted at step %d: starting over", self.state.step)
             self._iter = iter(self.loader)
             return next(self._iter)
+
+    def data_counters(self) -> Dict[str, int]:
+        """The loaders' bad-data counters summed over data-parallel ranks, non-zero ones (a collective: every
+        rank calls it at the same steps). Ranks of one data-parallel rank (TP/CP) read the same data: counted once."""
+        stats = self.loader.stats() if hasattr(self.loader, "stats") else {}
+        vals = torch.tensor([float(stats.get(k, 0)) for k in DATA_COUNTERS], dtype=torch.float64, device=self.device)
+        vals = all_reduce_scalars(vals, "sum").cpu() / max(1, self.world.world_size // self.dp_size)
+        return {k: int(round(v)) for k, v in zip(DATA_COUNTERS, vals.tolist()) if v}
 
     def data_state(self) -> Dict[str, Any]:
         return {"stage": self._loader_stage, "loader": self.loader.state_dict() if self.loader else None}
@@ -281,6 +289,7 @@ class Trainer:
                     record["mfu"] = (self.flops_per_token(stage.seq_len) * tps
                                      / (self.peak_tflops * 1e12 * self.world.world_size))
                 record.update(moe_balance(out["expert_counts"]))
+                record.update(self.data_counters())
                 self.metrics.log(record)
             self.metrics.advance(st.step, out["loss"])
             if cfg.train.eval_every and (st.step % cfg.train.eval_every == 0 or last):

@@ -1,8 +1,9 @@
 """Metrics: metrics.jsonl, log lines, the tqdm progress bar and wandb (all on rank 0), MFU and memory.
 
 metrics.jsonl holds one JSON object per logged step: step, tokens, loss, lr, grad_norm, tokens_per_s, plus
-aux_loss, z_loss, skipped, stage, seq_len, mfu (GPU), moe_load_max / moe_load_min, mem_gb; validation
-records carry val_loss and val_ppl. A resumed run moves the records of the steps it redoes to
+aux_loss, z_loss, skipped (steps), stage, seq_len, mfu (GPU), moe_load_max / moe_load_min, mem_gb, and when
+non-zero the data counters skipped_json / skipped_utf8 / skipped_field / skipped_empty / skipped_file (bad
+documents skipped, each counted once) and split_docs; validation records carry val_loss and val_ppl. A resumed run moves the records of the steps it redoes to
 metrics.replayed.jsonl, so metrics.jsonl has each step once. wandb gets the same records. Its run id lives in <run_dir>/wandb_id, so
 a resumed or requeued job continues the same wandb run.
 """
@@ -71,6 +72,9 @@ def _wandb_mode(requested: str) -> str:
 
 
 REPLAYED = "metrics.replayed.jsonl"
+DATA_COUNTERS = ("skipped_json", "skipped_utf8", "skipped_field", "skipped_empty", "skipped_file", "split_docs")
+"""The data loader's bad-data counters (each bad line once) and long documents split, all data-parallel ranks:
+in a training record when non-zero."""
 
 
 def set_aside_replayed(path: Path, start_step: int) -> int:
@@ -162,6 +166,10 @@ class MetricsLogger:
         line += f" | mem {record['mem_gb']:.2f} GB"
         if record.get("skipped"):
             line += f" | skipped {record['skipped']}"
+        bad = [f"{k[len('skipped_'):]} {record[k]:,}" for k in DATA_COUNTERS if k.startswith("skipped_")
+               and record.get(k)]
+        if bad:
+            line += " | bad data skipped: " + ", ".join(bad)
         self._print(line)
 
     def log_eval(self, record: Dict[str, Any]) -> None:

@@ -50,3 +50,36 @@ def test_nonfinite_warning_names_the_step_metrics_logs(tmp_path, caplog):
     bad = [r["step"] for r in read_metrics(tmp_path / "skip") if r["loss"] is None]
     warned = [m for m in caplog.messages if "non-finite" in m]
     assert bad == [2] and len(warned) == 1 and warned[0].startswith("step 2:"), (bad, warned)
+
+
+def test_bad_data_counters_reach_metrics_and_the_log_once_per_line(tmp_path):
+    """train.py on a corpus with 15 invalid JSON lines, several epochs: skipped_json is 15 in metrics.jsonl and
+    the log line (it was 63 after four epochs), with the DataLoader worker's counters."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.data.conftest import make_docs, write_jsonl
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(6, seed=2, prefix="d"))
+    with open(corpus, "a") as f:
+        f.writelines(f'{{"text": "broken {i}\n' for i in range(15))
+    run = tmp_path / "run"
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "train.py", "experiment=debug", "train.num_threads=1", "train.max_steps=12",
+                        "train.eval_every=0", "checkpoint.every=0", f"hydra.run.dir={run}", "data.num_workers=1",
+                        "data.validation_fraction=0", f"data.sources=[{{path:{corpus}}}]"],
+                       cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled"),
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    recs = [x for x in read_metrics(run) if "loss" in x]
+    assert [x["step"] for x in recs] == list(range(1, 13))
+    assert {x.get("skipped_json") for x in recs} == {15}, [x.get("skipped_json") for x in recs]
+    assert "bad data skipped: json 15" in out, out[-3000:]
+    import torch
+    rank = torch.load(run / "checkpoints" / "step_000000012" / "rank00000.pt", weights_only=False)
+    epoch = rank["data"]["loader"]["workers"][0]["sources"][0]["epoch"]
+    assert epoch >= 3, f"the corpus should have been read several times (epoch {epoch})"
+    assert "further skipped_json warnings suppressed" in out
