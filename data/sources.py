@@ -111,77 +111,101 @@ def _decode(raw: bytes, stats, where: str) -> Optional[str]:
 
 
 def iter_file_documents(path: str, *, fmt: str = "auto", text_field: str = "text", text_unit: str = "file",
-                        start: int = 0, stats: Optional[Dict[str, int]] = None) -> Iterator[Tuple[int, Optional[str]]]:
+                        start: int = 0, stats: Optional[Dict[str, int]] = None, offset: Optional[int] = None,
+                        with_offsets: bool = False) -> Iterator[Tuple]:
     """Yield (raw document index, text or None if skipped) from index `start` on. Never raises on bad data:
-    an unreadable file is counted as `skipped_file` and yields nothing more."""
+    an unreadable file is counted as `skipped_file` and yields nothing more.
+
+    with_offsets: yield (index, text, byte offset of the document in the file or None) instead; `offset`, the
+    byte offset of document `start` when known, lets text and JSONL files seek there instead of scanning."""
     fmt = detect_format(path) if fmt == "auto" else fmt
     try:
         if fmt == "parquet":
-            yield from _iter_parquet(path, text_field, start, stats)
+            it = _iter_parquet(path, text_field, start, stats)
         elif fmt == "jsonl":
-            yield from _iter_jsonl(path, text_field, start, stats)
+            it = _iter_jsonl(path, text_field, start, stats, offset)
         else:
-            yield from _iter_text(path, text_unit, start, stats)
+            it = _iter_text(path, text_unit, start, stats, offset)
+        for j, text, at in it:
+            yield (j, text, at) if with_offsets else (j, text)
     except (OSError, EOFError, ValueError) as e:  # unreadable, truncated gzip, corrupt parquet, ...
         _warn(stats, "skipped_file", "%s: unreadable (%s: %s)", path, type(e).__name__, e)
 
 
-def _iter_text(path, unit, start, stats):
+def _lines(f, start: int, offset: Optional[int]) -> Iterator[Tuple[int, int, bytes]]:
+    """(line index, byte offset, line) of a binary file; from line `start` at byte `offset` when given."""
+    j, pos = 0, 0
+    if offset is not None and start > 0:
+        f.seek(offset)
+        j, pos = start, offset
+    for line in f:
+        yield j, pos, line
+        j, pos = j + 1, pos + len(line)
+
+
+def _iter_text(path, unit, start, stats, offset=None):
     if unit == "file":
         if start == 0:
             with _open(path) as f:
-                yield 0, _decode(f.read(), stats, path)
+                yield 0, _decode(f.read(), stats, path), 0
         return
     with _open(path) as f:
         if unit == "line":
-            for j, line in enumerate(f):
+            for j, pos, line in _lines(f, start, offset):
                 if j >= start:
-                    yield j, _decode(line.rstrip(b"\r\n"), stats, f"{path}:{j + 1}")
+                    yield j, _decode(line.rstrip(b"\r\n"), stats, f"{path}:{j + 1}"), pos
             return
-        j, para = 0, []  # paragraph: blank-line separated blocks
+        # paragraph: blank-line separated blocks; `offset` is where paragraph `start` begins
+        j, para, at = (start, [], offset) if offset is not None and start > 0 else (0, [], 0)
+        if offset is not None and start > 0:
+            f.seek(offset)
+        pos = at
         for line in f:
             if line.strip():
+                if not para:
+                    at = pos
                 para.append(line)
             elif para:
                 if j >= start:
-                    yield j, _decode(b"".join(para).rstrip(b"\r\n"), stats, f"{path} paragraph {j}")
+                    yield j, _decode(b"".join(para).rstrip(b"\r\n"), stats, f"{path} paragraph {j}"), at
                 j, para = j + 1, []
+            pos += len(line)
         if para and j >= start:
-            yield j, _decode(b"".join(para).rstrip(b"\r\n"), stats, f"{path} paragraph {j}")
+            yield j, _decode(b"".join(para).rstrip(b"\r\n"), stats, f"{path} paragraph {j}"), at
 
 
-def _iter_jsonl(path, field, start, stats):
+def _iter_jsonl(path, field, start, stats, offset=None):
     with _open(path) as f:
-        for j, line in enumerate(f):
+        for j, pos, line in _lines(f, start, offset):
             if j < start:
                 continue
             where = f"{path}:{j + 1}"
             if not line.strip():
                 if stats is not None:
                     stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
-                yield j, None
+                yield j, None, pos
                 continue
             try:
                 rec = json.loads(line)
             except UnicodeDecodeError as e:
                 _warn(stats, "skipped_utf8", "%s: not UTF-8 (%s)", where, e.reason)
-                yield j, None
+                yield j, None, pos
                 continue
             except ValueError as e:
                 _warn(stats, "skipped_json", "%s: invalid JSON line (%s)", where, str(e)[:80])
-                yield j, None
+                yield j, None, pos
                 continue
             text = rec.get(field) if isinstance(rec, dict) else None
             if not isinstance(text, str):
                 _warn(stats, "skipped_field", "%s: no string field %r", where, field)
-                yield j, None
+                yield j, None, pos
                 continue
             if not text.strip():
                 if stats is not None:
                     stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
-                yield j, None
+                yield j, None, pos
                 continue
-            yield j, text
+            yield j, text, pos
 
 
 def _iter_parquet(path, field, start, stats):
@@ -206,9 +230,9 @@ def _iter_parquet(path, field, start, stats):
                     reason = "skipped_empty" if isinstance(text, str) or text is None else "skipped_field"
                     if stats is not None:
                         stats[reason] = stats.get(reason, 0) + 1
-                    yield j, None
+                    yield j, None, None
                     continue
-                yield j, text
+                yield j, text, None
 
 
 def expand_path(path: str) -> List[str]:
@@ -249,12 +273,18 @@ class Source:
         self.split, self.hash_fraction, self.max_doc_chars, self.loop = split, hash_fraction, max_doc_chars, loop
         self.stats = stats
         self.epoch_docs = 0  # documents this reader got in the current epoch (to detect an empty shard)
+        self.last_address: Optional[tuple] = None
+        """Where the text next() returned can be read again (`read_many`), or None if this source cannot."""
 
     def _keep(self, text: str) -> bool:
         """Held-out documents by content hash: train keeps the rest, validation keeps only them."""
         if self.hash_fraction is None:
             return True
         return split_of(text, self.hash_fraction) == self.split
+
+    def read_many(self, addresses: Sequence[tuple]) -> List[str]:
+        """The texts at these `last_address` values (a resume rebuilds its shuffle buffer from them)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-read documents")
 
     def _no_docs_error(self) -> ValueError:
         return ValueError(
@@ -275,12 +305,14 @@ class FileSource(Source):
         self._order: Optional[List[int]] = None
         self._it: Optional[Iterator] = None
         self._pieces: List[str] = []
+        self._doc_offset: Optional[int] = None  # byte offset of the document being read (None: Parquet)
         self._scratch = Skips()
 
-    def _epoch_order(self) -> List[int]:
+    def _epoch_order(self, epoch: Optional[int] = None) -> List[int]:
         order = list(range(len(self.files)))
         if self.loop:  # training: a new file order every epoch
-            random.Random(f"{self.seed}/{self.index}/{self.reader}/{self.state['epoch']}").shuffle(order)
+            epoch = self.state["epoch"] if epoch is None else epoch
+            random.Random(f"{self.seed}/{self.index}/{self.reader}/{epoch}").shuffle(order)
         return order
 
     def next(self) -> Optional[str]:
@@ -288,6 +320,7 @@ class FileSource(Source):
         while True:
             if self._pieces:  # the rest of a long document
                 text = self._pieces.pop(0)
+                self.last_address = (st["epoch"], st["file_pos"], st["doc"], st["piece"], self._doc_offset)
                 st["piece"] += 1
                 if not self._pieces:
                     st["doc"], st["piece"] = st["doc"] + 1, 0
@@ -305,7 +338,8 @@ class FileSource(Source):
             if self._it is None:
                 path = self.files[self._order[st["file_pos"]]]
                 self._it = iter_file_documents(path, fmt=self.fmt, text_field=self.text_field,
-                                               text_unit=self.text_unit, start=st["doc"], stats=self._scratch)
+                                               text_unit=self.text_unit, start=st["doc"], stats=self._scratch,
+                                               with_offsets=True)
             nxt = next(self._it, None)
             j = nxt[0] if nxt is not None else -1
             mine = (self._order[st["file_pos"]] + j) % self.stride == self.offset
@@ -318,7 +352,7 @@ class FileSource(Source):
                 st.update(file_pos=st["file_pos"] + 1, doc=0, piece=0)
                 self._it = None
                 continue
-            text = nxt[1]
+            text, self._doc_offset = nxt[1], nxt[2]
             st["doc"] = j
             if text is None or not mine or not self._keep(text):
                 st["doc"], st["piece"] = j + 1, 0
@@ -328,8 +362,36 @@ class FileSource(Source):
                 self._pieces = remaining_pieces(text, self.max_doc_chars, st["piece"],
                                                 self.stats if st["epoch"] == 0 else {})
                 continue
+            self.last_address = (st["epoch"], st["file_pos"], j, 0, self._doc_offset)
             st["doc"], st["piece"] = j + 1, 0
             return text
+
+    def read_many(self, addresses: Sequence[tuple]) -> List[str]:
+        """Texts at (epoch, file position, document index, piece, byte offset) addresses; each document read
+        once (the pieces of one long document share it), text and JSONL files by seeking to the offset."""
+        docs: Dict[tuple, Optional[str]] = {}
+        for epoch, file_pos, doc, _, offset in addresses:
+            key = (int(epoch), int(file_pos), int(doc))
+            if key in docs:
+                continue
+            path = self.files[self._epoch_order(key[0])[key[1]]]
+            found = None
+            for j, text, _ in iter_file_documents(path, fmt=self.fmt, text_field=self.text_field,
+                                                   text_unit=self.text_unit, start=key[2], stats=Skips(),
+                                                   offset=offset, with_offsets=True):
+                if j == key[2]:
+                    found = text
+                break
+            if found is None:
+                raise ValueError(f"data source {self.label}: document {key[2]} of {path} (epoch {key[0]}) cannot be "
+                                 f"read again to resume; the file changed since the checkpoint. Fix: restore it, or "
+                                 f"start the data loaders afresh (a new run directory)")
+            docs[key] = found
+        out = []
+        for epoch, file_pos, doc, piece, _ in addresses:
+            text = docs[(int(epoch), int(file_pos), int(doc))]
+            out.append(split_text(text, self.max_doc_chars)[piece] if len(text) > self.max_doc_chars else text)
+        return out
 
     def state_dict(self) -> Dict[str, Any]:
         return dict(self.state, epoch_docs=self.epoch_docs)

@@ -1,9 +1,15 @@
 """One reader's token stream: source mixture -> tokenise -> shuffle buffer -> pack into fixed-length rows.
 
 A *reader* is one (data-parallel rank, DataLoader worker) pair. Its whole position is `state_dict()`:
-every source's position, the mixture and buffer draw counters, the shuffle buffer's documents (as token
-bytes), the packing remainder and the counters. Randomness comes from a counter-based hash (seed, reader,
-stream, counter), so the RNG state is a pair of integers and restoring it is exact.
+every source's position, the mixture and buffer draw counters, the shuffle buffer's documents, the packing
+remainder and the counters. Randomness comes from a counter-based hash (seed, reader, stream, counter), so
+the RNG state is a pair of integers and restoring it is exact.
+
+The state stays small whatever the input (it is pickled with every batch a DataLoader worker sends, and saved
+per rank): a buffered or partly packed document is stored as its *address* in its source (file, document,
+piece, byte offset) plus its token count and CRC, and read and tokenised again on resume, the CRC proving it
+is the same document. Only documents of sources that cannot re-read (hub datasets) are stored as tokens.
+(A 60 MB single-line document used to put ~64 MB of tokens into every batch's state.)
 
 Packing: documents become `tokens + [eos]`, concatenated; each row is a window of seq_len + 1 tokens and
 the next window starts seq_len tokens later (the last token of a row is the first of the next), so every
@@ -15,14 +21,34 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import zlib
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: documents as token bytes (still loaded)
 COUNTERS = ("docs", "tokens", "sequences", "split_docs", "skipped_empty", "skipped_utf8", "skipped_json",
             "skipped_field", "skipped_file")
+
+
+class Doc:
+    """A tokenised document (ending with eos) and where it came from: (source index, address) or None."""
+
+    __slots__ = ("tokens", "where", "crc")
+
+    def __init__(self, tokens: np.ndarray, where: Optional[Tuple[int, tuple]]):
+        self.tokens, self.where = tokens, where
+        self.crc = zlib.crc32(tokens.tobytes()) if where is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def entry(self) -> tuple:
+        """What the state holds: ("at", source, address, n_tokens, crc) or ("tokens", bytes)."""
+        if self.where is None:
+            return ("tokens", self.tokens.tobytes())
+        return ("at", self.where[0], tuple(self.where[1]), len(self.tokens), self.crc)
 
 
 def uniform(seed: int, reader: int, stream: int, counter: int) -> float:
@@ -48,8 +74,8 @@ class ReaderStream:
         self.exhausted = [False] * len(self.sources)
         self.mix_counter = 0
         self.buf_counter = 0
-        self.buffer: List[np.ndarray] = []  # tokenised documents waiting (each ends with eos)
-        self.pending: List[Tuple[np.ndarray, int]] = []  # packing remainder: (tokens, doc number) chunks
+        self.buffer: List[Doc] = []  # tokenised documents waiting (each ends with eos)
+        self.pending: List[Tuple[Doc, int, int]] = []  # packing remainder: (document, first token left, doc number)
         self.pending_len = 0
         self.doc_counter = 0
 
@@ -69,22 +95,27 @@ class ReaderStream:
                 return i
         return live[-1]
 
-    def _read_doc(self) -> Optional[np.ndarray]:
+    def _read_doc(self) -> Optional[Doc]:
         """The next document of the mixture, tokenised; None when every source is exhausted."""
         while True:
             i = self._pick_source()
             if i is None:
                 return None
-            text = self.sources[i].next()
+            src = self.sources[i]
+            text = src.next()
             if text is None:
                 self.exhausted[i] = True
                 continue
-            ids = self.tok.encode(text)
-            ids.append(self.eos)
             self.stats["docs"] += 1
-            return np.asarray(ids, dtype=self.dtype)
+            where = getattr(src, "last_address", None)
+            return Doc(self._tokenize(text), (i, where) if where is not None else None)
 
-    def next_doc(self) -> Optional[np.ndarray]:
+    def _tokenize(self, text: str) -> np.ndarray:
+        ids = self.tok.encode(text)
+        ids.append(self.eos)
+        return np.asarray(ids, dtype=self.dtype)
+
+    def next_doc(self) -> Optional[Doc]:
         while len(self.buffer) < self.buffer_size:
             doc = self._read_doc()
             if doc is None:
@@ -106,16 +137,14 @@ class ReaderStream:
         """The first n pending tokens and their doc numbers; keeps the last of them pending."""
         toks, docs, got, k = [], [], 0, 0
         while got < n:
-            t, d = self.pending[k]
-            take = min(len(t), n - got)
-            toks.append(t[:take])
+            doc, start, d = self.pending[k]
+            take = min(len(doc) - start, n - got)
+            toks.append(doc.tokens[start:start + take])
             docs.append(np.full(take, d, dtype=np.int64))
             got += take
             k += 1
-        last_t, last_d = self.pending[k - 1]
-        used_in_last = len(toks[-1])
-        rest = [(last_t[used_in_last - 1:], last_d)] + self.pending[k:]  # overlap by one token
-        self.pending = rest
+        last, start, d = self.pending[k - 1]
+        self.pending = [(last, start + len(toks[-1]) - 1, d)] + self.pending[k:]  # overlap by one token
         self.pending_len -= n - 1
         return np.concatenate(toks), np.concatenate(docs)
 
@@ -125,7 +154,7 @@ class ReaderStream:
             doc = self.next_doc()
             if doc is None:
                 return None
-            self.pending.append((doc, self.doc_counter))
+            self.pending.append((doc, 0, self.doc_counter))
             self.pending_len += len(doc)
             self.doc_counter += 1
             self.stats["tokens"] += len(doc)
@@ -159,14 +188,14 @@ class ReaderStream:
             "exhausted": list(self.exhausted),
             "mix_counter": self.mix_counter,
             "buf_counter": self.buf_counter,
-            "buffer": [d.tobytes() for d in self.buffer],
-            "pending": [(t.tobytes(), int(d)) for t, d in self.pending],
+            "buffer": [d.entry() for d in self.buffer],
+            "pending": [(doc.entry(), int(start), int(d)) for doc, start, d in self.pending],
             "doc_counter": self.doc_counter,
             "stats": dict(self.stats),
         }
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
-        if sd.get("version") != STATE_VERSION:
+        if sd.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"data loader state version {sd.get('version')!r} != {STATE_VERSION}; this "
                              f"checkpoint was written by another version of data/: resume with that version")
         if len(sd["sources"]) != len(self.sources):
@@ -177,9 +206,40 @@ class ReaderStream:
             s.load_state_dict(ss)
         self.exhausted = list(sd["exhausted"])
         self.mix_counter, self.buf_counter = int(sd["mix_counter"]), int(sd["buf_counter"])
-        self.buffer = [np.frombuffer(b, dtype=dt).astype(self.dtype) for b in sd["buffer"]]
-        self.pending = [(np.frombuffer(b, dtype=dt).astype(self.dtype), int(d)) for b, d in sd["pending"]]
-        self.pending_len = sum(len(t) for t, _ in self.pending)
+        if sd["version"] == 1:  # token bytes, pending chunks already cut
+            self.buffer = [Doc(np.frombuffer(b, dtype=dt).astype(self.dtype), None) for b in sd["buffer"]]
+            self.pending = [(Doc(np.frombuffer(b, dtype=dt).astype(self.dtype), None), 0, int(d))
+                            for b, d in sd["pending"]]
+        else:
+            docs = self._docs([e for e in sd["buffer"]] + [e for e, _, _ in sd["pending"]], dt)
+            self.buffer = docs[:len(sd["buffer"])]
+            self.pending = [(doc, int(start), int(d)) for doc, (_, start, d) in zip(docs[len(sd["buffer"]):],
+                                                                                     sd["pending"])]
+        self.pending_len = sum(len(doc) - start for doc, start, _ in self.pending)
         self.doc_counter = int(sd["doc_counter"])
         self.stats.clear()
         self.stats.update(sd["stats"])
+
+    def _docs(self, entries: List[tuple], dt: np.dtype) -> List[Doc]:
+        """Documents from state entries: token bytes as they are; addresses read again from their sources
+        (grouped per source, so the pieces of one long document are read once) and checked by CRC."""
+        out: List[Optional[Doc]] = [None] * len(entries)
+        wanted: Dict[int, List[int]] = {}
+        for k, e in enumerate(entries):
+            if e[0] == "tokens":
+                out[k] = Doc(np.frombuffer(e[1], dtype=dt).astype(self.dtype), None)
+            else:
+                wanted.setdefault(int(e[1]), []).append(k)
+        for i, ks in wanted.items():
+            texts = self.sources[i].read_many([entries[k][2] for k in ks])
+            for k, text in zip(ks, texts):
+                _, _, address, n, crc = entries[k]
+                doc = Doc(self._tokenize(text), (i, tuple(address)))
+                if len(doc) != n or doc.crc != crc:
+                    raise ValueError(
+                        f"data loader state: document {tuple(address)} of source {self.sources[i].label} reads back "
+                        f"as {len(doc)} tokens (crc {doc.crc:08x}), the checkpoint has {n} (crc {crc:08x}): the "
+                        f"file or the tokenizer changed since the checkpoint, so the data stream cannot continue "
+                        f"exactly. Fix: restore them, or start the data loaders afresh (a new run directory)")
+                out[k] = doc
+        return out
