@@ -39,12 +39,22 @@ SPLITS = ("train", "validation")
 _LIVE: "weakref.WeakSet" = weakref.WeakSet()  # DataLoader iterators whose workers run
 
 
+def _stop_workers(it) -> None:
+    """The DataLoader's own shutdown (workers told to exit, joined for up to 5 s, no longer watched by its
+    SIGCHLD handler), then SIGKILL for any still running: they ignore the SIGTERM it would send."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    kill_workers(getattr(it, "_workers", ()))
+    _LIVE.discard(it)
+
+
 @atexit.register
-def _kill_live_workers() -> None:
-    """At interpreter exit, before multiprocessing's own exit hook (registered earlier, so run later): that one
-    SIGTERMs daemonic workers and joins them, which would wait forever on workers that ignore SIGTERM."""
+def _stop_live_workers() -> None:
+    """At interpreter exit, for iterators never closed; before multiprocessing's exit hook (registered earlier,
+    so run later), which SIGTERMs daemonic workers and joins them: forever, for workers that ignore SIGTERM."""
     for it in list(_LIVE):
-        kill_workers(getattr(it, "_workers", ()))
+        _stop_workers(it)
 
 
 def build_stream(cfg: DataConfig, tokenizer, *, reader: int, n_readers: int, seed: int, split: str,
@@ -162,11 +172,7 @@ class PackedLoader:
                 self._next = (w + 1) % W
                 yield batch
         finally:  # closed or garbage-collected: stop the workers now, not at interpreter exit
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-            kill_workers(getattr(it, "_workers", ()))  # one that did not stop in time ignores SIGTERM
-            _LIVE.discard(it)
+            _stop_workers(it)
 
     def _close(self) -> None:
         prev = self._gen() if self._gen is not None else None
