@@ -133,3 +133,12 @@ def test_second_sigint_aborts_at_once(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.splitlines() == ["first"], r.stdout + r.stderr
     assert r.returncode == -signal.SIGINT, r.stdout + r.stderr
+
+
+def test_exit_code_75_is_one_number():
+    """trainer.signals (no torch import), trainer.checkpoint and launch/torchrun.py each name it."""
+    from launch.torchrun import EXIT_PREEMPTED as launcher
+    from trainer.checkpoint import EXIT_PREEMPTED as checkpoint
+    from trainer.signals import EXIT_PREEMPTED as signals
+
+    assert launcher == checkpoint == signals == 75
