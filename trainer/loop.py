@@ -23,8 +23,8 @@ from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
 from trainer.distributed import World, all_reduce_scalars
 from trainer.metrics import DATA_COUNTERS, MetricsLogger, Throughput, memory_gb, moe_balance
-from trainer.signals import StopSignal
 from trainer.optim import lr_at, set_lr
+from trainer.signals import StopSignal
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,10 @@
 metrics.jsonl holds one JSON object per logged step: step, tokens, loss, lr, grad_norm, tokens_per_s, plus
 aux_loss, z_loss, skipped (steps), stage, seq_len, mfu (GPU), moe_load_max / moe_load_min, mem_gb, and when
 non-zero the data counters skipped_json / skipped_utf8 / skipped_field / skipped_empty / skipped_file (bad
-documents skipped, each counted once) and split_docs; validation records carry val_loss and val_ppl. A resumed run moves the records of the steps it redoes to
-metrics.replayed.jsonl, so metrics.jsonl has each step once. wandb gets the same records. Its run id lives in <run_dir>/wandb_id, so
-a resumed or requeued job continues the same wandb run.
+documents skipped, each counted once) and split_docs; validation records carry val_loss and val_ppl. A
+resumed run moves the records of the steps it redoes to metrics.replayed.jsonl, so metrics.jsonl has each
+step once. wandb gets the same records. Its run id lives in <run_dir>/wandb_id, so a resumed or requeued
+job continues the same wandb run.
 """
 
 from __future__ import annotations
