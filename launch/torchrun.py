@@ -63,6 +63,9 @@ def _codes() -> str:
 
 
 def main() -> None:
+    # A fresh rendezvous store per restart round: restarted workers must not read the dead round's keys
+    # (pytorch/pytorch#167288; trainer/elastic.py covers a plain single-node torchrun).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     seconds = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
     if seconds and not patch_shutdown_timeout(int(seconds)):
         print("launch.torchrun: cannot set the shutdown timeout on this torch; workers get torchrun's default",

@@ -50,6 +50,11 @@ def init_distributed(world: World, device: torch.device, timeout_min: float = 30
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = dict(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+    from trainer.elastic import round_store
+
+    store = round_store(kwargs["timeout"])  # after a torchrun restart: not the dead round's keys
+    if store is not None:
+        kwargs.update(store=store, rank=world.rank, world_size=world.world_size)
     if device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
