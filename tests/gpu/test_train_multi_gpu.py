@@ -7,7 +7,8 @@ One scenario per (device, layout), three launches plus torchrun's restart:
 
 1. reference: uninterrupted, STEPS steps, validation and a checkpoint every EVERY steps;
 2. the same command with --max-restarts 1: after the first checkpoint one rank gets SIGKILL; torchrun restarts
-   the workers, which resume from the newest checkpoint (a step is logged twice); then torchrun gets SIGTERM
+   the workers, which resume from the newest checkpoint (a step is logged twice, its first attempt moved to
+   metrics.replayed.jsonl); then torchrun gets SIGTERM
    (as from a scheduler): the workers finish the step, checkpoint, exit 75;
 3. the same command again: resumes from that checkpoint and finishes.
 
@@ -114,14 +115,15 @@ def budget(prof: Profile, compiled: bool) -> float:
 
 # ---- metrics and checkpoints ------------------------------------------------------------------------
 def records(run_dir: Path) -> List[dict]:
-    """metrics.jsonl in file order; a line torn by a SIGKILLed rank 0 is skipped."""
-    path = run_dir / "metrics.jsonl"
+    """Every attempt in order: metrics.replayed.jsonl (where a resumed run moves the records of the steps it
+    redoes), then metrics.jsonl; a line torn by a SIGKILLed rank 0 is skipped."""
     out = []
-    for line in (path.read_text().splitlines() if path.is_file() else []):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
+    for path in (run_dir / "metrics.replayed.jsonl", run_dir / "metrics.jsonl"):
+        for line in (path.read_text().splitlines() if path.is_file() else []):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
     return out
 
 
