@@ -40,10 +40,12 @@ TEXT_EXTS = (".txt", ".md", ".py", ".rst", ".text", ".tex", ".c", ".h", ".js", "
 _warned: Dict[str, int] = {}
 
 
-def _warn(stats: Optional[Dict[str, int]], reason: str, msg: str, *args) -> None:
-    """Count `reason`; log the first 5 occurrences and then every 1000th (per process)."""
+def _warn(stats: Optional[Dict[str, int]], reason: str, msg: str, *args, warn: bool = True) -> None:
+    """Count `reason`; log the first 5 occurrences and then every 1000th (per process) unless warn=False."""
     if stats is not None:
         stats[reason] = stats.get(reason, 0) + 1
+    if not warn:
+        return
     n = _warned[reason] = _warned.get(reason, 0) + 1
     if n <= 5 or n % 1000 == 0:
         log.warning("data: " + msg + f" (skipped; {reason} #{n} in this process)", *args)
@@ -64,11 +66,11 @@ def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def _decode(raw: bytes, stats, where: str) -> Optional[str]:
+def _decode(raw: bytes, stats, where: str, warn: bool = True) -> Optional[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        _warn(stats, "skipped_utf8", "%s: not UTF-8 (%s)", where, e.reason)
+        _warn(stats, "skipped_utf8", "%s: not UTF-8 (%s)", where, e.reason, warn=warn)
         return None
     if not text.strip():
         if stats is not None:
@@ -78,32 +80,34 @@ def _decode(raw: bytes, stats, where: str) -> Optional[str]:
 
 
 def iter_file_documents(path: str, *, fmt: str = "auto", text_field: str = "text", text_unit: str = "file",
-                        start: int = 0, stats: Optional[Dict[str, int]] = None) -> Iterator[Tuple[int, Optional[str]]]:
+                        start: int = 0, stats: Optional[Dict[str, int]] = None, warn: bool = True
+                        ) -> Iterator[Tuple[int, Optional[str]]]:
     """Yield (raw document index, text or None if skipped) from index `start` on. Never raises on bad data:
-    an unreadable file is counted as `skipped_file` and yields nothing more."""
+    an unreadable file is counted as `skipped_file` and yields nothing more. warn=False: skipped documents
+    are only counted (the embedded corpus's deliberately mis-encoded stdlib test files; pre-flight scans)."""
     fmt = detect_format(path) if fmt == "auto" else fmt
     try:
         if fmt == "parquet":
-            yield from _iter_parquet(path, text_field, start, stats)
+            yield from _iter_parquet(path, text_field, start, stats, warn)
         elif fmt == "jsonl":
-            yield from _iter_jsonl(path, text_field, start, stats)
+            yield from _iter_jsonl(path, text_field, start, stats, warn)
         else:
-            yield from _iter_text(path, text_unit, start, stats)
+            yield from _iter_text(path, text_unit, start, stats, warn)
     except (OSError, EOFError, ValueError) as e:  # unreadable, truncated gzip, corrupt parquet, ...
-        _warn(stats, "skipped_file", "%s: unreadable (%s: %s)", path, type(e).__name__, e)
+        _warn(stats, "skipped_file", "%s: unreadable (%s: %s)", path, type(e).__name__, e, warn=warn)
 
 
-def _iter_text(path, unit, start, stats):
+def _iter_text(path, unit, start, stats, warn=True):
     if unit == "file":
         if start == 0:
             with _open(path) as f:
-                yield 0, _decode(f.read(), stats, path)
+                yield 0, _decode(f.read(), stats, path, warn)
         return
     with _open(path) as f:
         if unit == "line":
             for j, line in enumerate(f):
                 if j >= start:
-                    yield j, _decode(line.rstrip(b"\r\n"), stats, f"{path}:{j + 1}")
+                    yield j, _decode(line.rstrip(b"\r\n"), stats, f"{path}:{j + 1}", warn)
             return
         j, para = 0, []  # paragraph: blank-line separated blocks
         for line in f:
@@ -111,13 +115,13 @@ def _iter_text(path, unit, start, stats):
                 para.append(line)
             elif para:
                 if j >= start:
-                    yield j, _decode(b"".join(para).rstrip(b"\r\n"), stats, f"{path} paragraph {j}")
+                    yield j, _decode(b"".join(para).rstrip(b"\r\n"), stats, f"{path} paragraph {j}", warn)
                 j, para = j + 1, []
         if para and j >= start:
-            yield j, _decode(b"".join(para).rstrip(b"\r\n"), stats, f"{path} paragraph {j}")
+            yield j, _decode(b"".join(para).rstrip(b"\r\n"), stats, f"{path} paragraph {j}", warn)
 
 
-def _iter_jsonl(path, field, start, stats):
+def _iter_jsonl(path, field, start, stats, warn=True):
     with _open(path) as f:
         for j, line in enumerate(f):
             if j < start:
@@ -131,16 +135,16 @@ def _iter_jsonl(path, field, start, stats):
             try:
                 rec = json.loads(line)
             except UnicodeDecodeError as e:
-                _warn(stats, "skipped_utf8", "%s: not UTF-8 (%s)", where, e.reason)
+                _warn(stats, "skipped_utf8", "%s: not UTF-8 (%s)", where, e.reason, warn=warn)
                 yield j, None
                 continue
             except ValueError as e:
-                _warn(stats, "skipped_json", "%s: invalid JSON line (%s)", where, str(e)[:80])
+                _warn(stats, "skipped_json", "%s: invalid JSON line (%s)", where, str(e)[:80], warn=warn)
                 yield j, None
                 continue
             text = rec.get(field) if isinstance(rec, dict) else None
             if not isinstance(text, str):
-                _warn(stats, "skipped_field", "%s: no string field %r", where, field)
+                _warn(stats, "skipped_field", "%s: no string field %r", where, field, warn=warn)
                 yield j, None
                 continue
             if not text.strip():
@@ -151,12 +155,13 @@ def _iter_jsonl(path, field, start, stats):
             yield j, text
 
 
-def _iter_parquet(path, field, start, stats):
+def _iter_parquet(path, field, start, stats, warn=True):
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
     if field not in pf.schema_arrow.names:
-        _warn(stats, "skipped_file", "%s: no column %r (columns: %s)", path, field, pf.schema_arrow.names)
+        _warn(stats, "skipped_file", "%s: no column %r (columns: %s)", path, field, pf.schema_arrow.names,
+              warn=warn)
         return
     row0 = 0
     for g in range(pf.num_row_groups):
@@ -231,9 +236,10 @@ class Source:
 
 
 class FileSource(Source):
-    def __init__(self, files: Sequence[str], *, fmt: str, text_field: str, text_unit: str, **kw):
+    def __init__(self, files: Sequence[str], *, fmt: str, text_field: str, text_unit: str, warn: bool = True,
+                 **kw):
         super().__init__(**kw)
-        self.fmt, self.text_field, self.text_unit = fmt, text_field, text_unit
+        self.fmt, self.text_field, self.text_unit, self.warn = fmt, text_field, text_unit, warn
         if len(files) >= self.n_readers:  # deal whole files
             self.files, self.stride, self.offset = list(files[self.reader::self.n_readers]), 1, 0
         else:  # every reader scans every file, keeps every R-th document
@@ -272,7 +278,8 @@ class FileSource(Source):
             if self._it is None:
                 path = self.files[self._order[st["file_pos"]]]
                 self._it = iter_file_documents(path, fmt=self.fmt, text_field=self.text_field,
-                                               text_unit=self.text_unit, start=st["doc"], stats=self._scratch)
+                                               text_unit=self.text_unit, start=st["doc"], stats=self._scratch,
+                                               warn=self.warn)
             nxt = next(self._it, None)
             j = nxt[0] if nxt is not None else -1
             mine = (self._order[st["file_pos"]] + j) % self.stride == self.offset
@@ -379,10 +386,12 @@ def make_source(spec: Any, *, index: int, reader: int, n_readers: int, seed: int
     kw = dict(reader=reader, n_readers=n_readers, seed=seed, index=index, split=split,
               max_doc_chars=max_doc_chars, loop=loop, stats=stats)
     if spec.builtin:
-        # The embedded corpus splits by file path (cheap: held-out files are never opened by training).
+        # The embedded corpus splits by file path (cheap: held-out files are never opened by training). The
+        # stdlib holds a few deliberately mis-encoded test files (test_source_encoding.py, encoded_modules/):
+        # counted as skipped_utf8 without a warning, which would otherwise repeat in every worker of every run.
         files = stdlib_files(split, hash_fraction) if hash_fraction is not None else stdlib_files("all")
         return FileSource(files, fmt="text", text_field="text", text_unit="file", label="builtin:python_stdlib",
-                          hash_fraction=None, **kw)
+                          hash_fraction=None, warn=False, **kw)
     if spec.path:
         files = expand_path(spec.path)
         if not files:
