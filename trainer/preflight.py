@@ -27,6 +27,7 @@ import itertools
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -35,6 +36,7 @@ from jamba.config import ConfigError
 EXIT_CONFIG_ERROR = 2
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MAX_SWEEP_POINTS = 64
+NONZERO_RANK_WAIT_S = 30.0
 DOC_SCAN_LIMIT = 2000
 """Raw documents read per `path` source to find a usable one (stops at the first usable document)."""
 
@@ -300,8 +302,12 @@ def preflight_or_exit(argv: Sequence[str]) -> None:
     try:
         check_command(args.overrides, world, multirun=bool(args.multirun), config_name=args.config_name or "config")
     except ConfigError as e:
-        if _is_rank0():
-            report(str(e))
+        if not _is_rank0():
+            # Let rank 0 print the one line: torchrun ends all workers when the first one exits, so a quiet rank
+            # that exited first would kill rank 0 before it reports. Rank 0 (same config, same checks) exits
+            # within seconds and torchrun then ends this wait; if it did not fail, say why this rank did.
+            time.sleep(NONZERO_RANK_WAIT_S)
+        report(str(e) if _is_rank0() else f"(rank {os.environ.get('RANK')}) {e}")
         sys.exit(EXIT_CONFIG_ERROR)
 
 
