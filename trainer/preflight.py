@@ -163,7 +163,17 @@ def check_config(dcfg, world_size: int, data: bool = True):
     from parallel.dims import ParallelDims  # imports torch: only once the cheap checks passed
 
     pcfg = cfg.parallel if isinstance(cfg.parallel, ParallelConfig) else ParallelConfig(**dict(cfg.parallel))
-    dims = ParallelDims(pcfg, world_size, model=cfg.model, seq_len=seq_len)
+    try:
+        dims = ParallelDims(pcfg, world_size, model=cfg.model, seq_len=seq_len)
+    except ConfigError as world_error:
+        # Advice must fix it: if the layout cannot work for this model on the world size it asks for either
+        # (parallel.tp=3 with 4 heads), that is the problem to report, not the number of processes.
+        fit = 1
+        for degree in (pcfg.dp_replicate, pcfg.dp_shard, pcfg.cp, pcfg.tp):
+            fit *= max(degree, 1)
+        if fit != world_size:
+            ParallelDims(pcfg, fit, model=cfg.model, seq_len=seq_len)  # raises the model-level problem, if any
+        raise world_error
     validate_run(cfg, dims.dp_size)
     if data:
         check_data(cfg)

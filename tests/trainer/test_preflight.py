@@ -37,7 +37,8 @@ CASES = [  # (overrides, world size, substrings of the one-line message)
     (["experiment=nope"], 1, ["experiment='nope'", "['bench_3b', 'cpu_demo', 'debug']"]),
     (["curriculum.stages=[{seq_len: 64, sq: 1}]"], 1, ["'sq' is not a key of StageConfig", "seq_len"]),
     (["optim.lr=[1,2"], 1, ["'optim.lr=[1,2': not a valid override"]),
-    (["parallel.tp=3"], 1, ["tp(3) = 3 != WORLD_SIZE(1)", "launch 3 processes"]),
+    (["parallel.tp=3"], 1, ["parallel.tp=3 must divide model.num_attention_heads=4", "choose tp in [1, 2, 4]"]),
+    (["parallel.tp=2"], 1, ["tp(2) = 2 != WORLD_SIZE(1)", "launch 2 processes"]),
     (["parallel.dp_shard=2"], 4, ["= 2 != WORLD_SIZE(4)", "parallel.dp_shard=-1 (fills to 4)"]),
     (["data.num_workers=-1"], 1, ["data.num_workers=-1", "integer >= 0"]),
     (["data.vocab_size=5"], 1, ["data.vocab_size=5", "260..1000000"]),
@@ -103,7 +104,7 @@ def test_typo_check_does_not_import_torch():
 
 def test_preflight_cli_and_launch_script(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "trainer.preflight", "--world-size", "4", "--", "parallel.tp=3"],
+    r = subprocess.run([sys.executable, "-m", "trainer.preflight", "--world-size", "4", "--", "parallel.tp=2"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "WORLD_SIZE(4)" in r.stderr, r.stderr
     # launch/single_node.sh checks before torchrun starts: one line, no torchrun failure report
@@ -138,7 +139,7 @@ def test_slurm_submit_checks_the_training_config(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model='smal' is not a model option" in err
     assert slurm(["submit", "--dry-run", "nodes=1", "gpus_per_node=2", "--", "parallel.tp=3"]) == 2
-    assert "tp(3) = 3 != WORLD_SIZE(2)" in capsys.readouterr().err
+    assert "parallel.tp=3 must divide model.num_attention_heads=4" in capsys.readouterr().err
     assert not (tmp_path / "logs").exists()  # nothing written, nothing submitted
     # without sbatch on PATH: one line, exit 2
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
