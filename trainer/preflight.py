@@ -168,11 +168,17 @@ def check_config(dcfg, world_size: int, data: bool = True):
     except ConfigError as world_error:
         # Advice must fix it: if the layout cannot work for this model on the world size it asks for either
         # (parallel.tp=3 with 4 heads), that is the problem to report, not the number of processes.
+        # Only for a process-count mismatch, and only a tensor-parallel problem of the model is taken from that
+        # check (other degrees, e.g. ep against a filled dp_shard, depend on the real world size).
         fit = 1
         for degree in (pcfg.dp_replicate, pcfg.dp_shard, pcfg.cp, pcfg.tp):
             fit *= max(degree, 1)
-        if fit != world_size:
-            ParallelDims(pcfg, fit, model=cfg.model, seq_len=seq_len)  # raises the model-level problem, if any
+        if "WORLD_SIZE(" in str(world_error) and fit != world_size:
+            try:
+                ParallelDims(pcfg, fit, model=cfg.model, seq_len=seq_len)
+            except ConfigError as model_error:
+                if str(model_error).startswith("parallel.tp="):
+                    raise model_error from None
         raise world_error
     validate_run(cfg, dims.dp_size)
     if data:

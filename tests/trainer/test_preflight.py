@@ -39,6 +39,7 @@ CASES = [  # (overrides, world size, substrings of the one-line message)
     (["optim.lr=[1,2"], 1, ["'optim.lr=[1,2': not a valid override"]),
     (["parallel.tp=3"], 1, ["parallel.tp=3 must divide model.num_attention_heads=4", "choose tp in [1, 2, 4]"]),
     (["parallel.tp=2"], 1, ["tp(2) = 2 != WORLD_SIZE(1)", "launch 2 processes"]),
+    (["parallel=ep", "parallel.ep=3"], 2, ["parallel.ep=3 must divide dp_shard(2)"]),
     (["parallel.dp_shard=2"], 4, ["= 2 != WORLD_SIZE(4)", "parallel.dp_shard=-1 (fills to 4)"]),
     (["data.num_workers=-1"], 1, ["data.num_workers=-1", "integer >= 0"]),
     (["data.vocab_size=5"], 1, ["data.vocab_size=5", "260..1000000"]),
