@@ -35,10 +35,11 @@ IGNORED_KEYS = frozenset({
     "train.max_steps",  # extend a run: continue the same directory
     "train.device", "train.num_threads", "train.compile", "train.deterministic",  # where and how fast, not what
     "train.eval_every", "train.eval_batches",  # validation only (its loaders are separate)
-    "checkpoint.every", "checkpoint.keep_last", "checkpoint.signals", "checkpoint.save_final", "checkpoint.resume",
     "data.prefetch_factor",  # loader speed; data.num_workers does change the data order and stays
 })
-IGNORED_PREFIXES = ("hydra.", "hydra/", "logging.", "logging")  # Hydra itself; logging/wandb options
+# Hydra itself; logging/wandb options; checkpointing (cadence, signals, resume/overwrite, verification: how a
+# run is saved and continued, never what it computes)
+IGNORED_PREFIXES = ("hydra.", "hydra/", "logging.", "checkpoint.")
 MAX_SHORT = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 
@@ -48,7 +49,7 @@ def _key(override: str) -> str:
 
 
 def ignored(key: str) -> bool:
-    return key in IGNORED_KEYS or key == "logging" or any(key.startswith(p) for p in IGNORED_PREFIXES)
+    return key in IGNORED_KEYS or key in ("logging", "checkpoint") or any(key.startswith(p) for p in IGNORED_PREFIXES)
 
 
 def normalise(override: str) -> str:

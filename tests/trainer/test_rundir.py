@@ -44,7 +44,7 @@ def test_values_that_sanitise_alike_still_differ():
 def test_operational_keys_do_not_change_the_run():
     base = ["model=small", "data.num_workers=2"]
     leaf = run_leaf(base)
-    for extra in ["train.max_steps=12", "checkpoint.signals=[SIGTERM]", "checkpoint.every=5", "logging.log_every=1",
+    for extra in ["train.max_steps=12", "checkpoint.signals=[SIGTERM]", "checkpoint.every=5", "checkpoint.overwrite=true", "logging.log_every=1",
                   "logging.wandb.mode=offline", "logging=quiet", "hydra.run.dir=x", "train.device=cpu",
                   "train.num_threads=1", "train.compile=false", "train.eval_every=0", "name=other",
                   "experiment=debug", "data.prefetch_factor=8", "hydra/launcher=slurm_gpu"]:
