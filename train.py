@@ -4,9 +4,12 @@
     torchrun --nproc_per_node 2 train.py parallel=fsdp         # several processes (gloo on CPU, NCCL on GPU)
     python train.py -m optim.lr=1e-3,3e-4                      # a sweep: one run directory per point
 
-The run directory (Hydra's output dir, runs/<name>/<overrides>) holds the resolved config, metrics.jsonl,
-checkpoints and the tokenizer; running the same command again resumes from its newest complete checkpoint.
-Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGINT/SIGUSR1 (requeue and re-run to resume), 1 error.
+The run directory (Hydra's output dir, runs/<name>/<leaf>: trainer/rundir.py names it from the overrides that
+define the run) holds the resolved config, metrics.jsonl, checkpoints and the tokenizer; running the same
+command again resumes from its newest complete checkpoint (also with a larger train.max_steps).
+The command line is checked first (trainer/preflight.py): a config problem is one line and exit code 2, before
+anything is built and before the run directory exists.
+Exit codes: 0 done, 2 config error, 75 checkpointed after SIGTERM/SIGINT/SIGUSR1 (re-run to resume), 1 error.
 """
 
 import logging
@@ -23,16 +26,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import register_configs, to_object, validate_run
+from trainer.rundir import register_resolvers
 
 log = logging.getLogger("train")
 register_configs()
-OmegaConf.register_new_resolver("run_suffix", lambda s: f"/{s}" if s else "", replace=True)
+register_resolvers()  # ${run_leaf:...} in conf/config.yaml's hydra.run.dir
 
 
 def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
     import torch
 
     from trainer import build, distributed
+    from trainer.checkpoint import PREFIX as CKPT_PREFIX
     from trainer.checkpoint import CheckpointManager
     from trainer.curriculum import Curriculum
     from trainer.data_fingerprint import data_fingerprint
@@ -79,7 +84,14 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
                           layout.dp_size, flops_per_token=flops,
                           peak_tflops=gpu_peak_tflops(device, cfg.logging.peak_tflops))
         trainer.stop = stop
-        trainer.restore()
+        resumed = trainer.restore()
+        if world.is_main:
+            if resumed:
+                log.info("run directory %s: resuming from %s (step %d of %d)", run_path,
+                         ckpt.root / f"{CKPT_PREFIX}{trainer.state.step:09d}", trainer.state.step, t.max_steps)
+            else:
+                log.info("run directory %s: starting fresh (no checkpoint%s)", run_path,
+                         "" if cfg.checkpoint.resume else ": checkpoint.resume=false")
         metrics = MetricsLogger(run_path, cfg.logging, world.is_main, t.max_steps, trainer.state.step,
                                 OmegaConf.to_container(dcfg, resolve=True))
         trainer.metrics = metrics
@@ -120,4 +132,7 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from trainer.preflight import preflight_or_exit
+
+    preflight_or_exit(sys.argv[1:])  # one line and exit 2 on a config problem, before Hydra starts the job
     main()

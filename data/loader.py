@@ -1,7 +1,7 @@
 """The per-rank data loader: workers, deterministic batch order, exact resumable state.
 
     loader = build_dataloader(cfg, tok, seq_len=256, micro_batch_size=8, dp_rank=r, dp_world_size=n, seed=0)
-    for batch in loader: ...          # {"input_ids", "labels", "doc_ids"} (B, L) long; infinite for training
+    for batch in loader: ...          # {"input_ids", "targets", "doc_ids"} (B, L) long; infinite for training
     state = loader.state_dict()       # after the last batch handed out; save it per rank
     loader = build_dataloader(...); loader.load_state_dict(state)   # continues the identical token stream
     loader.set_shape(seq_len=1024, micro_batch_size=2)              # curriculum: position and remainder kept

@@ -45,17 +45,21 @@ _warned: Dict[str, int] = {}
 
 class Skips(dict):
     """Skip counters of one document being read, with its warnings held back until the reader knows whether
-    the document is its own (and in its first epoch): `keep(into)` counts and warns, `clear()` forgets."""
+    the document is its own (and in its first epoch): `keep(into)` counts and warns, `clear()` forgets.
+    quiet=True: only counts (the embedded corpus's deliberately mis-encoded stdlib test files, the
+    pre-flight scan), so no warning repeats in every worker of every run."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         super().__init__()
+        self.quiet = quiet
         self.pending: List[Tuple[str, str, tuple]] = []
 
     def keep(self, into: Dict[str, int]) -> None:
         for k, v in self.items():
             into[k] = into.get(k, 0) + v
-        for reason, msg, args in self.pending:
-            _log_skip(reason, msg, args)
+        if not self.quiet:
+            for reason, msg, args in self.pending:
+                _log_skip(reason, msg, args)
         self.clear()
 
     def clear(self) -> None:
@@ -112,13 +116,23 @@ def _decode(raw: bytes, stats, where: str) -> Optional[str]:
 
 def iter_file_documents(path: str, *, fmt: str = "auto", text_field: str = "text", text_unit: str = "file",
                         start: int = 0, stats: Optional[Dict[str, int]] = None, offset: Optional[int] = None,
-                        with_offsets: bool = False) -> Iterator[Tuple]:
+                        with_offsets: bool = False, warn: bool = True) -> Iterator[Tuple]:
     """Yield (raw document index, text or None if skipped) from index `start` on. Never raises on bad data:
-    an unreadable file is counted as `skipped_file` and yields nothing more.
+    an unreadable file is counted as `skipped_file` and yields nothing more. warn=False: skipped documents
+    are only counted in `stats`, without warnings.
 
     with_offsets: yield (index, text, byte offset of the document in the file or None) instead; `offset`, the
     byte offset of document `start` when known, lets text and JSONL files seek there instead of scanning."""
     fmt = detect_format(path) if fmt == "auto" else fmt
+    if not warn and not isinstance(stats, Skips):  # count into a quiet Skips, then into the caller's dict
+        outer, stats = stats, Skips(quiet=True)
+        try:
+            yield from iter_file_documents(path, fmt=fmt, text_field=text_field, text_unit=text_unit, start=start,
+                                           stats=stats, offset=offset, with_offsets=with_offsets)
+        finally:
+            if outer is not None:
+                stats.keep(outer)
+        return
     try:
         if fmt == "parquet":
             it = _iter_parquet(path, text_field, start, stats)
@@ -294,7 +308,8 @@ class Source:
 
 
 class FileSource(Source):
-    def __init__(self, files: Sequence[str], *, fmt: str, text_field: str, text_unit: str, **kw):
+    def __init__(self, files: Sequence[str], *, fmt: str, text_field: str, text_unit: str, warn: bool = True,
+                 **kw):
         super().__init__(**kw)
         self.fmt, self.text_field, self.text_unit = fmt, text_field, text_unit
         if len(files) >= self.n_readers:  # deal whole files
@@ -306,7 +321,7 @@ class FileSource(Source):
         self._it: Optional[Iterator] = None
         self._pieces: List[str] = []
         self._doc_offset: Optional[int] = None  # byte offset of the document being read (None: Parquet)
-        self._scratch = Skips()
+        self._scratch = Skips(quiet=not warn)
 
     def _epoch_order(self, epoch: Optional[int] = None) -> List[int]:
         order = list(range(len(self.files)))
@@ -377,7 +392,7 @@ class FileSource(Source):
             path = self.files[self._epoch_order(key[0])[key[1]]]
             found = None
             for j, text, _ in iter_file_documents(path, fmt=self.fmt, text_field=self.text_field,
-                                                   text_unit=self.text_unit, start=key[2], stats=Skips(),
+                                                   text_unit=self.text_unit, start=key[2], stats=Skips(True),
                                                    offset=offset, with_offsets=True):
                 if j == key[2]:
                     found = text
@@ -477,10 +492,12 @@ def make_source(spec: Any, *, index: int, reader: int, n_readers: int, seed: int
     kw = dict(reader=reader, n_readers=n_readers, seed=seed, index=index, split=split,
               max_doc_chars=max_doc_chars, loop=loop, stats=stats)
     if spec.builtin:
-        # The embedded corpus splits by file path (cheap: held-out files are never opened by training).
+        # The embedded corpus splits by file path (cheap: held-out files are never opened by training). The
+        # stdlib holds a few deliberately mis-encoded test files (test_source_encoding.py, encoded_modules/):
+        # counted as skipped_utf8 without a warning, which would otherwise repeat in every worker of every run.
         files = stdlib_files(split, hash_fraction) if hash_fraction is not None else stdlib_files("all")
         return FileSource(files, fmt="text", text_field="text", text_unit="file", label="builtin:python_stdlib",
-                          hash_fraction=None, **kw)
+                          hash_fraction=None, warn=False, **kw)
     if spec.path:
         files = expand_path(spec.path)
         if not files:

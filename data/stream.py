@@ -13,7 +13,8 @@ is the same document. Only documents of sources that cannot re-read (hub dataset
 
 Packing: documents become `tokens + [eos]`, concatenated; each row is a window of seq_len + 1 tokens and
 the next window starts seq_len tokens later (the last token of a row is the first of the next), so every
-token is a target exactly once: input_ids = window[:-1], labels = window[1:]. `doc_ids` numbers the
+token is a target exactly once: input_ids = window[:-1], targets = window[1:] (already aligned: the model
+takes them as `targets=`, not HF's `labels=`, which would drop each row's last target). `doc_ids` numbers the
 documents inside each row from 0 (for document masking in attention); an eos belongs to the document it ends.
 """
 
@@ -162,7 +163,7 @@ class ReaderStream:
         return self._window(seq_len + 1)
 
     def batches(self, seq_len: int, micro_batch_size: int, doc_ids: bool = True) -> Iterator[Dict[str, torch.Tensor]]:
-        """Batches of {"input_ids", "labels"[, "doc_ids"]} [B, L] long, until a finite stream ends."""
+        """Batches of {"input_ids", "targets"[, "doc_ids"]} [B, L] long, until a finite stream ends."""
         while True:
             rows = []
             for _ in range(micro_batch_size):
@@ -171,7 +172,7 @@ class ReaderStream:
                     return  # the last partial batch of a finite (validation) stream is dropped
                 rows.append(row)
             tok = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))  # (B, L + 1)
-            batch = {"input_ids": tok[:, :-1].contiguous(), "labels": tok[:, 1:].contiguous()}
+            batch = {"input_ids": tok[:, :-1].contiguous(), "targets": tok[:, 1:].contiguous()}
             if doc_ids:
                 d = np.stack([r[1][:-1] - r[1][0] for r in rows])  # (B, L), 0 = first document of the row
                 batch["doc_ids"] = torch.from_numpy(d)

@@ -19,6 +19,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+IGNORE_INDEX = -100
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """HF causal-LM labels -> aligned targets: targets[:, t] = labels[:, t + 1], the last position ignored.
+    labels (B, L) -> (B, L). This is what transformers' ForCausalLMLoss does before its cross-entropy."""
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 

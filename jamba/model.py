@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from jamba.attention import Attention
 from jamba.config import JambaConfig, LayerSpec
 from jamba.layers import MLP, RMSNorm
-from jamba.loss import chunked_cross_entropy
+from jamba.loss import IGNORE_INDEX, chunked_cross_entropy, shift_labels
 from jamba.moe import MoE, GroupedExperts, load_balancing_loss, router_z_loss, split_moe_stats
 
 logger = logging.getLogger(__name__)
@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class JambaOutput:
-    """loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (when labels given).
-    logits (B, L, V) only when no labels were given. aux_loss / z_loss / expert_counts are None without
+    """loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (when labels or
+    targets are given). logits (B, L, V) only when neither was given. aux_loss / z_loss / expert_counts are None without
     MoE layers; expert_counts (num_moe_layers, E) long, detached: token copies routed to each expert (after
     `moe_stats_reduce`, i.e. global over data-parallel ranks when parallel/ installs an all-reduce)."""
 
@@ -110,8 +110,19 @@ class JambaForCausalLM(nn.Module):
     over the data-parallel ranks (e.g. torch.distributed.nn.functional.all_reduce) to get global-batch
     statistics; the result must keep the shape.
 
-    `loss_fn(hidden (B, L, H), weight (V, H), labels (B, L), chunk_size=...) -> mean CE`: the language-model
-    loss, `jamba.loss.chunked_cross_entropy` by default (parallel/ installs a vocab-parallel one under TP).
+    `loss_fn(hidden (B, L, H), weight (V, H), targets (B, L), chunk_size=...) -> mean CE` over the targets
+    that are not -100 (targets aligned with the positions): the language-model loss,
+    `jamba.loss.chunked_cross_entropy` by default (parallel/ installs a vocab-parallel one under TP).
+
+    Two ways to give what the model should predict (exactly one, or neither for logits):
+    - `labels` (B, L): transformers' convention, e.g. `model(ids, labels=ids)`: shifted inside (position t
+      predicts labels[:, t + 1]; the last position predicts nothing), -100 ignored. Same loss as
+      transformers' `JambaForCausalLM` on the same weights.
+    - `targets` (B, L): already aligned (position t predicts targets[:, t]), -100 ignored. The trainer uses
+      it: its packed rows are windows of L + 1 tokens (input_ids = window[:-1], targets = window[1:]), so
+      every token of the stream is predicted exactly once and no row loses its last target. Context
+      parallelism needs it too: the sequence is shifted before it is cut into per-rank shards, because the
+      target of a shard's last position is the next shard's first token.
     """
 
     def __init__(self, cfg: JambaConfig):
@@ -180,10 +191,16 @@ class JambaForCausalLM(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                doc_ids: Optional[torch.Tensor] = None) -> JambaOutput:
-        """input_ids (B, L) long; labels (B, L) aligned targets (-100 = ignore); doc_ids (B, L) for
-        document masking in attention (cfg.document_masking)."""
+                doc_ids: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None) -> JambaOutput:
+        """input_ids (B, L) long; labels (B, L): HF convention, shifted here; targets (B, L): already aligned
+        (see the class docstring); -100 = ignore in both; doc_ids (B, L) for document masking in attention
+        (cfg.document_masking)."""
         cfg = self.config
+        if labels is not None:
+            if targets is not None:
+                raise ValueError("give labels (HF convention, shifted inside) or targets (already aligned), "
+                                 "not both")
+            targets = shift_labels(labels, IGNORE_INDEX)  # (B, L)
         h = self.model.embed_tokens(input_ids)  # (B, L, H)
         stats = []
         for layer in self.model.layers:
@@ -200,10 +217,10 @@ class JambaForCausalLM(nn.Module):
             out.aux_loss = load_balancing_loss(s, cfg.num_experts)
             out.z_loss = router_z_loss(s, cfg.num_experts)
             out.expert_counts = split_moe_stats(s.detach(), cfg.num_experts)[0].round().long()
-        if labels is None:
+        if targets is None:
             out.logits = self.lm_head(h)  # (B, L, V)
             return out
-        out.lm_loss = self.loss_fn(h, self.lm_head.weight, labels, chunk_size=cfg.loss_chunk_size)
+        out.lm_loss = self.loss_fn(h, self.lm_head.weight, targets, chunk_size=cfg.loss_chunk_size)
         loss = out.lm_loss
         if out.aux_loss is not None:
             if cfg.router_aux_loss_coef:

@@ -245,7 +245,8 @@ def make_optimizer(model, device: torch.device, lr: float):
 
 
 def make_batches(vocab_size: int, point: Point, device: torch.device, n: int = 2, seed: int = 1234):
-    """`n` random (input_ids, labels) batches; labels are ours (aligned: target of position t, -100 last)."""
+    """`n` random (input_ids, targets) batches; targets aligned (target of position t, -100 last): our
+    `targets=` argument, the same targets as HF's `labels=input_ids`."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     batches = []
     for _ in range(n):
@@ -260,7 +261,7 @@ def make_step(impl: str, model, opt) -> Callable[[Tuple[torch.Tensor, torch.Tens
     """One training step: forward with loss, backward, optimizer step. Returns the detached loss (no sync)."""
     if impl == "ours":
         def forward(ids, labels):
-            return model(ids, labels=labels).loss
+            return model(ids, targets=labels).loss
     else:
         def forward(ids, labels):  # HF shifts its labels itself: pass the unshifted ids (same targets as ours)
             return model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True).loss

@@ -101,4 +101,10 @@ if (( dry_run )); then
   echo
   exit 0
 fi
+# Check the training config for this world size before torchrun starts: a bad override is one line and exit
+# code 2 here, instead of an error per rank plus torchrun's failure report (trainer/preflight.py).
+if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
+  PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
+    --world-size "$(( ${nnodes##*:} * nproc ))" -- "$@" || exit $?
+fi
 exec "${cmd[@]}"

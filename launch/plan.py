@@ -160,12 +160,12 @@ def print_point_table(rows: Sequence[dict], out=sys.stdout) -> None:
 def compose(overrides: Sequence[str]):
     """conf/ composed with `overrides` onto train.py's schema (trainer.config.RunConfig), validated."""
     from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from trainer.config import register_configs, to_object
+    from trainer.rundir import register_resolvers
 
     register_configs()
-    OmegaConf.register_new_resolver("run_suffix", lambda s: f"/{s}" if s else "", replace=True)
+    register_resolvers()  # ${run_leaf:...} of conf/config.yaml's hydra.run.dir
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         return to_object(hydra_compose(config_name="config", overrides=list(overrides)))
 

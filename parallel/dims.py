@@ -92,9 +92,13 @@ class ParallelDims:
             self.dp_shard = ws // others
         product = self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != ws:
+            # Advise only what fixes it: dp_shard=-1 fills WORLD_SIZE only if the other degrees divide it.
+            fix = (f"set parallel.dp_shard=-1 (fills to {ws // others})" if ws % others == 0 else
+                   f"choose degrees among the divisors of {ws}: {_divisors(ws)}")
             raise ConfigError(
                 f"dp_replicate({self.dp_replicate}) * dp_shard({self.dp_shard}) * cp({self.cp}) * tp({self.tp}) "
-                f"= {product} != WORLD_SIZE({ws}); set parallel.dp_shard=-1 to fill, or change the degrees")
+                f"= {product} != WORLD_SIZE({ws}); {fix}, or launch {product} processes (e.g. "
+                f"launch/single_node.sh -n {product})")
         if (self.dp_shard * self.cp) % self.ep:
             raise ConfigError(
                 f"parallel.ep={self.ep} must divide dp_shard({self.dp_shard}) * cp({self.cp}) = "

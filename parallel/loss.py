@@ -79,7 +79,8 @@ def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
                                  sequence_parallel: bool = False) -> torch.Tensor:
     """Drop-in for `jamba.loss.chunked_cross_entropy` when `weight` is a DTensor sharded on dim 0
     (the vocabulary) over a 1-D mesh. hidden (B, L, H) replicated over the TP group, or with
-    `sequence_parallel` this rank's (B, L/tp, H) chunk (gathered here); labels (B, L) long."""
+    `sequence_parallel` this rank's (B, L/tp, H) chunk (gathered here); labels (B, L) long, aligned targets
+    (the model shifts HF-style `labels=` before calling its loss_fn, so both conventions arrive aligned)."""
     if not isinstance(weight, DTensor) or weight.device_mesh.ndim != 1 or weight.placements[0] != Shard(0):
         raise ValueError("vocab_parallel_cross_entropy needs lm_head.weight as a DTensor Shard(0) on the TP mesh")
     mesh = weight.device_mesh

@@ -212,6 +212,8 @@ def validate_run(cfg: RunConfig, dp_size: int) -> None:
     _need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     _need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1={o.beta1}, optim.beta2={o.beta2} must be in [0, 1)")
+    _need(o.eps > 0, f"optim.eps={o.eps} must be > 0 (it keeps Adam's update finite where the second moment is 0; "
+          "e.g. 1e-8)")
     _need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     _need(t.max_steps > 0, f"train.max_steps={t.max_steps} must be > 0")

@@ -85,7 +85,7 @@ def autocast_context(device: torch.device, precision: str):
 class Trainer:
     """Runs `cfg.train.max_steps` optimizer steps. Collaborators are passed in (built by train.py):
 
-    make_loader(stage, state) -> iterable of {"input_ids", "labels"} with state_dict()/load_state_dict()
+    make_loader(stage, state) -> iterable of {"input_ids", "targets"} with state_dict()/load_state_dict()
     make_eval_loader(stage) -> iterable of held-out batches (same shapes), restarted at each validation
     grad_sync(model) -> None: optional extra gradient reduction (plain data parallelism without FSDP)
     flops_per_token(seq_len) -> float: training FLOPs per token, for MFU (with peak_tflops)
@@ -170,11 +170,11 @@ class Trainer:
         for micro in range(stage.grad_accum):
             batch = self._next_batch()
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)  # (B, L)
-            labels = batch["labels"].to(self.device, non_blocking=True)  # (B, L)
+            targets = batch["targets"].to(self.device, non_blocking=True)  # (B, L) aligned: no shift in the model
             if sync_toggle:  # FSDP2: reduce-scatter gradients only on the last micro-batch
                 model.set_requires_gradient_sync(micro == stage.grad_accum - 1)
             with autocast_context(self.device, cfg.train.precision):
-                out = model(input_ids, labels=labels, doc_ids=_to(batch.get("doc_ids"), self.device))
+                out = model(input_ids, targets=targets, doc_ids=_to(batch.get("doc_ids"), self.device))
             (out.loss / stage.grad_accum).backward()
             lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
             sums[0] += lm.detach().double()
@@ -234,7 +234,7 @@ class Trainer:
             except StopIteration:
                 break
             with autocast_context(self.device, self.cfg.train.precision):
-                out = self.model(batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
+                out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device),
                                  doc_ids=_to(batch.get("doc_ids"), self.device))
             lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
             total += torch.tensor([float(lm), 1.0], dtype=torch.float64)

@@ -6,7 +6,10 @@ non-zero the data counters skipped_json / skipped_utf8 / skipped_field / skipped
 documents skipped, each counted once) and split_docs; validation records carry val_loss and val_ppl. A
 resumed run moves the records of the steps it redoes to metrics.replayed.jsonl, so metrics.jsonl has each
 step once. wandb gets the same records. Its run id lives in <run_dir>/wandb_id, so a resumed or requeued
-job continues the same wandb run.
+job continues the same wandb run. Only wandb's public API is used (`init`, `Settings`, `Run.log`,
+`Run.finish`; tested with the range pinned in pyproject.toml): the run id is generated here, since
+`wandb.util.generate_id` is gone in wandb 0.31. A failing `wandb.init` never stops training but is reported
+loudly, once, with the exception and the fix.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import logging
 import math
 import os
 import resource
+import secrets
+import string
 import sys
 import time
 from pathlib import Path
@@ -100,6 +105,12 @@ def set_aside_replayed(path: Path, start_step: int) -> int:
     return len(moved)
 
 
+def new_wandb_run_id(length: int = 8) -> str:
+    """A fresh wandb run id: lowercase letters and digits (what wandb accepts in a run URL)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(length))
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks' calls are no-ops. `log(record)` for training, `log_eval` for validation."""
 
@@ -130,16 +141,22 @@ class MetricsLogger:
         try:
             import wandb
 
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
-            id_file.write_text(run_id + "\n")
+            run_id = id_file.read_text().strip() if id_file.is_file() else ""
+            if not run_id:
+                run_id = new_wandb_run_id()
+                id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(
                 project=self.cfg.wandb.project, entity=self.cfg.wandb.entity, id=run_id, resume="allow",
                 name=self.cfg.wandb.name or self.run_dir.name, tags=list(self.cfg.wandb.tags), mode=mode,
                 dir=str(self.run_dir), config=config_dict,
                 settings=wandb.Settings(init_timeout=self.cfg.wandb.init_timeout_s, silent=True))
-            log.info("wandb: mode %s, run id %s", mode, run_id)
-        except Exception as e:  # never let the logger stop a training run
-            log.warning("wandb disabled: init failed in mode %s (%s: %s)", mode, type(e).__name__, e)
+            log.info("wandb: mode %s, run id %s, files in %s", mode, run_id, self.run_dir / "wandb")
+        except Exception as e:  # never let the logger stop a training run, but never hide that it is off
+            ver = getattr(sys.modules.get("wandb"), "__version__", "not installed")
+            log.warning("WANDB IS OFF for this run: wandb.init failed in mode %s (%s: %s; wandb %s). Fix: pip "
+                        "install -e . (pins a tested wandb range, see pyproject.toml), or set "
+                        "logging.wandb.mode=disabled to run without it", mode, type(e).__name__, " ".join(str(e).split())[:300],
+                        ver)
             self.wandb = None
 
     def write(self, record: Dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
-"""Plot a run's metrics.jsonl:  python -m trainer.plot RUN_DIR [--out DIR]
+"""Plot a run's metrics.jsonl:  python -m trainer.plot RUN_DIR [--out DIR] [--smooth 0.9]
 
-Writes loss.png (training loss, and validation loss where present), lr.png and throughput.png (tokens/s,
-and MFU where logged) into the run directory (or --out). Works on a run that is still going.
+Writes loss.png (training loss: the logged single-step values, thin, and their exponential moving average,
+bold; validation loss where present), lr.png and throughput.png (tokens/s, and MFU where logged) into the run
+directory (or --out). Works on a run that is still going.
 """
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ def load_metrics(run_dir: Path) -> List[Dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
-def plot_run(run_dir: Path, out_dir: Path = None) -> List[Path]:
+def ema(values: List[float], beta: float) -> List[float]:
+    """Exponential moving average with bias correction (so the first points are not pulled towards 0):
+    m_t = beta * m_{t-1} + (1 - beta) * x_t, reported as m_t / (1 - beta^t). beta = 0 returns the values."""
+    out, m = [], 0.0
+    for t, x in enumerate(values, start=1):
+        m = beta * m + (1 - beta) * x
+        out.append(m / (1 - beta ** t))
+    return out
+
+
+def plot_run(run_dir: Path, out_dir: Path = None, smooth: float = 0.9) -> List[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,9 +62,15 @@ def plot_run(run_dir: Path, out_dir: Path = None) -> List[Path]:
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+    if smooth > 0:
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss (logged steps)")
+        ax.plot(steps, ema(losses, smooth), color="tab:blue", linewidth=2, label=f"train loss, EMA {smooth:g}")
+    else:
+        ax.plot(steps, losses, color="tab:blue", label="train loss")
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange",
+                label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(run_dir.name)
@@ -86,9 +103,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.plot", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, help="run directory (holds metrics.jsonl)")
     p.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: the run directory)")
+    p.add_argument("--smooth", type=float, default=0.9,
+                   help="EMA factor of the smoothed loss line, in [0, 1) (0: raw line only; default 0.9)")
     args = p.parse_args(argv)
+    if not 0 <= args.smooth < 1:
+        p.error(f"--smooth={args.smooth}: give a factor in [0, 1), e.g. 0.9")
     try:
-        for path in plot_run(args.run_dir, args.out):
+        for path in plot_run(args.run_dir, args.out, args.smooth):
             print(path)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)

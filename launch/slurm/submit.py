@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,11 +57,18 @@ def write_script(job: SlurmJob, log_dir: Path) -> Path:
 
 def submit(job: SlurmJob, sbatch: str = "sbatch") -> str:
     """Render, write and `sbatch` the job; returns the job id."""
+    if shutil.which(sbatch) is None:  # before writing anything
+        raise ValueError(f"sbatch not found ({sbatch!r} is not an executable on PATH): submit from a SLURM login "
+                         "node, pass --sbatch /path/to/sbatch, or use --dry-run to see the job without submitting")
     paths = resolved_paths(job)
     script = write_script(job, paths["log_dir"])
     if paths["run_dir"].exists():
         print(f"run dir {paths['run_dir']} exists: the job resumes from its newest checkpoint")
-    out = subprocess.run([sbatch, "--parsable", str(script)], check=True, capture_output=True, text=True)
+    try:
+        out = subprocess.run([sbatch, "--parsable", str(script)], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as e:
+        reason = " ".join((e.stderr or e.stdout or "").split())[:500]
+        raise RuntimeError(f"sbatch refused the job (exit {e.returncode}): {reason}; the script is {script}") from None
     job_id = out.stdout.strip().split(";")[0]
     print(f"submitted job {job_id} ({job.nodes} x {job.gpus_per_node} GPUs): script {script}\n"
           f"  log     {paths['log_dir']}/{job.job_name}-{job_id}.out\n"

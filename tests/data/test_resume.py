@@ -110,13 +110,13 @@ def test_curriculum_shape_change_keeps_stream(corpus, tok, workers):
         assert batch["input_ids"].shape == (1, 40)
 
 
-def test_labels_aligned_and_doc_ids(corpus, tok):
+def test_targets_aligned_and_doc_ids(corpus, tok):
     cfg = make_cfg(corpus, tok, 0, False)
     batches = take(build_dataloader(cfg, tok, seq_len=32, micro_batch_size=4, seed=0), 5)
     stream = flat(batches)
-    # every token is a target exactly once: rows overlap by one (labels[:, -1] is the next row's first input)
+    # every token is a target exactly once: rows overlap by one (targets[:, -1] is the next row's first input)
     rows_in = torch.cat([b["input_ids"] for b in batches])
-    rows_lab = torch.cat([b["labels"] for b in batches])
+    rows_lab = torch.cat([b["targets"] for b in batches])
     assert torch.equal(rows_in[:, 1:], rows_lab[:, :-1])
     assert torch.equal(rows_lab[:-1, -1], rows_in[1:, 0])
     assert stream.dtype == torch.long

@@ -136,3 +136,25 @@ def test_hf_streaming_source_resumes(tmp_path):
     again = make_source(spec, **src_kw(split="train", loop=True))
     again.load_state_dict(state)
     assert [again.next() for _ in range(30)] == tail
+
+
+def test_embedded_corpus_skips_misencoded_files_quietly(tmp_path, caplog, monkeypatch):
+    """The stdlib ships deliberately mis-encoded test files: the builtin corpus counts them (skipped_utf8) without
+    a warning per file and process; a user's own files still warn."""
+    import logging
+
+    import data.sources as sources
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b_latin1.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
+    monkeypatch.setattr(sources, "stdlib_files", lambda *a, **k: (str(tmp_path / "a.py"), str(tmp_path / "b_latin1.py")))
+    monkeypatch.setattr(sources, "_warned", {})
+    with caplog.at_level(logging.WARNING, logger="data.sources"):
+        stats = {}
+        src = make_source(SourceConfig(builtin="python_stdlib"), **src_kw(stats=stats))
+        assert [src.next(), src.next()] == ["x = 1\n", None]
+        assert stats["skipped_utf8"] == 1 and not caplog.records
+        own = {}
+        src = make_source(SourceConfig(path=str(tmp_path)), **src_kw(stats=own))
+        assert [src.next(), src.next()] == ["x = 1\n", None]
+        assert own["skipped_utf8"] == 1 and len(caplog.records) == 1 and "not UTF-8" in caplog.text

@@ -65,7 +65,7 @@ def test_default_corpus_and_tokenizer_offline(default_tok):
     assert load_tokenizer(cfg).fingerprint() == tok.fingerprint()
     loader = build_dataloader(cfg, None, seq_len=128, micro_batch_size=2, dp_rank=0, dp_world_size=1, seed=0)
     b = next(iter(loader))
-    assert b["input_ids"].shape == b["labels"].shape == (2, 128) and b["input_ids"].dtype == torch.long
+    assert b["input_ids"].shape == b["targets"].shape == (2, 128) and b["input_ids"].dtype == torch.long
     assert int(b["input_ids"].max()) < 512
     text = tok.decode(b["input_ids"][0].tolist())
     assert any(w in text for w in ("def ", "import ", "class ", "return")), text[:200]

@@ -100,9 +100,20 @@ def inputs(cfg, seed=1):
     return torch.randint(0, cfg.vocab_size, (B, L), generator=g)
 
 
-def aligned_labels(x):
-    """Our labels are aligned (labels[:, t] = target of position t); HF shifts labels=x internally."""
+def aligned_targets(x):
+    """Our `targets=` are aligned (targets[:, t] = target of position t); `labels=x` is shifted inside, as HF."""
     return torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+
+
+def masked_labels(x, seed=0):
+    """HF-style labels with -100 at random positions, at the first position (never a target after the
+    shift) and at the last one (the target of position L-2)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = x.clone()
+    labels[torch.rand(x.shape, generator=g) < 0.3] = -100
+    labels[:, 0] = -100
+    labels[:, -1] = -100
+    return labels
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -129,9 +140,11 @@ def test_losses(pair):
     name, cfg, ref, ours = pair
     x = inputs(cfg, seed=2)
     with torch.no_grad():
-        out = ours(x, labels=aligned_labels(x))
+        out = ours(x, labels=x)  # HF's convention: shifted inside
         lm = ref(x, labels=x).loss
         torch.testing.assert_close(out.lm_loss, lm, rtol=1e-5, atol=0)
+        # the trainer's path: the same targets given aligned -> the same loss, bit for bit
+        assert torch.equal(ours(x, targets=aligned_targets(x)).loss, out.loss)
         if cfg.num_experts > 1:
             r = ref(x, labels=x, output_router_logits=True)
             torch.testing.assert_close(out.aux_loss, r.aux_loss, rtol=1e-5, atol=0)
@@ -141,6 +154,26 @@ def test_losses(pair):
             torch.testing.assert_close(out.loss, lm, rtol=1e-5, atol=0)
 
 
+def test_loss_with_ignored_labels(pair):
+    """-100 labels are ignored as in transformers (mean over the remaining targets), shift included."""
+    name, cfg, ref, ours = pair
+    x = inputs(cfg, seed=4)
+    labels = masked_labels(x, seed=5)
+    with torch.no_grad():
+        got = ours(x, labels=labels).lm_loss
+        want = ref(x, labels=labels).loss
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        # and it is not the loss without the mask, nor the unshifted one (the test can fail)
+        assert not torch.allclose(got, ours(x, labels=x).lm_loss, rtol=1e-3)
+        assert not torch.allclose(got, ours(x, targets=labels).lm_loss, rtol=1e-3)
+        # by hand: mean CE of logits[:, t] against labels[:, t + 1] where not -100
+        logits = ours(x).logits[:, :-1].flatten(0, 1)
+        by_hand = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
+        torch.testing.assert_close(got, by_hand, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        ours(x, labels=x, targets=aligned_targets(x))
+
+
 def test_gradients(pair):
     name, cfg, ref, ours = pair
     x = inputs(cfg, seed=3)
@@ -148,7 +181,7 @@ def test_gradients(pair):
     try:
         ref.zero_grad(set_to_none=True), ours.zero_grad(set_to_none=True)
         ref(x, labels=x, output_router_logits=cfg.num_experts > 1).loss.backward()
-        ours(x, labels=aligned_labels(x)).loss.backward()
+        ours(x, labels=x).loss.backward()
     finally:
         ref.eval(), ours.eval()
     ours_grads = {k: p.grad for k, p in ours.named_parameters()}
@@ -212,7 +245,7 @@ def test_export_from_dcp_checkpoint(tmp_path):
     # the layout of trainer/checkpoint.py: {"model": ..., "optim": ...} from get_state_dict after a step
     from torch.distributed.checkpoint.state_dict import get_state_dict
     opt = torch.optim.AdamW(ours.parameters(), lr=0.0)
-    ours(x, labels=aligned_labels(x)).loss.backward()
+    ours(x, targets=aligned_targets(x)).loss.backward()
     opt.step()
     model_sd, optim_sd = get_state_dict(ours, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt), no_dist=True)
@@ -245,6 +278,11 @@ def test_import_hf_directory(tmp_path, layout):
         err = rel_err(ours(x).logits, want)
     print(f"[{layout}] load_hf logits max rel err {err:.2e}")
     assert err < 1e-4
+    # the loaded model takes HF's labels: same loss as transformers, -100 positions included
+    labels = masked_labels(x, seed=11)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, labels=labels).lm_loss, ref(x, labels=labels).loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(ours(x, labels=x).lm_loss, ref(x, labels=x).loss, rtol=1e-5, atol=0)
     # CLI import -> our checkpoint directory -> our model
     assert hf.main(["import", str(hf_dir), str(tmp_path / "ours")]) == 0
     again = hf.load_checkpoint(tmp_path / "ours")
@@ -276,7 +314,7 @@ def _gpu_run(sd, cfg, x, labels, dtype, reference, monkeypatch, with_hf=False):
     with torch.no_grad():
         logits = m(x.cuda()).logits.float().cpu()
         hf_logits = hf.to_hf(m, attn_implementation="sdpa").eval()(x.cuda()).logits.float().cpu() if with_hf else None
-    m(x.cuda(), labels=labels.cuda()).loss.backward()
+    m(x.cuda(), targets=labels.cuda()).loss.backward()
     grads = {k: p.grad.float().cpu() for k, p in m.named_parameters()}
     return logits, grads, hf_logits
 
@@ -296,7 +334,7 @@ def test_gpu_kernels_against_fp32_reference(monkeypatch):
     cfg = JambaConfig(**GPU_CFG)
     sd = randomize_(JambaForCausalLM(cfg), seed=11).state_dict()
     x = torch.randint(0, cfg.vocab_size, (2, 512), generator=torch.Generator().manual_seed(12))
-    labels = aligned_labels(x)
+    labels = aligned_targets(x)
     r32, r32_g, _ = _gpu_run(sd, cfg, x, labels, torch.float32, True, monkeypatch)
     k32, k32_g, hf32 = _gpu_run(sd, cfg, x, labels, torch.float32, False, monkeypatch, with_hf=True)
     r16, r16_g, _ = _gpu_run(sd, cfg, x, labels, torch.bfloat16, True, monkeypatch)

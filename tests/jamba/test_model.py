@@ -83,16 +83,18 @@ def test_forward_logits_and_loss_semantics():
     torch.manual_seed(0)
     model = JambaForCausalLM(cfg)
     x = torch.randint(0, cfg.vocab_size, (2, 24))
-    labels = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
+    targets = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)  # aligned
     out = model(x)
     assert isinstance(out, JambaOutput) and out.loss is None and out.logits.shape == (2, 24, cfg.vocab_size)
     n_moe = sum(s.ffn == "moe" for s in cfg.layer_specs())
     assert out.expert_counts.shape == (n_moe, cfg.num_experts)
     assert (out.expert_counts.sum(-1) == 2 * 24 * cfg.num_experts_per_tok).all()
-    out2 = model(x, labels=labels)
+    out2 = model(x, targets=targets)
     assert out2.logits is None
-    ce = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    ce = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
     torch.testing.assert_close(out2.lm_loss, ce, rtol=1e-5, atol=1e-6)
+    # HF's convention: labels=x is shifted inside, the same targets as above
+    assert torch.equal(model(x, labels=x).lm_loss, out2.lm_loss)
     torch.testing.assert_close(out2.loss, out2.lm_loss + 0.05 * out2.aux_loss + 0.01 * out2.z_loss)
     # the load-balancing loss is >= k (equality at perfect balance, HF's normalisation) -- k = 2 here
     assert out2.aux_loss.item() >= 0.99 * cfg.num_experts_per_tok

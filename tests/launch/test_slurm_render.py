@@ -147,7 +147,7 @@ def test_cli_render_splits_job_settings_from_train_overrides(capsys):
 
 
 def test_dry_run_prints_script_commands_and_environment(capsys):
-    assert cli(["submit", "--dry-run", "nodes=2", "gpus_per_node=4", "cpus_per_task=32", "job_name=dry",
+    assert cli(["submit", "--dry-run", "--no-check", "nodes=2", "gpus_per_node=4", "cpus_per_task=32", "job_name=dry",
                 "--", "model=tiny"]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --nodes=2" in out and "sbatch --parsable" in out
@@ -168,7 +168,7 @@ def test_submit_writes_script_and_calls_sbatch(tmp_path, monkeypatch, capsys):
     fake.write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho "4242;cluster"\n')
     fake.chmod(0o755)
     monkeypatch.chdir(tmp_path)
-    assert cli(["submit", f"--sbatch={fake}", "job_name=sub", "nodes=2", "--", "model=tiny"]) == 0
+    assert cli(["submit", f"--sbatch={fake}", "--no-check", "job_name=sub", "nodes=2", "--", "model=tiny"]) == 0
     args = calls.read_text().split()
     assert args[0] == "--parsable" and args[1].startswith(str(tmp_path / "logs/slurm/sub-"))
     assert Path(args[1]).read_text() == render_sbatch(load_job(["job_name=sub", "nodes=2",

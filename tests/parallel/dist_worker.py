@@ -98,10 +98,10 @@ def build(spec: str):
 
 
 def step(model, dims, opt, i: int):
-    ids, labels = global_batch(i)
+    ids, targets = global_batch(i)
     per = ids.shape[0] // dims.dp_size
     sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
-    out = model(ids[sl].to(DEVICE), labels=labels[sl].to(DEVICE))
+    out = model(ids[sl].to(DEVICE), targets=targets[sl].to(DEVICE))  # aligned (the trainer's convention)
     fault = getattr(model, "fault", 0.0) if dims.dp_rank == 0 else 0.0
     (out.loss * (1 + fault) if fault else out.loss).backward()
     loss = out.loss.detach().clone()
@@ -160,8 +160,8 @@ def reference(model_overrides: dict) -> dict:
     opt = make_optimizer(model)
     losses = []
     for i in range(STEPS):
-        ids, labels = global_batch(i)
-        out = model(ids.to(DEVICE), labels=labels.to(DEVICE))
+        ids, targets = global_batch(i)
+        out = model(ids.to(DEVICE), targets=targets.to(DEVICE))
         out.loss.backward()
         losses.append(out.loss.item())
         if i == 0:

@@ -11,7 +11,7 @@ from parallel.compile import apply_compile
 
 def _loss_and_grads(model, ids, labels):
     model.zero_grad(set_to_none=True)
-    loss = model(ids, labels=labels).loss
+    loss = model(ids, targets=labels).loss  # aligned targets (rolled ids), as the trainer passes them
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -107,6 +107,37 @@ def test_plot_writes_pngs(tmp_path):
     assert main([str(tmp_path / "nope")]) == 2
 
 
+def test_plot_smooths_the_loss_with_an_ema(tmp_path, monkeypatch):
+    import json
+
+    import matplotlib.axes
+
+    from trainer.plot import ema, plot_run
+
+    assert ema([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])  # bias-corrected: no pull towards 0
+    x = [4.0, 0.0, 2.0]
+    m1 = 0.1 * 4.0
+    m2 = 0.9 * m1 + 0.1 * 0.0
+    m3 = 0.9 * m2 + 0.1 * 2.0
+    assert ema(x, 0.9) == pytest.approx([m1 / 0.1, m2 / (1 - 0.81), m3 / (1 - 0.729)])
+    assert ema(x, 0.0) == x
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s in range(1, 31):
+            f.write(json.dumps({"step": s, "loss": 5 + (-1) ** s, "lr": 1e-3, "tokens_per_s": 1.0}) + "\n")
+    lines = {}
+    real_plot = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kw):
+        lines[kw.get("label")] = list(args[1]) if len(args) > 1 else None
+        return real_plot(self, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    plot_run(tmp_path, smooth=0.9)
+    raw, smooth = lines["train loss (logged steps)"], lines["train loss, EMA 0.9"]
+    assert raw == [5 + (-1) ** s for s in range(1, 31)]
+    assert max(smooth[10:]) - min(smooth[10:]) < 0.3 < max(raw) - min(raw)  # the alternating noise is smoothed
+
+
 def test_wandb_mode_resolution(monkeypatch):
     from trainer.metrics import _wandb_mode
 

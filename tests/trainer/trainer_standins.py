@@ -30,7 +30,7 @@ class StandInLM(nn.Module):
     def weight_decay_filter(name: str, param: torch.Tensor) -> bool:
         return param.ndim >= 2 and "embed" not in name
 
-    def forward(self, input_ids, labels=None, doc_ids=None):
+    def forward(self, input_ids, labels=None, doc_ids=None, targets=None):
         self.calls += 1
         h = self.embed(input_ids)  # (B, L, D)
         h = h + self.down(F.gelu(self.up(self.norm(h))))
@@ -38,7 +38,7 @@ class StandInLM(nn.Module):
         counts = torch.bincount(probs.argmax(-1).flatten(), minlength=4)[None]  # (1, 4)
         aux = 4 * (probs.mean((0, 1)) ** 2).sum()
         logits = self.head(h)  # (B, L, V)
-        lm = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        lm = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)  # the trainer's aligned targets
         if self.calls in self.nan_calls:
             lm = lm * float("nan")
         return SimpleNamespace(loss=lm + 0.01 * aux, lm_loss=lm, aux_loss=aux, z_loss=None,
@@ -73,7 +73,7 @@ class StandInLoader:
             noise = torch.rand(ids.shape, generator=g) < 0.1
             ids = torch.where(noise, torch.randint(0, self.vocab, ids.shape, generator=g), ids)
             self.pos += 1
-            yield {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous()}
+            yield {"input_ids": ids[:, :-1].contiguous(), "targets": ids[:, 1:].contiguous()}
 
 
 def small_run_config(max_steps: int = 6, **train) -> RunConfig:

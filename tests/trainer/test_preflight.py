@@ -1,0 +1,149 @@
+"""The pre-flight check (trainer/preflight.py): every config problem a user can type is ONE line naming the key,
+the value and what is allowed, exit code 2, before anything is built (no tokenizer, model, data, process group
+or run directory); a typo is found without importing torch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jamba.config import ConfigError
+from trainer.preflight import check_command
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A usable corpus and two unusable ones (JSONL without the text field; a non-UTF-8 text file)."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "good.jsonl").write_text('{"text": "hello world"}\n')
+    (d / "nofield.jsonl").write_text('{"txt": "a"}\n{"txt": "b"}\n')
+    (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (d / "tok.model").write_bytes(b"not a sentencepiece model")
+    return d
+
+
+CASES = [  # (overrides, world size, substrings of the one-line message)
+    (["optim.lrr=1"], 1, ["optim.lrr=1", "'lrr' is not a key of OptimConfig", "did you mean 'lr'?", "valid keys"]),
+    (["+optim.lrr=1"], 1, ["optim.lrr is not a key", "valid keys: ['lr'"]),
+    (["optim.lr=abc"], 1, ["optim.lr=abc", "'abc'", "give a number"]),
+    (["train.max_steps=1.5"], 1, ["train.max_steps=1.5", "give an integer"]),
+    (["model=smal"], 1, ["model='smal' is not a model option", "did you mean 'small'?",
+                         "['bench-3b', 'jamba-v0.1', 'small', 'tiny']"]),
+    (["experiment=nope"], 1, ["experiment='nope'", "['bench_3b', 'cpu_demo', 'debug']"]),
+    (["curriculum.stages=[{seq_len: 64, sq: 1}]"], 1, ["'sq' is not a key of StageConfig", "seq_len"]),
+    (["optim.lr=[1,2"], 1, ["'optim.lr=[1,2': not a valid override"]),
+    (["parallel.tp=3"], 1, ["parallel.tp=3 must divide model.num_attention_heads=4", "choose tp in [1, 2, 4]"]),
+    (["parallel.tp=2"], 1, ["tp(2) = 2 != WORLD_SIZE(1)", "launch 2 processes"]),
+    (["parallel=ep", "parallel.ep=3"], 2, ["parallel.ep=3 must divide dp_shard(2)"]),
+    (["parallel.dp_shard=2"], 4, ["= 2 != WORLD_SIZE(4)", "parallel.dp_shard=-1 (fills to 4)"]),
+    (["data.num_workers=-1"], 1, ["data.num_workers=-1", "integer >= 0"]),
+    (["data.vocab_size=5"], 1, ["data.vocab_size=5", "260..1000000"]),
+    (["data.vocab_size=4096"], 1, ["data.vocab_size=4096 is more than model.vocab_size=2048"]),
+    (["optim.eps=0"], 1, ["optim.eps=0.0 must be > 0"]),
+    (["optim.schedule=linear"], 1, ["optim.schedule='linear' is not allowed", "'cosine'"]),
+    (["data.tokenizer=/no/such/tok.model"], 1, ["data.tokenizer='/no/such/tok.model': no such file",
+                                                "python -m data.tokenizer train"]),
+    (["data.sources=[{path: /no/such/dir/*.jsonl}]"], 1, ["data.sources[0].path='/no/such/dir/*.jsonl' matches no file"]),
+    (["data.sources=[{path: CORPUS/good.jsonl, format: csv}]"], 1, ["data.sources[0].format='csv'", "'jsonl'"]),
+    (["data.sources=[{path: CORPUS/nofield.jsonl}]"], 1, ["no usable document", "no string field 'text'"]),
+    (["data.sources=[{path: CORPUS/latin1.txt}]"], 1, ["no usable document", "not UTF-8"]),
+    (["data.tokenizer=CORPUS/tok.model"], 1, ["is not a sentencepiece model"]),
+]
+
+
+@pytest.mark.parametrize("overrides,world,needles", CASES, ids=[" ".join(c[0])[:40] for c in CASES])
+def test_config_problems_are_one_line(overrides, world, needles, corpus):
+    overrides = [o.replace("CORPUS", str(corpus)) for o in overrides]
+    with pytest.raises(ConfigError) as info:
+        check_command(overrides, world_size=world)
+    msg = str(info.value)
+    assert "\n" not in msg and len(msg) < 600, msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def test_good_configs_pass(corpus):
+    check_command([])
+    check_command(["experiment=debug", f"data.sources=[{{path: {corpus}/good.jsonl}}]", "parallel=fsdp"],
+                  world_size=2)
+    check_command(["experiment=bench_3b"], world_size=8, data=False)
+    # a sweep: every point is checked
+    check_command(["experiment=debug", "optim.lr=1e-3,3e-4"], multirun=True)
+    with pytest.raises(ConfigError, match="optim.lr=abc"):
+        check_command(["experiment=debug", "optim.lr=1e-3,abc"], multirun=True)
+
+
+def _train(args, cwd, env=None, **kw):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+@pytest.mark.parametrize("args", [["optim.lrr=1"], ["--cfg", "job", "model=smal"], ["-m", "optim.lr=1e-3,abc"],
+                                  ["data.sources=[{path: missing/*.jsonl}]"]])
+def test_train_py_reports_one_line_and_exit_2_before_any_directory(tmp_path, args):
+    r = _train(args, tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("train.py: config error: "), lines
+    assert list(tmp_path.iterdir()) == [], "a run that fails validation must leave no directory"
+
+
+def test_typo_check_does_not_import_torch():
+    code = ("import sys\nfrom jamba.config import ConfigError\nfrom trainer.preflight import check_command\n"
+            "try:\n    check_command(['optim.lrr=1'])\nexcept ConfigError as e:\n    print(e)\n"
+            "assert 'torch' not in sys.modules, 'torch imported for a typo'\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "'lrr' is not a key of OptimConfig" in r.stdout
+
+
+def test_preflight_cli_and_launch_script(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "trainer.preflight", "--world-size", "4", "--", "parallel.tp=2"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "WORLD_SIZE(4)" in r.stderr, r.stderr
+    # launch/single_node.sh checks before torchrun starts: one line, no torchrun failure report
+    r = subprocess.run([str(REPO / "launch/single_node.sh"), "-n", "2", "optim.lrr=1"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "ChildFailedError" not in r.stderr, r.stderr[-2000:]
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        line for line in r.stderr.splitlines() if "config error: optim.lrr=1" in line]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank0_reports(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "train.py"), "optim.lrr=1"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert out.count("config error") == 1, out[-3000:]
+    assert "exitcode  : 2" in out  # torchrun's own report of the workers (it cannot be silenced from a worker)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_slurm_submit_checks_the_training_config(tmp_path, monkeypatch, capsys):
+    from launch.slurm.__main__ import main as slurm
+
+    monkeypatch.chdir(tmp_path)
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/bash\necho 4242\n")
+    fake.chmod(0o755)
+    assert slurm(["submit", f"--sbatch={fake}", "nodes=1", "gpus_per_node=2", "--", "model=smal", "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model='smal' is not a model option" in err
+    assert slurm(["submit", "--dry-run", "nodes=1", "gpus_per_node=2", "--", "parallel.tp=3"]) == 2
+    assert "parallel.tp=3 must divide model.num_attention_heads=4" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()  # nothing written, nothing submitted
+    # without sbatch on PATH: one line, exit 2
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert slurm(["submit", "nodes=1", "gpus_per_node=1", "--", "model=tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sbatch not found" in err and "--dry-run" in err

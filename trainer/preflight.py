@@ -1,0 +1,353 @@
+"""Pre-flight check of a training command line: everything that can be checked without building anything.
+
+    python -m trainer.preflight [--world-size N] [--multirun] -- [train.py overrides ...]
+
+It composes the config exactly as `train.py` would (Hydra's compose API, same conf/ and overrides), then checks
+in order of cost: the override syntax, group options (`model=smal`), unknown keys (`optim.lrr=1`) and types
+(`optim.lr=abc`), the typed schemas and their values (trainer.config.validate_run, DataConfig, JambaConfig), the
+parallel layout against the world size (imports torch), and the data: every `path` source matches a file and
+holds at least one usable document, the tokenizer file exists and fits model.vocab_size. Nothing is built
+(no tokenizer training, no model, no data loader, no process group, no run directory).
+
+A problem is ONE line on stderr (`config error: <key>=<value>: <what is allowed / the fix>`) and exit code 2.
+Callers: `train.py` runs it before Hydra starts the job (so a run that fails validation leaves no directory;
+also for `--cfg job` and for every point of a `-m` sweep); under torchrun only rank 0 prints (torchrun itself
+then still prints its summary of the failed workers: use launch/single_node.sh or launch/multi_node.sh, which
+run this check before starting torchrun); `python -m launch.slurm submit` runs it for the job's world size
+before submitting.
+
+Imports are lazy: composing and the schema checks need only Hydra/OmegaConf (a typo is reported in well under
+a second of import time); torch is imported only for the layout check.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from jamba.config import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+MAX_SWEEP_POINTS = 64
+NONZERO_RANK_WAIT_S = 30.0
+DOC_SCAN_LIMIT = 2000
+"""Raw documents read per `path` source to find a usable one (stops at the first usable document)."""
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# ---- composing -----------------------------------------------------------------------------------
+def compose(overrides: Sequence[str], config_name: str = "config"):
+    """The run's DictConfig (with its `hydra` node) for these overrides, as train.py's Hydra job sees it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from trainer.config import register_configs
+    from trainer.rundir import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+def _group_options(group: str) -> List[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _closest(word: str, options: Sequence[str]) -> str:
+    near = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f"did you mean {near[0]!r}? " if near else ""
+
+
+def _schema_keys(object_type) -> List[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(object_type)] if dataclasses.is_dataclass(object_type) else []
+
+
+def _find_override(overrides: Sequence[str], key: Optional[str]) -> Optional[str]:
+    if not key:
+        return None
+    for o in overrides:
+        k = o.split("=", 1)[0].lstrip("+~")
+        if k == key or key.startswith(k + "."):
+            return o
+    return None
+
+
+def explain(exc: BaseException, overrides: Sequence[str]) -> str:
+    """A composition / schema exception -> one line naming the override, the key, what is allowed."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(exc)
+    if isinstance(exc, ConfigError):
+        return one_line(text)
+    if isinstance(exc, OverrideParseException):
+        bad = next((o for o in overrides if _syntax_error(o)), None)
+        where = f"{bad!r}: " if bad else ""
+        return one_line(f"{where}not a valid override ({text.splitlines()[0]}); write key=value, quote lists "
+                        "and braces for the shell, e.g. 'data.sources=[{path: corpus/*.jsonl}]'")
+    if isinstance(exc, MissingConfigException):
+        m = re.search(r"Could not find '([^']+)/([^']+)'", text)
+        if m:
+            group, value = m.group(1), m.group(2)
+            options = _group_options(group)
+            return (f"{group}={value!r} is not a {group} option: {_closest(value, options)}"
+                    f"choose one of {options} (files in conf/{group}/)")
+        return one_line(text.split("Config search path")[0])
+    cause = exc.__cause__ or exc.__context__
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        m = re.search(r"Could not override '([^']+)'", text)
+        full_key = m.group(1) if m else getattr(cause, "full_key", None)
+        bad_key = str(getattr(cause, "key", None) or (full_key or "").rsplit(".", 1)[-1])
+        valid = _schema_keys(getattr(cause, "object_type", None))
+        where = getattr(getattr(cause, "object_type", None), "__name__", "the config")
+        override = _find_override(overrides, full_key) or full_key
+        return (f"{override}: {bad_key!r} is not a key of {where}; {_closest(bad_key, valid)}"
+                f"valid keys: {valid}")
+    if isinstance(cause, ValidationError):
+        full_key = getattr(cause, "full_key", None)
+        override = _find_override(overrides, full_key) or full_key
+        msg = one_line(str(getattr(cause, "msg", cause)).split("full_key:")[0])
+        m = re.search(r"could not be converted to (\w+)", msg)
+        if m:
+            kind = {"Float": "a number, e.g. 3e-4", "Integer": "an integer", "Boolean": "true or false"}.get(
+                m.group(1), m.group(1))
+            msg += f"; give {kind}"
+        return f"{override}: {msg}"
+    if isinstance(exc, OmegaConfBaseException) or isinstance(cause, OmegaConfBaseException):
+        err = cause if isinstance(cause, OmegaConfBaseException) else exc
+        return one_line(str(getattr(err, "msg", err)).split("full_key:")[0])
+    if isinstance(exc, ValueError):  # the schemas' own __post_init__ checks (DataConfig, ParallelConfig, ...)
+        return one_line(text)
+    return one_line(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}")
+
+
+def _syntax_error(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        OverridesParser.create().parse_overrides([override])
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
+# ---- checks --------------------------------------------------------------------------------------
+def check_config(dcfg, world_size: int, data: bool = True):
+    """Schema, values, parallel layout (for `world_size` processes) and data inputs. Returns the RunConfig."""
+    from omegaconf import OmegaConf, open_dict
+
+    from trainer.config import to_object, validate_run
+
+    dcfg = dcfg.copy()
+    if "hydra" in dcfg:
+        with open_dict(dcfg):
+            del dcfg["hydra"]
+    OmegaConf.set_readonly(dcfg, False)
+    cfg = to_object(dcfg)
+    seq_len = max(s.seq_len for s in cfg.curriculum.stages) if cfg.curriculum.stages else None
+    from parallel.config import ParallelConfig
+    from parallel.dims import ParallelDims  # imports torch: only once the cheap checks passed
+
+    pcfg = cfg.parallel if isinstance(cfg.parallel, ParallelConfig) else ParallelConfig(**dict(cfg.parallel))
+    try:
+        dims = ParallelDims(pcfg, world_size, model=cfg.model, seq_len=seq_len)
+    except ConfigError as world_error:
+        # Advice must fix it: if the layout cannot work for this model on the world size it asks for either
+        # (parallel.tp=3 with 4 heads), that is the problem to report, not the number of processes.
+        # Only for a process-count mismatch, and only a tensor-parallel problem of the model is taken from that
+        # check (other degrees, e.g. ep against a filled dp_shard, depend on the real world size).
+        fit = 1
+        for degree in (pcfg.dp_replicate, pcfg.dp_shard, pcfg.cp, pcfg.tp):
+            fit *= max(degree, 1)
+        if "WORLD_SIZE(" in str(world_error) and fit != world_size:
+            try:
+                ParallelDims(pcfg, fit, model=cfg.model, seq_len=seq_len)
+            except ConfigError as model_error:
+                if str(model_error).startswith("parallel.tp="):
+                    raise model_error from None
+        raise world_error
+    validate_run(cfg, dims.dp_size)
+    if data:
+        check_data(cfg)
+    return cfg
+
+
+def check_data(cfg) -> None:
+    """Local inputs exist and are usable; the tokenizer fits the model. Reads at most a few files."""
+    from data.sources import expand_path
+
+    d, vocab = cfg.data, cfg.model.vocab_size
+    for kind, sources in (("sources", d.sources), ("validation_sources", d.validation_sources)):
+        for i, s in enumerate(sources):
+            if not s.path:
+                continue
+            key = f"data.{kind}[{i}].path"
+            files = expand_path(s.path)
+            if not files:
+                raise ConfigError(f"{key}={s.path!r} matches no file; give an existing file, directory or glob "
+                                  "('**' is recursive, e.g. 'corpus/**/*.jsonl')")
+            _check_documents(f"data.{kind}[{i}]", s, files)
+    if d.tokenizer:
+        path = os.path.expanduser(d.tokenizer)
+        if not os.path.isfile(path):
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r}: no such file; train one with `python -m data.tokenizer "
+                              f"train --input FILES --vocab-size N --output {d.tokenizer}` or set data.tokenizer=null "
+                              "(the default tokenizer, trained on first use)")
+        import sentencepiece as spm
+
+        try:
+            n = spm.SentencePieceProcessor(model_file=path).get_piece_size()
+        except Exception as e:  # noqa: BLE001 - not a sentencepiece model
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r} is not a sentencepiece model ({one_line(e)[:120]}); "
+                              "give a .model file written by `python -m data.tokenizer train`") from None
+        if n > vocab:
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r} has {n} tokens but model.vocab_size={vocab}; set "
+                              f"model.vocab_size={n} (or more) or use a smaller tokenizer")
+    elif d.vocab_size > vocab:
+        raise ConfigError(f"data.vocab_size={d.vocab_size} is more than model.vocab_size={vocab}; set "
+                          f"model.vocab_size={d.vocab_size} (or more) or lower data.vocab_size")
+
+
+def _check_documents(key: str, source, files: Sequence[str]) -> None:
+    """At least one usable document among the first DOC_SCAN_LIMIT raw documents of the source's files."""
+    from data.sources import iter_file_documents
+
+    stats: dict = {}
+    seen = 0
+    for path in files:
+        for _, text in iter_file_documents(path, fmt=source.format, text_field=source.text_field,
+                                           text_unit=source.text_unit, stats=stats, warn=False):
+            if text is not None:
+                return
+            seen += 1
+            if seen >= DOC_SCAN_LIMIT:
+                break
+        if seen >= DOC_SCAN_LIMIT:
+            break
+    scanned = f"the first {seen} documents" if seen >= DOC_SCAN_LIMIT else f"all {len(files)} file(s)"
+    hints = {"skipped_field": f"no string field {source.text_field!r}: set text_field",
+             "skipped_json": "invalid JSON lines: check the format", "skipped_utf8": "not UTF-8 text",
+             "skipped_empty": "empty documents", "skipped_file": "unreadable files: check the format"}
+    why = "; ".join(f"{n} x {hints.get(k, k)}" for k, n in sorted(stats.items())) or "nothing to read"
+    raise ConfigError(f"{key}.path={source.path!r}: no usable document in {scanned} ({why}); "
+                      f"fix the files or the source's format/text_field/text_unit")
+
+
+# ---- command lines -------------------------------------------------------------------------------
+def sweep_points(overrides: Sequence[str]) -> List[List[str]]:
+    """The overrides of each point of a `-m` sweep (choice and range sweeps; at most MAX_SWEEP_POINTS)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    axes = []
+    for text, o in zip(overrides, parsed):
+        if o.is_sweep_override():
+            prefix = text[:len(text) - len(text.lstrip("+~"))]
+            axes.append([f"{prefix}{o.key_or_group}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([text])
+    return [list(p) for p in itertools.islice(itertools.product(*axes), MAX_SWEEP_POINTS)]
+
+
+def _launcher_world(dcfg) -> Optional[int]:
+    """Ranks per sweep point of a multi-node launcher (conf/hydra/launcher/slurm_gpu.yaml), if any."""
+    try:
+        launcher = dcfg.hydra.launcher
+        if "nodes" in launcher and "tasks_per_node" in launcher:
+            return int(launcher.nodes) * int(launcher.tasks_per_node)
+    except Exception:  # noqa: BLE001 - a launcher without these keys: the caller's world size
+        pass
+    return None
+
+
+def check_command(overrides: Sequence[str], world_size: int = 1, multirun: bool = False,
+                  config_name: str = "config", data: bool = True) -> None:
+    """Raise ConfigError (one-line message) if this train.py command line cannot run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = list(overrides)
+    try:
+        OverridesParser.create().parse_overrides(overrides)
+        points = sweep_points(overrides) if multirun else [overrides]
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(explain(e, overrides)) from None
+    for point in points:
+        try:
+            dcfg = compose(point, config_name)
+            world = (_launcher_world(dcfg) if multirun else None) or world_size
+            check_config(dcfg, world, data=data)
+        except ConfigError as e:
+            raise ConfigError(one_line(e)) from None
+        except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors
+            raise ConfigError(explain(e, point)) from None
+
+
+def report(msg: str, prog: str = "train.py") -> None:
+    print(f"{prog}: config error: {one_line(msg)}", file=sys.stderr, flush=True)
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def preflight_or_exit(argv: Sequence[str]) -> None:
+    """train.py's guard: check its own command line (Hydra flags understood), exit 2 with one line if bad."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        args, _unknown = get_args_parser().parse_known_args(list(argv))
+    except SystemExit:
+        return  # Hydra reports its own flag errors
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
+        return  # nothing to train, or a config tree other than conf/: Hydra's own checks apply
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        check_command(args.overrides, world, multirun=bool(args.multirun), config_name=args.config_name or "config")
+    except ConfigError as e:
+        if not _is_rank0():
+            # Let rank 0 print the one line: torchrun ends all workers when the first one exits, so a quiet rank
+            # that exited first would kill rank 0 before it reports. Rank 0 (same config, same checks) exits
+            # within seconds and torchrun then ends this wait; if it did not fail, say why this rank did.
+            time.sleep(NONZERO_RANK_WAIT_S)
+        report(str(e) if _is_rank0() else f"(rank {os.environ.get('RANK')}) {e}")
+        sys.exit(EXIT_CONFIG_ERROR)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args: List[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, train_args = argv[:cut], argv[cut + 1:]
+    p = argparse.ArgumentParser(prog="python -m trainer.preflight", description=__doc__.splitlines()[0])
+    p.add_argument("--world-size", type=int, default=1, help="processes of the run (nodes x processes per node)")
+    p.add_argument("--multirun", "-m", action="store_true", help="the overrides are a sweep (train.py -m)")
+    p.add_argument("--no-data", action="store_true", help="skip the data checks (inputs on another machine)")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        check_command(args.overrides + train_args, args.world_size, args.multirun, data=not args.no_data)
+    except ConfigError as e:
+        report(str(e))
+        return EXIT_CONFIG_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Run directories named from the command line: deterministic (the same command resumes the same run), safe for
+any override value, and unchanged by the options that do not change what is trained.
+
+    python train.py                                  -> runs/cpu-demo/base
+    python train.py model=small optim.lr=1e-3        -> runs/cpu-demo/model=small,optim.lr=0.001-3f2a9c1e
+    python train.py 'data.sources=[{path: /d/*.jsonl}]' data.tokenizer=/d/tok.model
+                                                     -> runs/cpu-demo/data.sources=_path_d_.jsonl_,data.tokenizer=_d_tok.model-<hash>
+
+`conf/config.yaml` sets `hydra.run.dir: runs/${name}/${run_leaf:${hydra.overrides.task}}` (and the sweep subdir
+the same way under `runs/${name}`, so a sweep point and the single run with the same overrides share one
+directory). The leaf is a readable, sanitised short name (letters, digits and `._=,-` only: never a `/`,
+never nested folders, at most ~80 characters) plus a hash of the full normalised overrides, so two different
+runs never share a directory even when their short names are cut alike. Overrides are normalised through
+Hydra's own parser and sorted, so `b=2 a=1` and `a=1 b=2`, or `optim.lr=1e-3` and `optim.lr=0.001`, are one run.
+
+Keys that do not change *what* is trained are left out of the identity (`IGNORED_KEYS`, `IGNORED_PREFIXES`), so
+that a finished run can be extended (`train.max_steps=12` after 10 steps continues the same directory from its
+checkpoint; the learning-rate schedule is then computed for the new length) and operational settings can
+change between restarts (checkpoint cadence and signals, logging, wandb, device, threads, compilation,
+evaluation). `name` and `experiment` are not in the leaf because `name` is the level above it (every
+experiment sets its own name). Give `hydra.run.dir=...` to choose a directory yourself (e.g. to continue a run
+with another parallel layout: checkpoints reshard).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Iterable, List
+
+BASE_LEAF = "base"
+"""Leaf of a run with no identity-defining overrides."""
+IGNORED_KEYS = frozenset({
+    "name", "experiment",  # the directory level above / the recipe that sets it
+    "train.max_steps",  # extend a run: continue the same directory
+    "train.device", "train.num_threads", "train.compile", "train.deterministic",  # where and how fast, not what
+    "train.eval_every", "train.eval_batches",  # validation only (its loaders are separate)
+    "data.prefetch_factor",  # loader speed; data.num_workers does change the data order and stays
+})
+# Hydra itself; logging/wandb options; checkpointing (cadence, signals, resume/overwrite, verification: how a
+# run is saved and continued, never what it computes)
+IGNORED_PREFIXES = ("hydra.", "hydra/", "logging.", "checkpoint.")
+MAX_SHORT = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key in ("logging", "checkpoint") or any(key.startswith(p) for p in IGNORED_PREFIXES)
+
+
+def normalise(override: str) -> str:
+    """`key=value` in Hydra's canonical text (value parsed, then printed), falling back to the raw text."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        o = OverridesParser.create().parse_override(override)
+        prefix = override[:len(override) - len(override.lstrip("+~"))]
+        if o.is_delete():
+            return f"~{o.key_or_group}"
+        return f"{prefix}{o.key_or_group}={o.get_value_element_as_str()}"
+    except Exception:  # noqa: BLE001 - a leaf name must never fail; Hydra reports bad syntax itself
+        return override.strip()
+
+
+def identity(overrides: Iterable[str]) -> List[str]:
+    """The overrides that define the run, normalised and sorted."""
+    return sorted(normalise(o) for o in overrides if not ignored(_key(str(o))))
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("_", text).strip("_") or "_"
+
+
+def run_leaf(overrides: Iterable[str]) -> str:
+    """The run directory's last component for these command-line overrides (see the module docstring)."""
+    ident = identity(str(o) for o in overrides)
+    if not ident:
+        return BASE_LEAF
+    digest = hashlib.blake2b("\n".join(ident).encode(), digest_size=4).hexdigest()
+    short = ",".join(_safe(o) for o in ident)
+    if len(short) > MAX_SHORT:
+        short = short[:MAX_SHORT].rstrip(",_")
+    return f"{short}-{digest}"
+
+
+def register_resolvers() -> None:
+    """`${run_leaf:${hydra.overrides.task}}` for conf/config.yaml (call before Hydra resolves hydra.run.dir)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("run_leaf", lambda task: run_leaf(list(task or [])), replace=True)
