@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -45,13 +45,14 @@ class ParallelDims:
         cfg: the `parallel` config group.
         world_size: number of processes; None reads WORLD_SIZE from the environment (default 1).
         model: the model config; when given, every degree is checked against the model's shapes.
-        seq_len: training sequence length; checked when sequence parallelism is on.
+        seq_len: the training sequence length, or all of them (curriculum stages); checked against cp
+            (and tp with sequence parallelism).
     """
 
     cfg: ParallelConfig
     world_size: Optional[int] = None
     model: Optional[JambaConfig] = None
-    seq_len: Optional[int] = None
+    seq_len: Union[int, Sequence[int], None] = None
     dp_replicate: int = field(init=False)
     dp_shard: int = field(init=False)
     cp: int = field(init=False)
@@ -68,12 +69,12 @@ class ParallelDims:
         self._validate_world()
         if self.model is not None:
             self._validate_model(self.model)
+        for seq_len in self.seq_lens:
+            self.check_seq_len(seq_len)
 
     # ---- validation (no process group needed) ---------------------------------------------------
     def _validate_world(self) -> None:
         ws, c = self.world_size, self.cfg
-        if c.cp != 1:
-            raise ConfigError(f"parallel.cp={c.cp}: context parallelism is not implemented yet; set parallel.cp=1")
         if self.dp_replicate == -1:
             others = self.dp_shard * self.cp * self.tp
             if ws % others:
@@ -102,6 +103,10 @@ class ParallelDims:
                 f"{_divisors(self.dp_shard * self.cp)} or raise dp_shard")
         if c.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards over the TP group)")
+        if c.sequence_parallel and self.cp > 1:
+            raise ConfigError(f"parallel.sequence_parallel=true with parallel.cp={self.cp} is not supported (both "
+                              "shard the sequence); context parallelism already keeps activations at L/cp: set "
+                              "parallel.sequence_parallel=false")
 
     def _validate_model(self, m: JambaConfig) -> None:
         tp, ep = self.tp, self.ep
@@ -125,9 +130,42 @@ class ParallelDims:
                 raise ConfigError(
                     f"parallel.ep={ep} must divide model.num_experts={m.num_experts}: choose ep in "
                     f"{[e for e in _divisors(m.num_experts) if (self.dp_shard * self.cp) % e == 0]}")
-        if self.cfg.sequence_parallel and self.seq_len is not None and self.seq_len % (tp * self.cp):
+        if self.cp > 1:
+            self._validate_cp(m, has_mamba)
+
+    def _validate_cp(self, m: JambaConfig, has_mamba: bool) -> None:
+        """Context parallelism: Mamba-1 channels are split over tp * cp (see parallel/context_parallel.py);
+        attention takes any head count (Ulysses where cp divides the local heads, else all-gather of K/V)."""
+        cp, tp = self.cp, self.tp
+        if has_mamba and m.mamba_mixer != "mamba1":
+            raise ConfigError(f"parallel.cp={cp}: context parallelism supports Mamba-1 mixers only, not "
+                              f"model.mamba_mixer={m.mamba_mixer!r}; set parallel.cp=1 or model.mamba_mixer=mamba1 "
+                              f"(Mamba-2 would need the all-to-all by heads or state passing through the SSD "
+                              f"kernel's initial states)")
+        if has_mamba and m.d_inner % (tp * cp):
+            valid = _divisors(m.d_inner // tp, 1024) if m.d_inner % tp == 0 else [1]
+            raise ConfigError(f"parallel.cp={cp}: d_inner (model.mamba_expand * model.hidden_size = {m.d_inner}) must "
+                              f"be divisible by tp({tp}) * cp({cp}) (Mamba channels are split over both); choose "
+                              f"cp in {valid}")
+
+    @property
+    def seq_lens(self) -> List[int]:
+        if self.seq_len is None:
+            return []
+        return [self.seq_len] if isinstance(self.seq_len, int) else list(self.seq_len)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Every sequence length the run uses (each curriculum stage) must split over cp (and tp with
+        sequence parallelism); raises ConfigError naming the length and the degrees."""
+        tp, cp = self.tp, self.cp
+        if cp > 1 and seq_len % cp:
             raise ConfigError(
-                f"sequence length {self.seq_len} must be divisible by tp({tp}) * cp({self.cp}) with "
+                f"sequence length {seq_len} must be divisible by parallel.cp={cp} (each cp rank holds seq_len / cp "
+                f"tokens): use a multiple of {cp} for every curriculum stage, or choose cp in "
+                f"{[c for c in _divisors(seq_len, 64)]}")
+        if self.cfg.sequence_parallel and seq_len % (tp * cp):
+            raise ConfigError(
+                f"sequence length {seq_len} must be divisible by tp({tp}) * cp({cp}) with "
                 f"parallel.sequence_parallel=true; change the sequence length or turn it off")
 
     @staticmethod

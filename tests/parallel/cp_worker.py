@@ -1,0 +1,141 @@
+"""Multi-process worker of tests/parallel/test_context_parallel.py (torchrun, gloo, CPU, float64 by default).
+
+Like dist_worker.py, for context-parallel layouts: every rank of a data-parallel group gets the same whole
+rows (B, seq) of the global batch, with document ids; the parallelised model keeps its cp slice of the
+sequence. Records the global loss of 3 AdamW steps, every full gradient after the first backward and every
+full parameter at the end; rank 0 writes them to out=<file>.
+
+Layout syntax: ParallelConfig keys plus model keys, joined by "+": "cp=2+tp=2+doc=1"
+    seq=96      sequence length (default 96, not a power of two)
+    doc=1       model.document_masking with random document boundaries in every row
+    kv=1        model.num_key_value_heads;  heads=2  model.num_attention_heads;  rope=1  model.use_rope
+Usage: torchrun --nproc_per_node N tests/parallel/cp_worker.py out=<file> layouts=a,b [dtype=float64]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+import dist_worker
+from dist_worker import SEED, STEPS, full, make_optimizer
+from jamba.model import JambaForCausalLM
+from parallel import ParallelConfig, ParallelDims, parallelize
+
+MODEL_KEYS = {"kv": "num_key_value_heads", "heads": "num_attention_heads", "rope": "use_rope",
+              "doc": "document_masking"}
+BATCH, SEQ = 4, 96
+
+
+def parse(spec: str):
+    """-> (ParallelConfig kwargs, model overrides, seq_len)."""
+    kw, model, seq = {}, {}, SEQ
+    for item in filter(None, spec.split("+")):
+        k, v = item.split("=")
+        if k == "seq":
+            seq = int(v)
+        elif k in MODEL_KEYS:
+            model[MODEL_KEYS[k]] = bool(int(v)) if k in ("rope", "doc") else int(v)
+        else:
+            kw[k] = (v == "true") if v in ("true", "false") else int(v)
+    kw.setdefault("dp_shard", -1)
+    return kw, model, seq
+
+
+def batch(step: int, seq: int):
+    """Whole rows: input_ids (B, seq), aligned targets (B, seq), doc_ids (B, seq) with ~8 documents a row."""
+    ids, labels = dist_worker.global_batch(step, BATCH, seq)
+    g = torch.Generator().manual_seed(500 + step)
+    doc_ids = torch.cumsum((torch.rand(BATCH, seq, generator=g) < 0.08).long(), dim=1)
+    return ids, labels, doc_ids
+
+
+def exact_norms() -> None:
+    """RMSNorm takes its statistics in fp32 by design (HF's formula, `x.float()`), which rounds a float64
+    model to fp32 at every norm: a 1e-16 difference upstream then shows as 1e-7 after it. For float64
+    comparisons the statistics are taken in the input dtype (same formula), in the workers and the
+    reference alike, so the test sees the layout's own error (1e-14 instead of 1e-7)."""
+    from jamba.layers import RMSNorm
+
+    def forward(self, x):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    RMSNorm.forward = forward
+
+
+def build_model(model_overrides: dict, dtype: torch.dtype):
+    torch.manual_seed(SEED)
+    return JambaForCausalLM(dist_worker.model_config(**model_overrides)).to(dtype)
+
+
+def reference(spec: str, dtype: torch.dtype) -> dict:
+    """One process, the whole global batch."""
+    _, overrides, seq = parse(spec)
+    model = build_model(overrides, dtype)
+    opt = make_optimizer(model)
+    losses = []
+    for i in range(STEPS):
+        ids, labels, doc_ids = batch(i, seq)
+        out = model(ids, labels=labels, doc_ids=doc_ids)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        if i == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+    return dict(losses=losses, grads=grads, params={n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def run_layout(spec: str, dtype: torch.dtype) -> dict:
+    kw, overrides, seq = parse(spec)
+    cfg = dist_worker.model_config(**overrides)
+    dims = ParallelDims(ParallelConfig(**kw), world_size=dist.get_world_size(), model=cfg, seq_len=seq)
+    dims.build_mesh("cpu")
+    model = parallelize(build_model(overrides, dtype), dims)
+    seen = []  # the sequence length the decoder layers run on (L / cp when the sequence is really split)
+    model.model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    opt = make_optimizer(model)
+    losses, grads, rank_losses = [], None, None
+    for i in range(STEPS):
+        ids, labels, doc_ids = batch(i, seq)
+        per = BATCH // dims.dp_size
+        rows = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
+        out = model(ids[rows], labels=labels[rows], doc_ids=doc_ids[rows])  # whole rows; the model keeps its cp slice
+        out.loss.backward()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)  # every rank's loss: the mean over all ranks is the global mean (tp ranks agree)
+        losses.append((loss / dist.get_world_size()).item())
+        if i == 0:
+            grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
+            rank_losses = [torch.zeros(()) for _ in range(dist.get_world_size())]
+            dist.all_gather(rank_losses, out.lm_loss.detach().float().cpu())
+        opt.step()
+        opt.zero_grad()
+    params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    return dict(losses=losses, grads=grads, params=params, dims=str(dims), layer_seq_len=seen[0],
+                rank_lm_losses=[t.item() for t in rank_losses])
+
+
+def main() -> None:
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.get("dtype", "float64"))
+    if dtype == torch.float64:
+        exact_norms()
+    pp = sys.modules["parallel.parallelize"]  # the module (parallel.parallelize is also the function's name)
+    resolve = pp.resolve_dtypes
+    # FSDP's mixed precision would cast float64 parameters to float32 on CPU ("auto"): keep the model dtype
+    pp.resolve_dtypes = lambda dims, device_type: (dtype, dtype) if dtype == torch.float64 else resolve(dims, device_type)
+    dist.init_process_group("gloo")
+    result = {spec: run_layout(spec, dtype) for spec in filter(None, args["layouts"].split(","))}
+    if dist.get_rank() == 0:
+        torch.save(result, args["out"])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
