@@ -53,3 +53,30 @@ def test_invalid_layout_fails_before_startup(tmp_path):
     assert r.returncode != 0
     assert "parallel.ep=3 must divide dp_shard(2)" in r.stderr + r.stdout
     assert "process group: gloo" not in r.stderr + r.stdout  # nothing was started
+
+
+def test_context_parallel_matches_one_process_through_train_py(tmp_path):
+    """`torchrun --nproc_per_node 2 train.py experiment=debug parallel.cp=2` (each rank half of every 64-token
+    row, activation checkpointing so the layers' collectives run again in the recompute) logs the losses,
+    gradient norms and validation loss of one process on the same batches (fp32: 1e-5)."""
+    common = ("train.eval_every=3", "model.activation_checkpointing=[all]")
+    pa = _train(2, tmp_path / "a", "parallel.cp=2", *common)
+    assert pa.returncode == 0, pa.stderr[-5000:]
+    assert "context parallelism cp=2" in pa.stderr + pa.stdout
+    pb = _train(1, tmp_path / "b", "parallel=single", *common)
+    assert pb.returncode == 0, pb.stderr[-5000:]
+    ra, rb = _records(tmp_path / "a"), _records(tmp_path / "b")
+    la, lb = [r for r in ra if "loss" in r], [r for r in rb if "loss" in r]
+    assert [r["step"] for r in la] == [1, 2, 3] == [r["step"] for r in lb]
+    for x, y in zip(la, lb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x, y)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4), (x, y)
+    va, vb = [r["val_loss"] for r in ra if "val_loss" in r], [r["val_loss"] for r in rb if "val_loss" in r]
+    assert len(va) == 1 and va == pytest.approx(vb, rel=1e-5)
+
+
+def test_context_parallel_checks_every_stage_before_startup(tmp_path):
+    r = _train(2, tmp_path / "bad", "parallel.cp=2", "curriculum.stages.0.seq_len=63")
+    assert r.returncode != 0
+    assert "sequence length 63 must be divisible by parallel.cp=2" in r.stderr + r.stdout
+    assert "process group: gloo" not in r.stderr + r.stdout  # nothing was started
