@@ -289,7 +289,8 @@ def cp_loss(inner, cp: _Cp):
     hold different numbers of ignored labels."""
 
     def loss_fn(hidden, weight, labels, ignore_index: int = -100, **kwargs):
-        local = inner(hidden, weight, labels, ignore_index=ignore_index, **kwargs)
+        # the inner loss is read at call time: parallel.compile swaps in its compiled chunk function there
+        local = loss_fn.cp_inner(hidden, weight, labels, ignore_index=ignore_index, **kwargs)
         n_local = (labels != ignore_index).sum()
         n = n_local.clone()
         dist.all_reduce(n, group=cp.group)

@@ -9,6 +9,7 @@ Layout syntax: ParallelConfig keys plus model keys, joined by "+": "cp=2+tp=2+do
     seq=96      sequence length (default 96, not a power of two)
     doc=1       model.document_masking with random document boundaries in every row
     kv=1        model.num_key_value_heads;  heads=2  model.num_attention_heads;  rope=1  model.use_rope
+    compile=aot_eager   parallel.compile.apply_compile with that backend after the layout
 Usage: torchrun --nproc_per_node N tests/parallel/cp_worker.py out=<file> layouts=a,b [dtype=float64]
 """
 
@@ -34,7 +35,9 @@ def parse(spec: str):
     kw, model, seq = {}, {}, SEQ
     for item in filter(None, spec.split("+")):
         k, v = item.split("=")
-        if k == "seq":
+        if k == "compile":  # parallel.compile.apply_compile with this backend, after the layout
+            model["_compile"] = v
+        elif k == "seq":
             seq = int(v)
         elif k in MODEL_KEYS:
             model[MODEL_KEYS[k]] = bool(int(v)) if k in ("rope", "doc") else int(v)
@@ -74,6 +77,7 @@ def build_model(model_overrides: dict, dtype: torch.dtype):
 def reference(spec: str, dtype: torch.dtype) -> dict:
     """One process, the whole global batch."""
     _, overrides, seq = parse(spec)
+    overrides.pop("_compile", None)
     model = build_model(overrides, dtype)
     opt = make_optimizer(model)
     losses = []
@@ -91,10 +95,15 @@ def reference(spec: str, dtype: torch.dtype) -> dict:
 
 def run_layout(spec: str, dtype: torch.dtype) -> dict:
     kw, overrides, seq = parse(spec)
+    backend = overrides.pop("_compile", None)
     cfg = dist_worker.model_config(**overrides)
     dims = ParallelDims(ParallelConfig(**kw), world_size=dist.get_world_size(), model=cfg, seq_len=seq)
     dims.build_mesh("cpu")
     model = parallelize(build_model(overrides, dtype), dims)
+    if backend:
+        from parallel.compile import apply_compile
+
+        apply_compile(model, backend=backend)
     seen = []  # the sequence length the decoder layers run on (L / cp when the sequence is really split)
     model.model.layers[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
     opt = make_optimizer(model)
