@@ -78,36 +78,49 @@ logger = logging.getLogger(__name__)
 
 
 # ---- collectives ---------------------------------------------------------------------------------
-def _exchange(x: torch.Tensor, scatter_dim: int, gather_dim: int, group, n: int) -> torch.Tensor:
-    """Split x into n chunks along scatter_dim, send chunk j to rank j, concatenate the received chunks
-    along gather_dim in rank order."""
-    shape = x.shape
-    send = x.unflatten(scatter_dim, (n, shape[scatter_dim] // n)).movedim(scatter_dim, 0).contiguous()
-    recv = torch.empty_like(send)  # recv[j]: the chunk rank j sent to me
+def _exchange(xs, scatter_dim: int, gather_dim: int, group, n: int):
+    """For each of the same-shape tensors xs: split it into n chunks along scatter_dim, send chunk j to rank j,
+    concatenate the received chunks along gather_dim in rank order. One all-to-all for all of them: each
+    element is copied once into the send buffer and once out of the receive buffer (outputs contiguous)."""
+    x0 = xs[0]
+    chunk = x0.unflatten(scatter_dim, (n, x0.shape[scatter_dim] // n)).movedim(scatter_dim, 0).shape  # (n, ...)
+    send = x0.new_empty((chunk[0], len(xs)) + tuple(chunk[1:]))  # (n, k, ...)
+    for i, x in enumerate(xs):
+        send[:, i].copy_(x.unflatten(scatter_dim, (n, x.shape[scatter_dim] // n)).movedim(scatter_dim, 0))
+    recv = torch.empty_like(send)  # recv[j]: the chunks rank j sent to me
     dist.all_to_all_single(recv, send, group=group)
-    return recv.movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1)
+    del send
+    return [recv[:, i].movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1) for i in range(len(xs))]
 
 
 class _AllToAll(torch.autograd.Function):
-    """fwd: scatter `scatter_dim`, gather `gather_dim` over the group. bwd: the inverse exchange."""
+    """fwd: scatter `scatter_dim`, gather `gather_dim` over the group, for several same-shape tensors at
+    once. bwd: the inverse exchange of their gradients."""
 
     @staticmethod
-    def forward(ctx, x, scatter_dim: int, gather_dim: int, group, n: int):
+    def forward(ctx, scatter_dim: int, gather_dim: int, group, n: int, *xs):
         ctx.args = (scatter_dim, gather_dim, group, n)
-        return _exchange(x, scatter_dim, gather_dim, group, n)
+        return tuple(_exchange(xs, scatter_dim, gather_dim, group, n))
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, *gs):
         scatter_dim, gather_dim, group, n = ctx.args
-        return _exchange(g, gather_dim, scatter_dim, group, n), None, None, None, None
+        ref = next(g for g in gs if g is not None)
+        gs = [g if g is not None else torch.zeros_like(ref) for g in gs]
+        return (None, None, None, None, *_exchange(gs, gather_dim, scatter_dim, group, n))
 
 
-def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group, n: int) -> torch.Tensor:
-    """Differentiable all-to-all: e.g. (B, C, L/n) with scatter_dim=1, gather_dim=2 -> (B, C/n, L)."""
-    if x.shape[scatter_dim] % n:
-        raise ValueError(f"context parallelism: dim {scatter_dim} of a {tuple(x.shape)} tensor is not divisible "
-                         f"by cp={n}")
-    return _AllToAll.apply(x, scatter_dim, gather_dim, group, n)
+def all_to_all(xs, scatter_dim: int, gather_dim: int, group, n: int):
+    """Differentiable all-to-all of one tensor or a list of same-shape tensors (one collective), e.g.
+    (B, C, L/n) with scatter_dim=1, gather_dim=2 -> (B, C/n, L). Returns a tensor or a list, as given."""
+    single = isinstance(xs, torch.Tensor)
+    xs = [xs] if single else list(xs)
+    for x in xs:
+        if x.shape != xs[0].shape or x.shape[scatter_dim] % n:
+            raise ValueError(f"context parallelism: cannot exchange shapes {[tuple(t.shape) for t in xs]} over "
+                             f"cp={n} (dim {scatter_dim} must be divisible by cp, shapes equal)")
+    out = _AllToAll.apply(scatter_dim, gather_dim, group, n, *xs)
+    return out[0] if single else list(out)
 
 
 class _GatherSeq(torch.autograd.Function):
@@ -179,8 +192,8 @@ def apply_cp_mamba1(mixer: nn.Module, cp: _Cp) -> None:
 
     def cp_in_proj(hidden):  # hidden (B, L/cp, H) -> x, z (B, Di/cp, L)
         x, z = in_proj(hidden)  # (B, Di, L/cp) each
-        xz = all_to_all(torch.stack((x, z), dim=1), 2, 3, cp.group, cp.n)  # (B, 2, Di/cp, L)
-        return xz[:, 0].contiguous(), xz[:, 1]
+        x, z = all_to_all([x, z], 1, 2, cp.group, cp.n)  # (B, Di/cp, L) each
+        return x.contiguous(), z  # (contiguous already: the receive buffer is copied out)
 
     def cp_x_proj(x):  # x (B, Di/cp, L) -> [dt, B, C] (B, L, R + 2N), the sum over every channel
         w = cp.chunk(_local(mixer.x_proj.weight), 1)  # (R + 2N, Di/cp) columns of this rank's channels
@@ -225,7 +238,8 @@ def apply_cp_attention(attn: nn.Module, cp: _Cp) -> None:
             return _allgather_kv_attend(attn, q, k, v, doc_ids, cp)
         if mode == "repeat":  # kv head j of the cp slots is the original head j * nkv // cp (GQA order kept)
             k, v = (t.repeat_interleave(cp.n // k.shape[1], dim=1) for t in (k, v))
-        q, k, v = (all_to_all(t, 1, 2, cp.group, cp.n) for t in (q, k, v))  # (B, heads/cp, L, hd)
+        q = all_to_all(q, 1, 2, cp.group, cp.n)  # (B, nq/cp, L, hd)
+        k, v = all_to_all([k, v], 1, 2, cp.group, cp.n)  # (B, nkv/cp, L, hd); kv heads as repeated above
         y = attend(q, k, v, doc_ids)  # (B, nq/cp, L, hd)
         return all_to_all(y, 2, 1, cp.group, cp.n)  # (B, nq, L/cp, hd)
 
