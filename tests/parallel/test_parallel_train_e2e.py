@@ -80,3 +80,22 @@ def test_context_parallel_checks_every_stage_before_startup(tmp_path):
     assert r.returncode != 0
     assert "sequence length 63 must be divisible by parallel.cp=2" in r.stderr + r.stdout
     assert "process group: gloo" not in r.stderr + r.stdout  # nothing was started
+
+
+@pytest.mark.parametrize("nproc,layout", [(2, "parallel.cp=2"), (1, "parallel=single")], ids=["cp2", "single"])
+def test_resume_across_a_stage_switch(tmp_path, nproc, layout):
+    """A curriculum 32 -> 64 tokens (switch at step 2): stopping after step 2 (a checkpoint whose loader is still
+    in the first stage) and running on to step 4 gives exactly the losses of the uninterrupted run (constant
+    LR, so the shorter first run has the same schedule). Before the fix the resumed run restarted the data."""
+    common = (layout, "optim.schedule=constant", "optim.warmup_steps=0", "checkpoint.every=0",
+              "curriculum.stages=[{seq_len:32,micro_batch_size:4,steps:2},{seq_len:64,micro_batch_size:2}]")
+    whole = _train(nproc, tmp_path / "whole", *common, "train.max_steps=4")
+    assert whole.returncode == 0, whole.stderr[-5000:]
+    first = _train(nproc, tmp_path / "split", *common, "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-5000:]
+    second = _train(nproc, tmp_path / "split", *common, "train.max_steps=4")
+    assert second.returncode == 0, second.stderr[-5000:]
+    la = {r["step"]: (r["loss"], r["seq_len"]) for r in _records(tmp_path / "whole") if "loss" in r}
+    lb = {r["step"]: (r["loss"], r["seq_len"]) for r in _records(tmp_path / "split") if "loss" in r}
+    assert sorted(la) == [1, 2, 3, 4] and [la[s][1] for s in (1, 2, 3, 4)] == [32, 32, 64, 64]
+    assert lb == la
