@@ -14,7 +14,9 @@ data-parallel rank; the cp ranks of a row hold seq / cp tokens each. Reported (r
 writes): tokens/s of the whole job, tokens/s per GPU, the step time, every rank's peak allocated memory and,
 with `--profile`, one more step under torch.profiler: device time of the NCCL kernels by collective
 (all-to-all = SendRecv: context parallelism's exchanges; AllReduce: x_proj's sums and the loss / router
-statistics; AllGather / ReduceScatter: FSDP) as a share of the step's wall time. NCCL kernels on FSDP's
+statistics; AllGather / ReduceScatter: FSDP) as a share of the step's wall time. Also the bytes each rank
+sent through context parallelism's collectives per step (counted) next to the model's prediction
+(`parallel.context_parallel.traffic_per_step`). NCCL kernels on FSDP's
 streams can overlap compute, so their share is an upper bound on the step time they cost; the cp
 exchanges run on the compute stream's critical path.
 
@@ -152,12 +154,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for _ in range(args.warmup):
             losses.append(step())
         reset_peak(device)
+        from parallel import context_parallel
+
+        sent0 = dict(context_parallel.TRAFFIC)
         timer = StepTimer(device)
         timer.mark()
         for _ in range(args.steps):
             losses.append(step())
             timer.mark()
         secs = timer.step_seconds()
+        sent = {k: (context_parallel.TRAFFIC[k] - sent0[k]) / args.steps for k in sent0}
+        predicted = context_parallel.traffic_per_step(cfg, args.seq, args.batch, args.cp,
+                                                      itemsize=2 if device.type == "cuda" else 4)
         step_s = statistics.median(secs)
         tokens = args.seq * args.batch * dims.dp_size  # per optimizer step, the whole job
         peak = torch.tensor([peak_gib(device)[0] or 0.0], device=device)
@@ -168,6 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   "compile": args.compile, "step_ms_median": step_s * 1e3, "step_ms": [s * 1e3 for s in secs],
                   "tokens_per_s": tokens / step_s, "tokens_per_s_per_gpu": tokens / step_s / world,
                   "peak_alloc_gib_per_rank": [p.item() for p in peaks],
+                  "cp_bytes_sent_per_step": sent, "cp_bytes_predicted": predicted,
                   "losses": [float(x) for x in losses]}
         if args.profile:
             from torch.profiler import ProfilerActivity, profile

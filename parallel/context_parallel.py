@@ -71,13 +71,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-from parallel.collectives import all_reduce_sum, reduce_from_group
+from parallel.collectives import reduce_from_group
 from parallel.dims import ParallelDims
 
 logger = logging.getLogger(__name__)
 
 
 # ---- collectives ---------------------------------------------------------------------------------
+TRAFFIC = {"all_to_all": 0, "all_reduce": 0}
+"""Bytes this process has sent through context parallelism's all-to-alls and x_proj sums (forward, backward
+and recomputation alike; an all-to-all sends (n-1)/n of its buffer, a ring all-reduce 2 (n-1)/n). Host-side
+arithmetic only. launch/bench_cp.py reports it per step; `traffic_per_step` predicts it."""
+
+
+def _count(kind: str, t: torch.Tensor, n: int, factor: float = 1.0) -> None:
+    TRAFFIC[kind] += int(t.numel() * t.element_size() * factor * (n - 1) / n)
+
+
 def _exchange(xs, scatter_dim: int, gather_dim: int, group, n: int):
     """For each of the same-shape tensors xs: split it into n chunks along scatter_dim, send chunk j to rank j,
     concatenate the received chunks along gather_dim in rank order. One all-to-all for all of them: each
@@ -89,6 +99,7 @@ def _exchange(xs, scatter_dim: int, gather_dim: int, group, n: int):
         send[:, i].copy_(x.unflatten(scatter_dim, (n, x.shape[scatter_dim] // n)).movedim(scatter_dim, 0))
     recv = torch.empty_like(send)  # recv[j]: the chunks rank j sent to me
     dist.all_to_all_single(recv, send, group=group)
+    _count("all_to_all", send, n)
     del send
     return [recv[:, i].movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1) for i in range(len(xs))]
 
@@ -121,6 +132,27 @@ def all_to_all(xs, scatter_dim: int, gather_dim: int, group, n: int):
                              f"cp={n} (dim {scatter_dim} must be divisible by cp, shapes equal)")
     out = _AllToAll.apply(scatter_dim, gather_dim, group, n, *xs)
     return out[0] if single else list(out)
+
+
+class _CpSum(torch.autograd.Function):
+    """x_proj's partial products summed over the cp group. fwd: sum. bwd: sum (every rank consumes the whole
+    [dt, B, C] for its own channels, so the gradient of each partial is the sum of all ranks' gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, group, n: int):
+        ctx.args = (group, n)
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        _count("all_reduce", x, n, 2.0)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        group, n = ctx.args
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=group)
+        _count("all_reduce", g, n, 2.0)
+        return g, None, None
 
 
 class _GatherSeq(torch.autograd.Function):
@@ -200,8 +232,7 @@ def apply_cp_mamba1(mixer: nn.Module, cp: _Cp) -> None:
         part = F.linear(x.transpose(1, 2), w)
         if cp.tp_group is not None:  # TP's row-wise x_proj: sum over the TP shards, gradient replicated
             part = reduce_from_group(part, cp.tp_group)
-        # every cp rank consumes the whole sum for its own channels: forward sum, backward sum
-        return all_reduce_sum(part, cp.group)
+        return _CpSum.apply(part, cp.group, cp.n)
 
     def cp_out_proj(y, dtype):  # y (B, Di/cp, L) -> (B, L/cp, H)
         return out_proj(all_to_all(y, 2, 1, cp.group, cp.n), dtype)
@@ -334,3 +365,30 @@ def apply_cp(model: nn.Module, dims: ParallelDims) -> None:
     model.loss_fn = cp_loss(model.loss_fn, cp)
     logger.info("context parallelism cp=%d over %d layers (%s)", cp.n, len(kinds),
                 ", ".join(f"{k} x{kinds.count(k)}" for k in sorted(set(kinds))))
+
+
+def traffic_per_step(cfg, seq_len: int, batch: int, cp: int, tp: int = 1, itemsize: int = 2) -> dict:
+    """Bytes one rank sends through context parallelism's collectives in one training step (forward,
+    backward, and the forward again for layers under activation checkpointing), for `batch` rows of
+    `seq_len` tokens and activations of `itemsize` bytes (2 under bf16 autocast). Mamba-1 layers: x and z
+    (2 Di/tp channels) and y (Di/tp) by all-to-all, [dt, B, C] (R + 2N per token, the whole sequence) by
+    all-reduce; attention (Ulysses): q, k, v and the output by all-to-all (None where it would all-gather
+    K/V instead). Measured against TRAFFIC in tests/launch/test_bench_cp.py."""
+    from jamba.model import _checkpointed
+
+    Ls, a2a, ar = seq_len // cp, 0.0, 0.0
+    part = (cp - 1) / cp
+    for spec in cfg.layer_specs():
+        passes = 3 if _checkpointed(cfg, spec) else 2  # forward, backward (+ the recomputed forward)
+        if spec.mixer == "attention":
+            nq, nkv = cfg.num_attention_heads // tp, max(cfg.num_key_value_heads // tp, 1)
+            mode = ulysses_heads(nq, nkv, cp)
+            if mode is None:
+                return {"all_to_all": None, "all_reduce": None}
+            nkv = nkv if mode == "shard" else cp
+            a2a += passes * batch * Ls * cfg.attn_head_dim * (2 * nq + 2 * nkv) * part
+        else:
+            di = cfg.d_inner // tp
+            a2a += passes * batch * Ls * 3 * di * part
+            ar += passes * batch * seq_len * (cfg.dt_rank + 2 * cfg.mamba_d_state) * 2 * part
+    return {"all_to_all": int(a2a * itemsize), "all_reduce": int(ar * itemsize)}

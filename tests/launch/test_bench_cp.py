@@ -26,5 +26,9 @@ def test_bench_cp_cpu_smoke(tmp_path):
     assert res["tokens_per_s"] == pytest.approx(96 / (res["step_ms_median"] / 1e3))
     assert len(res["peak_alloc_gib_per_rank"]) == 2 and len(res["losses"]) == 3
     assert res["losses"][-1] < res["losses"][0]  # it trains (same batch every step)
+    # the bytes sent through cp's collectives per step are what the traffic model predicts (fp32 on CPU)
+    for kind in ("all_to_all", "all_reduce"):
+        assert res["cp_bytes_sent_per_step"][kind] == pytest.approx(res["cp_bytes_predicted"][kind], rel=1e-6)
+        assert res["cp_bytes_predicted"][kind] > 0
     prof = res["profile"]
     assert prof["nccl_ms"]["all_to_all (cp)"] > 0 and 0 < prof["nccl_share"] < 1
