@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from parallel.collectives import reduce_from_group
-from parallel.dims import ParallelDims
+from parallel.dims import ParallelDims, ulysses_heads
 
 logger = logging.getLogger(__name__)
 
@@ -243,16 +243,6 @@ def apply_cp_mamba1(mixer: nn.Module, cp: _Cp) -> None:
 
 
 # ---- attention -----------------------------------------------------------------------------------
-def ulysses_heads(num_q: int, num_kv: int, cp: int) -> Optional[str]:
-    """How Ulysses splits local heads over cp: "shard" (cp divides the kv heads), "repeat" (kv heads
-    repeated to cp heads), or None (cp does not divide the query heads: all-gather-KV instead)."""
-    if num_q % cp:
-        return None
-    if num_kv % cp == 0:
-        return "shard"
-    return "repeat" if cp % num_kv == 0 else None
-
-
 def apply_cp_attention(attn: nn.Module, cp: _Cp) -> None:
     """Ulysses all-to-all around the model's `_attend`, or the all-gather-KV fallback."""
     attend = attn._attend

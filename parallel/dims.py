@@ -37,6 +37,21 @@ def _divisors(n: int, limit: int = 1 << 30) -> List[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
+def ulysses_heads(num_q: int, num_kv: int, cp: int) -> Optional[str]:
+    """How context parallelism's Ulysses attention splits (TP-local) heads over cp: "shard" (cp divides the kv
+    heads), "repeat" (kv heads repeated to cp heads), or None (cp does not divide the query heads: all-gather
+    of K/V instead, parallel/context_parallel.py)."""
+    if num_q % cp:
+        return None
+    if num_kv % cp == 0:
+        return "shard"
+    return "repeat" if cp % num_kv == 0 else None
+
+
+# Longest sequence for the all-gather-K/V attention fallback: its dense mask is (L / cp) x L per row.
+ALLGATHER_KV_MAX_SEQ = 32768
+
+
 @dataclass
 class ParallelDims:
     """Resolved and validated parallel degrees. `dp_shard=-1` is filled from the world size.
@@ -142,6 +157,16 @@ class ParallelDims:
                               f"model.mamba_mixer={m.mamba_mixer!r}; set parallel.cp=1 or model.mamba_mixer=mamba1 "
                               f"(Mamba-2 would need the all-to-all by heads or state passing through the SSD "
                               f"kernel's initial states)")
+        nq, kv = m.num_attention_heads // tp, max(m.num_key_value_heads // tp, 1)  # TP-local heads
+        if any(s.mixer == "attention" for s in m.layer_specs()) and ulysses_heads(nq, kv, cp) is None:
+            too_long = [L for L in self.seq_lens if L > ALLGATHER_KV_MAX_SEQ]
+            if too_long:
+                valid = [c for c in range(2, 65) if ulysses_heads(nq, kv, c) is not None]
+                raise ConfigError(
+                    f"parallel.cp={cp} does not divide the {nq} query heads per TP rank (model.num_attention_heads="
+                    f"{m.num_attention_heads} / tp={tp}), so attention would all-gather K/V with a dense "
+                    f"(L/cp x L) mask, too large at sequence length {max(too_long)} (limit {ALLGATHER_KV_MAX_SEQ}); "
+                    f"choose cp in {valid} or a smaller tp")
         if has_mamba and m.d_inner % (tp * cp):
             valid = _divisors(m.d_inner // tp, 1024) if m.d_inner % tp == 0 else [1]
             raise ConfigError(f"parallel.cp={cp}: d_inner (model.mamba_expand * model.hidden_size = {m.d_inner}) must "
