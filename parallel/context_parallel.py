@@ -6,7 +6,8 @@ The data loader gives all cp ranks of a data-parallel group the same rows (Paral
 cp); `shard_inputs` (a forward pre-hook on the model) keeps this rank's slice of `input_ids` and of the
 already aligned `labels` (target t is token t+1 of the packed row, shifted before slicing, so the label of
 a chunk's last token is the first token of the next chunk). `doc_ids` stay whole: attention needs the
-whole row's documents, Mamba ignores them. Parameters stay replicated over cp (FSDP2 shards them over
+whole row's documents, Mamba ignores them. (Without labels the model returns this rank's (B, L/cp, V)
+logits.) Parameters stay replicated over cp (FSDP2 shards them over
 dp_shard x cp, as torchtitan does), so each rank's gradient is a partial sum and FSDP's mean over the
 dp_shard x cp ranks is the single-process gradient (see "Gradients" below).
 
@@ -16,6 +17,7 @@ Per layer kind (the model code is unchanged; its mixers expose seams that this m
               all-to-all sequence -> channel: x, z (B, Di/cp, L)      whole sequence, a channel slice
               causal conv + SiLU on the slice (no halo: every channel has its whole sequence)
               x_proj with its input columns of the slice: partial [dt, B, C] (B, L, R+2N), summed over cp
+              (in the activation dtype, bf16 under autocast, as TP's row-wise layers do)
               dt/B/C norms (replicated), dt_proj rows / A_log / D / conv / dt bias of the slice
               selective scan unchanged (the CUDA kernels as they are) -> y (B, Di/cp, L)
               all-to-all channel -> sequence: y (B, Di, L/cp); out_proj on the local tokens
@@ -37,19 +39,22 @@ gradients on the cp ranks sum to dT/dtheta; FSDP averages over dp_shard x cp, i.
 single-process gradient. Channel-sliced parameters get non-zero gradient only on their slice per rank.
 
 Why the all-to-all (design (a)) and not state passing (b) for Mamba-1:
-  (a) moves, per layer and local token, 2 Di (cp-1)/cp elements in (x, z), Di (cp-1)/cp out (y) and a
-      ring all-reduce of the small [dt, B, C] (2 (cp-1) (R + 2N)); the same again in backward. For
-      Jamba-v0.1 at cp=2 that is 12.9K elements per token and layer, intra-node NVLink traffic that overlaps
-      nothing but is a few percent of the step at 1M tokens (launch/bench_cp.py measures the share). It
-      needs no kernel change (conv and scan see whole sequences), no halo, and scales to cp up to
-      d_inner / tp (8192 at Jamba's size), far beyond any head count.
-  (b) sends only the chunk-final states (B, Di, N) per layer, but the scan kernels would have to take an
-      initial state, return the final one, and pass the state gradient back; the combination over ranks is
-      sequential (or a prefix scan over cp) and every rank then corrects its outputs with the incoming
-      state, which costs a second pass of the scan. It wins when cp crosses nodes (inter-node bandwidth);
-      it is the follow-up, behind a kernel change in jamba/ops (an initial-state scan), not done here.
-  Traffic of (a) grows with the tokens, (b)'s does not; at cp <= 8 on one NVLink node (a) is the simpler
-  exact design and keeps our CUDA scan unchanged.
+  (a) moves, per Mamba layer and pass, x and z (2 Di/tp channels) and y (Di/tp) of the local tokens by
+      all-to-all ((cp-1)/cp of them leave the rank) and the small [dt, B, C] (R + 2N per token) by all-reduce;
+      attention moves q, k, v and its output. `traffic_per_step` counts it (and is checked against the bytes
+      really sent): bench-3b at 1M tokens, cp=2, activation checkpointing, bf16: 267 GiB of all-to-all (252
+      from the 14 Mamba layers, 15 from the 2 attention layers) and 13 GiB of all-reduce per rank and step. Against a step of ~35 PFLOP (jamba.flops; two attention layers
+      at 1M tokens dominate), i.e. tens of seconds on two H200s, ~0.8 s of NVLink traffic is a few percent
+      (an estimate: launch/bench_cp.py measures tokens/s and the NCCL share). It needs no kernel change
+      (conv and scan see whole sequences), no halo, and scales to cp up to d_inner / tp (8192 at Jamba's
+      size), far beyond any head count.
+  (b) sends only the chunk-final states (B, Di, N) and a conv halo per layer (~12 MiB per step for the same
+      bench-3b run), but the scan kernels would have to take an initial state, return the final one, and
+      pass the state gradient back; combining the states over ranks is sequential (or a prefix scan over
+      cp) and every rank then corrects its outputs with the incoming state, a second pass of the scan. It
+      wins when cp crosses nodes (inter-node bandwidth is ~10x lower); it is the follow-up, behind a kernel
+      change in jamba/ops (an initial-state scan), not done here.
+  At cp <= 8 within one NVLink node (a) is the simpler exact design and keeps our CUDA scan unchanged.
 
 Why our own all-to-all instead of deepspeed's `DistributedAttention`: the exchange is ~20 lines of eager
 c10d with the adjoint stated (`all_to_all` below), it is shared by the Mamba and attention layers, works on
