@@ -55,20 +55,6 @@ def batch(step: int, seq: int):
     return ids, labels, doc_ids
 
 
-def exact_norms() -> None:
-    """RMSNorm takes its statistics in fp32 by design (HF's formula, `x.float()`), which rounds a float64
-    model to fp32 at every norm: a 1e-16 difference upstream then shows as 1e-7 after it. For float64
-    comparisons the statistics are taken in the input dtype (same formula), in the workers and the
-    reference alike, so the test sees the layout's own error (1e-14 instead of 1e-7)."""
-    from jamba.layers import RMSNorm
-
-    def forward(self, x):
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-    RMSNorm.forward = forward
-
-
 def build_model(model_overrides: dict, dtype: torch.dtype):
     torch.manual_seed(SEED)
     return JambaForCausalLM(dist_worker.model_config(**model_overrides)).to(dtype)
@@ -132,12 +118,6 @@ def main() -> None:
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     torch.set_num_threads(1)
     dtype = getattr(torch, args.get("dtype", "float64"))
-    if dtype == torch.float64:
-        exact_norms()
-    pp = sys.modules["parallel.parallelize"]  # the module (parallel.parallelize is also the function's name)
-    resolve = pp.resolve_dtypes
-    # FSDP's mixed precision would cast float64 parameters to float32 on CPU ("auto"): keep the model dtype
-    pp.resolve_dtypes = lambda dims, device_type: (dtype, dtype) if dtype == torch.float64 else resolve(dims, device_type)
     dist.init_process_group("gloo")
     result = {spec: run_layout(spec, dtype) for spec in filter(None, args["layouts"].split(","))}
     if dist.get_rank() == 0:
