@@ -10,7 +10,8 @@ Layout syntax: ParallelConfig keys plus model keys, joined by "+": "cp=2+tp=2+do
     doc=1       model.document_masking with random document boundaries in every row
     kv=1        model.num_key_value_heads;  heads=2  model.num_attention_heads;  rope=1  model.use_rope
     compile=aot_eager   parallel.compile.apply_compile with that backend after the layout
-Usage: torchrun --nproc_per_node N tests/parallel/cp_worker.py out=<file> layouts=a,b [dtype=float64]
+Usage: torchrun --nproc_per_node N tests/parallel/cp_worker.py out=<file> layouts=a,b [dtype=float64] [device=cuda]
+(device=cuda: NCCL, fp32 with TF32 off, and rank 0 also writes the single-GPU references as "ref:<layout>").
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from parallel import ParallelConfig, ParallelDims, parallelize
 MODEL_KEYS = {"kv": "num_key_value_heads", "heads": "num_attention_heads", "rope": "use_rope",
               "doc": "document_masking"}
 BATCH, SEQ = 4, 96
+DEVICE = torch.device("cpu")  # device=cuda on the command line: NCCL, one GPU per rank, fp32 (TF32 off)
 
 
 def parse(spec: str):
@@ -42,7 +44,7 @@ def parse(spec: str):
         elif k in MODEL_KEYS:
             model[MODEL_KEYS[k]] = bool(int(v)) if k in ("rope", "doc") else int(v)
         else:
-            kw[k] = (v == "true") if v in ("true", "false") else int(v)
+            kw[k] = (v == "true") if v in ("true", "false") else int(v) if v.lstrip("-").isdigit() else v
     kw.setdefault("dp_shard", -1)
     return kw, model, seq
 
@@ -57,7 +59,11 @@ def batch(step: int, seq: int):
 
 def build_model(model_overrides: dict, dtype: torch.dtype):
     torch.manual_seed(SEED)
-    return JambaForCausalLM(dist_worker.model_config(**model_overrides)).to(dtype)
+    return JambaForCausalLM(dist_worker.model_config(**model_overrides)).to(DEVICE, dtype)
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().clone()
 
 
 def reference(spec: str, dtype: torch.dtype) -> dict:
@@ -68,15 +74,15 @@ def reference(spec: str, dtype: torch.dtype) -> dict:
     opt = make_optimizer(model)
     losses = []
     for i in range(STEPS):
-        ids, labels, doc_ids = batch(i, seq)
+        ids, labels, doc_ids = (t.to(DEVICE) for t in batch(i, seq))
         out = model(ids, labels=labels, doc_ids=doc_ids)
         out.loss.backward()
         losses.append(out.loss.item())
         if i == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            grads = {n: _cpu(p.grad) for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
-    return dict(losses=losses, grads=grads, params={n: p.detach().clone() for n, p in model.named_parameters()})
+    return dict(losses=losses, grads=grads, params={n: _cpu(p) for n, p in model.named_parameters()})
 
 
 def run_layout(spec: str, dtype: torch.dtype) -> dict:
@@ -84,7 +90,7 @@ def run_layout(spec: str, dtype: torch.dtype) -> dict:
     backend = overrides.pop("_compile", None)
     cfg = dist_worker.model_config(**overrides)
     dims = ParallelDims(ParallelConfig(**kw), world_size=dist.get_world_size(), model=cfg, seq_len=seq)
-    dims.build_mesh("cpu")
+    dims.build_mesh(DEVICE.type)
     model = parallelize(build_model(overrides, dtype), dims)
     if backend:
         from parallel.compile import apply_compile
@@ -95,7 +101,7 @@ def run_layout(spec: str, dtype: torch.dtype) -> dict:
     opt = make_optimizer(model)
     losses, grads, rank_losses = [], None, None
     for i in range(STEPS):
-        ids, labels, doc_ids = batch(i, seq)
+        ids, labels, doc_ids = (t.to(DEVICE) for t in batch(i, seq))
         per = BATCH // dims.dp_size
         rows = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
         out = model(ids[rows], labels=labels[rows], doc_ids=doc_ids[rows])  # whole rows; the model keeps its cp slice
@@ -104,12 +110,12 @@ def run_layout(spec: str, dtype: torch.dtype) -> dict:
         dist.all_reduce(loss)  # every rank's loss: the mean over all ranks is the global mean (tp ranks agree)
         losses.append((loss / dist.get_world_size()).item())
         if i == 0:
-            grads = {n: full(p.grad).clone() for n, p in model.named_parameters()}
-            rank_losses = [torch.zeros(()) for _ in range(dist.get_world_size())]
-            dist.all_gather(rank_losses, out.lm_loss.detach().float().cpu())
+            grads = {n: _cpu(full(p.grad)) for n, p in model.named_parameters()}
+            rank_losses = [torch.zeros((), device=DEVICE) for _ in range(dist.get_world_size())]
+            dist.all_gather(rank_losses, out.lm_loss.detach().float())
         opt.step()
         opt.zero_grad()
-    params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    params = {n: _cpu(full(p.detach())) for n, p in model.named_parameters()}
     return dict(losses=losses, grads=grads, params=params, dims=str(dims), layer_seq_len=seen[0],
                 rank_lm_losses=[t.item() for t in rank_losses])
 
@@ -118,8 +124,18 @@ def main() -> None:
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     torch.set_num_threads(1)
     dtype = getattr(torch, args.get("dtype", "float64"))
-    dist.init_process_group("gloo")
-    result = {spec: run_layout(spec, dtype) for spec in filter(None, args["layouts"].split(","))}
+    global DEVICE
+    if args.get("device") == "cuda":
+        import os
+        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(DEVICE)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 comparisons
+        dtype = torch.float32  # layouts set param_dtype=float32 (else bf16 parameters under FSDP)
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
+    specs = list(filter(None, args["layouts"].split(",")))
+    result = {spec: run_layout(spec, dtype) for spec in specs}
+    if DEVICE.type == "cuda" and dist.get_rank() == 0:  # references on the same kind of device (same kernels)
+        result.update({f"ref:{spec}": reference(spec, dtype) for spec in specs})
     if dist.get_rank() == 0:
         torch.save(result, args["out"])
     dist.barrier()
