@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.distributed as dist

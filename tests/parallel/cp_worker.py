@@ -10,6 +10,7 @@ Layout syntax: ParallelConfig keys plus model keys, joined by "+": "cp=2+tp=2+do
     doc=1       model.document_masking with random document boundaries in every row
     kv=1        model.num_key_value_heads;  heads=2  model.num_attention_heads;  rope=1  model.use_rope
     compile=aot_eager   parallel.compile.apply_compile with that backend after the layout
+    broken=1    x_proj's sum over cp loses its backward sum (a wrong adjoint the test must catch)
 Usage: torchrun --nproc_per_node N tests/parallel/cp_worker.py out=<file> layouts=a,b [dtype=float64] [device=cuda]
 (device=cuda: NCCL, fp32 with TF32 off, and rank 0 also writes the single-GPU references as "ref:<layout>").
 """
@@ -39,6 +40,8 @@ def parse(spec: str):
         k, v = item.split("=")
         if k == "compile":  # parallel.compile.apply_compile with this backend, after the layout
             model["_compile"] = v
+        elif k == "broken":  # a deliberately wrong adjoint: x_proj's sum without its backward sum
+            model["_broken"] = True
         elif k == "seq":
             seq = int(v)
         elif k in MODEL_KEYS:
@@ -70,6 +73,7 @@ def reference(spec: str, dtype: torch.dtype) -> dict:
     """One process, the whole global batch."""
     _, overrides, seq = parse(spec)
     overrides.pop("_compile", None)
+    overrides.pop("_broken", None)
     model = build_model(overrides, dtype)
     opt = make_optimizer(model)
     losses = []
@@ -86,7 +90,21 @@ def reference(spec: str, dtype: torch.dtype) -> dict:
 
 
 def run_layout(spec: str, dtype: torch.dtype) -> dict:
+    from parallel import context_parallel
+
+    if parse(spec)[1].get("_broken"):
+        backward = context_parallel._CpSum.backward
+        context_parallel._CpSum.backward = staticmethod(lambda ctx, g: (g, None, None))  # each rank's own only
+        try:
+            return _run_layout(spec, dtype)
+        finally:
+            context_parallel._CpSum.backward = backward
+    return _run_layout(spec, dtype)
+
+
+def _run_layout(spec: str, dtype: torch.dtype) -> dict:
     kw, overrides, seq = parse(spec)
+    overrides.pop("_broken", None)
     backend = overrides.pop("_compile", None)
     cfg = dist_worker.model_config(**overrides)
     dims = ParallelDims(ParallelConfig(**kw), world_size=dist.get_world_size(), model=cfg, seq_len=seq)

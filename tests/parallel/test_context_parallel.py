@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 import cp_worker  # noqa: E402
 
 LAYOUTS_2 = ["cp=2+doc=1+compile=aot_eager", "cp=2+kv=1"]
+BROKEN = "cp=2+broken=1"  # run with the 2-process layouts, checked to fail
 LAYOUTS_4 = ["cp=4", "cp=2+tp=2+doc=1", "cp=2+dp_shard=2+ep=2+doc=1", "cp=4+heads=2+rope=1+doc=1",
              "dp_replicate=2+dp_shard=1+cp=2+doc=1"]
 TOL = 1e-10
@@ -48,10 +49,10 @@ def _torchrun(nproc: int, out: Path, layouts) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp")
-    results = _torchrun(2, tmp / "w2.pt", LAYOUTS_2)
+    results = _torchrun(2, tmp / "w2.pt", LAYOUTS_2 + [BROKEN])
     results.update(_torchrun(4, tmp / "w4.pt", LAYOUTS_4))
     torch.set_num_threads(1)
-    refs = {spec: cp_worker.reference(spec, torch.float64) for spec in LAYOUTS_2 + LAYOUTS_4}
+    refs = {spec: cp_worker.reference(spec, torch.float64) for spec in LAYOUTS_2 + LAYOUTS_4 + [BROKEN]}
     return results, refs
 
 
@@ -82,3 +83,13 @@ def test_sequence_is_really_split(runs, spec):
     assert got["layer_seq_len"] == seq // kw["cp"]
     losses = got["rank_lm_losses"]
     assert max(losses) - min(losses) > 1e-3, losses
+
+
+def test_a_wrong_adjoint_is_caught(runs):
+    """Guard that the gradient comparison can fail where the loss cannot: with x_proj's sum over cp losing the
+    sum in its backward, the losses of the first step still match one process, the gradients do not."""
+    results, refs = runs
+    got, ref = results[BROKEN], refs[BROKEN]
+    assert abs(got["losses"][0] - ref["losses"][0]) <= TOL * abs(ref["losses"][0])
+    worst = max(rel(got["grads"][n], g) for n, g in ref["grads"].items())
+    assert worst > 1e-3, worst
