@@ -298,9 +298,14 @@ def _allgather_kv_attend(attn: nn.Module, q, k, v, doc_ids, cp: _Cp) -> torch.Te
 
 # ---- inputs and loss -----------------------------------------------------------------------------
 def shard_inputs(model: nn.Module, cp: _Cp) -> None:
-    """The model takes whole rows (B, L) and keeps this rank's tokens: input_ids and labels (aligned
-    targets) are sliced on the sequence; doc_ids stay whole (attention needs the row's documents)."""
+    """The model takes whole rows (B, L) and keeps this rank's tokens: input_ids and the aligned targets are
+    sliced on the sequence; doc_ids stay whole (attention needs the row's documents).
+
+    Aligned targets are `targets` where the model's forward has that argument (`labels` then follows
+    transformers' convention, shifted inside the model: it is shifted here, on the whole row, into targets,
+    so that a shard's last position keeps the next shard's first token as its target), else `labels`."""
     sig = inspect.signature(type(model).forward)
+    aligned = "targets" if "targets" in sig.parameters else "labels"
 
     def pre_hook(mod, args, kwargs):
         bound = sig.bind(mod, *args, **kwargs)
@@ -309,7 +314,14 @@ def shard_inputs(model: nn.Module, cp: _Cp) -> None:
         if L % cp.n:
             raise ValueError(f"context parallelism: sequence length {L} is not divisible by parallel.cp={cp.n}; "
                              f"use a sequence length that is a multiple of {cp.n} (or change parallel.cp)")
-        for name in ("input_ids", "labels"):
+        if aligned == "targets" and a.get("labels") is not None:  # HF labels -> aligned targets, whole row
+            if a.get("targets") is not None:
+                raise ValueError("give labels (shifted inside the model) or targets (aligned), not both")
+            labels = a.pop("labels")
+            targets = torch.full_like(labels, -100)
+            targets[:, :-1] = labels[:, 1:]
+            a["targets"] = targets
+        for name in ("input_ids", aligned):
             if a.get(name) is not None:
                 if a[name].shape[1] != L:
                     raise ValueError(f"context parallelism: {name} has {a[name].shape[1]} positions, input_ids {L}")
