@@ -48,7 +48,7 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
     # 1. Validate everything before any process group exists.
     cfg, world = to_object(dcfg), distributed.world_from_env()
     t = cfg.train
-    layout = build.Layout(cfg.parallel, world.world_size, cfg.model, max(s.seq_len for s in cfg.curriculum.stages))
+    layout = build.Layout(cfg.parallel, world.world_size, cfg.model, [s.seq_len for s in cfg.curriculum.stages])
     validate_run(cfg, layout.dp_size)
     device = distributed.resolve_device(t.device, world)
     curriculum = Curriculum(cfg.curriculum, t.global_batch_tokens, t.max_steps, layout.dp_size)

@@ -3,7 +3,9 @@
 No positional embedding by default (Jamba: the Mamba layers carry position); RoPE on q/k when
 `cfg.use_rope`. With `cfg.document_masking` and `doc_ids` given, a token attends only to earlier tokens of
 its own document (packed sequences). Head counts are read from the projection shapes at forward time, so a
-head shard of q/k/v_proj (tensor parallelism) runs unchanged.
+head shard of q/k/v_proj (tensor parallelism) runs unchanged. `forward` is `_project` (per token) ->
+`_attend` (mixes positions) -> `_output` (per token): context parallelism (parallel/context_parallel.py)
+wraps `_attend` with all-to-alls between sequence shards and head shards.
 """
 
 from __future__ import annotations
@@ -64,13 +66,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=False)
 
     def forward(self, hidden: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._project(hidden)  # (B, heads, L, hd)
+        return self._output(self._attend(q, k, v, doc_ids))  # (B, L, H)
+
+    def _project(self, hidden: torch.Tensor):
+        """hidden (B, L, H) -> q (B, nq, L, hd), k and v (B, nkv, L, hd); per token, no position yet."""
         B, L, _ = hidden.shape
         hd = self.head_dim
         q = self.q_proj(hidden).view(B, L, -1, hd).transpose(1, 2)  # (B, nq, L, hd)
         k = self.k_proj(hidden).view(B, L, -1, hd).transpose(1, 2)  # (B, nkv, L, hd)
         v = self.v_proj(hidden).view(B, L, -1, hd).transpose(1, 2)  # (B, nkv, L, hd)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """Causal (document-masked) attention over the whole sequence: positions are 0..L-1 of q's L.
+        q (B, nq, L, hd), k/v (B, nkv, L, hd), doc_ids (B, L) or None -> (B, nq, L, hd)."""
+        L, hd = q.shape[2], self.head_dim
         if self.cfg.use_rope:
-            cos, sin = rope_cos_sin(L, hd, self.cfg.rope_theta, hidden.device)
+            cos, sin = rope_cos_sin(L, hd, self.cfg.rope_theta, q.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         groups = q.shape[1] // k.shape[1]
         if self.cfg.document_masking and doc_ids is not None:
@@ -78,8 +92,10 @@ class Attention(nn.Module):
             mask = document_causal_mask(doc_ids)
             if groups > 1:  # the masked (efficient / math) kernels want equal head counts
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
-        y = y.transpose(1, 2).reshape(B, L, -1)  # (B, L, nq * hd)
-        return self.o_proj(y)  # (B, L, H)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        """y (B, nq, L, hd) -> o_proj (B, L, H)."""
+        B, _, L, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))  # (B, L, nq * hd) -> (B, L, H)

@@ -13,6 +13,11 @@ Tensor parallelism: the mixers read the local sizes from their weights (never cf
 forward), so a row shard of in_proj / conv1d / dt_proj / A_log / D and a column shard of out_proj
 along d_inner run unchanged; x_proj is called as a module so the parallel package can all-reduce its
 output over the d_inner shards with hooks.
+
+Context parallelism: Mamba1Mixer.forward is three seams around the channel-wise middle (conv + scan):
+`_in_proj` (tokens -> channel-first x, z), `_x_proj` (channels -> per-token dt/B/C) and `_out_proj`
+(channel-first y -> tokens). parallel/context_parallel.py wraps them per instance (an all-to-all from
+sequence shards to channel shards and back, a sum of x_proj's partial products); the model stays as is.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ class Mamba1Mixer(nn.Module):
         dtype = hidden.dtype
         x, z = self._in_proj(hidden)  # (B, Di, L) each, unit stride along L
         x = kernels.causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
+        x_dbl = self._x_proj(x)  # (B, L, R + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_layernorm(dt)  # (B, L, R)
         B = self.b_layernorm(B).transpose(1, 2)  # (B, N, L)
@@ -148,7 +153,15 @@ class Mamba1Mixer(nn.Module):
         A = -torch.exp(_fp32(self.A_log))  # (Di, N)
         y = kernels.selective_scan(x, dt, A, B, C, D=_fp32(self.D), z=z,
                                    delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True)  # (B, Di, L)
-        return self.out_proj(y.transpose(1, 2).to(dtype))  # (B, L, H)
+        return self._out_proj(y, dtype)  # (B, L, H)
+
+    def _x_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, Di, L) after the conv -> [dt, B, C] (B, L, R + 2N): the one step that mixes channels."""
+        return self.x_proj(x.transpose(1, 2))
+
+    def _out_proj(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """y (B, Di, L) from the scan -> (B, L, H) in the model dtype."""
+        return self.out_proj(y.transpose(1, 2).to(dtype))
 
 
 class Mamba2Mixer(nn.Module):

@@ -61,9 +61,15 @@ def apply_compile(model: nn.Module, backend: str = "inductor", **compile_kwargs)
         layer._jamba_compiled = True
     from jamba.loss import chunked_cross_entropy, softmax_xent_grad
 
-    if getattr(model, "loss_fn", None) is chunked_cross_entropy:  # not a vocab-parallel loss (tensor parallel)
+    loss_fn = getattr(model, "loss_fn", None)
+    wrapper = loss_fn if hasattr(loss_fn, "cp_inner") else None  # context parallelism's rescaling wrapper
+    if (wrapper.cp_inner if wrapper else loss_fn) is chunked_cross_entropy:  # not vocab-parallel (TP)
         # the loss chunk's softmax / one-hot / mask / cast: two fused passes over the (chunk, vocab) logits
-        model.loss_fn = functools.partial(chunked_cross_entropy, chunk_fn=torch.compile(
+        compiled = functools.partial(chunked_cross_entropy, chunk_fn=torch.compile(
             softmax_xent_grad, backend=backend, dynamic=False, **compile_kwargs))
+        if wrapper:
+            wrapper.cp_inner = compiled
+        else:
+            model.loss_fn = compiled
     logger.info("torch.compile (%s): %d decoder layers, each on its own, and the loss chunks", backend, len(layers))
     return model

@@ -33,7 +33,10 @@ class ParallelConfig:
     """Expert parallelism: each EP rank holds num_experts / ep experts. Must divide dp_shard * cp
     (ep borrows data-parallel ranks; tokens are exchanged by all-to-all)."""
     cp: int = 1
-    """Context parallelism (sequence sharding). Reserved for a later issue: must be 1 for now."""
+    """Context parallelism: each sequence is split into cp contiguous chunks, one per rank, in every layer
+    (Mamba-1 by a sequence <-> channel all-to-all, attention by Ulysses heads; parallel/context_parallel.py).
+    cp ranks read the same rows; FSDP shards parameters over dp_shard x cp. Every sequence length (each
+    curriculum stage) must be divisible by cp, and d_inner by tp * cp."""
     sequence_parallel: bool = False
     """With tp > 1: keep the residual stream and the norm regions sharded on the sequence over the TP
     group (activation memory / tp there; needs seq_len % tp == 0). See parallel/sequence_parallel.py."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -37,6 +37,21 @@ def _divisors(n: int, limit: int = 1 << 30) -> List[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
+def ulysses_heads(num_q: int, num_kv: int, cp: int) -> Optional[str]:
+    """How context parallelism's Ulysses attention splits (TP-local) heads over cp: "shard" (cp divides the kv
+    heads), "repeat" (kv heads repeated to cp heads), or None (cp does not divide the query heads: all-gather
+    of K/V instead, parallel/context_parallel.py)."""
+    if num_q % cp:
+        return None
+    if num_kv % cp == 0:
+        return "shard"
+    return "repeat" if cp % num_kv == 0 else None
+
+
+# Longest sequence for the all-gather-K/V attention fallback: its dense mask is (L / cp) x L per row.
+ALLGATHER_KV_MAX_SEQ = 32768
+
+
 @dataclass
 class ParallelDims:
     """Resolved and validated parallel degrees. `dp_shard=-1` is filled from the world size.
@@ -45,13 +60,14 @@ class ParallelDims:
         cfg: the `parallel` config group.
         world_size: number of processes; None reads WORLD_SIZE from the environment (default 1).
         model: the model config; when given, every degree is checked against the model's shapes.
-        seq_len: training sequence length; checked when sequence parallelism is on.
+        seq_len: the training sequence length, or all of them (curriculum stages); checked against cp
+            (and tp with sequence parallelism).
     """
 
     cfg: ParallelConfig
     world_size: Optional[int] = None
     model: Optional[JambaConfig] = None
-    seq_len: Optional[int] = None
+    seq_len: Union[int, Sequence[int], None] = None
     dp_replicate: int = field(init=False)
     dp_shard: int = field(init=False)
     cp: int = field(init=False)
@@ -68,12 +84,12 @@ class ParallelDims:
         self._validate_world()
         if self.model is not None:
             self._validate_model(self.model)
+        for seq_len in self.seq_lens:
+            self.check_seq_len(seq_len)
 
     # ---- validation (no process group needed) ---------------------------------------------------
     def _validate_world(self) -> None:
         ws, c = self.world_size, self.cfg
-        if c.cp != 1:
-            raise ConfigError(f"parallel.cp={c.cp}: context parallelism is not implemented yet; set parallel.cp=1")
         if self.dp_replicate == -1:
             others = self.dp_shard * self.cp * self.tp
             if ws % others:
@@ -106,6 +122,10 @@ class ParallelDims:
                 f"{_divisors(self.dp_shard * self.cp)} or raise dp_shard")
         if c.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards over the TP group)")
+        if c.sequence_parallel and self.cp > 1:
+            raise ConfigError(f"parallel.sequence_parallel=true with parallel.cp={self.cp} is not supported (both "
+                              "shard the sequence); context parallelism already keeps activations at L/cp: set "
+                              "parallel.sequence_parallel=false")
 
     def _validate_model(self, m: JambaConfig) -> None:
         tp, ep = self.tp, self.ep
@@ -129,9 +149,52 @@ class ParallelDims:
                 raise ConfigError(
                     f"parallel.ep={ep} must divide model.num_experts={m.num_experts}: choose ep in "
                     f"{[e for e in _divisors(m.num_experts) if (self.dp_shard * self.cp) % e == 0]}")
-        if self.cfg.sequence_parallel and self.seq_len is not None and self.seq_len % (tp * self.cp):
+        if self.cp > 1:
+            self._validate_cp(m, has_mamba)
+
+    def _validate_cp(self, m: JambaConfig, has_mamba: bool) -> None:
+        """Context parallelism: Mamba-1 channels are split over tp * cp (see parallel/context_parallel.py);
+        attention takes any head count (Ulysses where cp divides the local heads, else all-gather of K/V)."""
+        cp, tp = self.cp, self.tp
+        if has_mamba and m.mamba_mixer != "mamba1":
+            raise ConfigError(f"parallel.cp={cp}: context parallelism supports Mamba-1 mixers only, not "
+                              f"model.mamba_mixer={m.mamba_mixer!r}; set parallel.cp=1 or model.mamba_mixer=mamba1 "
+                              f"(Mamba-2 would need the all-to-all by heads or state passing through the SSD "
+                              f"kernel's initial states)")
+        nq, kv = m.num_attention_heads // tp, max(m.num_key_value_heads // tp, 1)  # TP-local heads
+        if any(s.mixer == "attention" for s in m.layer_specs()) and ulysses_heads(nq, kv, cp) is None:
+            too_long = [L for L in self.seq_lens if L > ALLGATHER_KV_MAX_SEQ]
+            if too_long:
+                valid = [c for c in range(2, 65) if ulysses_heads(nq, kv, c) is not None]
+                raise ConfigError(
+                    f"parallel.cp={cp} does not divide the {nq} query heads per TP rank (model.num_attention_heads="
+                    f"{m.num_attention_heads} / tp={tp}), so attention would all-gather K/V with a dense "
+                    f"(L/cp x L) mask, too large at sequence length {max(too_long)} (limit {ALLGATHER_KV_MAX_SEQ}); "
+                    f"choose cp in {valid} or a smaller tp")
+        if has_mamba and m.d_inner % (tp * cp):
+            valid = _divisors(m.d_inner // tp, 1024) if m.d_inner % tp == 0 else [1]
+            raise ConfigError(f"parallel.cp={cp}: d_inner (model.mamba_expand * model.hidden_size = {m.d_inner}) must "
+                              f"be divisible by tp({tp}) * cp({cp}) (Mamba channels are split over both); choose "
+                              f"cp in {valid}")
+
+    @property
+    def seq_lens(self) -> List[int]:
+        if self.seq_len is None:
+            return []
+        return [self.seq_len] if isinstance(self.seq_len, int) else list(self.seq_len)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Every sequence length the run uses (each curriculum stage) must split over cp (and tp with
+        sequence parallelism); raises ConfigError naming the length and the degrees."""
+        tp, cp = self.tp, self.cp
+        if cp > 1 and seq_len % cp:
             raise ConfigError(
-                f"sequence length {self.seq_len} must be divisible by tp({tp}) * cp({self.cp}) with "
+                f"sequence length {seq_len} must be divisible by parallel.cp={cp} (each cp rank holds seq_len / cp "
+                f"tokens): use a multiple of {cp} for every curriculum stage, or choose cp in "
+                f"{[c for c in _divisors(seq_len, 64)]}")
+        if self.cfg.sequence_parallel and seq_len % (tp * cp):
+            raise ConfigError(
+                f"sequence length {seq_len} must be divisible by tp({tp}) * cp({cp}) with "
                 f"parallel.sequence_parallel=true; change the sequence length or turn it off")
 
     @staticmethod

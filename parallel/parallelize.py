@@ -1,8 +1,10 @@
 """Apply parallelism to an unmodified `JambaForCausalLM`, in a fixed order:
 
     1. tensor parallelism (DTensor plans keyed by module name)     parallel/tensor_parallel.py
-    2. expert parallelism (experts sharded over "ep", all-to-all)   parallel/expert_parallel.py
-    3. FSDP2 `fully_shard`: each decoder layer, then the root (HSDP when dp_replicate > 1);
+    2. context parallelism (sequence over "cp"; wraps the mixers'   parallel/context_parallel.py
+       seams after TP so its channel / head slices are of TP's local shards)
+    3. expert parallelism (experts sharded over "ep", all-to-all)   parallel/expert_parallel.py
+    4. FSDP2 `fully_shard`: each decoder layer, then the root (HSDP when dp_replicate > 1);
        expert parameters are sharded over the expert-data-parallel ranks only.
 
 Works on a model built on the meta device (then `to_empty` + `init_weights` after this call).
@@ -46,9 +48,8 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device_type: str) -> None:
 
     param_dtype, reduce_dtype = resolve_dtypes(dims, device_type)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    if dims.dp_replicate > 1:
-        # cp == 1 until context parallelism lands; then this becomes ("dp_replicate", "dp_shard_cp")
-        dp_mesh = dims.get_mesh("dense")["dp_replicate", "dp_shard"]
+    if dims.dp_replicate > 1:  # HSDP: replicate across dp_replicate, shard over dp_shard x cp
+        dp_mesh = dims.get_mesh("dense")["dp_replicate", "dp_shard_cp"]
         edp_mesh = dims.get_mesh("expert")["dp_replicate", "efsdp"]
     else:
         dp_mesh = dims.get_mesh("dp_shard_cp")
@@ -66,11 +67,14 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device_type: str) -> None:
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, device_type: Optional[str] = None) -> nn.Module:
-    """Apply TP, EP and FSDP2 to `model` in place according to `dims` (mesh must be built)."""
+    """Apply TP, CP, EP and FSDP2 to `model` in place according to `dims` (mesh must be built)."""
     device_type = device_type or dims.get_mesh("dense").device_type
     if dims.tp_enabled:
         from parallel.tensor_parallel import apply_tp
         apply_tp(model, dims)
+    if dims.cp > 1:
+        from parallel.context_parallel import apply_cp
+        apply_cp(model, dims)
     if dims.ep_enabled or dims.tp_enabled:
         apply_experts(model, dims)
     apply_moe_stats_reduce(model, dims)

@@ -34,7 +34,9 @@ def seed_everything(seed: int) -> None:
 class Layout:
     """The parallel layout (PARALLEL's ParallelDims), validated at construction -- before any process group."""
 
-    def __init__(self, parallel_cfg: Any, world_size: int, model_cfg: JambaConfig, seq_len: int):
+    def __init__(self, parallel_cfg: Any, world_size: int, model_cfg: JambaConfig, seq_len: Any):
+        """seq_len: every sequence length the run uses (the curriculum stages), or one; each is checked
+        against the layout (e.g. divisible by parallel.cp)."""
         from parallel import ParallelConfig, ParallelDims
 
         if not isinstance(parallel_cfg, ParallelConfig):

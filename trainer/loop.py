@@ -123,7 +123,9 @@ class Trainer:
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
             data = rank_state["data"]
-            if data is not None and data.get("stage") == expected:
+            # the loader's position does not depend on the row shape: a checkpoint taken at a stage switch (its
+            # loader still in the previous stage) resumes at the same position with the next stage's shape
+            if data is not None and data.get("loader") is not None:
                 self._open_loader(self.curriculum.stage_at(self.state.step), data.get("loader"))
         return True
 

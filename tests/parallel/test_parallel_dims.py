@@ -8,8 +8,8 @@ from parallel import ParallelConfig, ParallelDims
 TINY = get_preset("tiny")  # heads 4, kv 2, d_inner 128, intermediate 128, vocab 2048, experts 4
 
 
-def dims(world, **kw):
-    return ParallelDims(ParallelConfig(**kw), world_size=world, model=TINY, seq_len=kw.pop("seq_len", None))
+def dims(world, seq_len=None, **kw):
+    return ParallelDims(ParallelConfig(**kw), world_size=world, model=TINY, seq_len=seq_len)
 
 
 def test_dp_rank_from_global_rank(monkeypatch):
@@ -38,7 +38,7 @@ def test_fill_and_derived_degrees():
     (2, dict(ep=3, dp_shard=2), r"parallel.ep=3 must divide dp_shard\(2\)"),
     (6, dict(ep=3), r"parallel.ep=3 must divide model.num_experts=4"),
     (4, dict(tp=2, ep=4), r"parallel.ep=4 must divide dp_shard\(2\)"),
-    (2, dict(cp=2), r"context parallelism is not implemented"),
+    (4, dict(cp=2, tp=2, sequence_parallel=True), r"sequence_parallel=true with parallel.cp=2 is not supported"),
     (2, dict(sequence_parallel=True), r"sequence_parallel=true needs parallel.tp > 1"),
 ])
 def test_invalid_layouts(world, kw, needle):
@@ -81,3 +81,26 @@ def test_schema_errors():
         ParallelConfig(param_dtype="fp8")
     with pytest.raises(ConfigError, match=r"cannot both be -1"):
         ParallelConfig(dp_replicate=-1, dp_shard=-1)
+
+
+def test_context_parallel_layouts():
+    d = dims(8, cp=2, tp=2, ep=4, seq_len=96)
+    assert (d.dp_shard, d.cp, d.tp, d.efsdp, d.dp_size, d.dp_cp_size) == (2, 2, 2, 1, 2, 4)
+    dims(4, cp=4, seq_len=96)  # 96 is not a power of two; 24 tokens per rank
+    # every curriculum stage is checked, not only the longest
+    with pytest.raises(ConfigError, match=r"sequence length 90 must be divisible by parallel.cp=4 .* choose cp in "
+                                          r"\[1, 2, 3, 5, 6, 9"):
+        ParallelDims(ParallelConfig(cp=4), world_size=4, model=TINY, seq_len=[64, 90, 1024])
+    # Mamba channels split over tp * cp: tiny's d_inner = 128 cannot split 256 ways
+    with pytest.raises(ConfigError, match=r"d_inner .* = 128\) must be divisible by tp\(2\) \* cp\(128\)"):
+        dims(256, cp=128, tp=2)
+    with pytest.raises(ConfigError, match=r"Mamba-1 mixers only, not model.mamba_mixer='mamba2'"):
+        ParallelDims(ParallelConfig(cp=2), world_size=2, model=get_preset("tiny", mamba_mixer="mamba2"))
+    # jamba-v0.1 (32 heads, 8 kv): tp=8 leaves 4 heads per rank, which cp=8 cannot split (Ulysses); at 1M
+    # tokens the all-gather-K/V fallback's mask would not fit, so the layout is refused with the fix
+    jamba = get_preset("jamba-v0.1")
+    with pytest.raises(ConfigError, match=r"cp=8 does not divide the 4 query heads per TP rank .* choose cp in "
+                                          r"\[2, 4\] or a smaller tp"):
+        ParallelDims(ParallelConfig(cp=8, tp=8), world_size=64, model=jamba, seq_len=[4096, 1048576])
+    ParallelDims(ParallelConfig(cp=8, tp=4), world_size=64, model=jamba, seq_len=[4096, 1048576])
+    ParallelDims(ParallelConfig(cp=8, tp=8), world_size=64, model=jamba, seq_len=4096)  # short: fallback is fine

@@ -53,3 +53,49 @@ def test_invalid_layout_fails_before_startup(tmp_path):
     assert r.returncode != 0
     assert "parallel.ep=3 must divide dp_shard(2)" in r.stderr + r.stdout
     assert "process group: gloo" not in r.stderr + r.stdout  # nothing was started
+
+
+def test_context_parallel_matches_one_process_through_train_py(tmp_path):
+    """`torchrun --nproc_per_node 2 train.py experiment=debug parallel.cp=2` (each rank half of every 64-token
+    row, activation checkpointing so the layers' collectives run again in the recompute) logs the losses,
+    gradient norms and validation loss of one process on the same batches (fp32: 1e-5)."""
+    common = ("train.eval_every=3", "model.activation_checkpointing=[all]")
+    pa = _train(2, tmp_path / "a", "parallel.cp=2", *common)
+    assert pa.returncode == 0, pa.stderr[-5000:]
+    assert "context parallelism cp=2" in pa.stderr + pa.stdout
+    pb = _train(1, tmp_path / "b", "parallel=single", *common)
+    assert pb.returncode == 0, pb.stderr[-5000:]
+    ra, rb = _records(tmp_path / "a"), _records(tmp_path / "b")
+    la, lb = [r for r in ra if "loss" in r], [r for r in rb if "loss" in r]
+    assert [r["step"] for r in la] == [1, 2, 3] == [r["step"] for r in lb]
+    for x, y in zip(la, lb):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x, y)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4), (x, y)
+    va, vb = [r["val_loss"] for r in ra if "val_loss" in r], [r["val_loss"] for r in rb if "val_loss" in r]
+    assert len(va) == 1 and va == pytest.approx(vb, rel=1e-5)
+
+
+def test_context_parallel_checks_every_stage_before_startup(tmp_path):
+    r = _train(2, tmp_path / "bad", "parallel.cp=2", "curriculum.stages.0.seq_len=63")
+    assert r.returncode != 0
+    assert "sequence length 63 must be divisible by parallel.cp=2" in r.stderr + r.stdout
+    assert "process group: gloo" not in r.stderr + r.stdout  # nothing was started
+
+
+@pytest.mark.parametrize("nproc,layout", [(2, "parallel.cp=2"), (1, "parallel=single")], ids=["cp2", "single"])
+def test_resume_across_a_stage_switch(tmp_path, nproc, layout):
+    """A curriculum 32 -> 64 tokens (switch at step 2): stopping after step 2 (a checkpoint whose loader is still
+    in the first stage) and running on to step 4 gives exactly the losses of the uninterrupted run (constant
+    LR, so the shorter first run has the same schedule). Before the fix the resumed run restarted the data."""
+    common = (layout, "optim.schedule=constant", "optim.warmup_steps=0", "checkpoint.every=0",
+              "curriculum.stages=[{seq_len:32,micro_batch_size:4,steps:2},{seq_len:64,micro_batch_size:2}]")
+    whole = _train(nproc, tmp_path / "whole", *common, "train.max_steps=4")
+    assert whole.returncode == 0, whole.stderr[-5000:]
+    first = _train(nproc, tmp_path / "split", *common, "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-5000:]
+    second = _train(nproc, tmp_path / "split", *common, "train.max_steps=4")
+    assert second.returncode == 0, second.stderr[-5000:]
+    la = {r["step"]: (r["loss"], r["seq_len"]) for r in _records(tmp_path / "whole") if "loss" in r}
+    lb = {r["step"]: (r["loss"], r["seq_len"]) for r in _records(tmp_path / "split") if "loss" in r}
+    assert sorted(la) == [1, 2, 3, 4] and [la[s][1] for s in (1, 2, 3, 4)] == [32, 32, 64, 64]
+    assert lb == la

@@ -74,12 +74,13 @@ def test_model_presets_match_jamba_presets():
 @pytest.mark.parametrize("overrides,world", [
     ([], 1), (["experiment=debug"], 1), (["experiment=bench_3b"], 8), (["curriculum=long_context", "model=jamba-v0.1", "parallel=fsdp", "parallel.tp=8"], 32),
     (["optim=adamw_wsd", "logging=quiet"], 1),
+    (["experiment=long_context_2gpu"], 2),
 ])
 def test_shipped_recipes_validate(overrides, world):
     from trainer.build import Layout
 
     cfg = to_object(_compose(*overrides))
-    layout = Layout(cfg.parallel, world, cfg.model, max(s.seq_len for s in cfg.curriculum.stages))
+    layout = Layout(cfg.parallel, world, cfg.model, [s.seq_len for s in cfg.curriculum.stages])
     validate_run(cfg, layout.dp_size)
 
 
