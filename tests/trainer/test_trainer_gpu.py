@@ -1,0 +1,63 @@
+"""GPU: the training step's host synchronisations (run with -m gpu on a CUDA machine).
+
+A non-logging step must synchronise the host with the device exactly once (the packed losses and flags,
+read to decide whether to step and whether to stop): no per-micro-batch `.item()` / `.cpu()` of losses
+or expert counts, no separate read of the gradient norm, no blocking host-to-device batch copies.
+`torch.cuda.set_sync_debug_mode("warn")` reports every synchronising CUDA call."""
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer_standins import StandInLM, StandInLoader, small_run_config
+
+pytestmark = pytest.mark.gpu
+
+
+class SyncFreeLM(StandInLM):
+    """The stand-in without its own syncs (bincount on CUDA reads the maximum on the host)."""
+
+    def forward(self, input_ids, labels=None, doc_ids=None):
+        h = self.embed(input_ids)
+        h = h + self.down(F.gelu(self.up(self.norm(h))))
+        probs = self.router(h).softmax(-1)  # (B, L, 4)
+        counts = F.one_hot(probs.argmax(-1), 4).sum((0, 1))[None]  # (1, 4) on the device
+        aux = 4 * (probs.mean((0, 1)) ** 2).sum()
+        lm = F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+        return SimpleNamespace(loss=lm + 0.01 * aux, lm_loss=lm, aux_loss=aux, z_loss=None, expert_counts=counts)
+
+
+def test_one_host_sync_per_training_step(tmp_path):
+    from trainer.checkpoint import CheckpointManager
+    from trainer.curriculum import Curriculum
+    from trainer.distributed import World
+    from trainer.loop import Trainer
+    from trainer.optim import build_optimizer
+
+    device = torch.device("cuda")
+    cfg = small_run_config(max_steps=4)
+    cfg.train.global_batch_tokens = 4 * 32  # 4 micro-batches of 4 x 8
+    model = SyncFreeLM().to(device)
+    opt = build_optimizer(model, cfg.optim, "cuda")
+    curriculum = Curriculum(cfg.curriculum, cfg.train.global_batch_tokens, cfg.train.max_steps, 1)
+    trainer = Trainer(cfg, model, opt, curriculum, lambda stage, state: StandInLoader(stage.seq_len,
+                      stage.micro_batch_size), None, CheckpointManager(tmp_path, cfg.checkpoint, World()), None,
+                      World(), device, 1)
+    stage = curriculum.stage_at(0)
+    trainer._open_loader(stage, None)
+    trainer.train_step(stage)  # first step: optimizer state, allocator warm-up
+    trainer.state.step += 1
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = trainer.train_step(stage)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, syncs
+    assert out["finite"] and out["expert_counts"].device.type == "cuda"
