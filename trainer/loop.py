@@ -22,8 +22,9 @@ from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, set_rng_state
 from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
 from trainer.distributed import World, all_reduce_scalars
-from trainer.metrics import DATA_COUNTERS, MetricsLogger, Throughput, memory_gb, moe_balance
+from trainer.metrics import DATA_COUNTERS, MetricsLogger, Throughput, alloc_retries, memory_gb, moe_balance
 from trainer.optim import lr_at, set_lr
+from trainer.profile import profile_step, profiled
 from trainer.signals import StopSignal
 from trainer.watchdog import NullWatchdog
 
@@ -127,7 +128,8 @@ class Trainer:
     # ---- resume -------------------------------------------------------------------------------
     def restore(self) -> bool:
         """Load the newest intact checkpoint of the run directory, if any (and checkpoint.resume)."""
-        path = self.ckpt.find_resumable() if self.cfg.checkpoint.resume else None
+        with self.watch.phase("finding the checkpoint to resume from (rank 0's list, broadcast)"):
+            path = self.ckpt.find_resumable() if self.cfg.checkpoint.resume else None
         if path is None:
             return False
         with self.watch.phase("checkpoint load"):
@@ -325,12 +327,17 @@ class Trainer:
     def _fit(self, max_steps: int) -> int:
         cfg, st = self.cfg, self.state
         meter = Throughput(self.device)
+        prof_step = profile_step()  # JAMBA_PROFILE_STEP: one step under the profiler (trainer/profile.py)
         while st.step < max_steps:
             stage = self.curriculum.stage_at(st.step)
             if stage.index != self._loader_stage:
                 self._open_loader(stage, None)
             st.stage = stage.index
-            out = self.train_step(stage)
+            if st.step + 1 == prof_step:
+                with profiled(self.ckpt.root.parent / "profile", prof_step, self.world.rank, self.device):
+                    out = self.train_step(stage)
+            else:
+                out = self.train_step(stage)
             step_tokens = self.curriculum.tokens_per_step(stage, self.dp_size)
             st.step += 1
             st.tokens += step_tokens
@@ -347,7 +354,9 @@ class Trainer:
                     record["mfu"] = (self.flops_per_token(stage.seq_len) * tps
                                      / (self.peak_tflops * 1e12 * self.world.world_size))
                 record.update(moe_balance(out["expert_counts"]))
-                record.update(self.data_counters())
+                with self.watch.phase("all_reduce of the data counters (metrics)", st.step):
+                    record.update(self.data_counters())
+                record.update(alloc_retries(self.device))
                 self.metrics.log(record)
             self.metrics.advance(st.step, out["loss"])
             if cfg.train.eval_every and (st.step % cfg.train.eval_every == 0 or last):
