@@ -21,6 +21,10 @@ Three layers, all bounded by `train.collective_timeout_s` (T):
 
 T must exceed the longest time one rank may legitimately wait for another inside a collective (e.g. a
 slower rank's checkpoint write or compilation); the first step and checkpoint saves do count.
+
+On GPUs collectives are asynchronous: the host notices a stuck one where it next waits for the device (the
+step's one sync, a checkpoint save), so the phase says where this rank waited; NCCL's own timeout message
+(its watchdog's, with OpType and SeqNum) names the collective itself.
 """
 
 from __future__ import annotations
@@ -164,11 +168,12 @@ class Watchdog(NullWatchdog):
 
         t = threading.Thread(target=read, daemon=True)
         t.start()
-        t.join(timeout=max(2.0, 2 * self.beat_s))
-        if t.is_alive():
-            return ("the process-group store (hosted by rank 0) does not answer: rank 0 is probably the one that "
-                    "stopped or died")
+        t.join(timeout=max(2.0, 2 * self.beat_s) + 0.01 * self.world_size)
+        if t.is_alive() and not found:
+            return ("the rendezvous store (on rank 0, or its torchrun agent) does not answer: rank 0 or its "
+                    "node is probably the one that stopped or died")
         now, stale, alive = time.time(), [], []
+        found = dict(found)  # one atomic copy: the reader thread may still be adding
         for r in sorted(found):
             hb = found[r]
             if hb is None:
