@@ -101,3 +101,17 @@ def test_a_stopped_or_dead_rank_becomes_an_error(tmp_path, scenario, waits_in):
     assert waits_in in log.split("CollectiveTimeout", 1)[1], log[-3000:]
     if scenario.startswith("stop"):  # the heartbeats say which rank stopped
         assert "rank 1 (host" in log and "sent no heartbeat" in log, log[-3000:]
+
+
+def test_train_py_validation_with_unequal_splits(tmp_path):
+    """The user's path: torchrun, the real tiny model under FSDP2, the embedded corpus's held-out split
+    (validation_fraction 0.005 gives the two ranks 50 and 12 batches of 2 x 64 tokens); it used to hang."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "experiment=debug", "parallel=fsdp", "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1000",
+           "data.validation_fraction=0.005", "checkpoint.every=0", "checkpoint.save_final=false",
+           "train.collective_timeout_s=30", f"hydra.run.dir={tmp_path}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert r.returncode == 0, r.stderr[-4000:]
+    vals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert [v["step"] for v in vals] == [2] and 0 < vals[0]["val_loss"] < 20
