@@ -10,7 +10,6 @@ plain processes as on two nodes:
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
