@@ -2,7 +2,8 @@
 (ep=2) and compiled decoder layers (aot_eager) trains `steps` steps on fresh random batches, so the routing
 (the all-to-all split sizes) changes every step. Rank 0 writes, to out=<file> (json), the number of graphs Dynamo
 compiled by the end of each step, for each graph whether it traced an all-to-all or has symbolic (dynamic)
-shapes, and the losses of the compiled and of an eager run of the same steps.
+shapes, and the losses of the compiled and of an eager run of the same steps; then one eager step in which
+EP rank 1 receives no rows at all, against one process (`zero_rows`).
 
     torchrun --nproc_per_node 2 tests/parallel/ep_compile_worker.py out=<file> [steps=6] [layout=ep=2]
 """
@@ -78,9 +79,49 @@ def main(argv) -> None:
         if compiled:
             results["compiles_after_step"] = per_step
     results["graphs"] = compiles
+    results["zero_rows"] = zero_rows_step(spec)
     if dist.get_rank() == 0:
         Path(args["out"]).write_text(json.dumps(results))
     dist.destroy_process_group()
+
+
+def _route_to_first_half(model) -> None:
+    """Every token's top-2 experts become experts 0 and 1 (held by EP rank 0): a router bias of +-10 on top of
+    its O(1) logits, so EP rank 1 receives no rows at all from anyone (forward and backward)."""
+    for layer in model.model.layers:
+        moe = getattr(layer, "feed_forward", None)
+        if getattr(moe, "router", None) is not None:
+            E = moe.num_experts
+            bias = torch.tensor([10.0] * (E // 2) + [-10.0] * (E - E // 2))
+            moe.router.register_forward_hook(lambda mod, inp, out, b=bias: out + b.to(out.dtype))
+
+
+def zero_rows_step(spec: str) -> dict:
+    """One forward/backward with EP rank 1 receiving zero rows, against one process on the global batch."""
+    model, dims = dist_worker.build(spec)
+    _route_to_first_half(model)
+    ids, labels = dist_worker.global_batch(0)
+    per = ids.shape[0] // dims.dp_size
+    sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
+    out = model(ids[sl], labels=labels[sl])
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    got = {"loss": loss.item() / dist.get_world_size(), "counts": out.expert_counts.tolist(),
+           "grads": {n: dist_worker.full(p.grad).float() for n, p in model.named_parameters()}}
+    if dist.get_rank() != 0:
+        return {}
+    from jamba.model import JambaForCausalLM
+
+    torch.manual_seed(dist_worker.SEED)
+    ref = JambaForCausalLM(dist_worker.model_config())
+    _route_to_first_half(ref)
+    ref_out = ref(ids, labels=labels)
+    ref_out.loss.backward()
+    errs = {n: ((got["grads"][n] - p.grad).norm() / p.grad.norm().clamp_min(1e-12)).item()
+            for n, p in ref.named_parameters()}
+    return {"loss": got["loss"], "ref_loss": ref_out.loss.item(), "counts": got["counts"],
+            "worst_grad_err": max(errs.values()), "worst_grad": max(errs, key=errs.get)}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ shapes and guards on their values, so the graphs depended on the routing (Induct
 size classes). The experts' exchange now runs outside the compiled graphs: this test checks that no
 compiled graph holds an all-to-all or a symbolic shape, that nothing compiles after the first step, and
 that the compiled run gives the eager run's losses. Before the fix: 4 graphs with symbolic shapes and one
-with the all-to-all of the counts (26 graphs in all; 15 now)."""
+with the all-to-all of the counts (26 graphs in all; 15 now). Also: a step in which one EP rank receives no
+tokens at all matches one process."""
 
 import json
 import os
@@ -35,3 +36,10 @@ def test_ep_compiled_graphs_do_not_depend_on_routing(tmp_path):
     assert [g for g in r["graphs"] if g["all_to_all"] or g["symbolic_shapes"]] == []
     # fp32, aot_eager runs the eager kernels: equal up to rounding (in practice bit for bit)
     assert r["compiled"] == pytest.approx(r["eager"], rel=1e-6)
+    # A step in which EP rank 1 (experts 2, 3) receives no rows in either MoE layer: empty all-to-all splits
+    # and empty local expert batches, forward and backward, still the single-process loss and gradients
+    # (fp32; summation order only, as in test_parallel_layouts.py).
+    z = r["zero_rows"]
+    assert z["counts"] == [[64, 64, 0, 0], [64, 64, 0, 0]]
+    assert z["loss"] == pytest.approx(z["ref_loss"], rel=1e-5)
+    assert z["worst_grad_err"] <= 1e-5, z
