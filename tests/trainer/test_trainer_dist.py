@@ -10,6 +10,7 @@ plain processes as on two nodes:
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -114,3 +115,36 @@ def test_train_py_validation_with_unequal_splits(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     vals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert [v["step"] for v in vals] == [2] and 0 < vals[0]["val_loss"] < 20
+
+
+def test_train_py_stopped_rank_with_expert_parallelism(tmp_path):
+    """train.py under EP (its collectives run on device-mesh sub-groups, which c10d would give its own 30-min
+    gloo default), two ranks started as separate nodes: rank 1 SIGSTOPped after step 3; rank 0 exits with
+    the rank and the operation named within train.collective_timeout_s (10 s) plus slack."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "train.py", "experiment=debug", "parallel=ep", "train.max_steps=1000",
+               "train.eval_every=0", "checkpoint.every=0", "train.collective_timeout_s=10",
+               f"hydra.run.dir={tmp_path / 'run'}"]
+        log = open(tmp_path / f"log{rank}.txt", "w")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    survivor, victim = procs
+    try:
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 150
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert survivor.poll() is None and victim.poll() is None, (tmp_path / "log0.txt").read_text()[-3000:]
+            assert time.time() < deadline, "no 3 steps in time"
+            time.sleep(0.1)
+        os.kill(victim.pid, signal.SIGSTOP)
+        t0 = time.time()
+        survivor.wait(timeout=60)
+        waited = time.time() - t0
+    finally:
+        _kill_all(procs)
+    log = (tmp_path / "log0.txt").read_text()
+    assert survivor.returncode not in (0, None) and waited < 10 + 10, (waited, log[-3000:])
+    assert "CollectiveTimeout: rank 0 of 2:" in log and "rank 1 (host" in log, log[-3000:]

@@ -67,3 +67,23 @@ def test_failure_classification():
     assert is_distributed_failure(dist.DistBackendError("NCCL error"))
     assert not is_distributed_failure(RuntimeError("CUDA out of memory"))
     assert not is_distributed_failure(KeyboardInterrupt())
+
+
+def test_groups_created_later_get_the_collective_timeout():
+    """Device-mesh sub-groups and the checkpoint writer's group are created without a timeout: c10d's
+    default must then be train.collective_timeout_s, not its own 10/30 minutes (private globals: this
+    catches a torch release that renames them)."""
+    import datetime
+
+    from torch.distributed import Backend
+    from torch.distributed import distributed_c10d as c10d
+
+    from trainer.distributed import _default_group_timeout
+
+    saved = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
+    try:
+        _default_group_timeout(datetime.timedelta(seconds=7))
+        for backend in ("gloo", "nccl") if dist.is_nccl_available() else ("gloo",):
+            assert c10d._get_default_timeout(Backend(backend)) == datetime.timedelta(seconds=7), backend
+    finally:
+        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = saved
