@@ -124,6 +124,7 @@ class Trainer:
         self._loader_stage = -1
         self.stop: Optional[StopSignal] = None
         self.watch = watchdog if watchdog is not None else NullWatchdog()
+        self._compiled = {"train": False, "eval": False}  # first forward of each kind done in this process
 
     # ---- resume -------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -193,7 +194,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # lm, aux, z loss summed over micro-batches
         counts = None  # expert counts summed over micro-batches, on the device (read at log steps only)
         sync_toggle = hasattr(model, "set_requires_gradient_sync")
-        with watch.phase("forward and backward", step):
+        with watch.phase("forward and backward", step, compiling=not self._compiled["train"]):
             for micro in range(stage.grad_accum):
                 batch = self._next_batch()
                 input_ids = _to(batch["input_ids"], self.device)  # (B, L)
@@ -212,6 +213,7 @@ class Trainer:
                 ec = getattr(out, "expert_counts", None)
                 if ec is not None:
                     counts = ec.detach().clone() if counts is None else counts + ec.detach()
+        self._compiled["train"] = True
         if self.grad_sync is not None:
             with watch.phase("gradient all_reduce", step):
                 self.grad_sync(model)
@@ -280,10 +282,11 @@ class Trainer:
             real = batch is not None
             if not real:
                 batch = self._padding_batch(stage)
-            with watch.phase("forward during evaluate", step):
+            with watch.phase("forward during evaluate", step, compiling=not self._compiled["eval"]):
                 with autocast_context(self.device, self.cfg.train.precision):
                     out = self.model(_to(batch["input_ids"], self.device), targets=_to(batch["targets"], self.device),
                                      doc_ids=_to(batch.get("doc_ids"), self.device))
+            self._compiled["eval"] = True
             if real:
                 lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
                 total[0] += lm.detach().double()

@@ -18,6 +18,7 @@ Three layers, all bounded by `train.collective_timeout_s` (T):
    takes the process down at T, the log then names the phase first), and ends the process with exit code
    EXIT_HUNG after 2T: the bound for hangs no collective timeout covers (a stuck data loader, a blocked
    shutdown, NCCL with async error handling off). It logs the same report and every thread's stack first.
+   A phase that may compile (the first training step and validation of a process) gets at least 30 min.
 
 T must exceed the longest time one rank may legitimately wait for another inside a collective (e.g. a
 slower rank's checkpoint write or compilation); the first step and checkpoint saves do count.
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 EXIT_HUNG = 124
 """Exit code when the watchdog thread ends a rank stuck for 2 x train.collective_timeout_s (as timeout(1))."""
+COMPILE_ALLOWANCE_S = 1800.0
+"""No-progress bound of a phase that may compile (a process's first training step and validation)."""
 _KEY = "jamba_heartbeat/"
 _MARKERS = ("gloo", "nccl", "timed out", "timeout", "connection closed", "connection reset", "broken pipe",
             "socket", "peer", "collective")
@@ -71,6 +74,7 @@ class _Phase:
     name: str
     step: Optional[int]
     wall: float  # time.time() when it began (for other ranks, via the heartbeat)
+    compiling: bool = False  # may include torch.compile's first compilation: the watchdog allows longer
 
     def where(self) -> str:
         return self.name + (f" at step {self.step}" if self.step is not None else "")
@@ -82,7 +86,7 @@ class NullWatchdog:
     timeout_s = None
 
     @contextlib.contextmanager
-    def phase(self, name: str, step: Optional[int] = None):
+    def phase(self, name: str, step: Optional[int] = None, compiling: bool = False):
         yield
 
     def close(self) -> None:
@@ -111,9 +115,11 @@ class Watchdog(NullWatchdog):
 
     # ---- phases ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def phase(self, name: str, step: Optional[int] = None):
-        """Run the body as `name` (at `step`); a distributed failure in it becomes a CollectiveTimeout."""
-        self._enter(_Phase(name, step, time.time()))
+    def phase(self, name: str, step: Optional[int] = None, compiling: bool = False):
+        """Run the body as `name` (at `step`); a distributed failure in it becomes a CollectiveTimeout.
+        compiling: the body may compile (a process's first step or validation): the no-progress bound is
+        then at least COMPILE_ALLOWANCE_S (every rank compiles at once, so collectives do not time out)."""
+        self._enter(_Phase(name, step, time.time(), compiling))
         t0 = time.monotonic()
         try:
             yield
@@ -209,7 +215,8 @@ class Watchdog(NullWatchdog):
         while not self._stop.wait(min(1.0, self.beat_s)):
             idle = time.monotonic() - self._progress
             p = self.current
-            if idle > 2 * self.timeout_s:
+            limit = max(2 * self.timeout_s, COMPILE_ALLOWANCE_S) if p.compiling else 2 * self.timeout_s
+            if idle > limit:
                 msg = self.report(f"no progress for {idle:.0f} s in {p.where()}: ending this process "
                                   f"(exit code {EXIT_HUNG})")
                 log.error("%s", msg)
@@ -218,7 +225,7 @@ class Watchdog(NullWatchdog):
                 sys.stderr.flush()
                 self._exit(EXIT_HUNG)
                 return
-            if idle > self.timeout_s / 2 and not self._warned:
+            if idle > limit / 4 and not self._warned:
                 self._warned = True
                 log.warning("%s", self.report(f"no progress for {idle:.0f} s in {p.where()}; collectives fail "
                                               f"at {self.timeout_s:g} s"))
