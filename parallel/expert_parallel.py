@@ -16,10 +16,11 @@ Host syncs and compilation: NCCL's variable all-to-all needs the split sizes on 
 has exactly one device-to-host copy (send and receive sizes together; the row bookkeeping after it is
 told its output size and does not sync again); the backward reuses the forward's sizes. The exchange and
 the local grouped GEMM run outside torch.compile (`torch.compiler.disable`): their sizes change with the
-routing at every step and layer, and traced into the decoder layers' graphs they made Dynamo guard on and
-recompile for split sizes (EP=2 on two H200s stopped making progress after step 10). The compiled graphs
-now end before the experts and resume after them with the same static shapes on every rank and step
-(tests/parallel/test_ep_compile.py counts the compilations).
+routing at every step and layer; traced into the decoder layers' graphs they became symbolic shapes and
+guards on split sizes, Dynamo recompiled for them, and Inductor specialises further on such sizes (the
+likely cause of EP=2 stalling after step 10 on two H200s; on CPU we saw the recompilations and symbolic
+shapes, not the stall). The compiled graphs now end before the experts and resume after them with the same
+static shapes on every rank and step (tests/parallel/test_ep_compile.py counts the compilations).
 
 Gradient reduction of the experts: the all-to-all backward already sums, on the rank holding an
 expert, the contributions of the tokens of all ep ranks; FSDP2 then averages over the expert

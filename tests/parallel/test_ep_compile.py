@@ -1,10 +1,10 @@
 """Expert parallelism under torch.compile does not recompile as the routing changes (tests/parallel/
 ep_compile_worker.py: 2 gloo ranks, ep=2, decoder layers compiled with aot_eager, 5 steps on new tokens).
 
-EP=2 compiled on two H200s stopped making progress after step 10: the all-to-all's split sizes (which
-change with the routing, per layer and step) were traced into the decoder layers' graphs, as dynamic
-shapes and guards on their values, so the graphs depended on the routing (Inductor then recompiles for new
-size classes). The experts' exchange now runs outside the compiled graphs: this test checks that no
+EP=2 compiled on two H200s stopped making progress after step 10. The likely cause: the all-to-all's split
+sizes (which change with the routing, per layer and step) were traced into the decoder layers' graphs, as
+symbolic shapes and guards on their values, so the graphs depended on the routing (Inductor specialises on
+such sizes and recompiles for new ones; on CPU with aot_eager the recompilations settle after step 1). The experts' exchange now runs outside the compiled graphs: this test checks that no
 compiled graph holds an all-to-all or a symbolic shape, that nothing compiles after the first step, and
 that the compiled run gives the eager run's losses. Before the fix: 4 graphs with symbolic shapes and one
 with the all-to-all of the counts (26 graphs in all; 15 now). Also: a step in which one EP rank receives no
