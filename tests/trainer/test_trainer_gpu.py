@@ -61,3 +61,53 @@ def test_one_host_sync_per_training_step(tmp_path):
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) == 1, syncs
     assert out["finite"] and out["expert_counts"].device.type == "cuda"
+
+
+def test_nccl_stopped_rank_becomes_an_error(tmp_path):
+    """2 GPUs, NCCL, train.py on the tiny model, the ranks started as separate nodes: rank 1 SIGSTOPped
+    after step 3. NCCL collectives are asynchronous, so rank 0 blocks where the host next waits; its
+    watchdog thread warns at T/2 naming that phase and the silent rank, and NCCL's watchdog (or the
+    trainer's) ends it soon after T = train.collective_timeout_s."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    timeout_s = 20
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "WANDB_MODE": "disabled", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "train.py", "experiment=debug", "train.device=cuda", "parallel=fsdp",
+               "train.max_steps=100000", "train.eval_every=0", "checkpoint.every=0", "train.compile=false",
+               f"train.collective_timeout_s={timeout_s}", f"hydra.run.dir={tmp_path / 'run'}"]
+        procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=open(tmp_path / f"log{rank}.txt", "w"),
+                                      stderr=subprocess.STDOUT))
+    survivor, victim = procs
+    try:
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.time() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert survivor.poll() is None and victim.poll() is None, (tmp_path / "log0.txt").read_text()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        os.kill(victim.pid, signal.SIGSTOP)
+        t0 = time.time()
+        survivor.wait(timeout=2 * timeout_s + 60)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    log = (tmp_path / "log0.txt").read_text()
+    assert survivor.returncode != 0 and waited < 2 * timeout_s + 30, (waited, log[-4000:])
+    assert "rank 0 of 2:" in log and "rank 1 (host" in log, log[-4000:]  # the warning or the error
