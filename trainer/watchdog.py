@@ -102,7 +102,7 @@ class Watchdog(NullWatchdog):
         self._changed = threading.Event()
         self.store = store if store is not None else _default_store()
         self._exit = exit_fn
-        self._stack: List[_Phase] = [_Phase("start-up", None, time.time())]
+        self._stack: List[_Phase] = [_Phase("start-up or shutdown (outside the step loop)", None, time.time())]
         self._progress = time.monotonic()  # last phase change: "no progress" is measured from it
         self._warned = False
         self._stop = threading.Event()
