@@ -194,7 +194,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # lm, aux, z loss summed over micro-batches
         counts = None  # expert counts summed over micro-batches, on the device (read at log steps only)
         sync_toggle = hasattr(model, "set_requires_gradient_sync")
-        with watch.phase("forward and backward", step, compiling=not self._compiled["train"]):
+        with watch.phase("forward and backward", step, patient=not self._compiled["train"]):
             for micro in range(stage.grad_accum):
                 batch = self._next_batch()
                 input_ids = _to(batch["input_ids"], self.device)  # (B, L)
@@ -282,7 +282,7 @@ class Trainer:
             real = batch is not None
             if not real:
                 batch = self._padding_batch(stage)
-            with watch.phase("forward during evaluate", step, compiling=not self._compiled["eval"]):
+            with watch.phase("forward during evaluate", step, patient=not self._compiled["eval"]):
                 with autocast_context(self.device, self.cfg.train.precision):
                     out = self.model(_to(batch["input_ids"], self.device), targets=_to(batch["targets"], self.device),
                                      doc_ids=_to(batch.get("doc_ids"), self.device))

@@ -18,7 +18,8 @@ Three layers, all bounded by `train.collective_timeout_s` (T):
    takes the process down at T, the log then names the phase first), and ends the process with exit code
    EXIT_HUNG after 2T: the bound for hangs no collective timeout covers (a stuck data loader, a blocked
    shutdown, NCCL with async error handling off). It logs the same report and every thread's stack first.
-   A phase that may compile (the first training step and validation of a process) gets at least 30 min.
+   A phase that may compile or build (a process's first training step and validation, start-up, shutdown)
+   gets at least 30 min.
 
 T must exceed the longest time one rank may legitimately wait for another inside a collective (e.g. a
 slower rank's checkpoint write or compilation); the first step and checkpoint saves do count.
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 EXIT_HUNG = 124
 """Exit code when the watchdog thread ends a rank stuck for 2 x train.collective_timeout_s (as timeout(1))."""
 COMPILE_ALLOWANCE_S = 1800.0
-"""No-progress bound of a phase that may compile (a process's first training step and validation)."""
+"""No-progress bound (at least) of a patient phase: one that may compile (a process's first training step
+and validation) or build (start-up: model, checkpoint load) or wait for a background save (shutdown)."""
 _KEY = "jamba_heartbeat/"
 _MARKERS = ("gloo", "nccl", "timed out", "timeout", "connection closed", "connection reset", "broken pipe",
             "socket", "peer", "collective")
@@ -74,7 +76,7 @@ class _Phase:
     name: str
     step: Optional[int]
     wall: float  # time.time() when it began (for other ranks, via the heartbeat)
-    compiling: bool = False  # may include torch.compile's first compilation: the watchdog allows longer
+    patient: bool = False  # may compile or build (first step, validation, start-up): allowed longer
 
     def where(self) -> str:
         return self.name + (f" at step {self.step}" if self.step is not None else "")
@@ -86,7 +88,7 @@ class NullWatchdog:
     timeout_s = None
 
     @contextlib.contextmanager
-    def phase(self, name: str, step: Optional[int] = None, compiling: bool = False):
+    def phase(self, name: str, step: Optional[int] = None, patient: bool = False):
         yield
 
     def close(self) -> None:
@@ -102,7 +104,8 @@ class Watchdog(NullWatchdog):
         self._changed = threading.Event()
         self.store = store if store is not None else _default_store()
         self._exit = exit_fn
-        self._stack: List[_Phase] = [_Phase("start-up or shutdown (outside the step loop)", None, time.time())]
+        self._stack: List[_Phase] = [_Phase("start-up or shutdown (outside the step loop)", None, time.time(),
+                                            patient=True)]
         self._progress = time.monotonic()  # last phase change: "no progress" is measured from it
         self._warned = False
         self._stop = threading.Event()
@@ -115,11 +118,11 @@ class Watchdog(NullWatchdog):
 
     # ---- phases ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def phase(self, name: str, step: Optional[int] = None, compiling: bool = False):
+    def phase(self, name: str, step: Optional[int] = None, patient: bool = False):
         """Run the body as `name` (at `step`); a distributed failure in it becomes a CollectiveTimeout.
-        compiling: the body may compile (a process's first step or validation): the no-progress bound is
+        patient: the body may compile (a process's first step or validation): the no-progress bound is
         then at least COMPILE_ALLOWANCE_S (every rank compiles at once, so collectives do not time out)."""
-        self._enter(_Phase(name, step, time.time(), compiling))
+        self._enter(_Phase(name, step, time.time(), patient))
         t0 = time.monotonic()
         try:
             yield
@@ -215,7 +218,7 @@ class Watchdog(NullWatchdog):
         while not self._stop.wait(min(1.0, self.beat_s)):
             idle = time.monotonic() - self._progress
             p = self.current
-            limit = max(2 * self.timeout_s, COMPILE_ALLOWANCE_S) if p.compiling else 2 * self.timeout_s
+            limit = max(2 * self.timeout_s, COMPILE_ALLOWANCE_S) if p.patient else 2 * self.timeout_s
             if idle > limit:
                 msg = self.report(f"no progress for {idle:.0f} s in {p.where()}: ending this process "
                                   f"(exit code {EXIT_HUNG})")
