@@ -328,6 +328,7 @@ class Bench:
         self.dtype = DTYPES[args.dtype]
         self.ceiling: Optional[float] = None
         self.profiles: List[dict] = []
+        self.step_options = {"trainer_recipe": True} if args.trainer_recipe else {}
 
     # ---- model lifecycle -----------------------------------------------------------------------
     def config(self, ac: Sequence[str]) -> JambaConfig:
@@ -384,7 +385,7 @@ class Bench:
         try:
             cfg, model, opt, res.info = self.build(impl, point.ac)
             batches = make_batches(cfg.vocab_size, point, self.device)
-            step = make_step(impl, model, opt, self.args.trainer_recipe)
+            step = make_step(impl, model, opt, **self.step_options)
             losses = [step(batches[i % len(batches)]) for i in range(self.args.warmup)]
             timer = StepTimer(self.device)
             timer.mark()
@@ -417,7 +418,7 @@ class Bench:
         free_memory(self.device)
         cfg, model, opt, info = self.build(impl, ac)
         out["info"] = info
-        step = make_step(impl, model, opt, self.args.trainer_recipe)
+        step = make_step(impl, model, opt, **self.step_options)
         for seq_len in seq_lens:
             point = Point(seq_len, 1, tuple(ac))
             reset_peak(self.device)
