@@ -69,7 +69,7 @@ def main(argv) -> None:
             g = torch.Generator().manual_seed(1000 + i)  # new tokens each step: new routing, new split sizes
             ids = torch.randint(0, 2048, (dims.dp_size * 2, 17), generator=g)
             sl = slice(dims.dp_rank * 2, dims.dp_rank * 2 + 2)
-            out = model(ids[sl, :-1], labels=ids[sl, 1:])
+            out = model(ids[sl, :-1], targets=ids[sl, 1:])  # aligned targets (the trainer's convention)
             out.loss.backward()
             opt.step()
             opt.zero_grad()
@@ -100,10 +100,10 @@ def zero_rows_step(spec: str) -> dict:
     """One forward/backward with EP rank 1 receiving zero rows, against one process on the global batch."""
     model, dims = dist_worker.build(spec)
     _route_to_first_half(model)
-    ids, labels = dist_worker.global_batch(0)
+    ids, targets = dist_worker.global_batch(0)
     per = ids.shape[0] // dims.dp_size
     sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
-    out = model(ids[sl], labels=labels[sl])
+    out = model(ids[sl], targets=targets[sl])
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
@@ -116,7 +116,7 @@ def zero_rows_step(spec: str) -> dict:
     torch.manual_seed(dist_worker.SEED)
     ref = JambaForCausalLM(dist_worker.model_config())
     _route_to_first_half(ref)
-    ref_out = ref(ids, labels=labels)
+    ref_out = ref(ids, targets=targets)
     ref_out.loss.backward()
     errs = {n: ((got["grads"][n] - p.grad).norm() / p.grad.norm().clamp_min(1e-12)).item()
             for n, p in ref.named_parameters()}

@@ -97,7 +97,7 @@ def main(out_dir: str, scenario: str, timeout_s: float) -> int:
             own = []
             with torch.no_grad():
                 for b in FiniteLoader(n_val, 8, 4, dp_rank=world.rank, split="val"):
-                    own.append(plain(b["input_ids"], labels=b["labels"]).lm_loss.item())
+                    own.append(plain(b["input_ids"], targets=b["targets"]).lm_loss.item())
             vals = [json.loads(line)["val_loss"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
                     if "val_loss" in line] if world.is_main else []
             (out / f"rank{world.rank}.json").write_text(json.dumps({"own_losses": own, "val": vals}))

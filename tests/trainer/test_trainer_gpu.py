@@ -20,13 +20,13 @@ pytestmark = pytest.mark.gpu
 class SyncFreeLM(StandInLM):
     """The stand-in without its own syncs (bincount on CUDA reads the maximum on the host)."""
 
-    def forward(self, input_ids, labels=None, doc_ids=None):
+    def forward(self, input_ids, labels=None, doc_ids=None, targets=None):
         h = self.embed(input_ids)
         h = h + self.down(F.gelu(self.up(self.norm(h))))
         probs = self.router(h).softmax(-1)  # (B, L, 4)
         counts = F.one_hot(probs.argmax(-1), 4).sum((0, 1))[None]  # (1, 4) on the device
         aux = 4 * (probs.mean((0, 1)) ** 2).sum()
-        lm = F.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+        lm = F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())
         return SimpleNamespace(loss=lm + 0.01 * aux, lm_loss=lm, aux_loss=aux, z_loss=None, expert_counts=counts)
 
 
