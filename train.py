@@ -54,7 +54,10 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
     curriculum = Curriculum(cfg.curriculum, t.global_batch_tokens, t.max_steps, layout.dp_size)
 
     metrics = ckpt = None
-    distributed.init_distributed(world, device)
+    distributed.init_distributed(world, device, t.collective_timeout_s)
+    from trainer.watchdog import make_watchdog
+
+    watchdog = make_watchdog(world.rank, world.world_size, t.collective_timeout_s)  # hangs become errors
     try:
         run_path = Path(run_dir)
         if world.is_main:
@@ -82,7 +85,7 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
             pass
         trainer = Trainer(cfg, model, optimizer, curriculum, make_loader, make_eval, ckpt, None, world, device,
                           layout.dp_size, flops_per_token=flops,
-                          peak_tflops=gpu_peak_tflops(device, cfg.logging.peak_tflops))
+                          peak_tflops=gpu_peak_tflops(device, cfg.logging.peak_tflops), watchdog=watchdog)
         trainer.stop = stop
         resumed = trainer.restore()
         if world.is_main:
@@ -103,6 +106,7 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
         if ckpt is not None:
             ckpt.close()  # waits for a background save, releases the run directory's lock
         distributed.destroy_distributed()
+        watchdog.close()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)

@@ -92,6 +92,8 @@ class GroupedExperts(nn.Module):
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             # _grouped_mm is not on autocast's cast list: cast as autocast casts the loop's F.linear inputs.
             x = x.to(torch.get_autocast_dtype("cuda"))
+        if x.shape[0] == 0:  # an expert-parallel rank that received no tokens: the loop's empty matmuls
+            return self._loop(x, num_tokens_per_expert)  # give zero gradients; _grouped_mm's backward fails
         if x.is_cuda and HAS_GROUPED_MM and x.dtype == torch.bfloat16:
             _log_once("gmm", "MoE experts: torch._grouped_mm (CUDA, bf16)")
             return self._grouped_mm(x, num_tokens_per_expert)

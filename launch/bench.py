@@ -257,8 +257,11 @@ def make_batches(vocab_size: int, point: Point, device: torch.device, n: int = 2
     return batches
 
 
-def make_step(impl: str, model, opt) -> Callable[[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """One training step: forward with loss, backward, optimizer step. Returns the detached loss (no sync)."""
+def make_step(impl: str, model, opt, trainer_recipe: bool = False
+              ) -> Callable[[Tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One training step: forward with loss, backward, optimizer step. Returns the detached loss (no sync).
+    trainer_recipe: as train.py on one GPU: bf16 autocast over the (fp32) weights and gradient clipping at
+    1.0 (trainer/loop.py's clip_grad_norm) before the step."""
     if impl == "ours":
         def forward(ids, labels):
             return model(ids, targets=labels).loss
@@ -266,10 +269,26 @@ def make_step(impl: str, model, opt) -> Callable[[Tuple[torch.Tensor, torch.Tens
         def forward(ids, labels):  # HF shifts its labels itself: pass the unshifted ids (same targets as ours)
             return model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True).loss
 
+    if trainer_recipe:
+        import contextlib
+
+        from trainer.loop import clip_grad_norm
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        device = next(model.parameters()).device
+        amp = (torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda"
+               else contextlib.nullcontext())
+
     def step(batch):
         ids, labels = batch
-        loss = forward(ids, labels)
+        if trainer_recipe:
+            with amp:
+                loss = forward(ids, labels)
+        else:
+            loss = forward(ids, labels)
         loss.backward()
+        if trainer_recipe:
+            clip_grad_norm(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
@@ -309,6 +328,7 @@ class Bench:
         self.dtype = DTYPES[args.dtype]
         self.ceiling: Optional[float] = None
         self.profiles: List[dict] = []
+        self.step_options = {"trainer_recipe": True} if args.trainer_recipe else {}
 
     # ---- model lifecycle -----------------------------------------------------------------------
     def config(self, ac: Sequence[str]) -> JambaConfig:
@@ -365,7 +385,7 @@ class Bench:
         try:
             cfg, model, opt, res.info = self.build(impl, point.ac)
             batches = make_batches(cfg.vocab_size, point, self.device)
-            step = make_step(impl, model, opt)
+            step = make_step(impl, model, opt, **self.step_options)
             losses = [step(batches[i % len(batches)]) for i in range(self.args.warmup)]
             timer = StepTimer(self.device)
             timer.mark()
@@ -398,7 +418,7 @@ class Bench:
         free_memory(self.device)
         cfg, model, opt, info = self.build(impl, ac)
         out["info"] = info
-        step = make_step(impl, model, opt)
+        step = make_step(impl, model, opt, **self.step_options)
         for seq_len in seq_lens:
             point = Point(seq_len, 1, tuple(ac))
             reset_peak(self.device)
@@ -677,11 +697,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="weights and activations dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--trainer-recipe", action="store_true",
+                   help="train.py's single-GPU numerics: fp32 weights and AdamW state, bf16 autocast, gradient "
+                        "clipping (implies --dtype fp32); compare train.py's tokens/s with this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ceiling-size", type=int, default=None,
                    help="n of the n^3 matmul that measures the ceiling (default 8192 on CUDA, 512 on CPU; 0 = skip)")
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     args = p.parse_args(argv)
+    if args.trainer_recipe:
+        if args.dtype not in (None, "fp32"):
+            p.error(f"--trainer-recipe keeps fp32 weights (autocast computes in bf16); drop --dtype {args.dtype}")
+        args.dtype = "fp32"
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.ceiling_size is None:
@@ -706,8 +733,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     env = environment()
     print("bench environment:", json.dumps(env), flush=True)
     if args.ceiling_size:
-        bench.ceiling = matmul_ceiling(bench.device, args.ceiling_size, bench.dtype)
-        print(f"measured matmul ceiling: {bench.ceiling:.4g} TFLOP/s ({args.dtype}, n={args.ceiling_size})",
+        # the trainer recipe's matmuls run in bf16 under autocast: that is their ceiling
+        ceiling_dtype = torch.bfloat16 if args.trainer_recipe and bench.device.type == "cuda" else bench.dtype
+        bench.ceiling = matmul_ceiling(bench.device, args.ceiling_size, ceiling_dtype)
+        print(f"measured matmul ceiling: {bench.ceiling:.4g} TFLOP/s ({str(ceiling_dtype)[6:]}, n={args.ceiling_size})",
               flush=True)
     cfg = get_preset(args.preset, **dict(args.override))
     report = {"env": env, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
@@ -740,7 +769,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                       f"{_fmt(res.tokens_per_s, ',.0f')} tokens/s, peak {_fmt(res.peak_alloc_gib, '.1f')} GiB, "
                       f"loss {_fmt(res.loss_first, '.4f')} -> {_fmt(res.loss_last, '.4f')}"
                       + (f" ({res.error})" if res.error else ""), flush=True)
-        print("\n" + format_table(results, bench.ceiling, args.dtype))
+        print("\n" + format_table(results, bench.ceiling, "autocast bf16" if args.trainer_recipe else args.dtype))
     save()
     return report
 

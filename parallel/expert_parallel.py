@@ -12,6 +12,16 @@ intermediate size over tp), and wraps the experts' forward:
     3. re-sort the received rows by local expert; run the unmodified grouped GEMM on the local shards
     4. undo the sort, all-to-all back (the reverse exchange); (tp > 1) sum the partial outputs over TP
 
+Host syncs and compilation: NCCL's variable all-to-all needs the split sizes on the host, so each exchange
+has exactly one device-to-host copy (send and receive sizes together; the row bookkeeping after it is
+told its output size and does not sync again); the backward reuses the forward's sizes. The exchange and
+the local grouped GEMM run outside torch.compile (`torch.compiler.disable`): their sizes change with the
+routing at every step and layer; traced into the decoder layers' graphs they became symbolic shapes and
+guards on split sizes, Dynamo recompiled for them, and Inductor specialises further on such sizes (the
+likely cause of EP=2 stalling after step 10 on two H200s; on CPU we saw the recompilations and symbolic
+shapes, not the stall). The compiled graphs now end before the experts and resume after them with the same
+static shapes on every rank and step (tests/parallel/test_ep_compile.py counts the compilations).
+
 Gradient reduction of the experts: the all-to-all backward already sums, on the rank holding an
 expert, the contributions of the tokens of all ep ranks; FSDP2 then averages over the expert
 data-parallel ranks ("edp" = dp_replicate x efsdp) only. The local weight views carry a gradient
@@ -66,12 +76,13 @@ def _exchange(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     n_local = counts.shape[0] // ep
     recv = torch.empty_like(counts)
     dist.all_to_all_single(recv, counts, group=ep_group)  # recv[r*El + j]: rows rank r sends to my expert j
-    send_splits: List[int] = counts.view(ep, n_local).sum(1).tolist()
     recv_2d = recv.view(ep, n_local)  # (ep source ranks, local experts)
-    recv_splits: List[int] = recv_2d.sum(1).tolist()
+    # The exchange's one host sync: rows to send to / receive from each rank, in one copy.
+    splits: List[int] = torch.cat([counts.view(ep, n_local).sum(1), recv_2d.sum(1)]).tolist()
+    send_splits, recv_splits = splits[:ep], splits[ep:]
     xr = all_to_all_v(x, recv_splits, send_splits, ep_group)  # (sum recv, H) by source, then local expert
-    expert_of_row = torch.repeat_interleave(
-        torch.arange(n_local, device=x.device).repeat(ep), recv_2d.reshape(-1))
+    expert_of_row = torch.repeat_interleave(  # output_size given: no second sync
+        torch.arange(n_local, device=x.device).repeat(ep), recv_2d.reshape(-1), output_size=sum(recv_splits))
     order = torch.argsort(expert_of_row, stable=True)  # group rows by local expert (source order kept)
     return xr.index_select(0, order), recv_2d.sum(0), (order, send_splits, recv_splits)
 
@@ -103,6 +114,7 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
         local_forward = experts.forward  # the model's grouped GEMM, bound to this module
         names = list(EXPERT_PLACEMENTS)
 
+        @torch.compiler.disable  # routing-dependent sizes stay out of the compiled graphs (module docstring)
         def forward(x, num_tokens_per_expert, _mod=experts, _fwd=local_forward):
             # x (N, H) sorted by global expert; num_tokens_per_expert (E,)
             if copy_input:

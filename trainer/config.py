@@ -114,6 +114,11 @@ class TrainConfig:
     minute). On CPU the tiny models gain little for the compile time and Inductor needs a C++ compiler."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (CPU runs are deterministic anyway)."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in a collective for the others (the process group's timeout) before the run
+    fails with an error naming the rank that stopped and the operation (trainer/watchdog.py); a rank making
+    no progress for twice this long is ended. Must exceed the longest time one rank can legitimately lag
+    the others (a compilation, a checkpoint write)."""
 
 
 @dataclass
@@ -225,6 +230,8 @@ def validate_run(cfg: RunConfig, dp_size: int) -> None:
     _need(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 disables validation)")
     _need(t.num_threads is None or t.num_threads > 0, f"train.num_threads={t.num_threads} must be > 0 or null")
     _need(t.eval_batches > 0, f"train.eval_batches={t.eval_batches} must be > 0")
+    _need(t.collective_timeout_s > 0, f"train.collective_timeout_s={t.collective_timeout_s} must be > 0 seconds "
+                                      f"(the default 600 fits most runs)")
     _need(t.max_consecutive_nonfinite > 0,
           f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite} must be > 0")
     _need(lg.log_every > 0, f"logging.log_every={lg.log_every} must be > 0")

@@ -44,22 +44,40 @@ def resolve_device(requested: str, world: World) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(world: World, device: torch.device, timeout_min: float = 30) -> bool:
-    """Create the default process group when launched with WORLD_SIZE > 1; True if one was created."""
+def init_distributed(world: World, device: torch.device, timeout_s: float = 600.0) -> bool:
+    """Create the default process group when launched with WORLD_SIZE > 1; True if one was created.
+
+    `timeout_s` (train.collective_timeout_s) bounds every collective: gloo raises after it, NCCL's watchdog
+    aborts the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default), so a dead or stopped peer becomes
+    an error (trainer/watchdog.py names the rank and the operation) instead of a hang."""
     if world.world_size <= 1 or (dist.is_available() and dist.is_initialized()):
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = dict(backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    _default_group_timeout(timeout)
+    kwargs = dict(backend=backend, timeout=timeout)
     from trainer.elastic import round_store
 
-    store = round_store(kwargs["timeout"])  # after a torchrun restart: not the dead round's keys
+    store = round_store(timeout)  # after a torchrun restart: not the dead round's keys
     if store is not None:
         kwargs.update(store=store, rank=world.rank, world_size=world.world_size)
     if device.type == "cuda":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
-    log.info("process group: %s, rank %d of %d", backend, world.rank, world.world_size)
+    log.info("process group: %s, rank %d of %d, collective timeout %g s", backend, world.rank, world.world_size,
+             timeout_s)
     return True
+
+
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` the default of every process group created later too: the device mesh's sub-groups
+    (FSDP, TP, EP all-to-alls) and the checkpoint writer's group are created without a timeout, and c10d
+    would give them its own default (10 min NCCL, 30 min gloo) instead of train.collective_timeout_s."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), datetime.timedelta):
+            setattr(c10d, name, timeout)
 
 
 def destroy_distributed() -> None:

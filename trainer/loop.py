@@ -22,9 +22,11 @@ from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, set_rng_state
 from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
 from trainer.distributed import World, all_reduce_scalars
-from trainer.metrics import DATA_COUNTERS, MetricsLogger, Throughput, memory_gb, moe_balance
+from trainer.metrics import DATA_COUNTERS, MetricsLogger, Throughput, alloc_retries, memory_gb, moe_balance
 from trainer.optim import lr_at, set_lr
+from trainer.profile import profile_step, profiled
 from trainer.signals import StopSignal
+from trainer.watchdog import NullWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,14 @@ def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 def _to(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    return t.to(device, non_blocking=True) if t is not None else None
+    """Host batch tensor -> device without blocking the host: a copy from pageable memory makes CUDA wait for
+    the stream (a hidden sync per micro-batch); from pinned memory it is asynchronous. Pinned blocks come from
+    PyTorch's caching host allocator, so pinning a batch is one memcpy."""
+    if t is None or t.device == device:
+        return t
+    if device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -89,13 +98,20 @@ class Trainer:
     make_eval_loader(stage) -> iterable of held-out batches (same shapes), restarted at each validation
     grad_sync(model) -> None: optional extra gradient reduction (plain data parallelism without FSDP)
     flops_per_token(seq_len) -> float: training FLOPs per token, for MFU (with peak_tflops)
+    watchdog: trainer.watchdog.Watchdog naming the phase each collective runs in (train.collective_timeout_s)
+
+    Every rank runs the same collectives in the same order: the number of micro-batches, validation
+    batches and the decisions to skip a step, stop or save are the same on all ranks (agreed through the
+    step's one all-reduce, or the have-data flag in `evaluate`), never taken from one rank's own data.
+    Host syncs: one per training step (the packed scalars), more only at log steps (metrics).
     """
 
     def __init__(self, cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                  curriculum: Curriculum, make_loader: Callable, make_eval_loader: Optional[Callable],
                  ckpt: CheckpointManager, metrics: MetricsLogger, world: World, device: torch.device,
                  dp_size: int, grad_sync: Optional[Callable] = None,
-                 flops_per_token: Optional[Callable[[int], float]] = None, peak_tflops: Optional[float] = None):
+                 flops_per_token: Optional[Callable[[int], float]] = None, peak_tflops: Optional[float] = None,
+                 watchdog: Optional[NullWatchdog] = None):
         self.cfg, self.model, self.optimizer = cfg, model, optimizer
         self.curriculum, self.make_loader, self.make_eval_loader = curriculum, make_loader, make_eval_loader
         self.ckpt, self.metrics, self.world, self.device = ckpt, metrics, world, device
@@ -107,14 +123,18 @@ class Trainer:
         self._iter = None
         self._loader_stage = -1
         self.stop: Optional[StopSignal] = None
+        self.watch = watchdog if watchdog is not None else NullWatchdog()
+        self._compiled = {"train": False, "eval": False}  # first forward of each kind done in this process
 
     # ---- resume -------------------------------------------------------------------------------
     def restore(self) -> bool:
         """Load the newest intact checkpoint of the run directory, if any (and checkpoint.resume)."""
-        path = self.ckpt.find_resumable() if self.cfg.checkpoint.resume else None
+        with self.watch.phase("finding the checkpoint to resume from (rank 0's list, broadcast)"):
+            path = self.ckpt.find_resumable() if self.cfg.checkpoint.resume else None
         if path is None:
             return False
-        trainer_state, rank_state = self.ckpt.load(path, self.model, self.optimizer)
+        with self.watch.phase("checkpoint load"):
+            trainer_state, rank_state = self.ckpt.load(path, self.model, self.optimizer)
         self.state = TrainState(**{k: trainer_state[k] for k in asdict(TrainState()) if k in trainer_state})
         expected = self.curriculum.stage_at(self.state.step).index
         if expected != self.state.stage:
@@ -146,10 +166,16 @@ class Trainer:
     def _next_batch(self) -> Dict[str, torch.Tensor]:
         try:
             return next(self._iter)
-        except StopIteration:  # a finite corpus: start the next epoch
+        except StopIteration:  # a finite corpus: start the next epoch (every rank still takes grad_accum batches)
             log.info("data loader exhausted at step %d: starting over", self.state.step)
             self._iter = iter(self.loader)
+        try:
             return next(self._iter)
+        except StopIteration:
+            raise RuntimeError(f"the training data of this rank (rank {self.world.rank}) gave no batch even after "
+                               f"starting over at step {self.state.step}: its shard is empty; fix: add data, or "
+                               f"lower data.num_workers / the data-parallel size so every reader gets documents"
+                               ) from None
 
     def data_counters(self) -> Dict[str, int]:
         """The loaders' bad-data counters summed over data-parallel ranks, non-zero ones (a collective: every
@@ -164,44 +190,54 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self, stage: Stage) -> Dict[str, Any]:
-        model, cfg = self.model, self.cfg
+        model, cfg, watch = self.model, self.cfg, self.watch
+        step = self.state.step + 1  # as logged
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # lm, aux, z loss summed over micro-batches
-        counts = None
+        counts = None  # expert counts summed over micro-batches, on the device (read at log steps only)
         sync_toggle = hasattr(model, "set_requires_gradient_sync")
-        for micro in range(stage.grad_accum):
-            batch = self._next_batch()
-            input_ids = batch["input_ids"].to(self.device, non_blocking=True)  # (B, L)
-            targets = batch["targets"].to(self.device, non_blocking=True)  # (B, L) aligned: no shift in the model
-            if sync_toggle:  # FSDP2: reduce-scatter gradients only on the last micro-batch
-                model.set_requires_gradient_sync(micro == stage.grad_accum - 1)
-            with autocast_context(self.device, cfg.train.precision):
-                out = model(input_ids, targets=targets, doc_ids=_to(batch.get("doc_ids"), self.device))
-            (out.loss / stage.grad_accum).backward()
-            lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
-            sums[0] += lm.detach().double()
-            for i, name in ((1, "aux_loss"), (2, "z_loss")):
-                value = getattr(out, name, None)
-                if value is not None:
-                    sums[i] += value.detach().double()
-            ec = getattr(out, "expert_counts", None)
-            if ec is not None:
-                counts = ec.detach().cpu() if counts is None else counts + ec.detach().cpu()
+        with watch.phase("forward and backward", step, patient=not self._compiled["train"]):
+            for micro in range(stage.grad_accum):
+                batch = self._next_batch()
+                input_ids = _to(batch["input_ids"], self.device)  # (B, L)
+                targets = _to(batch["targets"], self.device)  # (B, L) aligned: no shift in the model
+                if sync_toggle:  # FSDP2: reduce-scatter gradients only on the last micro-batch
+                    model.set_requires_gradient_sync(micro == stage.grad_accum - 1)
+                with autocast_context(self.device, cfg.train.precision):
+                    out = model(input_ids, targets=targets, doc_ids=_to(batch.get("doc_ids"), self.device))
+                (out.loss / stage.grad_accum).backward()
+                lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
+                sums[0] += lm.detach().double()
+                for i, name in ((1, "aux_loss"), (2, "z_loss")):
+                    value = getattr(out, name, None)
+                    if value is not None:
+                        sums[i] += value.detach().double()
+                ec = getattr(out, "expert_counts", None)
+                if ec is not None:
+                    counts = ec.detach().clone() if counts is None else counts + ec.detach()
+        self._compiled["train"] = True
         if self.grad_sync is not None:
-            self.grad_sync(model)
-        grad_norm = clip_grad_norm(self.params, cfg.optim.grad_clip)
-        # One all-reduce for the scalars every rank must agree on: losses (avg) and the stop flag (max).
-        stop = 1.0 if self.stop is not None and self.stop.received else 0.0
-        packed = torch.cat([sums / stage.grad_accum, sums.new_tensor([stop])])
-        reduced = all_reduce_scalars(packed, "avg").cpu()
-        loss, aux, z = reduced[:3].tolist()
-        stop_any = float(reduced[3]) > 0
-        grad_norm = float(grad_norm)
+            with watch.phase("gradient all_reduce", step):
+                self.grad_sync(model)
+        with watch.phase("gradient norm and clipping", step):
+            grad_norm = clip_grad_norm(self.params, cfg.optim.grad_clip)
+        # One all-reduce and the step's one host sync: losses averaged; the stop flag and this rank's
+        # non-finite-gradient flag averaged too (> 0 iff some rank raised it), so that every rank takes the
+        # same decisions (skip, stop) from the same numbers.
+        with watch.phase("all_reduce of the step's losses and flags", step):
+            gn = grad_norm.detach().to(device=self.device, dtype=torch.float64).reshape(1)
+            packed = torch.cat([sums / stage.grad_accum, torch.zeros(2, dtype=torch.float64, device=self.device)])
+            packed[3] = 1.0 if self.stop is not None and self.stop.received else 0.0  # a fill: no host copy
+            packed[4:] = (~torch.isfinite(gn)).double()
+            reduced = all_reduce_scalars(packed, "avg")
+            loss, aux, z, stop_avg, nonfinite_avg, grad_norm = torch.cat([reduced, gn]).cpu().tolist()
+        stop_any = stop_avg > 0
         lr = lr_at(self.state.step, cfg.optim, cfg.train.max_steps)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm) and nonfinite_avg == 0
         if finite:
             set_lr(self.optimizer, lr)
-            self.optimizer.step()
+            with watch.phase("optimizer step", step):
+                self.optimizer.step()
             self.state.nonfinite_in_a_row = 0
         else:
             self.state.skipped += 1
@@ -225,28 +261,54 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, stage: Stage) -> Optional[Dict[str, float]]:
+        """Mean validation loss over up to `train.eval_batches` batches per rank, all ranks pooled.
+
+        Validation splits give ranks different numbers of batches, and every forward pass has collectives
+        (FSDP all-gathers, EP all-to-alls, TP all-reduces): a rank that stopped early would leave the others
+        waiting forever (the first 2-GPU runs deadlocked here). So the ranks agree before each batch (one
+        all-reduce of a have-data flag, MAX): they go on while any rank has data, and a rank whose split ran
+        out runs a padding batch (all targets ignored) whose loss it does not count."""
         if self.make_eval_loader is None:
             return None
+        step, watch = self.state.step, self.watch
         self.model.eval()
         it = iter(self.make_eval_loader(stage))
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, batches
+        flag = torch.zeros(1, dtype=torch.float64, device=self.device)
         for _ in range(self.cfg.train.eval_batches):
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            with autocast_context(self.device, self.cfg.train.precision):
-                out = self.model(batch["input_ids"].to(self.device), targets=batch["targets"].to(self.device),
-                                 doc_ids=_to(batch.get("doc_ids"), self.device))
-            lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
-            total += torch.tensor([float(lm), 1.0], dtype=torch.float64)
+            batch = next(it, None)
+            with watch.phase("all_reduce of the have-data flag during evaluate", step):
+                flag.fill_(0.0 if batch is None else 1.0)
+                if all_reduce_scalars(flag, "max").item() == 0:
+                    break
+            real = batch is not None
+            if not real:
+                batch = self._padding_batch(stage)
+            with watch.phase("forward during evaluate", step, patient=not self._compiled["eval"]):
+                with autocast_context(self.device, self.cfg.train.precision):
+                    out = self.model(_to(batch["input_ids"], self.device), targets=_to(batch["targets"], self.device),
+                                     doc_ids=_to(batch.get("doc_ids"), self.device))
+            self._compiled["eval"] = True
+            if real:
+                lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
+                total[0] += lm.detach().double()
+                total[1] += 1.0
         self.model.train()
-        total = all_reduce_scalars(total.to(self.device), "sum").cpu()
+        with watch.phase("all_reduce of the validation loss during evaluate", step):
+            total = all_reduce_scalars(total, "sum").cpu()
         if total[1] == 0:
             log.warning("validation split gave no batches: no validation loss")
             return None
         val = float(total[0] / total[1])
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    def _padding_batch(self, stage: Stage) -> Dict[str, torch.Tensor]:
+        """A batch of the stage's shape whose targets are all ignored: keeps a rank in step with the others."""
+        shape = (stage.micro_batch_size, stage.seq_len)
+        batch = {"input_ids": torch.zeros(shape, dtype=torch.long), "targets": torch.full(shape, -100)}
+        if getattr(self.cfg.data, "doc_ids", False):
+            batch["doc_ids"] = torch.zeros(shape, dtype=torch.long)
+        return batch
 
     # ---- the run ------------------------------------------------------------------------------
     def fit(self) -> int:
@@ -270,19 +332,25 @@ class Trainer:
     def _fit(self, max_steps: int) -> int:
         cfg, st = self.cfg, self.state
         meter = Throughput(self.device)
+        prof_step = profile_step()  # JAMBA_PROFILE_STEP: one step under the profiler (trainer/profile.py)
         while st.step < max_steps:
             stage = self.curriculum.stage_at(st.step)
             if stage.index != self._loader_stage:
                 self._open_loader(stage, None)
             st.stage = stage.index
-            out = self.train_step(stage)
+            if st.step + 1 == prof_step:
+                with profiled(self.ckpt.root.parent / "profile", prof_step, self.world.rank, self.device):
+                    out = self.train_step(stage)
+            else:
+                out = self.train_step(stage)
             step_tokens = self.curriculum.tokens_per_step(stage, self.dp_size)
             st.step += 1
             st.tokens += step_tokens
             meter.add(step_tokens)
             last = st.step == max_steps
             if st.step % cfg.logging.log_every == 0 or last or not out["finite"]:
-                tps = meter.read()
+                with self.watch.phase("waiting for the device (metrics)", st.step):
+                    tps = meter.read()
                 record = {"step": st.step, "tokens": st.tokens, "loss": out["loss"], "lr": out["lr"],
                           "grad_norm": out["grad_norm"], "tokens_per_s": tps, "aux_loss": out["aux_loss"],
                           "z_loss": out["z_loss"], "skipped": st.skipped, "stage": stage.index,
@@ -291,7 +359,9 @@ class Trainer:
                     record["mfu"] = (self.flops_per_token(stage.seq_len) * tps
                                      / (self.peak_tflops * 1e12 * self.world.world_size))
                 record.update(moe_balance(out["expert_counts"]))
-                record.update(self.data_counters())
+                with self.watch.phase("all_reduce of the data counters (metrics)", st.step):
+                    record.update(self.data_counters())
+                record.update(alloc_retries(self.device))
                 self.metrics.log(record)
             self.metrics.advance(st.step, out["loss"])
             if cfg.train.eval_every and (st.step % cfg.train.eval_every == 0 or last):
@@ -313,4 +383,6 @@ class Trainer:
             log.error("step %d: no checkpoint during a non-finite streak (%d in a row); the newest stays %s",
                       self.state.step, self.state.nonfinite_in_a_row, self.ckpt.latest())
             return None
-        return self.ckpt.save(self.state.step, self.model, self.optimizer, asdict(self.state), self.data_state())
+        with self.watch.phase("checkpoint save", self.state.step):
+            return self.ckpt.save(self.state.step, self.model, self.optimizer, asdict(self.state),
+                                  self.data_state())

@@ -1,7 +1,8 @@
 """Metrics: metrics.jsonl, log lines, the tqdm progress bar and wandb (all on rank 0), MFU and memory.
 
 metrics.jsonl holds one JSON object per logged step: step, tokens, loss, lr, grad_norm, tokens_per_s, plus
-aux_loss, z_loss, skipped (steps), stage, seq_len, mfu (GPU), moe_load_max / moe_load_min, mem_gb, and when
+aux_loss, z_loss, skipped (steps), stage, seq_len, mfu (GPU), moe_load_max / moe_load_min, mem_gb,
+alloc_retries (CUDA caching-allocator retries: a run near its memory limit), and when
 non-zero the data counters skipped_json / skipped_utf8 / skipped_field / skipped_empty / skipped_file (bad
 documents skipped, each counted once) and split_docs; validation records carry val_loss and val_ppl. A
 resumed run moves the records of the steps it redoes to metrics.replayed.jsonl, so metrics.jsonl has each
@@ -56,6 +57,14 @@ def memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kb / 2**20
+
+
+def alloc_retries(device: torch.device) -> Dict[str, int]:
+    """CUDA caching-allocator retries so far (each frees cached blocks and synchronises the device: a run
+    near its memory limit slows down without failing); {} elsewhere."""
+    if device.type != "cuda":
+        return {}
+    return {"alloc_retries": int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))}
 
 
 def moe_balance(counts: Optional[torch.Tensor]) -> Dict[str, float]:
@@ -182,6 +191,8 @@ class MetricsLogger:
         if record.get("aux_loss") is not None:
             line += f" | aux {record['aux_loss']:.4f}"
         line += f" | mem {record['mem_gb']:.2f} GB"
+        if record.get("alloc_retries"):
+            line += f" ({record['alloc_retries']} allocator retries)"
         if record.get("skipped"):
             line += f" | skipped {record['skipped']}"
         bad = [f"{k[len('skipped_'):]} {record[k]:,}" for k in DATA_COUNTERS if k.startswith("skipped_")

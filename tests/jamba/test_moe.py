@@ -269,3 +269,20 @@ def test_gather_rows_matches_index_select(fold):
     (gr,) = torch.autograd.grad((ref * probe).sum(), src)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_experts_with_no_rows(device):
+    """An expert-parallel rank may receive no tokens: the experts return (0, H) and every weight gets a zero
+    gradient (torch._grouped_mm's backward rejects an empty input, so the CUDA bf16 path must not take it)."""
+    ex = GroupedExperts(4, 16, 32).to(device)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ex = ex.to(dtype)
+    x = torch.zeros(0, 16, device=device, dtype=dtype, requires_grad=True)
+    y = ex(x, torch.zeros(4, dtype=torch.long, device=device))
+    assert y.shape == (0, 16)
+    (y.sum() + 0.0).backward()
+    for name, p in ex.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() == 0, name

@@ -1,6 +1,7 @@
 """CPU smoke tests of launch/bench.py's machinery (tiny preset, one step). Benchmarks are not timed tests."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,14 @@ def test_kernel_families_name_both_scans_and_routing_apart():
         == "selective scan (ours / mamba-ssm)"
     assert bench.kernel_family("void at::native::radixSortKVInPlace<...>") == "MoE routing (topk/sort/scatter/index)"
     assert bench.kernel_family("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT") == "GEMM (cuBLAS/CUTLASS)"
+
+
+def test_trainer_recipe_runs_train_py_numerics():
+    """--trainer-recipe: fp32 weights (autocast on CUDA) and gradient clipping, as train.py trains on one GPU;
+    it refuses a weights dtype other than fp32."""
+    report = bench.main([*TINY, "--points", "32x2", "--trainer-recipe", "--ceiling-size", "0"])
+    (r,) = report["results"]
+    assert r["status"] == "ok" and all(math.isfinite(x) for x in r["losses"])
+    assert report["args"]["dtype"] == "fp32" and report["args"]["trainer_recipe"]
+    with pytest.raises(SystemExit):
+        bench.parse_args([*TINY, "--trainer-recipe", "--dtype", "bf16"])
