@@ -190,7 +190,7 @@ class CheckpointManager:
             self._executor.shutdown(wait=True)
             self._executor = None
         if self._stager is not None:
-            self._stager.close()
+            self._stager.release()
             self._stager = None
         if self.world.is_main:
             self._lock.release()
@@ -303,12 +303,10 @@ class CheckpointManager:
 
     def _get_stager(self):
         if self._stager is None:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            from trainer.checkpoint_staging import ReusedBufferStager
 
-            cuda = self.device_type == "cuda"
             # Kept across saves: its (pinned) CPU buffers are reused; the previous write has ended by then.
-            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+            self._stager = ReusedBufferStager(pin_memory=self.device_type == "cuda")
         return self._stager
 
     def _check_state_and_space(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer

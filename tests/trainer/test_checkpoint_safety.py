@@ -339,3 +339,24 @@ def test_async_save_on_a_signal_is_complete_when_fit_returns(tmp_path, reference
     assert tr.fit() == EXIT_PREEMPTED
     assert (d / "checkpoints" / "step_000000003" / MARKER).is_file()  # written before fit returned
     assert tr.ckpt._pending is None
+
+
+def test_staging_buffers_are_reused_and_survive_torch_closing_the_stager():
+    """torch 2.11's dcp.async_save closes the stager it was given after a save; ours keeps its CPU buffers
+    (a second save must neither fail nor allocate again) and each stage copies the current values."""
+    from trainer.checkpoint_staging import ReusedBufferStager
+
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    state = {"model": {"w": w}, "optim": {"state": {"w": {"step": torch.tensor(1.0), "exp_avg": w * 2}},
+                                          "param_groups": [{"lr": 1e-3, "params": ["w"]}]}}
+    stager = ReusedBufferStager(pin_memory=False)
+    first = stager.stage(state)
+    buf = first["model"]["w"]
+    assert buf is not w and torch.equal(buf, w)
+    stager.close()
+    w.add_(1)
+    second = stager.stage(state)
+    assert second["model"]["w"] is buf and torch.equal(buf, w)  # same buffer, new values
+    assert second["optim"]["param_groups"][0]["lr"] == 1e-3
+    state["model"]["v"] = torch.ones(4)  # another layout: new buffers
+    assert "v" in stager.stage(state)["model"]
