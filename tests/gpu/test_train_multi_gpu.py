@@ -140,6 +140,22 @@ def last_step(run_dir: Path) -> int:
     return max(by_step(records(run_dir), "loss"), default=0)
 
 
+def last_step_of_this_attempt(run_dir: Path) -> int:
+    """The newest step in metrics.jsonl alone: after a resume it holds the steps up to the checkpoint and those
+    of the running attempt (a killed attempt may have logged further before it died; those went to
+    metrics.replayed.jsonl, and on a GPU they can be far ahead of where the resumed attempt stops)."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in rec:
+            steps.append(rec["step"])
+    return max(steps, default=0)
+
+
 def redone_steps(run_dir: Path) -> List[int]:
     return sorted(s for s, rs in by_step(records(run_dir), "loss").items() if len(rs) > 1)
 
@@ -308,7 +324,7 @@ def kill_restart_then_sigterm(sc: Scenario, run_dir: Path) -> dict:
         f"restarted from step {resumed_from}; checkpoints {complete_checkpoints(run_dir)}, {ckpt_before_kill} before"
     proc.send_signal(signal.SIGTERM)  # to torchrun, as a scheduler's preemption does; it forwards it
     out = sc.finish(proc, "the run after SIGTERM")
-    stopped_at = last_step(run_dir)
+    stopped_at = last_step_of_this_attempt(run_dir)
     assert proc.returncode != 0, "torchrun ended normally after SIGTERM: the signal came too late?\n" + out[-6000:]
     assert "got SIGTERM" in out and "exit code 75" in out, out[-6000:]
     assert killed_at < sc.prof.steps and stopped_at < sc.prof.steps, \
