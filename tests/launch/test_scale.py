@@ -73,6 +73,7 @@ def test_nccl_kernel_kinds_and_shares():
     assert comm_profile.nccl_kind("ncclKernel_ReduceScatter_RING_LL_Sum_float") == "ReduceScatter"
     assert comm_profile.nccl_kind("ncclDevKernel_SendRecv(...)") == "SendRecv"
     assert comm_profile.nccl_kind("sm90_xmma_gemm_bf16bf16") is None
+    assert comm_profile.nccl_kind("nccl:all_reduce") is None  # a profiler range, not a kernel: no double count
     s = comm_profile.summarize([("ncclDevKernel_AllReduce_Sum", 6.0), ("gemm", 10.0), ("ncclDevKernel_AllGather", 2.0)],
                                wall_ms=40.0, steps=2)
     assert s["nccl_ms_per_step"] == 4.0 and s["nccl_ms_by_kind"] == {"AllReduce": 3.0, "AllGather": 1.0}
