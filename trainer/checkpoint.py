@@ -384,12 +384,14 @@ class CheckpointManager:
         done = time.perf_counter()
         if future is not None:
             self.last_save = {"step": job.step, "staged_s": job.staged_s, "written_s": done - t_write}
-            log.info("checkpoint step %d: staged in %.2f s, written in %.2f s in the background (%s)",
-                     job.step, job.staged_s, done - t_write, job.final)
+            if self.world.is_main:  # one line per checkpoint, not one per rank
+                log.info("checkpoint step %d: staged in %.2f s, written in %.2f s in the background (%s)",
+                         job.step, job.staged_s, done - t_write, job.final)
         else:
             self.last_save = {"step": job.step, "staged_s": done - job.started, "written_s": 0.0}
-            log.info("checkpoint step %d: written in %.2f s, training waited (%s)", job.step,
-                     done - job.started, job.final)
+            if self.world.is_main:
+                log.info("checkpoint step %d: written in %.2f s, training waited (%s)", job.step,
+                         done - job.started, job.final)
 
     def _prune(self) -> None:
         ckpts = self.complete()

@@ -195,8 +195,9 @@ class MetricsLogger:
             line += f" ({record['alloc_retries']} allocator retries)"
         if record.get("skipped"):
             line += f" | skipped {record['skipped']}"
+        # empty documents (the stdlib's empty __init__.py files, blank lines) are counted, not called bad data
         bad = [f"{k[len('skipped_'):]} {record[k]:,}" for k in DATA_COUNTERS if k.startswith("skipped_")
-               and record.get(k)]
+               and k != "skipped_empty" and record.get(k)]
         if bad:
             line += " | bad data skipped: " + ", ".join(bad)
         self._print(line)
