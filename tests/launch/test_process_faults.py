@@ -176,7 +176,8 @@ def test_kill9_of_the_agent_stops_the_ranks(tmp_path, reap):
     left = gone(pids, 60)
     assert not left, f"still running 60 s after kill -9 of the agent: {left}"
     stopped = max(losses(run_dir))
-    assert complete_steps(run_dir) == [stopped], (complete_steps(run_dir), stopped)
+    # the newest checkpoint is the step where they stopped (a slow machine may also pass the scheduled one at 4)
+    assert complete_steps(run_dir)[-1] == stopped, (complete_steps(run_dir), stopped)
 
 
 def test_kill9_of_the_trainer_takes_its_workers(tmp_path, reap):

@@ -34,7 +34,7 @@ CASES = [  # (overrides, world size, substrings of the one-line message)
     (["train.max_steps=1.5"], 1, ["train.max_steps=1.5", "give an integer"]),
     (["model=smal"], 1, ["model='smal' is not a model option", "did you mean 'small'?",
                          "['bench-3b', 'jamba-v0.1', 'small', 'tiny']"]),
-    (["experiment=nope"], 1, ["experiment='nope'", "['bench_3b', 'cpu_demo', 'debug']"]),
+    (["experiment=nope"], 1, ["experiment='nope'", "is not an experiment option: choose one of ['bench_3b', 'cpu_demo'"]),
     (["curriculum.stages=[{seq_len: 64, sq: 1}]"], 1, ["'sq' is not a key of StageConfig", "seq_len"]),
     (["optim.lr=[1,2"], 1, ["'optim.lr=[1,2': not a valid override"]),
     (["parallel.tp=3"], 1, ["parallel.tp=3 must divide model.num_attention_heads=4", "choose tp in [1, 2, 4]"]),
