@@ -102,7 +102,8 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> str:
         if m:
             group, value = m.group(1), m.group(2)
             options = _group_options(group)
-            return (f"{group}={value!r} is not {"an" if group[0] in "aeiou" else "a"} {group} option: {_closest(value, options)}"
+            article = "an" if group[0] in "aeiou" else "a"
+            return (f"{group}={value!r} is not {article} {group} option: {_closest(value, options)}"
                     f"choose one of {options} (files in conf/{group}/)")
         return one_line(text.split("Config search path")[0])
     cause = exc.__cause__ or exc.__context__
