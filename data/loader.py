@@ -26,7 +26,6 @@ import time
 import weakref
 from typing import Any, Dict, List, Optional
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig

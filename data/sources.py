@@ -32,9 +32,9 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from data.corpus import split_of, stdlib_files, stdlib_root
+from data.corpus import split_of, stdlib_files
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ import gc
 import json
 import logging
 import math
-import os
 import platform
 import re
 import statistics

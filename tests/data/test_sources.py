@@ -5,7 +5,6 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from data import DataConfig, SourceConfig, build_dataloader
 from data.sources import FileSource, iter_file_documents, make_source
