@@ -116,23 +116,14 @@ def _decode(raw: bytes, stats, where: str) -> Optional[str]:
 
 def iter_file_documents(path: str, *, fmt: str = "auto", text_field: str = "text", text_unit: str = "file",
                         start: int = 0, stats: Optional[Dict[str, int]] = None, offset: Optional[int] = None,
-                        with_offsets: bool = False, warn: bool = True) -> Iterator[Tuple]:
+                        with_offsets: bool = False) -> Iterator[Tuple]:
     """Yield (raw document index, text or None if skipped) from index `start` on. Never raises on bad data:
-    an unreadable file is counted as `skipped_file` and yields nothing more. warn=False: skipped documents
-    are only counted in `stats`, without warnings.
+    an unreadable file is counted as `skipped_file` and yields nothing more. Skipped documents are counted in
+    `stats` and warned about (a `Skips` holds the warnings back; `Skips(quiet=True)` only counts).
 
     with_offsets: yield (index, text, byte offset of the document in the file or None) instead; `offset`, the
     byte offset of document `start` when known, lets text and JSONL files seek there instead of scanning."""
     fmt = detect_format(path) if fmt == "auto" else fmt
-    if not warn and not isinstance(stats, Skips):  # count into a quiet Skips, then into the caller's dict
-        outer, stats = stats, Skips(quiet=True)
-        try:
-            yield from iter_file_documents(path, fmt=fmt, text_field=text_field, text_unit=text_unit, start=start,
-                                           stats=stats, offset=offset, with_offsets=with_offsets)
-        finally:
-            if outer is not None:
-                stats.keep(outer)
-        return
     try:
         if fmt == "parquet":
             it = _iter_parquet(path, text_field, start, stats)

@@ -225,13 +225,13 @@ def check_data(cfg) -> None:
 
 def _check_documents(key: str, source, files: Sequence[str]) -> None:
     """At least one usable document among the first DOC_SCAN_LIMIT raw documents of the source's files."""
-    from data.sources import iter_file_documents
+    from data.sources import Skips, iter_file_documents
 
-    stats: dict = {}
+    stats = Skips(quiet=True)  # counts only: the pre-flight's verdict is the one line below
     seen = 0
     for path in files:
         for _, text in iter_file_documents(path, fmt=source.format, text_field=source.text_field,
-                                           text_unit=source.text_unit, stats=stats, warn=False):
+                                           text_unit=source.text_unit, stats=stats):
             if text is not None:
                 return
             seen += 1
