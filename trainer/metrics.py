@@ -67,14 +67,23 @@ def alloc_retries(device: torch.device) -> Dict[str, int]:
     return {"alloc_retries": int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))}
 
 
-def moe_balance(counts: Optional[torch.Tensor]) -> Dict[str, float]:
-    """Expert load relative to the mean, worst over MoE layers: max (>= 1) and min (<= 1); 1/1 = balanced."""
+def moe_balance(counts: Optional[torch.Tensor], ep: int = 1) -> Dict[str, float]:
+    """Expert load relative to the mean, worst over MoE layers: max (>= 1) and min (<= 1); 1/1 = balanced.
+    counts: (MoE layers, experts), global over the data-parallel ranks.
+
+    With expert parallelism (ep > 1; rank r holds experts [r E/ep, (r+1) E/ep)) also `moe_rank_load_max`: the
+    busiest ep rank's routed tokens over the mean, worst layer. Every all-to-all waits for that rank's grouped
+    GEMM, so EP's step time grows with it (1.25: a quarter more expert work than a balanced split)."""
     if counts is None or counts.numel() == 0:
         return {}
     c = counts.double()
     mean = c.mean(dim=-1, keepdim=True).clamp_min(1e-9)
     rel = c / mean
-    return {"moe_load_max": rel.max().item(), "moe_load_min": rel.min().item()}
+    out = {"moe_load_max": rel.max().item(), "moe_load_min": rel.min().item()}
+    if ep > 1 and c.shape[-1] % ep == 0:
+        per_rank = c.view(*c.shape[:-1], ep, c.shape[-1] // ep).sum(-1)  # (layers, ep)
+        out["moe_rank_load_max"] = (per_rank / per_rank.mean(-1, keepdim=True).clamp_min(1e-9)).max().item()
+    return out
 
 
 def _wandb_mode(requested: str) -> str:
