@@ -136,7 +136,8 @@ class Trainer:
         with self.watch.phase("checkpoint load"):
             trainer_state, rank_state = self.ckpt.load(path, self.model, self.optimizer)
         self.state = TrainState(**{k: trainer_state[k] for k in asdict(TrainState()) if k in trainer_state})
-        expected = self.curriculum.stage_at(self.state.step).index
+        # the checkpoint records the stage of its last step (step - 1, 0-based); the next step may start a new one
+        expected = self.curriculum.stage_at(max(self.state.step - 1, 0)).index
         if expected != self.state.stage:
             log.warning("checkpoint says curriculum stage %d at step %d, the current config says stage %d; "
                         "following the config", self.state.stage, self.state.step, expected)

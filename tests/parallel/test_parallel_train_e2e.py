@@ -95,6 +95,9 @@ def test_resume_across_a_stage_switch(tmp_path, nproc, layout):
     assert first.returncode == 0, first.stderr[-5000:]
     second = _train(nproc, tmp_path / "split", *common, "train.max_steps=4")
     assert second.returncode == 0, second.stderr[-5000:]
+    # the checkpoint's stage (that of step 2) and the config agree: no warning (the 2-GPU run warned spuriously)
+    assert "checkpoint says curriculum stage" not in second.stderr + second.stdout
+    assert "resuming from" in second.stderr + second.stdout
     la = {r["step"]: (r["loss"], r["seq_len"]) for r in _records(tmp_path / "whole") if "loss" in r}
     lb = {r["step"]: (r["loss"], r["seq_len"]) for r in _records(tmp_path / "split") if "loss" in r}
     assert sorted(la) == [1, 2, 3, 4] and [la[s][1] for s in (1, 2, 3, 4)] == [32, 32, 64, 64]
