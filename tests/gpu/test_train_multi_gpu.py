@@ -15,12 +15,16 @@ One scenario per (device, layout), three launches plus torchrun's restart:
 Checked against the reference: every step is logged with the same tokens and losses (all attempts of a redone
 step), the same validation losses, and the final checkpoint holds the same step, tokens and data-loader
 position on every rank. On CPU (gloo, fp32) losses must be equal bit for bit. On GPU (NCCL, bf16 autocast)
-the order of floating-point reductions is not fixed (NCCL reduce-scatter, the scan backward's atomics), so
-losses may differ by bf16 rounding: they must agree within GPU_LOSS_RTOL, four bf16 ulps (2^-8 relative
-each), a bound chosen before any GPU run (the largest deviation is printed, run with -s, to tighten it). On GPU
-the exact checks carry the weight: tokens, step numbers and the data-loader state must be equal, so a wrong
-data position fails whatever the loss noise; the loss bound catches a resume that loses weights or optimizer
-state only if that moves the loss by more than 1.6%.
+the order of floating-point reductions is not fixed (NCCL reduce-scatter, the scan backward's atomics) and the
+small model at this learning rate amplifies the differences: on 2 H200s two *uninterrupted* runs of the same
+command differed by up to 2.5% per step within the first 30 steps and up to 11% later (tp), while 10-step means
+stayed within 3.9% and validation losses within 1.9% (tests/gpu/data/gpu_loss_noise.json holds those runs; an
+earlier bound of four bf16 ulps per step, chosen before any GPU run, failed every layout on that noise). So on
+GPU the exact checks carry the weight: steps, tokens, the learning rate of every attempt of every step and the
+data-loader state must be equal, so a wrong data position or a restarted schedule fails whatever the loss noise.
+The losses are held to `gpu_loss_mismatches`: 10-step means within 6%, each step within 20%, validation within
+4%. That catches a resume that loses the weights (the curve starts again: +50% over the window; a test below
+replays it on the measured runs), not one that only loses AdamW's moments; the CPU variant, exact, covers those.
 
     python -m pytest -q tests/gpu/test_train_multi_gpu.py -k cpu          # CPU variant (slow, part of the suite)
     source .gpu/env.sh && python3 -m pytest -m gpu -s tests/gpu/test_train_multi_gpu.py   # 2 GPUs, kernels
@@ -53,7 +57,12 @@ from tests.launch.test_e2e_train import (clean_env, complete_checkpoints, output
                                          start, worker_pids)
 
 ROOT = Path(__file__).resolve().parents[2]
-GPU_LOSS_RTOL = 4 * 2.0 ** -8  # bf16 noise on GPU (see the module docstring); CPU compares exactly
+# GPU loss bounds (module docstring): measured worst over fsdp/hsdp/tp/ep on 2 H200s, in parentheses
+GPU_WINDOW = 10  # steps per window mean
+GPU_WINDOW_RTOL = 0.06  # 10-step means (3.9%)
+GPU_STEP_RTOL = 0.20  # any single step (11%)
+GPU_VAL_RTOL = 0.04  # validation losses (1.9%)
+NOISE = Path(__file__).parent / "data" / "gpu_loss_noise.json"
 VAL_BATCHES = (3, 1)  # validation batches of data-parallel ranks 0 and 1
 EVAL_BATCHES = 5  # > max(VAL_BATCHES): every rank's validation loader runs out
 
@@ -76,10 +85,10 @@ class Profile:
 CPU = Profile("cpu", ("model=tiny", "train.device=cpu", "train.num_threads=1"), seq_len=64, micro_batch=2,
               steps=12, every=4, budget_s=300, env={"OMP_NUM_THREADS": "1"})
 # GPU: bench-3b's layer kinds at a small size (hidden 512, 8 experts top-2, 8/4 heads; 4 layers: Mamba, Mamba+MoE,
-# attention, Mamba+MoE; 47M parameters), bf16 autocast, asynchronous checkpoints (the CUDA default). Expected (not
-# yet measured): a step takes tens of milliseconds, a checkpoint (560 MB with AdamW's moments, written and
-# checksummed in the background while training goes on) a second or two; 120 steps with one every 30 keep the
-# kill, which waits for the first COMPLETE, and the SIGTERM well inside the run.
+# attention, Mamba+MoE; 47M parameters), bf16 autocast, asynchronous checkpoints (the CUDA default). Measured on
+# 2 H200s: 60-100 ms per step (20-90k tokens/s by layout), a checkpoint staged in 0.03-0.4 s and written and
+# checksummed in the background in 0.6-1.0 s, each layout's scenario 2-3 minutes; 120 steps with one every 30
+# keep the kill, which waits for the first COMPLETE, and the SIGTERM (it came at step 32) well inside the run.
 GPU = Profile("cuda", ("model=small", "model.num_hidden_layers=4", "model.attn_layer_period=4",
                        "model.attn_layer_offset=2", "model.vocab_size=2048", "train.device=cuda"),
               seq_len=512, micro_batch=4, steps=120, every=30, budget_s=240)
@@ -272,8 +281,27 @@ def worker_pid(agent_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under torchrun (pid {agent_pid})")
 
 
-def close(a: float, b: float, exact: bool) -> bool:
-    return a == b if exact else abs(a - b) <= GPU_LOSS_RTOL * max(1.0, abs(b))
+def gpu_loss_mismatches(train: Dict[int, List[float]], ref_train: Dict[int, float], val: Dict[int, float],
+                        ref_val: Dict[int, float]) -> List[str]:
+    """The GPU loss checks (module docstring). train: step -> the losses of its attempts in order (the last one is
+    the attempt the run went on from); ref_train / ref_val / val: step -> loss. Returns what is out of bounds."""
+    bad = []
+    for s, attempts in sorted(train.items()):
+        for got in attempts:
+            if abs(got - ref_train[s]) > GPU_STEP_RTOL * abs(ref_train[s]):
+                bad.append(f"step {s}: loss {got:.4f} vs reference {ref_train[s]:.4f} (> {GPU_STEP_RTOL:.0%})")
+    steps = sorted(train)
+    for i in range(0, len(steps) - GPU_WINDOW + 1, GPU_WINDOW):
+        window = steps[i:i + GPU_WINDOW]
+        got = sum(train[s][-1] for s in window) / len(window)
+        want = sum(ref_train[s] for s in window) / len(window)
+        if abs(got - want) > GPU_WINDOW_RTOL * abs(want):
+            bad.append(f"steps {window[0]}-{window[-1]}: mean loss {got:.4f} vs reference {want:.4f} "
+                       f"(> {GPU_WINDOW_RTOL:.0%})")
+    for s, got in sorted(val.items()):
+        if abs(got - ref_val[s]) > GPU_VAL_RTOL * abs(ref_val[s]):
+            bad.append(f"step {s}: validation loss {got:.4f} vs reference {ref_val[s]:.4f} (> {GPU_VAL_RTOL:.0%})")
+    return bad
 
 
 def skip_without_gpus(prof: Profile) -> None:
@@ -357,8 +385,17 @@ def assert_continues(sc: Scenario, run_dir: Path, ref: Dict[str, Dict[int, List[
             w = want[s][0]
             for r in attempts:
                 assert r["tokens"] == w["tokens"], f"step {s}: tokens {r['tokens']} != {w['tokens']}"
-                assert close(r[key], w[key], exact), f"step {s}: {key} {r[key]} != reference {w[key]}"
+                if key == "loss":  # the schedule is a function of the step: equal on every device
+                    assert r["lr"] == w["lr"], f"step {s}: lr {r['lr']} != reference {w['lr']}"
+                if exact:
+                    assert r[key] == w[key], f"step {s}: {key} {r[key]} != reference {w[key]}"
                 worst = max(worst, abs(r[key] - w[key]) / abs(w[key]))
+    if not exact:
+        bad = gpu_loss_mismatches({s: [r["loss"] for r in a] for s, a in train.items()},
+                                  {s: a[0]["loss"] for s, a in ref["train"].items()},
+                                  {s: a[-1]["val_loss"] for s, a in val.items()},
+                                  {s: a[0]["val_loss"] for s, a in ref["val"].items()})
+        assert not bad, "the resumed run does not continue the reference:\n" + "\n".join(bad)
     final, ref_final = (d / "checkpoints" / f"step_{steps:09d}" for d in (run_dir, sc.tmp / "ref"))
     state, ref_state = (json.loads((d / "trainer.json").read_text()) for d in (final, ref_final))
     assert (state["step"], state["tokens"]) == (ref_state["step"], ref_state["tokens"]) == (steps, steps * sc.tokens)
@@ -380,4 +417,27 @@ def test_train_kill_restart_sigterm_resume(tmp_path, reap, prof, layout, compile
     print(f"\n{prof.device}-{layout}{'-compiled' if compiled else ''}: reference {t_ref:.0f} s, scenario "
           f"{time.monotonic() - t0:.0f} s; rank {sc.victim} killed after step {when['killed_at']}, restarted from "
           f"{when['resumed_from']}, SIGTERM stopped at {when['stopped_at']}; largest relative loss deviation "
-          f"{worst:.2e} (limit {f'{GPU_LOSS_RTOL:.2e}' if prof.device == 'cuda' else '0'})")
+          f"{worst:.2e} ({'bounds: gpu_loss_mismatches' if prof.device == 'cuda' else 'must be 0'})")
+
+
+# ---- the GPU loss bounds against measured runs (CPU, fast) ---------------------------------------------
+def _measured(layout: str):
+    lay = json.loads(NOISE.read_text())["layouts"][layout]
+    ref = {s: loss for s, _, loss, _ in lay["ref"]["train"]}
+    run: Dict[int, List[float]] = {}
+    for s, _, loss, _ in lay["run"]["train"]:
+        run.setdefault(s, []).append(loss)
+    return ref, run, dict(map(tuple, lay["ref"]["val"])), dict(map(tuple, lay["run"]["val"]))
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "hsdp", "tp", "ep"])
+def test_gpu_loss_bounds_accept_measured_gpu_noise_and_reject_a_lost_resume(layout):
+    """The bounds pass the kill / SIGTERM / resume runs measured on 2 H200s against their references (their
+    exact checks passed there too), and fail the same run with the weights lost at the SIGTERM resume (step 32):
+    its steps from 33 on are replaced by the reference's curve from step 1, what a resume from scratch logs."""
+    ref, run, ref_val, val = _measured(layout)
+    assert gpu_loss_mismatches(run, ref, val, ref_val) == []
+    lost = dict(run)
+    for s in range(33, max(run) + 1):
+        lost[s] = [ref[s - 32]]
+    assert gpu_loss_mismatches(lost, ref, val, ref_val), "a resume that lost the weights passed the bounds"
