@@ -7,7 +7,8 @@
 
 Every configuration is its own `torchrun --standalone --nproc_per_node N train.py ...` with the same model,
 sequence length and micro-batch per data-parallel rank (global batch = seq x micro-batch x dp size, so no
-gradient accumulation), `--steps` optimizer steps at experiment=bench_3b's learning rate, no validation and no
+gradient accumulation), `--steps` optimizer steps at a constant `--lr` (3e-5, a real run's early rate: a fast warm-up to bench_3b's 6e-4
+collapsed the MoE routing within 8 steps and made EP wait on one rank), no validation and no
 checkpoint. tokens/s comes from the
 run's metrics.jsonl: the trainer logs every `--log-every` steps the tokens/s since its previous record, so the
 records after `--warmup` steps (compilation, allocator warm-up, the loader's first fill) are combined into
@@ -82,6 +83,7 @@ class Result:
     step_ms: Optional[float] = None
     peak_gib: Optional[float] = None
     loss_last: Optional[float] = None
+    moe_rank_load_max: Optional[float] = None  # worst over the timed records (EP only)
     wall_s: Optional[float] = None
     comm: Optional[dict] = None
     run_dir: str = ""
@@ -121,8 +123,10 @@ def timed_throughput(records: Sequence[dict], warmup: int) -> dict:
     if not steps:
         raise ValueError(f"no training record after the {warmup} warm-up steps (steps logged: "
                          f"{[r['step'] for r in train]}); raise --steps or lower --warmup / --log-every")
+    loads = [r["moe_rank_load_max"] for r in train if r["step"] > warmup and "moe_rank_load_max" in r]
     return {"tokens_per_s": tokens / secs, "timed_steps": steps, "step_ms": 1e3 * secs / steps,
-            "peak_gib": max((r.get("mem_gb") or 0.0) for r in train) or None, "loss_last": train[-1]["loss"]}
+            "peak_gib": max((r.get("mem_gb") or 0.0) for r in train) or None, "loss_last": train[-1]["loss"],
+            "moe_rank_load_max": max(loads) if loads else None}
 
 
 def fill(res: Result, tp: dict, lay: Layout, flops_per_token: Optional[float], ceiling: Optional[float],
@@ -132,6 +136,7 @@ def fill(res: Result, tp: dict, lay: Layout, flops_per_token: Optional[float], c
     res.tokens_per_s_per_gpu = tp["tokens_per_s"] / lay.gpus
     res.timed_steps, res.step_ms, res.peak_gib, res.loss_last = (tp["timed_steps"], tp["step_ms"], tp["peak_gib"],
                                                                  tp["loss_last"])
+    res.moe_rank_load_max = tp.get("moe_rank_load_max")
     if baseline:
         res.efficiency = res.tokens_per_s_per_gpu / baseline
     if flops_per_token and ceiling:
@@ -150,8 +155,8 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
              f"warm-up; MFU against a measured {meta['dtype']} matmul ceiling of "
              f"{_f(meta['ceiling_tflops'], '.1f')} TFLOP/s ({meta.get('gpu') or meta['device']})", "",
              "| layout | GPUs | tokens/s | tokens/s per GPU | vs 1 GPU | MFU | step ms | peak GiB | NCCL share of step "
-             "|",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| EP rank load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         comm = "-"
         if r.comm:
@@ -160,7 +165,8 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
         status = "" if r.status == "ok" else f" **{r.status}**"
         lines.append(f"| {r.layout}{status} | {r.gpus} | {_f(r.tokens_per_s, ',.0f')} | "
                      f"{_f(r.tokens_per_s_per_gpu, ',.0f')} | {_f(r.efficiency, '.1f', 100, '%')} | "
-                     f"{_f(r.mfu, '.1f', 100, '%')} | {_f(r.step_ms, '.0f')} | {_f(r.peak_gib, '.1f')} | {comm} |")
+                     f"{_f(r.mfu, '.1f', 100, '%')} | {_f(r.step_ms, '.0f')} | {_f(r.peak_gib, '.1f')} | {comm} | "
+                     f"{_f(r.moe_rank_load_max, '.2f')} |")
     return "\n".join(lines)
 
 
@@ -169,7 +175,7 @@ def train_overrides(args: argparse.Namespace, lay: Layout, run_dir: Path) -> Lis
     return [f"hydra.run.dir={run_dir}", f"model={args.preset}", *lay.overrides, f"train.device={args.device}",
             f"train.max_steps={args.steps}", f"train.global_batch_tokens={args.seq * args.micro_batch * lay.dp}",
             f"curriculum.stages=[{{seq_len: {args.seq}, micro_batch_size: {args.micro_batch}}}]",
-            "optim.lr=6e-4", f"optim.warmup_steps={min(args.steps, 2)}", f"train.compile={str(args.compile).lower()}",
+            f"optim.lr={args.lr}", "optim.schedule=constant", "optim.warmup_steps=0", f"train.compile={str(args.compile).lower()}",
             "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=false",
             f"logging.log_every={args.log_every}", "logging.progress_bar=false", "logging.wandb.mode=disabled",
             *args.set]
@@ -331,6 +337,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="train.compile=true (the first steps compile: raise --warmup)")
     p.add_argument("--comm-profile", default="tp",
                    help="layouts whose NCCL share is profiled in an extra short run ('none' to skip; default tp)")
+    p.add_argument("--lr", type=float, default=3e-5,
+                   help="constant learning rate (default 3e-5: experiment=bench_3b's 6e-4 ten steps into its 200-step "
+                        "warm-up, as a real run's first steps). A 2-step warm-up to 6e-4 collapsed bench-3b's routing "
+                        "within 8 steps (one EP rank got every token of a layer), which measures EP at a balance no "
+                        "real run has; the EP rank load column shows the balance each figure was measured at")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--profile-warmup", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

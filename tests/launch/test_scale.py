@@ -32,6 +32,11 @@ def test_timed_throughput_is_tokens_over_time_after_warmup():
     assert tp["step_ms"] == pytest.approx(1e3 * (2.0 + 0.5) / 4)
     assert tp["peak_gib"] == 3.0 and tp["loss_last"] == 7.0
     assert scale.timed_throughput(_records([1.0, 100.0]), warmup=0)["timed_steps"] == 4
+    assert tp["moe_rank_load_max"] is None  # no EP records
+    recs = _records([1.0, 100.0, 400.0])
+    for r, load in zip(recs, (2.0, 1.3, 1.1)):  # the warm-up record's 2.0 is not a timed one
+        r["moe_rank_load_max"] = load
+    assert scale.timed_throughput(recs, warmup=2)["moe_rank_load_max"] == 1.3
     with pytest.raises(ValueError, match="no training record after the 6 warm-up steps"):
         scale.timed_throughput(_records([1.0, 100.0, 400.0]), warmup=6)
 
@@ -46,7 +51,7 @@ def test_fill_efficiency_and_mfu():
     table = scale.markdown([res, scale.Result("tp", 2, status="exit 1")],
                            {"preset": "tiny", "seq": 64, "micro_batch": 2, "compile": False, "timed": 8,
                             "warmup": 4, "dtype": "bf16", "ceiling_tflops": 500.0, "device": "cpu"})
-    assert "| fsdp | 2 | 180 | 90 | 90.0% | 18.0% | 10 | 1.0 | - |" in table
+    assert "| fsdp | 2 | 180 | 90 | 90.0% | 18.0% | 10 | 1.0 | - | - |" in table
     assert "| tp **exit 1** | 2 | - |" in table
 
 
@@ -60,6 +65,7 @@ def test_layouts_and_arguments():
     assert args.layouts == ["single", "tp"] and args.comm_profile == ["tp"] and args.ceiling_size == 0
     over = scale.train_overrides(args, scale.layout("tp", 2), Path("/x"))
     assert "train.global_batch_tokens=16384" in over and "checkpoint.save_final=false" in over
+    assert "optim.lr=3e-05" in over and "optim.schedule=constant" in over  # a real run's early LR (--lr)
     cmds = scale.main(["--dry-run", "--layouts", "single,ep"])["commands"]
     assert [c[4] for c in cmds] == ["--nproc_per_node=1", "--nproc_per_node=2"] and "parallel.ep=2" in cmds[1]
     for bad in (["--log-every", "3"], ["--warmup", "12"], ["--layouts", "single,zero"], ["--gpus", "3"]):
