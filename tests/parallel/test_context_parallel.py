@@ -14,8 +14,6 @@ parameters after 3 AdamW steps (norms, RoPE and the losses accumulate in float64
 FSDP on CPU keeps the parameters' dtype).
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,9 +21,9 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 import cp_worker  # noqa: E402
+from torchrun_worker import run_worker  # noqa: E402
 
 LAYOUTS_2 = ["cp=2+doc=1+compile=aot_eager", "cp=2+kv=1"]
 BROKEN = "cp=2+broken=1"  # run with the 2-process layouts, checked to fail
@@ -36,21 +34,13 @@ TOL = 1e-10
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _torchrun(nproc: int, out: Path, layouts) -> dict:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / "cp_worker.py"), f"out={out}", "layouts=" + ",".join(layouts), "dtype=float64"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=560)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return torch.load(out)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp")
-    results = _torchrun(2, tmp / "w2.pt", LAYOUTS_2 + [BROKEN])
-    results.update(_torchrun(4, tmp / "w4.pt", LAYOUTS_4))
+    results = run_worker("cp_worker.py", 2, tmp / "w2.pt", "layouts=" + ",".join(LAYOUTS_2 + [BROKEN]),
+                         "dtype=float64", timeout=560)
+    results.update(run_worker("cp_worker.py", 4, tmp / "w4.pt", "layouts=" + ",".join(LAYOUTS_4), "dtype=float64",
+                              timeout=560))
     torch.set_num_threads(1)
     refs = {spec: cp_worker.reference(spec, torch.float64) for spec in LAYOUTS_2 + LAYOUTS_4 + [BROKEN]}
     return results, refs

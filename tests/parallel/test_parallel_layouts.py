@@ -18,8 +18,6 @@ through the same amplification stays below 1e-13 (measured: at most 2e-14 over e
 5e-7 relative) and requires the same checks to reject it.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,9 +25,9 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
 import dist_worker  # noqa: E402
+from torchrun_worker import run_worker  # noqa: E402
 
 SP = "+sequence_parallel=true"
 BROKEN = "dp_shard=2+fault=1e-6"  # rank 0 scales its loss by 1 + 1e-6: must fail the checks
@@ -42,22 +40,14 @@ TOL = 1e-9
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
-def _torchrun(nproc: int, out: Path, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / "dist_worker.py"), f"out={out}", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return torch.load(out)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
-    results = _torchrun(2, tmp / "w2.pt", "layouts=" + ",".join(LAYOUTS_2 + [BROKEN]))
-    results.update(_torchrun(4, tmp / "w4.pt", "layouts=" + ",".join(LAYOUTS_4), f"reshard={tmp / 'ckpt'}",
-                             "reshard_layouts=" + ",".join(RESHARD), f"init={INIT}"))
+    results = run_worker("dist_worker.py", 2, tmp / "w2.pt", "layouts=" + ",".join(LAYOUTS_2 + [BROKEN]),
+                         timeout=400)
+    results.update(run_worker("dist_worker.py", 4, tmp / "w4.pt", "layouts=" + ",".join(LAYOUTS_4),
+                              f"reshard={tmp / 'ckpt'}", "reshard_layouts=" + ",".join(RESHARD), f"init={INIT}",
+                              timeout=400))
     torch.set_num_threads(1)
     refs = {"": dist_worker.reference({}), "kv=1": dist_worker.reference({"num_key_value_heads": 1})}
     return results, refs
