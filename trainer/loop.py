@@ -359,7 +359,7 @@ class Trainer:
                 if self.flops_per_token is not None and self.peak_tflops:
                     record["mfu"] = (self.flops_per_token(stage.seq_len) * tps
                                      / (self.peak_tflops * 1e12 * self.world.world_size))
-                record.update(moe_balance(out["expert_counts"], cfg.parallel.ep))
+                record.update(moe_balance(out["expert_counts"], cfg.parallel.ep if cfg.parallel is not None else 1))
                 with self.watch.phase("all_reduce of the data counters (metrics)", st.step):
                     record.update(self.data_counters())
                 record.update(alloc_retries(self.device))
