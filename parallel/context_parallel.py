@@ -26,7 +26,8 @@ Per layer kind (the model code is unchanged; its mixers expose seams that this m
               mask, RoPE positions, GQA) runs on the whole sequence for its heads; all-to-all back; o_proj.
               kv heads: sharded when cp divides them, repeated to cp heads when cp is a multiple of them.
               Where cp does not divide the (local) query heads: all-gather of K and V along the sequence
-              (each rank attends its own queries to all keys, an explicit (L/cp, L) mask)
+              (each rank attends its own queries to the keys up to its last one: a lower-right causal bias,
+              not materialised; with document masking an explicit (L/cp, keys) mask)
     MoE / MLP per token: unchanged (EP, TP compose). Router statistics are all-reduced over "dp_cp"
               (parallel/expert_parallel.py), so the load-balancing and z losses are the global ones.
     loss      each rank's chunked CE over its tokens, rescaled by (its valid tokens) * cp / (the cp group's
@@ -273,23 +274,31 @@ def apply_cp_attention(attn: nn.Module, cp: _Cp) -> None:
 
 
 def _allgather_kv_attend(attn: nn.Module, q, k, v, doc_ids, cp: _Cp) -> torch.Tensor:
-    """This rank's queries against the whole sequence's keys (gathered), with an explicit (L/cp, L)
-    causal / document mask. Exact for any head count; memory and causal work are not balanced (the last
-    rank does the most), so it is the fallback where Ulysses cannot split the heads."""
+    """This rank's queries against the keys of the whole sequence up to its last query (gathered). Exact for
+    any head count; the causal work is not balanced (rank c attends to (c + 1) L / cp keys, the last rank does
+    the most), so it is the fallback where Ulysses cannot split the heads.
+
+    Causal: SDPA with a lower-right causal bias (query t of [off, off + Ls) sees keys <= t), which the CUDA
+    memory-efficient kernel applies without materialising a mask, so it runs at any length. With document
+    masking: an explicit (Ls, off + Ls) mask per row (ParallelDims caps the length for that case)."""
     from jamba.attention import apply_rope, rope_cos_sin
 
     Ls, hd = q.shape[2], q.shape[3]
     L, off = Ls * cp.n, Ls * cp.rank
+    end = off + Ls  # keys after this rank's last query are masked for all of its queries: not computed
     if attn.cfg.use_rope:  # global positions: this rank's queries and keys sit at [off, off + Ls)
         cos, sin = rope_cos_sin(L, hd, attn.cfg.rope_theta, q.device)
-        cos, sin = cos[off:off + Ls], sin[off:off + Ls]
+        cos, sin = cos[off:end], sin[off:end]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = (_GatherSeq.apply(t, 2, cp.group, cp.n, cp.rank) for t in (k, v))  # (B, nkv, L, hd)
-    pos = torch.arange(L, device=q.device)
-    mask = pos[None, :] <= pos[off:off + Ls, None]  # (Ls, L): key s <= query t
+    k, v = (_GatherSeq.apply(t, 2, cp.group, cp.n, cp.rank)[:, :, :end] for t in (k, v))  # (B, nkv, end, hd)
     if attn.cfg.document_masking and doc_ids is not None:
-        mask = mask & (doc_ids[:, off:off + Ls, None] == doc_ids[:, None, :])  # (B, Ls, L)
-        mask = mask[:, None]
+        pos = torch.arange(end, device=q.device)
+        mask = pos[None, :] <= pos[off:, None]  # (Ls, end): key s <= query t
+        mask = (mask & (doc_ids[:, off:end, None] == doc_ids[:, None, :end]))[:, None]  # (B, 1, Ls, end)
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(Ls, end)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

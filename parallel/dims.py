@@ -48,7 +48,8 @@ def ulysses_heads(num_q: int, num_kv: int, cp: int) -> Optional[str]:
     return "repeat" if cp % num_kv == 0 else None
 
 
-# Longest sequence for the all-gather-K/V attention fallback: its dense mask is (L / cp) x L per row.
+# Longest sequence for the all-gather-K/V attention fallback with document masking: its explicit mask is up to
+# (L / cp) x L per row (without document masking the causal bias is not materialised: no limit).
 ALLGATHER_KV_MAX_SEQ = 32768
 
 
@@ -162,15 +163,17 @@ class ParallelDims:
                               f"(Mamba-2 would need the all-to-all by heads or state passing through the SSD "
                               f"kernel's initial states)")
         nq, kv = m.num_attention_heads // tp, max(m.num_key_value_heads // tp, 1)  # TP-local heads
-        if any(s.mixer == "attention" for s in m.layer_specs()) and ulysses_heads(nq, kv, cp) is None:
+        allgather = any(s.mixer == "attention" for s in m.layer_specs()) and ulysses_heads(nq, kv, cp) is None
+        if allgather and m.document_masking:
             too_long = [L for L in self.seq_lens if L > ALLGATHER_KV_MAX_SEQ]
             if too_long:
                 valid = [c for c in range(2, 65) if ulysses_heads(nq, kv, c) is not None]
                 raise ConfigError(
                     f"parallel.cp={cp} does not divide the {nq} query heads per TP rank (model.num_attention_heads="
-                    f"{m.num_attention_heads} / tp={tp}), so attention would all-gather K/V with a dense "
-                    f"(L/cp x L) mask, too large at sequence length {max(too_long)} (limit {ALLGATHER_KV_MAX_SEQ}); "
-                    f"choose cp in {valid} or a smaller tp")
+                    f"{m.num_attention_heads} / tp={tp}), so attention would all-gather K/V, and with "
+                    f"model.document_masking=true through a dense (L/cp x L) mask, too large at sequence length "
+                    f"{max(too_long)} (limit {ALLGATHER_KV_MAX_SEQ}); choose cp in {valid}, a smaller tp, or "
+                    f"model.document_masking=false")
         if has_mamba and m.d_inner % (tp * cp):
             valid = _divisors(m.d_inner // tp, 1024) if m.d_inner % tp == 0 else [1]
             raise ConfigError(f"parallel.cp={cp}: d_inner (model.mamba_expand * model.hidden_size = {m.d_inner}) must "

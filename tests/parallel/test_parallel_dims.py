@@ -96,11 +96,14 @@ def test_context_parallel_layouts():
         dims(256, cp=128, tp=2)
     with pytest.raises(ConfigError, match=r"Mamba-1 mixers only, not model.mamba_mixer='mamba2'"):
         ParallelDims(ParallelConfig(cp=2), world_size=2, model=get_preset("tiny", mamba_mixer="mamba2"))
-    # jamba-v0.1 (32 heads, 8 kv): tp=8 leaves 4 heads per rank, which cp=8 cannot split (Ulysses); at 1M
-    # tokens the all-gather-K/V fallback's mask would not fit, so the layout is refused with the fix
+    # jamba-v0.1 (32 heads, 8 kv): tp=8 leaves 4 heads per rank, which cp=8 cannot split (Ulysses), so attention
+    # all-gathers K/V: at 1M tokens with document masking its explicit mask would not fit, so that is refused
+    # with the fix; causal attention (the default) uses an unmaterialised bias and runs at any length
     jamba = get_preset("jamba-v0.1")
+    jamba_docs = get_preset("jamba-v0.1", document_masking=True)
     with pytest.raises(ConfigError, match=r"cp=8 does not divide the 4 query heads per TP rank .* choose cp in "
-                                          r"\[2, 4\] or a smaller tp"):
-        ParallelDims(ParallelConfig(cp=8, tp=8), world_size=64, model=jamba, seq_len=[4096, 1048576])
-    ParallelDims(ParallelConfig(cp=8, tp=4), world_size=64, model=jamba, seq_len=[4096, 1048576])
-    ParallelDims(ParallelConfig(cp=8, tp=8), world_size=64, model=jamba, seq_len=4096)  # short: fallback is fine
+                                          r"\[2, 4\], a smaller tp, or model.document_masking=false"):
+        ParallelDims(ParallelConfig(cp=8, tp=8), world_size=64, model=jamba_docs, seq_len=[4096, 1048576])
+    ParallelDims(ParallelConfig(cp=8, tp=8), world_size=64, model=jamba, seq_len=[4096, 1048576])
+    ParallelDims(ParallelConfig(cp=8, tp=4), world_size=64, model=jamba_docs, seq_len=[4096, 1048576])
+    ParallelDims(ParallelConfig(cp=8, tp=8), world_size=64, model=jamba_docs, seq_len=4096)  # short: mask is fine
