@@ -8,11 +8,11 @@ of a training step, for a model preset at one sequence length split over `--cp` 
     torchrun --standalone --nproc_per_node 2 launch/bench_cp.py --device cpu --preset tiny --cp 2 --seq 64 --steps 2
 
 Every rank builds the model from the same seed, applies the layout of `parallel/` (cp x FSDP over the
-remaining ranks, bf16 parameters, fp32 reductions, as train.py does on CUDA), and trains `--warmup` untimed
-then `--steps` timed steps (forward with loss, backward, AdamW) on one random batch of `--batch` rows per
-data-parallel rank; the cp ranks of a row hold seq / cp tokens each. Reported (rank 0 prints, `--json`
-writes): tokens/s of the whole job, tokens/s per GPU, the step time, every rank's peak allocated memory and,
-with `--profile`, one more step under torch.profiler: device time of the NCCL kernels by collective
+remaining ranks: fp32 weights and AdamW states, bf16 compute copies, fp32 reductions, as train.py does on CUDA;
+on one rank nothing shards the fp32 states, 45 GiB for bench-3b), and trains `--warmup` untimed then `--steps`
+timed steps (forward with loss, backward, AdamW) on one random batch of `--batch` rows per data-parallel rank;
+the cp ranks of a row hold seq / cp tokens each. Reported (rank 0 prints, `--json` writes): tokens/s of the
+whole job, tokens/s per GPU, the step time, every rank's peak allocated memory and, with `--profile`, one more step under torch.profiler: device time of the NCCL kernels by collective
 (all-to-all = SendRecv: context parallelism's exchanges; AllReduce: x_proj's sums and the loss / router
 statistics; AllGather / ReduceScatter: FSDP) as a share of the step's wall time. Also the bytes each rank
 sent through context parallelism's collectives per step (counted) next to the model's prediction
@@ -172,6 +172,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         peaks = [torch.zeros_like(peak) for _ in range(world)]
         dist.all_gather(peaks, peak)
         result = {"preset": args.preset, "cp": args.cp, "world": world, "dims": str(dims), "seq_len": args.seq,
+                  # fp32 weights and AdamW states, bf16 compute (train.py's recipe): FSDP2 shards them over
+                  # dp_shard x cp when world > 1; one rank holds them whole (launch.plan --weights fp32-master)
+                  "weights": "fp32-master", "states_sharded_over": world if world > 1 else 1,
                   "batch_per_dp_rank": args.batch, "ac": args.ac, "overrides": dict(args.override),
                   "compile": args.compile, "step_ms_median": step_s * 1e3, "step_ms": [s * 1e3 for s in secs],
                   "tokens_per_s": tokens / step_s, "tokens_per_s_per_gpu": tokens / step_s / world,

@@ -23,6 +23,7 @@ def test_bench_cp_cpu_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["cp"] == 2 and "cp=2" in res["dims"] and len(res["step_ms"]) == 2
+    assert res["weights"] == "fp32-master" and res["states_sharded_over"] == 2  # what launch.plan is told
     assert res["tokens_per_s"] == pytest.approx(96 / (res["step_ms_median"] / 1e3))
     assert len(res["peak_alloc_gib_per_rank"]) == 2 and len(res["losses"]) == 3
     assert res["losses"][-1] < res["losses"][0]  # it trains (same batch every step)
