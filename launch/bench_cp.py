@@ -12,7 +12,8 @@ remaining ranks: fp32 weights and AdamW states, bf16 compute copies, fp32 reduct
 on one rank nothing shards the fp32 states, 45 GiB for bench-3b), and trains `--warmup` untimed then `--steps`
 timed steps (forward with loss, backward, AdamW) on one random batch of `--batch` rows per data-parallel rank;
 the cp ranks of a row hold seq / cp tokens each. Reported (rank 0 prints, `--json` writes): tokens/s of the
-whole job, tokens/s per GPU, the step time, every rank's peak allocated memory and, with `--profile`, one more step under torch.profiler: device time of the NCCL kernels by collective
+whole job, tokens/s per GPU, the step time, every rank's peak allocated memory and, with `--profile`, one
+more step under torch.profiler: device time of the NCCL kernels by collective
 (all-to-all = SendRecv: context parallelism's exchanges; AllReduce: x_proj's sums and the loss / router
 statistics; AllGather / ReduceScatter: FSDP) as a share of the step's wall time. Also the bytes each rank
 sent through context parallelism's collectives per step (counted) next to the model's prediction

@@ -7,8 +7,9 @@
 
 Every configuration is its own `torchrun --standalone --nproc_per_node N train.py ...` with the same model,
 sequence length and micro-batch per data-parallel rank (global batch = seq x micro-batch x dp size, so no
-gradient accumulation), `--steps` optimizer steps at a constant `--lr` (3e-5, a real run's early rate: a fast warm-up to bench_3b's 6e-4
-collapsed the MoE routing within 8 steps and made EP wait on one rank), no validation and no
+gradient accumulation), `--steps` optimizer steps at a constant `--lr` (3e-5, a real run's early rate: a
+fast warm-up to bench_3b's 6e-4 collapsed the MoE routing within 8 steps and made EP wait on one rank), no
+validation and no
 checkpoint. tokens/s comes from the
 run's metrics.jsonl: the trainer logs every `--log-every` steps the tokens/s since its previous record, so the
 records after `--warmup` steps (compilation, allocator warm-up, the loader's first fill) are combined into
@@ -175,7 +176,8 @@ def train_overrides(args: argparse.Namespace, lay: Layout, run_dir: Path) -> Lis
     return [f"hydra.run.dir={run_dir}", f"model={args.preset}", *lay.overrides, f"train.device={args.device}",
             f"train.max_steps={args.steps}", f"train.global_batch_tokens={args.seq * args.micro_batch * lay.dp}",
             f"curriculum.stages=[{{seq_len: {args.seq}, micro_batch_size: {args.micro_batch}}}]",
-            f"optim.lr={args.lr}", "optim.schedule=constant", "optim.warmup_steps=0", f"train.compile={str(args.compile).lower()}",
+            f"optim.lr={args.lr}", "optim.schedule=constant", "optim.warmup_steps=0",
+            f"train.compile={str(args.compile).lower()}",
             "train.eval_every=0", "checkpoint.every=0", "checkpoint.save_final=false", "checkpoint.resume=false",
             f"logging.log_every={args.log_every}", "logging.progress_bar=false", "logging.wandb.mode=disabled",
             *args.set]
