@@ -329,6 +329,8 @@ def reference_run(sc: Scenario) -> Dict[str, Dict[int, List[dict]]]:
     assert [r[0]["tokens"] for r in train.values()] == [s * sc.tokens for s in range(1, steps + 1)]
     for (r,) in train.values():
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]), r
+        if sc.layout == "ep":  # the busiest EP rank's load, what EP's all-to-alls wait for (trainer/metrics.py)
+            assert 1.0 <= r["moe_rank_load_max"] <= 2.0, r
     assert train[steps][0]["loss"] < train[1][0]["loss"] - 0.1, "the reference does not train"
     assert sorted(val) == list(range(every, steps + 1, every)), f"validation steps: {sorted(val)}"
     assert all(math.isfinite(v[0]["val_loss"]) for v in val.values()), val
