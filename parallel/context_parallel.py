@@ -26,8 +26,9 @@ Per layer kind (the model code is unchanged; its mixers expose seams that this m
               mask, RoPE positions, GQA) runs on the whole sequence for its heads; all-to-all back; o_proj.
               kv heads: sharded when cp divides them, repeated to cp heads when cp is a multiple of them.
               Where cp does not divide the (local) query heads: all-gather of K and V along the sequence
-              (each rank attends its own queries to the keys up to its last one: a lower-right causal bias,
-              not materialised; with document masking an explicit (L/cp, keys) mask)
+              (queries against the keys up to the last of them: a lower-right causal bias, not materialised;
+              with document masking an explicit mask), causally load-balanced by pairing rank c with
+              cp - 1 - c: each computes the second half of its partner's queries
     MoE / MLP per token: unchanged (EP, TP compose). Router statistics are all-reduced over "dp_cp"
               (parallel/expert_parallel.py), so the load-balancing and z losses are the global ones.
     loss      each rank's chunked CE over its tokens, rescaled by (its valid tokens) * cp / (the cp group's
@@ -273,36 +274,78 @@ def apply_cp_attention(attn: nn.Module, cp: _Cp) -> None:
     attn._attend = cp_attend
 
 
-def _allgather_kv_attend(attn: nn.Module, q, k, v, doc_ids, cp: _Cp) -> torch.Tensor:
-    """This rank's queries against the keys of the whole sequence up to its last query (gathered). Exact for
-    any head count; the causal work is not balanced (rank c attends to (c + 1) L / cp keys, the last rank does
-    the most), so it is the fallback where Ulysses cannot split the heads.
+class _Swap(torch.autograd.Function):
+    """fwd: exchange x with one peer of the group (a pairwise send / receive; same shape on both sides).
+    bwd: the gradient goes back the same way."""
 
-    Causal: SDPA with a lower-right causal bias (query t of [off, off + Ls) sees keys <= t), which the CUDA
-    memory-efficient kernel applies without materialising a mask, so it runs at any length. With document
-    masking: an explicit (Ls, off + Ls) mask per row (ParallelDims caps the length for that case)."""
-    from jamba.attention import apply_rope, rope_cos_sin
+    @staticmethod
+    def forward(ctx, x, group, peer: int):
+        ctx.args = (group, peer)
+        return _swap(x, group, peer)
 
-    Ls, hd = q.shape[2], q.shape[3]
-    L, off = Ls * cp.n, Ls * cp.rank
-    end = off + Ls  # keys after this rank's last query are masked for all of its queries: not computed
-    if attn.cfg.use_rope:  # global positions: this rank's queries and keys sit at [off, off + Ls)
-        cos, sin = rope_cos_sin(L, hd, attn.cfg.rope_theta, q.device)
-        cos, sin = cos[off:end], sin[off:end]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k, v = (_GatherSeq.apply(t, 2, cp.group, cp.n, cp.rank)[:, :, :end] for t in (k, v))  # (B, nkv, end, hd)
+    @staticmethod
+    def backward(ctx, g):
+        group, peer = ctx.args
+        return _swap(g, group, peer), None, None
+
+
+def _swap(x: torch.Tensor, group, peer: int) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    peer = dist.get_global_rank(group, peer)
+    for req in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer, group),
+                                       dist.P2POp(dist.irecv, out, peer, group)]):
+        req.wait()
+    return out
+
+
+def _attend_block(attn: nn.Module, q, k, v, doc_ids, start: int) -> torch.Tensor:
+    """Queries at global positions [start, start + n) against the keys [0, start + n) of the gathered k, v
+    (keys after the last query are masked for all of them: not computed). Causal: a lower-right causal bias,
+    which the CUDA memory-efficient kernel applies without materialising a mask; document masking: an explicit
+    (n, start + n) mask per row (ParallelDims caps the length for that case)."""
+    n = q.shape[2]
+    end = start + n
+    k, v = k[:, :, :end], v[:, :, :end]
     if attn.cfg.document_masking and doc_ids is not None:
         pos = torch.arange(end, device=q.device)
-        mask = pos[None, :] <= pos[off:, None]  # (Ls, end): key s <= query t
-        mask = (mask & (doc_ids[:, off:end, None] == doc_ids[:, None, :end]))[:, None]  # (B, 1, Ls, end)
+        mask = pos[None, :] <= pos[start:, None]  # (n, end): key s <= query t
+        mask = (mask & (doc_ids[:, start:end, None] == doc_ids[:, None, :end]))[:, None]  # (B, 1, n, end)
     else:
         from torch.nn.attention.bias import causal_lower_right
 
-        mask = causal_lower_right(Ls, end)
+        mask = causal_lower_right(n, end)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _allgather_kv_attend(attn: nn.Module, q, k, v, doc_ids, cp: _Cp) -> torch.Tensor:
+    """Attention where Ulysses cannot split the heads: K and V of the whole sequence are all-gathered, and each
+    rank attends queries to them. Exact for any head count.
+
+    Causal load balance: with contiguous chunks, rank c's queries see (c + 1/2) L / cp keys on average, so the
+    last rank would do 2 cp - 1 times the work of the first. Ranks c and p = cp - 1 - c pair up instead: each
+    keeps the first half of its queries and computes the second half of its partner's (sent over, the outputs
+    sent back), so every rank attends to about cp L / 2 keys per query pair (rank c: (c + 1/4) + (p + 3/4) = cp
+    chunk lengths over its two half-blocks). With odd cp the middle rank is its own partner."""
+    from jamba.attention import apply_rope, rope_cos_sin
+
+    Ls, hd = q.shape[2], q.shape[3]
+    L, off = Ls * cp.n, Ls * cp.rank
+    if attn.cfg.use_rope:  # global positions: this rank's queries and keys sit at [off, off + Ls)
+        cos, sin = rope_cos_sin(L, hd, attn.cfg.rope_theta, q.device)
+        cos, sin = cos[off:off + Ls], sin[off:off + Ls]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = (_GatherSeq.apply(t, 2, cp.group, cp.n, cp.rank) for t in (k, v))  # (B, nkv, L, hd)
+    peer, h = cp.n - 1 - cp.rank, Ls // 2
+    if peer == cp.rank or h == 0:  # the middle rank of an odd cp (or 1-token chunks): its own block
+        return _attend_block(attn, q, k, v, doc_ids, off)
+    mine = _attend_block(attn, q[:, :, :h], k, v, doc_ids, off)  # my first half: [off, off + h)
+    theirs = _Swap.apply(q[:, :, h:], cp.group, peer)  # the peer's second half: [peer Ls + h, (peer + 1) Ls)
+    y_theirs = _attend_block(attn, theirs, k, v, doc_ids, peer * Ls + h)
+    return torch.cat([mine, _Swap.apply(y_theirs, cp.group, peer)], dim=2)  # my second half, done by the peer
 
 
 # ---- inputs and loss -----------------------------------------------------------------------------
