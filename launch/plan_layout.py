@@ -126,9 +126,14 @@ class Setup:
 
     @property
     def ulysses(self) -> bool:
-        """Attention under cp: Ulysses' head all-to-all where cp divides the heads per tp rank; otherwise each
-        rank keeps its query shard and gathers keys and values of the whole sequence."""
-        return (self.model.num_attention_heads // self.tp) % self.cp == 0
+        """Attention under cp: Ulysses' head all-to-all where context parallelism uses it (cp divides the query
+        heads per tp rank, and the kv heads divide or are a multiple of cp); otherwise each rank keeps its query
+        shard and gathers keys and values of the whole sequence."""
+        from parallel.dims import ulysses_heads  # the rule parallel/context_parallel.py applies
+
+        m = self.model
+        return ulysses_heads(m.num_attention_heads // self.tp, max(m.num_key_value_heads // self.tp, 1),
+                             self.cp) is not None
 
     def checkpointed(self, mixer: str, ffn: str) -> bool:
         kinds = set(self.model.activation_checkpointing)
