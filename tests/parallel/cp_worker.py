@@ -139,25 +139,17 @@ def _run_layout(spec: str, dtype: torch.dtype) -> dict:
 
 
 def main() -> None:
-    args = dict(a.split("=", 1) for a in sys.argv[1:])
-    torch.set_num_threads(1)
-    dtype = getattr(torch, args.get("dtype", "float64"))
+    from torchrun_worker import finish_worker, init_worker
+
     global DEVICE
-    if args.get("device") == "cuda":
-        import os
-        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(DEVICE)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 comparisons
-        dtype = torch.float32  # layouts set param_dtype=float32 (else bf16 parameters under FSDP)
-    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
+    args, DEVICE = init_worker(sys.argv[1:])
+    # on CUDA the layouts set param_dtype=float32 (else bf16 parameters under FSDP)
+    dtype = torch.float32 if DEVICE.type == "cuda" else getattr(torch, args.get("dtype", "float64"))
     specs = list(filter(None, args["layouts"].split(",")))
     result = {spec: run_layout(spec, dtype) for spec in specs}
     if DEVICE.type == "cuda" and dist.get_rank() == 0:  # references on the same kind of device (same kernels)
         result.update({f"ref:{spec}": reference(spec, dtype) for spec in specs})
-    if dist.get_rank() == 0:
-        torch.save(result, args["out"])
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(result, args["out"])
 
 
 if __name__ == "__main__":

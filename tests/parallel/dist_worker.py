@@ -208,17 +208,12 @@ def check_init(spec: str, result: dict) -> None:
 
 
 def main() -> None:
-    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    from torchrun_worker import finish_worker, init_worker
+
     global DEVICE, DTYPE
-    torch.set_num_threads(1)
-    DTYPE = getattr(torch, args.get("dtype", "float64"))
-    if args.get("device") == "cuda":
-        import os
-        DTYPE = torch.float32  # the layout's param_dtype decides what the GPU computes in
-        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(DEVICE)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 comparisons
-    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
+    args, DEVICE = init_worker(sys.argv[1:])
+    # on CUDA the layout's param_dtype decides what the GPU computes in
+    DTYPE = torch.float32 if DEVICE.type == "cuda" else getattr(torch, args.get("dtype", "float64"))
     result = {}
     if DEVICE.type == "cuda" and dist.get_rank() == 0:  # the reference on the same kind of device
         result["ref"] = reference({})
@@ -228,10 +223,7 @@ def main() -> None:
         check_init(spec, result)
     if "reshard" in args:
         run_reshard(args["reshard_layouts"].split(","), args["reshard"], result)
-    if dist.get_rank() == 0:
-        torch.save(result, args["out"])
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_worker(result, args["out"])
 
 
 if __name__ == "__main__":

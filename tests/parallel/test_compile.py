@@ -91,30 +91,17 @@ def test_inductor_compiled_layers_match_eager_bf16_cuda():
 def test_compiled_layers_under_fsdp_tp_ep_match_single_process(tmp_path):
     """Dynamo traces the layers with FSDP2's hooks, DTensor (tensor parallel) and the experts' all-to-all
     in place: 3 AdamW steps on 2 gloo processes equal the eager single-process run."""
-    import os
-    import subprocess
     import sys
     from pathlib import Path
 
-    here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(here))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import dist_worker
+    from torchrun_worker import check_matches, run_worker
 
     layouts = ["dp_shard=2+compile=aot_eager", "tp=2+compile=aot_eager", "ep=2+compile=aot_eager"]
-    out = tmp_path / "w2.pt"
-    env = {**os.environ, "PYTHONPATH": str(here.parent.parent), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(here / "dist_worker.py"), f"out={out}", "layouts=" + ",".join(layouts)]
-    proc = subprocess.run(cmd, cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    results = torch.load(out)
+    results = run_worker("dist_worker.py", 2, tmp_path / "w2.pt", "layouts=" + ",".join(layouts), timeout=400)
     torch.set_num_threads(1)
     ref = dist_worker.reference({})
     for spec in layouts:
-        got = results[spec]
         # float64 on both sides (dist_worker), so the tolerance of test_parallel_layouts.py applies
-        for a, b in zip(got["losses"], ref["losses"]):
-            assert abs(a - b) <= 1e-9 * abs(b), (spec, got["losses"], ref["losses"])
-        for name, p in ref["params"].items():
-            err = ((got["params"][name] - p).norm() / p.norm().clamp_min(1e-12)).item()
-            assert err <= 1e-9, (spec, name, err)
+        check_matches(spec, results[spec], ref, tol=1e-9, floor=1e-12)

@@ -24,13 +24,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cp_worker  # noqa: E402
-from torchrun_worker import run_worker  # noqa: E402
+import torchrun_worker  # noqa: E402
+from torchrun_worker import check_matches, run_worker  # noqa: E402
 
 LAYOUTS_2 = ["cp=2+doc=1+compile=aot_eager", "cp=2+kv=1", "cp=2+heads=1+kv=1+rope=1+compile=aot_eager"]
 BROKEN = "cp=2+broken=1"  # run with the 2-process layouts, checked to fail
 LAYOUTS_4 = ["cp=4", "cp=2+tp=2+doc=1", "cp=2+dp_shard=2+ep=2+doc=1", "cp=4+heads=2+rope=1+doc=1",
              "cp=4+heads=2+rope=1", "dp_replicate=2+dp_shard=1+cp=2+doc=1"]
 TOL = 1e-10
+FLOOR = 1e-300  # norm floor of the relative differences
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -48,20 +50,13 @@ def runs(tmp_path_factory):
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+    return torchrun_worker.rel(a, b, FLOOR)
 
 
 @pytest.mark.parametrize("spec", LAYOUTS_2 + LAYOUTS_4)
 def test_context_parallel_matches_single_process(runs, spec):
     results, refs = runs
-    got, ref = results[spec], refs[spec]
-    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
-        assert abs(a - b) <= TOL * abs(b), f"{spec} ({got['dims']}): step {step} loss {a} vs {b}"
-    assert set(got["grads"]) == set(ref["grads"])
-    for name, g in ref["grads"].items():
-        assert rel(got["grads"][name], g) <= TOL, f"{spec}: gradient of {name} off by {rel(got['grads'][name], g):.2e}"
-    for name, p in ref["params"].items():
-        assert rel(got["params"][name], p) <= TOL, f"{spec}: {name} after 3 steps off by {rel(got['params'][name], p):.2e}"
+    check_matches(spec, results[spec], refs[spec], TOL, FLOOR)
 
 
 @pytest.mark.parametrize("spec", LAYOUTS_2 + LAYOUTS_4)

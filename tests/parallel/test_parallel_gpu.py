@@ -5,16 +5,15 @@ fp32 layouts (param_dtype=float32, TF32 off) must match a single-GPU reference c
 must train and stay within bf16 noise of the fp32 reference loss.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torchrun_worker  # noqa: E402
+from torchrun_worker import run_worker  # noqa: E402
 FP32 = "+param_dtype=float32"
 LAYOUTS = {2: ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "tp=2+sequence_parallel=true"],
            4: ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2", "tp=2+ep=2+sequence_parallel=true"]}
@@ -23,7 +22,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
 def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    return torchrun_worker.rel(a, b, 1e-12)
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
@@ -35,13 +34,7 @@ def test_layouts_on_gpus(tmp_path, nproc):
     if nproc == 4:
         args += [f"reshard={tmp_path / 'ckpt'}", "reshard_layouts=" + ",".join(
             s + FP32 for s in ("dp_shard=4+ep=2", "dp_shard=4", "tp=2"))]
-    out = tmp_path / "res.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / "dist_worker.py"), "device=cuda", f"out={out}", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    res = torch.load(out)
+    res = run_worker("dist_worker.py", nproc, tmp_path / "res.pt", "device=cuda", *args, timeout=600)
     ref = res.pop("ref")
     for spec, got in res.items():
         if spec.startswith("reshard:"):
@@ -73,13 +66,8 @@ def test_context_parallel_on_gpus(tmp_path, nproc):
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"needs {nproc} GPUs")
     specs = [s + FP32 for s in CP_LAYOUTS[nproc]]
-    out = tmp_path / "cp.pt"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(HERE / "cp_worker.py"), "device=cuda", f"out={out}", "layouts=" + ",".join(specs)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    res = torch.load(out)
+    res = run_worker("cp_worker.py", nproc, tmp_path / "cp.pt", "device=cuda", "layouts=" + ",".join(specs),
+                     timeout=600)
     for spec in specs:
         got, ref = res[spec], res[f"ref:{spec}"]
         errs = [abs(a - b) / b for a, b in zip(got["losses"], ref["losses"])]
