@@ -7,6 +7,8 @@
 Names are imported lazily, so that `python -m data.tokenizer` / `python -m data.loader` run their module once.
 """
 
+from jamba.lazy import lazy_exports
+
 _EXPORTS = {
     "DataConfig": "data.config", "SourceConfig": "data.config",
     "PackedLoader": "data.loader", "build_dataloader": "data.loader",
@@ -14,17 +16,4 @@ _EXPORTS = {
     "ensure_default_tokenizer": "data.tokenizer", "train_tokenizer": "data.tokenizer",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'data' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -9,23 +9,11 @@ DTensor tensor parallelism, expert parallelism and reshardable distributed check
     loader = build_dataloader(..., dp_rank=dims.dp_rank, dp_world_size=dims.dp_size)
 """
 
+from jamba.lazy import lazy_exports
 
 # Imported lazily: `parallel.config` (the schema) must load without torch, so that a config typo is
 # reported in a fraction of a second (trainer/preflight.py); the rest needs torch.distributed.
 _EXPORTS = {"ParallelConfig": "parallel.config", "ParallelDims": "parallel.dims",
             "parallelize": "parallel.parallelize", "init_weights": "parallel.init"}
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'parallel' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
