@@ -300,10 +300,10 @@ def _swap(x: torch.Tensor, group, peer: int) -> torch.Tensor:
 
 
 def _attend_block(attn: nn.Module, q, k, v, doc_ids, start: int) -> torch.Tensor:
-    """Queries at global positions [start, start + n) against the keys [0, start + n) of the gathered k, v
-    (keys after the last query are masked for all of them: not computed). Causal: a lower-right causal bias,
-    which the CUDA memory-efficient kernel applies without materialising a mask; document masking: an explicit
-    (n, start + n) mask per row (ParallelDims caps the length for that case)."""
+    """Queries at global positions [start, start + n) against the keys [0, start + n) of the gathered k, v,
+    as many heads as q (keys after the last query are masked for all of them: not computed). Causal: a
+    lower-right causal bias, which the CUDA memory-efficient kernel applies without materialising a mask;
+    document masking: an explicit (n, start + n) mask per row (ParallelDims caps the length for that case)."""
     n = q.shape[2]
     end = start + n
     k, v = k[:, :, :end], v[:, :, :end]
@@ -315,9 +315,6 @@ def _attend_block(attn: nn.Module, q, k, v, doc_ids, start: int) -> torch.Tensor
         from torch.nn.attention.bias import causal_lower_right
 
         mask = causal_lower_right(n, end)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -339,6 +336,9 @@ def _allgather_kv_attend(attn: nn.Module, q, k, v, doc_ids, cp: _Cp) -> torch.Te
         cos, sin = cos[off:off + Ls], sin[off:off + Ls]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = (_GatherSeq.apply(t, 2, cp.group, cp.n, cp.rank) for t in (k, v))  # (B, nkv, L, hd)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # GQA: the masked kernels want equal head counts; once, for both query blocks
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     peer, h = cp.n - 1 - cp.rank, Ls // 2
     if peer == cp.rank or h == 0:  # the middle rank of an odd cp (or 1-token chunks): its own block
         return _attend_block(attn, q, k, v, doc_ids, off)

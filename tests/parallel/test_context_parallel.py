@@ -4,7 +4,7 @@ parameter after the 3 steps, for cp alone and composed with TP, FSDP and EP, wit
 sequence length (96) that is not a power of two (24 tokens per rank at cp=4).
 
 Layouts cover every attention path: Ulysses with kv heads sharded (cp=2, kv 2), repeated (cp=4 and kv=1;
-cp=2 x tp=2, one kv head per TP rank) and the all-gather-KV fallback (cp=4 with 2 query heads and cp=2 with one, with RoPE: causal through a
+cp=2 x tp=2, one kv head per TP rank) and the all-gather-KV fallback (cp=4 with 2 query heads, one or two kv heads, and cp=2 with one, with RoPE: causal through a
 lower-right bias, and with document masking through an explicit mask, so global positions and whole-row
 document ids are exercised; ranks c and cp-1-c swap half their queries for the causal load balance). Also: HSDP (FSDP over dp_shard x cp inside each replica) and
 torch.compile of the layers (aot_eager) over the cp collectives.
@@ -30,7 +30,7 @@ from torchrun_worker import check_matches, run_worker  # noqa: E402
 LAYOUTS_2 = ["cp=2+doc=1+compile=aot_eager", "cp=2+kv=1", "cp=2+heads=1+kv=1+rope=1+compile=aot_eager"]
 BROKEN = "cp=2+broken=1"  # run with the 2-process layouts, checked to fail
 LAYOUTS_4 = ["cp=4", "cp=2+tp=2+doc=1", "cp=2+dp_shard=2+ep=2+doc=1", "cp=4+heads=2+rope=1+doc=1",
-             "cp=4+heads=2+rope=1", "dp_replicate=2+dp_shard=1+cp=2+doc=1"]
+             "cp=4+heads=2+kv=1+rope=1", "dp_replicate=2+dp_shard=1+cp=2+doc=1"]
 TOL = 1e-10
 FLOOR = 1e-300  # norm floor of the relative differences
 
