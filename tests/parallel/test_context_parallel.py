@@ -4,10 +4,11 @@ parameter after the 3 steps, for cp alone and composed with TP, FSDP and EP, wit
 sequence length (96) that is not a power of two (24 tokens per rank at cp=4).
 
 Layouts cover every attention path: Ulysses with kv heads sharded (cp=2, kv 2), repeated (cp=4 and kv=1;
-cp=2 x tp=2, one kv head per TP rank) and the all-gather-KV fallback (cp=4 with 2 query heads, one or two kv heads, and cp=2 with one, with RoPE: causal through a
-lower-right bias, and with document masking through an explicit mask, so global positions and whole-row
-document ids are exercised; ranks c and cp-1-c swap half their queries for the causal load balance). Also: HSDP (FSDP over dp_shard x cp inside each replica) and
-torch.compile of the layers (aot_eager) over the cp collectives.
+cp=2 x tp=2, one kv head per TP rank) and the all-gather-KV fallback (cp=4 with 2 query heads and one or two
+kv heads, cp=2 with one query head; RoPE; causal through a lower-right bias, and with document masking
+through an explicit mask, so global positions and whole-row document ids are exercised; ranks c and cp-1-c
+swap half their queries for the causal load balance). Also: HSDP (FSDP over dp_shard x cp inside each
+replica) and torch.compile of the layers (aot_eager) over the cp collectives.
 
 Tolerance 1e-10 relative (difference norm / reference norm): in float64 the layouts differ from one process
 only in summation order (all-reduces, sharded matmuls), ~1e-16 per operation; measured up to 3e-14 on the
