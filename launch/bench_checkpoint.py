@@ -9,6 +9,7 @@ PCIe). Extra arguments go to train.py.
     python -m launch.bench_checkpoint -- experiment=bench_3b train.global_batch_tokens=16384         # 1 GPU
     python -m launch.bench_checkpoint --nproc 2 -- experiment=bench_3b parallel=fsdp train.global_batch_tokens=32768
     python -m launch.bench_checkpoint --steps 8 --every 3 -- experiment=debug train.num_threads=1    # CPU
+    python -m launch.bench_checkpoint --modes async --steps 7 --every 3 -- experiment=bench_3b ...   # async only
 """
 
 from __future__ import annotations
@@ -70,10 +71,15 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--out", default="runs/bench_checkpoint")
+    p.add_argument("--modes", default="sync,async", help="comma-separated: sync, async (both by default)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("extra", nargs="*", help="train.py overrides (after --)")
     args = p.parse_args(argv)
-    results = {mode: run(mode, args, args.extra) for mode in ("sync", "async")}
+    modes = args.modes.split(",")
+    bad = sorted(set(modes) - {"sync", "async"})
+    if bad:
+        p.error(f"--modes {args.modes}: unknown mode(s) {bad}; use sync, async or sync,async")
+    results = {mode: run(mode, args, args.extra) for mode in modes}
     for mode, r in results.items():
         for s in r["saves"]:
             print(f"{mode:5s} step {s['step']:4d}: training waited {s['stall_s']:7.2f} s, "

@@ -360,3 +360,48 @@ def test_staging_buffers_are_reused_and_survive_torch_closing_the_stager():
     assert second["optim"]["param_groups"][0]["lr"] == 1e-3
     state["model"]["v"] = torch.ones(4)  # another layout: new buffers
     assert "v" in stager.stage(state)["model"]
+
+
+def test_staged_dtensors_keep_their_spec_share_one_buffer_and_round_trip_through_dcp(tmp_path):
+    """The staging buffers are views into one host mapping; a DTensor is staged as a DTensor with its own
+    spec around a CPU local tensor (what DCP plans from), the copy holds the current values, and an
+    asynchronous DCP save of the staged state loads back to the same values."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from trainer.checkpoint_staging import ReusedBufferStager
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = distribute_tensor(torch.randn(5, 3), mesh, [Shard(0)])
+        b = torch.randn(7, dtype=torch.bfloat16)
+        state = {"model": {"w": w, "b": b}, "optim": {"step": torch.tensor(3.0), "lr": 0.1, "names": ["w", "b"]}}
+        stager = ReusedBufferStager(pin_memory=False, threads=3)
+        staged = stager.stage(state)
+        sw = staged["model"]["w"]
+        assert isinstance(sw, DTensor) and sw._spec == w._spec and sw.to_local().device.type == "cpu"
+        assert torch.equal(sw.to_local(), w.to_local()) and torch.equal(staged["model"]["b"], b)
+        assert staged["optim"]["lr"] == 0.1 and staged["optim"]["names"] == ["w", "b"]
+        host = stager._host.tensor
+        lo, hi = host.data_ptr(), host.data_ptr() + host.numel()
+        for t in (sw.to_local(), staged["model"]["b"], staged["optim"]["step"]):
+            assert lo <= t.data_ptr() < hi and t.data_ptr() % 4096 == 0  # one mapping, page-aligned views
+
+        w.to_local().mul_(2)
+        b.add_(1)
+        again = stager.stage(state)
+        assert again["model"]["w"].to_local().data_ptr() == sw.to_local().data_ptr()  # reused
+        assert torch.equal(again["model"]["w"].to_local(), w.to_local()) and torch.equal(again["model"]["b"], b)
+
+        dcp.async_save(state, checkpoint_id=str(tmp_path / "ck"), async_stager=stager).result()
+        out = {"model": {"w": distribute_tensor(torch.zeros(5, 3), mesh, [Shard(0)]),
+                         "b": torch.zeros(7, dtype=torch.bfloat16)},
+               "optim": {"step": torch.tensor(0.0), "lr": 0.0, "names": []}}
+        dcp.load(out, checkpoint_id=str(tmp_path / "ck"))
+        assert torch.equal(out["model"]["w"].to_local(), w.to_local()) and torch.equal(out["model"]["b"], b)
+        assert float(out["optim"]["step"]) == 3.0
+    finally:
+        dist.destroy_process_group()
