@@ -4,7 +4,8 @@ Runs `train.py` twice (each in a fresh run directory under --out) with `checkpoi
 `=true`, saving every `--every` steps, and reads back what each run logged: per save, the seconds training
 waited (synchronous: the whole save; asynchronous: the copy to CPU memory) and the background write time;
 per step, the tokens/s of steps right after a save against the others (the write competes for host CPU and
-PCIe). Extra arguments go to train.py.
+PCIe). Extra arguments go to train.py (after ours: they win). The learning rate warm-up is
+off (`optim.warmup_steps=0`): a recipe's is longer than the few steps timed here.
 
     python -m launch.bench_checkpoint -- experiment=bench_3b train.global_batch_tokens=16384         # 1 GPU
     python -m launch.bench_checkpoint --nproc 2 -- experiment=bench_3b parallel=fsdp train.global_batch_tokens=32768
@@ -50,6 +51,8 @@ def run(mode: str, args, extra: List[str]) -> Dict[str, object]:
     cmd = launcher + [f"hydra.run.dir={run_dir}", f"train.max_steps={args.steps}", f"checkpoint.every={args.every}",
                       "checkpoint.keep_last=2", "checkpoint.overwrite=true", "logging.log_every=1",
                       "logging.progress_bar=false", "logging.wandb.mode=disabled", "train.eval_every=0",
+                      # a recipe's warm-up is longer than these few steps (bench_3b: 200) and would be refused
+                      "optim.warmup_steps=0",
                       f"checkpoint.async_save={'true' if mode == 'async' else 'false'}", *extra]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -146,7 +146,8 @@ def test_cli_render_splits_job_settings_from_train_overrides(capsys):
     assert "train.py overrides go after `--`" in capsys.readouterr().err
 
 
-def test_dry_run_prints_script_commands_and_environment(capsys):
+def test_dry_run_prints_script_commands_and_environment(capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # an exported value wins over CPUs / ranks (by design)
     assert cli(["submit", "--dry-run", "--no-check", "nodes=2", "gpus_per_node=4", "cpus_per_task=32", "job_name=dry",
                 "--", "model=tiny"]) == 0
     out = capsys.readouterr().out

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,6 +320,20 @@ def test_bench_checkpoint_reads_the_save_lines():
            "checkpoint step 12: written in 90.00 s, training waited (x)\n")
     assert parse(log) == [{"step": 4, "stall_s": 0.5, "write_s": 12.0}, {"step": 8, "stall_s": 3.4, "write_s": 11.0},
                           {"step": 12, "stall_s": 90.0, "write_s": 0.0}]
+
+
+def test_bench_checkpoint_runs_a_recipe_whose_warmup_is_longer_than_its_steps(tmp_path):
+    """The README's command times a few steps of a recipe with a long warm-up (bench_3b: 200); here the debug
+    recipe (2 warm-up steps) for 1 step, asynchronous mode only, on CPU."""
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "bc.json"
+    r = subprocess.run([sys.executable, "-m", "launch.bench_checkpoint", "--modes", "async", "--steps", "1",
+                        "--every", "1", "--out", str(tmp_path / "runs"), "--json", str(out), "--",
+                        "experiment=debug", "train.num_threads=1"], cwd=root, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert list(res) == ["async"] and [s["step"] for s in res["async"]["saves"]] == [1]
 
 
 def test_async_save_on_a_signal_is_complete_when_fit_returns(tmp_path, reference):
