@@ -38,6 +38,7 @@ from launch import plan_memory, plan_time
 from launch.plan_layout import GPUS, Setup, human_tokens, layer_param_counts
 from launch.plan_memory import MemoryPlan, plan_memory as _plan_memory, usable_gib
 from launch.plan_time import TimePlan, plan_time as _plan_time
+from parallel.dims import ParallelDims
 
 REPO = Path(__file__).resolve().parents[1]
 POINTS = Path(__file__).resolve().parent / "plan_points.jsonl"
@@ -171,26 +172,17 @@ def compose(overrides: Sequence[str]):
 
 
 def resolve_layout(par, gpus: Optional[int], cp: Optional[int] = None) -> Dict[str, int]:
-    """Degrees with -1 filled as parallel/dims.py fills them; `gpus` None = the smallest world the
-    explicit degrees need."""
+    """Degrees with -1 filled by parallel/dims.py, as train.py fills them on `gpus` processes; `gpus` None =
+    the smallest world the explicit degrees need."""
     cp = par.cp if cp is None else cp
     rep, shard, tp = par.dp_replicate, par.dp_shard, par.tp
     fixed = cp * tp * (rep if rep != -1 else 1) * (shard if shard != -1 else 1)
     world = gpus if gpus is not None else max(fixed, par.ep * tp if shard == -1 else fixed)
-    if shard == -1:
-        others = cp * tp * (rep if rep != -1 else 1)
-        if world % others:
-            raise ConfigError(f"{world} GPUs are not divisible by dp_replicate x cp x tp = {others}; change --gpus "
-                              "or the degrees")
-        shard = world // others
-    if rep == -1:
-        if world % (shard * cp * tp):
-            raise ConfigError(f"{world} GPUs are not divisible by dp_shard x cp x tp = {shard * cp * tp}")
-        rep = world // (shard * cp * tp)
-    if rep * shard * cp * tp != world:
-        raise ConfigError(f"dp_replicate({rep}) x dp_shard({shard}) x cp({cp}) x tp({tp}) = {rep * shard * cp * tp} "
-                          f"!= {world} GPUs; set parallel.dp_shard=-1 to fill or change --gpus")
-    return dict(dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp, ep=par.ep)
+    try:
+        dims = ParallelDims(replace(par, cp=cp), world_size=world)
+    except ConfigError as e:
+        raise ConfigError(f"--gpus {world} (WORLD_SIZE below): {e}") from None
+    return dict(dp_replicate=dims.dp_replicate, dp_shard=dims.dp_shard, cp=dims.cp, tp=dims.tp, ep=dims.ep)
 
 
 def make_setup(cfg, seq_len: int, micro_batch: int, gpus: Optional[int], gpu, weights: str, compiled: bool,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Tuple
 
 from jamba.config import ConfigError, JambaConfig
+from parallel.config import ParallelConfig
+from parallel.dims import ParallelDims
 
 GIB = 2 ** 30
 WEIGHT_MODES = ("bf16", "fp32-master")
@@ -81,19 +83,10 @@ class Setup:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
-        if self.seq_len % self.cp:
-            raise ConfigError(f"seq_len={self.seq_len} is not divisible by parallel.cp={self.cp}: each cp rank "
-                              f"holds seq_len / cp tokens; choose cp among {divisors(self.seq_len, 64)}")
-        if (self.dp_shard * self.cp) % self.ep:
-            raise ConfigError(f"parallel.ep={self.ep} must divide dp_shard({self.dp_shard}) * cp({self.cp})")
-        if m.num_experts % self.ep:
-            raise ConfigError(f"parallel.ep={self.ep} must divide model.num_experts={m.num_experts}")
-        if m.num_attention_heads % self.tp or m.d_inner % self.tp or m.intermediate_size % self.tp:
-            raise ConfigError(f"parallel.tp={self.tp} must divide the attention heads ({m.num_attention_heads}), "
-                              f"d_inner ({m.d_inner}) and intermediate_size ({m.intermediate_size})")
-        if m.d_inner % (self.tp * self.cp):
-            raise ConfigError(f"tp({self.tp}) * cp({self.cp}) must divide d_inner={m.d_inner}: the Mamba layers "
-                              "hold d_inner / (tp * cp) channels per rank inside the scan")
+        # The same checks as train.py's (parallel/dims.py): a layout the planner accepts is one train.py runs.
+        par = ParallelConfig(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp, ep=self.ep,
+                             cp=self.cp, sequence_parallel=self.sequence_parallel)
+        ParallelDims(par, world_size=self.world, model=m, seq_len=self.seq_len)
 
     # ---- sizes ------------------------------------------------------------------------------------
     @property

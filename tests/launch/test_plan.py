@@ -103,8 +103,10 @@ def test_context_parallelism_divides_activations_and_costs_all_to_alls():
 
 def test_layout_errors_name_the_value_and_the_fix():
     m = get_preset("bench-3b")
-    with pytest.raises(ConfigError, match="seq_len=1000 is not divisible by parallel.cp=3"):
-        Setup(m, seq_len=1000, cp=3)
+    with pytest.raises(ConfigError, match="sequence length 1001 must be divisible by parallel.cp=2"):
+        Setup(m, seq_len=1001, cp=2)
+    with pytest.raises(ConfigError, match=r"parallel.cp=3: d_inner .* must be divisible by tp\(1\) \* cp\(3\)"):
+        Setup(m, seq_len=1002, cp=3)  # train.py's checks (parallel/dims.py), not a copy of them
     with pytest.raises(ConfigError, match="parallel.ep=3 must divide"):
         Setup(m, seq_len=4096, dp_shard=3, ep=3)
     with pytest.raises(ConfigError, match="mamba1"):
