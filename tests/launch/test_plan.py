@@ -107,6 +107,8 @@ def test_layout_errors_name_the_value_and_the_fix():
         Setup(m, seq_len=1001, cp=2)
     with pytest.raises(ConfigError, match=r"parallel.cp=3: d_inner .* must be divisible by tp\(1\) \* cp\(3\)"):
         Setup(m, seq_len=1002, cp=3)  # train.py's checks (parallel/dims.py), not a copy of them
+    with pytest.raises(ConfigError, match="sequence_parallel=true with parallel.cp=2 is not supported"):
+        Setup(m, seq_len=4096, tp=2, cp=2, sequence_parallel=True)  # the planner's own copy let this through
     with pytest.raises(ConfigError, match="parallel.ep=3 must divide"):
         Setup(m, seq_len=4096, dp_shard=3, ep=3)
     with pytest.raises(ConfigError, match="mamba1"):
