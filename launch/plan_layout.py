@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 
 from jamba.config import ConfigError, JambaConfig
 from parallel.config import ParallelConfig
-from parallel.dims import ParallelDims
+from parallel.dims import ParallelDims, ulysses_heads
 
 GIB = 2 ** 30
 WEIGHT_MODES = ("bf16", "fp32-master")
@@ -122,9 +122,7 @@ class Setup:
         """Attention under cp: Ulysses' head all-to-all where context parallelism uses it (cp divides the query
         heads per tp rank, and the kv heads divide or are a multiple of cp); otherwise each rank keeps its query
         shard and gathers keys and values of the whole sequence."""
-        from parallel.dims import ulysses_heads  # the rule parallel/context_parallel.py applies
-
-        m = self.model
+        m = self.model  # ulysses_heads: the rule parallel/context_parallel.py applies
         return ulysses_heads(m.num_attention_heads // self.tp, max(m.num_key_value_heads // self.tp, 1),
                              self.cp) is not None
 
@@ -140,10 +138,6 @@ class Setup:
 
     def with_(self, **changes) -> "Setup":
         return replace(self, **changes)
-
-
-def divisors(n: int, limit: int) -> List[int]:
-    return [d for d in range(1, limit + 1) if n % d == 0]
 
 
 def scan_state_interval(batch: int, channels: int, seq_len: int) -> int:

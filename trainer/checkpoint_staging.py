@@ -70,7 +70,7 @@ class HostBuffer:
     would fault them in one thread), then registered with CUDA once (page-locked: device copies run at full
     PCIe speed and can be asynchronous)."""
 
-    def __init__(self, nbytes: int, pin: bool, threads: int = 8):
+    def __init__(self, nbytes: int, pin: bool, threads: int):
         self.nbytes = max(nbytes, 1)
         self._map = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -97,7 +97,7 @@ class HostBuffer:
         return self.tensor[offset:offset + n].view(like.dtype).view(like.shape)
 
 
-def cpu_buffers(state: Dict[str, Any], pin: bool, threads: int = 8) -> Tuple[Dict[str, Any], HostBuffer]:
+def cpu_buffers(state: Dict[str, Any], pin: bool, threads: int) -> Tuple[Dict[str, Any], HostBuffer]:
     """A structure like `state` whose tensors are CPU views into one HostBuffer (contents undefined until
     copied into): plain tensors by shape and dtype, DTensors as DTensors with the same spec around a CPU local
     tensor (what DCP's planner reads). Returns the structure and the buffer that owns the memory."""
