@@ -10,7 +10,10 @@ its data loader, logging and gradient accumulation). After `--warmup` steps, `--
 torch.profiler; rank 0 writes per-step wall time, total kernel time, NCCL kernel time by collective
 (AllReduce, ReduceScatter, AllGather, SendRecv = all-to-all, ...) and their share of the wall time. NCCL kernels
 run on their own streams and may overlap computation (FSDP prefetches its all-gathers); tensor parallelism's
-all-reduces sit between the layers' matmuls, so for TP the share is close to the time they cost.
+all-reduces sit between the layers' matmuls, so for TP the share is close to the time they cost. What they
+cost is in `timeline_ms_per_step` (trainer.profile.timeline): the time under some compute kernel, the NCCL
+time under none (`exposed_comm`: communication nothing hid) and the time under no kernel at all (`idle`: the
+device waiting on the host), and `nccl_exposed_share_of_wall`.
 `launch/scale.py --comm-profile tp` runs this after the layout's throughput run.
 """
 
@@ -18,27 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from trainer.profile import device_kernels, nccl_kind, timeline
+
 ROOT = Path(__file__).resolve().parents[1]
-# Kernels only: the profiler also lists ranges such as "nccl:all_reduce" with device time, which would count
-# the same kernel twice (seen on 2 H200s: AllReduce 186 ms and a "Reduce" 186 ms for one TP step).
-NCCL = re.compile(r"^nccl(Dev)?Kernel", re.IGNORECASE)
-KINDS = ("AllReduce", "ReduceScatter", "AllGather", "SendRecv", "Broadcast", "Reduce", "AllToAll")
-
-
-def nccl_kind(kernel: str) -> Optional[str]:
-    """'ncclDevKernel_AllReduce_Sum_bf16_RING_LL(...)' -> 'AllReduce'; None for a non-NCCL kernel."""
-    if not NCCL.search(kernel):
-        return None
-    for kind in KINDS:  # AllReduce before Reduce
-        if kind.lower() in kernel.lower():
-            return kind
-    return "other"
 
 
 def summarize(kernels: Iterable[Tuple[str, float]], wall_ms: float, steps: int) -> dict:
@@ -124,6 +114,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         kernels = [(e.key, e.self_device_time_total / 1e3) for e in prof.key_averages()
                    if getattr(e, "device_type", None) == DeviceType.CUDA]
         result = summarize(kernels, wall_ms, args.steps)
+        if device.type == "cuda":
+            tl = timeline(device_kernels(prof), wall_ms * 1e3)
+            result["timeline_ms_per_step"] = {k.removesuffix("_us"): v / 1e3 / args.steps for k, v in tl.items()}
+            result["nccl_exposed_share_of_wall"] = tl["exposed_comm_us"] / tl["wall_us"] if wall_ms else 0.0
         result.update(world_size=world.world_size, layout=str(layout.dims), rank=world.rank)
         if world.is_main:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,8 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
         if r.comm:
             kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in r.comm["nccl_ms_by_kind"].items())
             comm = f"{100 * r.comm['nccl_share_of_wall']:.1f}%" + (f" ({kinds})" if kinds else "")
+            if "nccl_exposed_share_of_wall" in r.comm:  # CUDA: the part no computation hid
+                comm += f"; not hidden {100 * r.comm['nccl_exposed_share_of_wall']:.1f}%"
         status = "" if r.status == "ok" else f" **{r.status}**"
         lines.append(f"| {r.layout}{status} | {r.gpus} | {_f(r.tokens_per_s, ',.0f')} | "
                      f"{_f(r.tokens_per_s_per_gpu, ',.0f')} | {_f(r.efficiency, '.1f', 100, '%')} | "

@@ -14,15 +14,76 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 
 log = logging.getLogger(__name__)
 ENV = "JAMBA_PROFILE_STEP"
+# Kernels only: the profiler also lists ranges such as "nccl:all_reduce" with device time, which would count
+# the same kernel twice (seen on 2 H200s: AllReduce 186 ms and a "Reduce" 186 ms for one TP step).
+_NCCL = re.compile(r"^nccl(Dev)?Kernel", re.IGNORECASE)
+_KINDS = ("AllReduce", "ReduceScatter", "AllGather", "SendRecv", "Broadcast", "Reduce", "AllToAll")
+
+
+def nccl_kind(kernel: str) -> Optional[str]:
+    """'ncclDevKernel_AllReduce_Sum_bf16_RING_LL(...)' -> 'AllReduce'; None for a non-NCCL kernel."""
+    if not _NCCL.search(kernel):
+        return None
+    for kind in _KINDS:  # AllReduce before Reduce
+        if kind.lower() in kernel.lower():
+            return kind
+    return "other"
+
+
+def _union_us(intervals: List[Tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def timeline(kernels: Iterable[Tuple[str, float, float]], wall_us: float) -> dict:
+    """Where a profiled window's wall time went, from its device kernels `(name, start_us, end_us)`.
+
+    NCCL kernels run on their own streams, so their summed time says little about what they cost: FSDP's
+    all-gathers and reduce-scatters overlap the layers' compute, while an all-to-all whose split sizes the
+    host must read first does not. The union of the other kernels' intervals is the time some computation
+    ran (`compute_us`); NCCL time outside it is communication nothing hid (`exposed_comm_us`); wall time under
+    no kernel at all is the device waiting on the host (`idle_us`: Python, launches, host syncs).
+    Kernels of several devices (not the case in one rank's profile) would be merged as one."""
+    comp, comm = [], []
+    for name, a, b in kernels:
+        (comm if nccl_kind(name) is not None else comp).append((a, b))
+    compute = _union_us(comp)
+    busy = _union_us(comp + comm)
+    comm_total = _union_us(comm)
+    exposed = busy - compute
+    return {"wall_us": wall_us, "compute_us": compute, "comm_us": comm_total, "exposed_comm_us": exposed,
+            "overlapped_comm_us": comm_total - exposed, "idle_us": max(wall_us - busy, 0.0)}
+
+
+def device_kernels(prof) -> List[Tuple[str, float, float]]:
+    """(name, start_us, end_us) of the CUDA kernels of a finished torch.profiler run (not GPU annotations
+    such as "nccl:all_reduce" ranges, which span kernels already listed)."""
+    cuda = torch.autograd.DeviceType.CUDA
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if getattr(e, "device_type", None) == cuda and not getattr(e, "is_user_annotation", False)]
+
+
+def timeline_line(t: dict) -> str:
+    pct = (lambda us: 100 * us / t["wall_us"]) if t["wall_us"] else (lambda us: 0.0)
+    return (f"of the wall time: compute {pct(t['compute_us']):.1f}%, NCCL not hidden by compute "
+            f"{pct(t['exposed_comm_us']):.1f}% (NCCL under compute {t['overlapped_comm_us'] / 1e3:.1f} ms), "
+            f"device idle {pct(t['idle_us']):.1f}%")
 
 
 def profile_step() -> Optional[int]:
@@ -69,6 +130,7 @@ def profiled(out_dir: Path, step: int, rank: int, device: torch.device):
     if cuda:
         lines.append(f"device kernels {kernel_us / 1e3:.1f} ms = {kernel_us / 1e4 / wall:.0f}% of the wall time "
                      f"(streams overlap: NCCL kernels count too)")
+        lines.append(timeline_line(timeline(device_kernels(prof), wall * 1e6)))
         lines.append(f"host syncs: {sum(syncs.values())}" + "".join(f"\n  {n} x {where}"
                                                                      for where, n in syncs.most_common(10)))
     log.info("%s\n%s", "\n".join(lines), table)

@@ -86,6 +86,37 @@ def test_nccl_kernel_kinds_and_shares():
     assert s["nccl_share_of_wall"] == pytest.approx(0.2) and s["nccl_share_of_kernels"] == pytest.approx(8 / 18)
 
 
+
+def test_timeline_separates_hidden_and_exposed_communication():
+    from trainer.profile import timeline, timeline_line
+
+    # wall 0-100 us. Compute on one stream: 0-30, 20-40 (overlapping launches), 60-80. NCCL on another:
+    # an all-gather 10-35 under compute, a reduce-scatter 35-50 (5 us under compute, 10 not), an all-to-all
+    # 85-95 with nothing to hide it. Nothing runs 50-60, 80-85, 95-100: 20 us idle.
+    k = [("gemm", 0, 30), ("sm90_xmma", 20, 40), ("triton_poi", 60, 80),
+         ("ncclDevKernel_AllGather_RING_LL", 10, 35), ("ncclKernel_ReduceScatter_Sum_float", 35, 50),
+         ("ncclDevKernel_SendRecv", 85, 95)]
+    t = timeline(k, wall_us=100.0)
+    assert t["compute_us"] == 60 and t["comm_us"] == 50
+    assert t["exposed_comm_us"] == 20 and t["overlapped_comm_us"] == 30 and t["idle_us"] == 20
+    assert "NCCL not hidden by compute 20.0%" in timeline_line(t) and "device idle 20.0%" in timeline_line(t)
+    # a kernel nested in another and identical intervals count once
+    t = timeline([("a", 0, 10), ("b", 2, 5), ("c", 0, 10)], wall_us=10.0)
+    assert t["compute_us"] == 10 and t["idle_us"] == 0 and t["exposed_comm_us"] == 0
+
+
+def test_device_kernels_leave_out_gpu_annotations():
+    import torch
+    from types import SimpleNamespace as NS
+
+    from trainer.profile import device_kernels
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    ev = [NS(name="gemm", device_type=cuda, time_range=NS(start=0, end=5), is_user_annotation=False),
+          NS(name="nccl:all_reduce", device_type=cuda, time_range=NS(start=5, end=9), is_user_annotation=True),
+          NS(name="aten::mm", device_type=cpu, time_range=NS(start=0, end=9), is_user_annotation=False)]
+    assert device_kernels(NS(events=lambda: ev)) == [("gemm", 0, 5)]
+
 @pytest.mark.slow
 def test_cpu_run_single_and_fsdp(tmp_path):
     """The whole script on CPU: a 1-process and a 2-process (gloo) run of the tiny model."""
