@@ -227,11 +227,12 @@ class Trainer:
         # same decisions (skip, stop) from the same numbers.
         with watch.phase("all_reduce of the step's losses and flags", step):
             gn = grad_norm.detach().to(device=self.device, dtype=torch.float64).reshape(1)
-            packed = torch.cat([sums / stage.grad_accum, torch.zeros(2, dtype=torch.float64, device=self.device)])
-            packed[3] = 1.0 if self.stop is not None and self.stop.received else 0.0  # a fill: no host copy
-            packed[4:] = (~torch.isfinite(gn)).double()
+            packed = torch.cat([sums / stage.grad_accum, (~torch.isfinite(gn)).double(), gn.new_empty(1)])
+            # fill_ takes the flag as a kernel argument. `packed[4] = flag` (setitem) synchronised the host on
+            # torch 2.11 (seen on H200s: a second host sync per step, tests/trainer/test_trainer_gpu.py)
+            packed[4:].fill_(1.0 if self.stop is not None and self.stop.received else 0.0)
             reduced = all_reduce_scalars(packed, "avg")
-            loss, aux, z, stop_avg, nonfinite_avg, grad_norm = torch.cat([reduced, gn]).cpu().tolist()
+            loss, aux, z, nonfinite_avg, stop_avg, grad_norm = torch.cat([reduced, gn]).cpu().tolist()
         stop_any = stop_avg > 0
         lr = lr_at(self.state.step, cfg.optim, cfg.train.max_steps)
         finite = math.isfinite(loss) and math.isfinite(grad_norm) and nonfinite_avg == 0

@@ -96,6 +96,13 @@ def profile_step() -> Optional[int]:
     return int(value)
 
 
+def is_sync_warning(message) -> bool:
+    """A warning of `torch.cuda.set_sync_debug_mode("warn")` about one synchronising call; not its notice that
+    the mode is a prototype ("Synchronization debug mode is a prototype feature ..."), which the first
+    set_sync_debug_mode of a process emits and which is no sync."""
+    return "called a synchronizing" in str(message).lower()
+
+
 @contextlib.contextmanager
 def profiled(out_dir: Path, step: int, rank: int, device: torch.device):
     """Profile the body (one training step); write the trace and log the summary."""
@@ -124,8 +131,7 @@ def profiled(out_dir: Path, step: int, rank: int, device: torch.device):
     table = prof.key_averages().table(sort_by=key, row_limit=20)
     kernel_us = sum(e.device_time for e in prof.events()
                     if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) if cuda else 0.0
-    syncs = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught
-                                if "synchroniz" in str(w.message).lower())
+    syncs = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if is_sync_warning(w.message))
     lines = [f"profile of step {step} on rank {rank}: {wall * 1e3:.1f} ms wall; trace {trace}"]
     if cuda:
         lines.append(f"device kernels {kernel_us / 1e3:.1f} ms = {kernel_us / 1e4 / wall:.0f}% of the wall time "

@@ -28,3 +28,10 @@ def test_profiled_step_writes_a_trace_and_logs_its_top_operators(tmp_path, caplo
     trace = tmp_path / "profile" / "step3_rank1.json"
     assert trace.stat().st_size > 0
     assert "profile of step 3 on rank 1" in caplog.text and "aten::mm" in caplog.text
+
+
+def test_only_synchronising_calls_count_as_host_syncs():
+    assert profile.is_sync_warning("called a synchronizing CUDA operation (Triggered internally at ...)")
+    # the notice the first set_sync_debug_mode("warn") of a process gives is no sync (it was counted as one)
+    assert not profile.is_sync_warning("Synchronization debug mode is a prototype feature and does not yet "
+                                       "detect all synchronizing operations (Triggered internally at ...)")
