@@ -59,7 +59,8 @@ class Point:
     source: str
 
 
-_LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp", "ep", "cp", "sequence_parallel", "grad_accum")
+_LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp", "ep", "cp", "sequence_parallel", "grad_accum", "reshard_after_forward",
+                "reduce_bf16")
 
 
 def load_points(path: Path = POINTS) -> List[Point]:
@@ -194,6 +195,8 @@ def make_setup(cfg, seq_len: int, micro_batch: int, gpus: Optional[int], gpu, we
     dp = lay["dp_replicate"] * lay["dp_shard"]
     accum = max(1, cfg.train.global_batch_tokens // (seq_len * micro_batch * dp))
     return Setup(model, seq_len=seq_len, micro_batch=micro_batch, sequence_parallel=cfg.parallel.sequence_parallel,
+                 reshard_after_forward=cfg.parallel.reshard_after_forward is not False,
+                 reduce_bf16=cfg.parallel.reduce_dtype == "bfloat16",
                  weights=weights, compiled=compiled, grad_accum=accum, gpu=gpu, **lay)
 
 

@@ -64,6 +64,11 @@ class Setup:
     ep: int = 1
     cp: int = 1
     sequence_parallel: bool = False
+    reshard_after_forward: bool = True
+    """FSDP2 frees each decoder layer's gathered weights after its forward (parallel.reshard_after_forward
+    null/true); false keeps them until the layer's backward."""
+    reduce_bf16: bool = False
+    """Gradients reduce-scattered in bf16 (parallel.reduce_dtype=bfloat16) instead of fp32."""
     weights: str = "fp32-master"
     compiled: bool = True
     grad_accum: int = 1

@@ -141,6 +141,9 @@ class _States:
     layer_transient: List[float]  # bytes alive only during that layer's backward (unsharded grads, etc.)
     layer_saved_weights: List[float]  # bf16 weight copies a layer saves for backward (autocast, one rank)
     top_grads: float
+    # the copies outlive the forward whether or not the layer is checkpointed (FSDP2 without reshard after
+    # forward); autocast's copies of a checkpointed layer are dropped at the end of forward and re-made
+    weights_kept: bool = False
 
 
 def _model_states(s: Setup) -> _States:
@@ -181,8 +184,12 @@ def _model_states(s: Setup) -> _States:
     else:
         grads = [gb * (d / fd + e / fe) for d, e in zip(dense, experts)]
         top_grads = gb * top_p / fd
-    transient = [(2 + 4) * p for p in local]  # unsharded bf16 gradients + their fp32 reduce-scatter input
-    return _States(base, grads, transient, [0.0] * len(layers), top_grads)
+    # unsharded bf16 gradients + their reduce-scatter input (fp32, or bf16 with parallel.reduce_dtype=bfloat16)
+    transient = [(2 + (2 if s.reduce_bf16 else 4)) * p for p in local]
+    # parallel.reshard_after_forward=false: a layer's gathered bf16 weights live from its forward to its backward,
+    # like the weight copies autocast saves with one rank (and are freed the same way after its backward)
+    kept = [0.0] * len(layers) if s.reshard_after_forward else [2 * p for p in local]
+    return _States(base, grads, transient, kept, top_grads, weights_kept=not s.reshard_after_forward)
 
 
 def plan_memory(s: Setup, saved_scale: float = None, temp_scale: float = None, fixed_gib: float = None
@@ -223,7 +230,8 @@ def plan_memory(s: Setup, saved_scale: float = None, temp_scale: float = None, f
     loss_gw = v_local * d.H * 4  # fp32 lm_head gradient accumulated by the fused loss in forward
     loss_ws = min(m.loss_chunk_size, T) * v_local * 10
 
-    w_live = sum(w for w, c in zip(st.layer_saved_weights, ckpt) if not c)  # autocast copies kept for backward
+    # weight copies kept for backward (autocast: of the layers not checkpointed)
+    w_live = sum(w for w, c in zip(st.layer_saved_weights, ckpt) if not c or st.weights_kept)
     acts = act(sum(stored) + loss_saved) + doc_mask
     grads = 0.0
 
@@ -235,7 +243,7 @@ def plan_memory(s: Setup, saved_scale: float = None, temp_scale: float = None, f
 
     # end of forward: the loss's chunk workspace, its fp32 lm_head gradient, and (autocast) the weight copies
     # of the checkpointed layers, still in autocast's cache
-    cache = sum(w for w, c in zip(st.layer_saved_weights, ckpt) if c)
+    cache = 0.0 if st.weights_kept else sum(w for w, c in zip(st.layer_saved_weights, ckpt) if c)
     peak, parts = snapshot(st.base + w_live + cache + acts + tmp(loss_ws) + loss_gw, acts + tmp(loss_ws),
                            weights=w_live + cache)
     where = "loss (end of forward)"
@@ -248,7 +256,7 @@ def plan_memory(s: Setup, saved_scale: float = None, temp_scale: float = None, f
         w = st.layer_saved_weights[li]
         if ckpt[li]:  # re-created: its saved tensors (and, with autocast, its weight copies)
             acts += act(res / 2 + ms + fs)
-            w_live += w
+            w_live += 0.0 if st.weights_kept else w
         for name, work, free in ((specs[li].ffn, act(chunk_saved) + tmp(ft), fs + res / 2),
                                  (specs[li].mixer, tmp(mt), ms + res / 2)):
             total = st.base + grads + w_live + acts + work + st.layer_transient[li]

@@ -9,6 +9,7 @@ by jamba.flops for parameter counts), nothing depends on the CPU's vector width.
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -100,6 +101,33 @@ def test_context_parallelism_divides_activations_and_costs_all_to_alls():
     # per GPU, cp=2 does half the work in about half the time: within the all-to-all share
     assert t2.tokens_per_s_per_gpu == pytest.approx(t1.tokens_per_s_per_gpu, rel=0.1)
 
+
+
+def test_fsdp_settings_kept_weights_and_bf16_reduction():
+    """parallel.reshard_after_forward=false keeps every layer's gathered bf16 weights from forward to backward,
+    checkpointed or not; parallel.reduce_dtype=bfloat16 halves the reduce-scatter input. Both come from the
+    Hydra config (make_setup), as train.py reads them."""
+    m = get_preset("bench-3b")
+    base = Setup(m, seq_len=4096, micro_batch=4, dp_shard=2, gpu=GPUS["h200"])
+    unsharded_bf16 = 2 * sum(d + e for d, e in layer_param_counts(m)[1]) / 2**30
+    for ac in ([], ["all"]):  # checkpointed layers keep them too (autocast's copies of those are re-made)
+        mac = get_preset("bench-3b", activation_checkpointing=ac)
+        kept = plan_memory(Setup(mac, seq_len=4096, micro_batch=4, dp_shard=2, gpu=GPUS["h200"],
+                                 reshard_after_forward=False))
+        assert kept.where == "backward of layer 15 (moe)"  # the first backward: every layer's weights alive
+        assert kept.parts["weight copies"] == pytest.approx(unsharded_bf16, rel=1e-6)
+    # measured on 2 H200s: 52.5 -> 57.9 GiB (launch/plan_points.jsonl)
+    assert 0.9 * unsharded_bf16 < plan_memory(replace(base, reshard_after_forward=False)).peak_gib \
+        - plan_memory(base).peak_gib <= unsharded_bf16
+    bf16 = plan_memory(Setup(m, seq_len=4096, micro_batch=4, dp_shard=2, gpu=GPUS["h200"], reduce_bf16=True))
+    assert bf16.peak_gib < plan_memory(base).peak_gib
+    cfg = plan.compose(["model=bench-3b", "parallel=fsdp", "parallel.reshard_after_forward=false",
+                         "parallel.reduce_dtype=bfloat16"])
+    s = plan.make_setup(cfg, 4096, 4, 2, GPUS["h200"], "fp32-master", True)
+    assert not s.reshard_after_forward and s.reduce_bf16
+    s = plan.make_setup(plan.compose(["model=bench-3b", "parallel=fsdp"]), 4096, 4, 2, GPUS["h200"],
+                        "fp32-master", True)
+    assert s.reshard_after_forward and not s.reduce_bf16
 
 def test_layout_errors_name_the_value_and_the_fix():
     m = get_preset("bench-3b")
