@@ -7,10 +7,10 @@
 
 Every configuration is its own `torchrun --standalone --nproc_per_node N train.py ...` with the same model,
 sequence length and micro-batch per data-parallel rank (global batch = seq x micro-batch x dp size, so no
-gradient accumulation), `--steps` optimizer steps at a constant `--lr` (3e-5, a real run's early rate: a
-fast warm-up to bench_3b's 6e-4 collapsed the MoE routing within 8 steps and made EP wait on one rank), no
-validation and no
-checkpoint. tokens/s comes from the
+gradient accumulation), `--steps` optimizer steps at a constant `--lr` (3e-5, a real run's early rate), no
+validation and no checkpoint. bench-3b's MoE routing collapses from initialisation within about 12 steps (at
+3e-5 as with a fast warm-up to 6e-4: one EP rank gets nearly every token of some layer), so an EP figure is
+measured at that balance: the EP rank load column says which. tokens/s comes from the
 run's metrics.jsonl: the trainer logs every `--log-every` steps the tokens/s since its previous record, so the
 records after `--warmup` steps (compilation, allocator warm-up, the loader's first fill) are combined into
 total tokens / total time of the timed steps, with no extra host sync per step.
@@ -343,9 +343,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="layouts whose NCCL share is profiled in an extra short run ('none' to skip; default tp)")
     p.add_argument("--lr", type=float, default=3e-5,
                    help="constant learning rate (default 3e-5: experiment=bench_3b's 6e-4 ten steps into its 200-step "
-                        "warm-up, as a real run's first steps). A 2-step warm-up to 6e-4 collapsed bench-3b's routing "
-                        "within 8 steps (one EP rank got every token of a layer), which measures EP at a balance no "
-                        "real run has; the EP rank load column shows the balance each figure was measured at")
+                        "warm-up, as a real run's first steps). bench-3b's routing collapses onto one EP rank within "
+                        "about 12 steps at this rate too; the EP rank load column shows the balance each figure was "
+                        "measured at")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--profile-warmup", type=int, default=3)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
