@@ -76,6 +76,9 @@ class GroupedExperts(nn.Module):
 
     forward(x (T, H) sorted by expert, num_tokens_per_expert (E_local,) long) -> (T, H).
     CUDA + bf16 + torch._grouped_mm: one grouped GEMM per projection; otherwise an exact per-expert loop.
+    With padded=True, rows after the last expert's (T > sum of the counts) are padding: their output is zero
+    and they pass no gradient (expert parallelism's fixed-size exchange sends such rows,
+    parallel/expert_parallel.py); the GEMMs skip them.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
@@ -84,7 +87,7 @@ class GroupedExperts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, padded: bool = False) -> torch.Tensor:
         n_local = self.gate_proj.shape[0]
         if num_tokens_per_expert.shape[0] != n_local:
             raise ValueError(f"GroupedExperts holds {n_local} experts but got token counts for "
@@ -93,27 +96,39 @@ class GroupedExperts(nn.Module):
             # _grouped_mm is not on autocast's cast list: cast as autocast casts the loop's F.linear inputs.
             x = x.to(torch.get_autocast_dtype("cuda"))
         if x.shape[0] == 0:  # an expert-parallel rank that received no tokens: the loop's empty matmuls
-            return self._loop(x, num_tokens_per_expert)  # give zero gradients; _grouped_mm's backward fails
+            return self._loop(x, num_tokens_per_expert, padded)  # give zero gradients; _grouped_mm's backward fails
         if x.is_cuda and HAS_GROUPED_MM and x.dtype == torch.bfloat16:
             _log_once("gmm", "MoE experts: torch._grouped_mm (CUDA, bf16)")
-            return self._grouped_mm(x, num_tokens_per_expert)
+            return self._grouped_mm(x, num_tokens_per_expert, padded)
         _log_once(f"loop-{x.device.type}", f"MoE experts: per-expert loop on {x.device.type} ({x.dtype})"
                   + ("" if not x.is_cuda else "; torch._grouped_mm needs bf16 and torch>=2.8"))
-        return self._loop(x, num_tokens_per_expert)
+        return self._loop(x, num_tokens_per_expert, padded)
 
-    def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor, padded: bool = False) -> torch.Tensor:
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # (E,) end offset of each group
         dt = x.dtype
+        if padded:  # rows past offs[-1]: the grouped GEMMs leave them unwritten, forward and backward, so mask
+            # both ends without reading the offset on the host (where, not a product: they may hold NaNs)
+            valid = (torch.arange(x.shape[0], device=x.device) < offs[-1]).unsqueeze(-1)  # (T, 1)
+            x = torch.where(valid, x, x.new_zeros(()))  # its backward: no gradient into padding rows
         g = torch._grouped_mm(x, self.gate_proj.to(dt).transpose(-2, -1), offs=offs)  # (T, I)
         u = torch._grouped_mm(x, self.up_proj.to(dt).transpose(-2, -1), offs=offs)  # (T, I)
         h = F.silu(g) * u
-        return torch._grouped_mm(h, self.down_proj.to(dt).transpose(-2, -1), offs=offs)  # (T, H)
+        y = torch._grouped_mm(h, self.down_proj.to(dt).transpose(-2, -1), offs=offs)  # (T, H)
+        return torch.where(valid, y, y.new_zeros(())) if padded else y
 
-    def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _loop(self, x: torch.Tensor, counts: torch.Tensor, padded: bool = False) -> torch.Tensor:
+        sizes = counts.tolist()  # one host sync for the split sizes
+        pad = x.shape[0] - sum(sizes)
+        if pad < 0 or (pad and not padded):
+            raise ValueError(f"GroupedExperts: the counts sum to {sum(sizes)} rows but x has {x.shape[0]} "
+                             "(more rows are allowed only with padded=True)")
         outs = []
-        for e, xe in enumerate(x.split(counts.tolist())):  # one host sync for the split sizes
+        for e, xe in enumerate(x.split(sizes + [pad])[:len(sizes)]):
             h = F.silu(F.linear(xe, self.gate_proj[e])) * F.linear(xe, self.up_proj[e])  # (T_e, I)
             outs.append(F.linear(h, self.down_proj[e]))  # (T_e, H)
+        if pad:
+            outs.append((outs[0] if outs else x).new_zeros(pad, self.down_proj.shape[1]))
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 

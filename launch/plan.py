@@ -60,7 +60,7 @@ class Point:
 
 
 _LAYOUT_KEYS = ("dp_replicate", "dp_shard", "tp", "ep", "cp", "sequence_parallel", "grad_accum", "reshard_after_forward",
-                "reduce_bf16")
+                "reduce_bf16", "ep_padded")
 
 
 def load_points(path: Path = POINTS) -> List[Point]:
@@ -196,7 +196,7 @@ def make_setup(cfg, seq_len: int, micro_batch: int, gpus: Optional[int], gpu, we
     accum = max(1, cfg.train.global_batch_tokens // (seq_len * micro_batch * dp))
     return Setup(model, seq_len=seq_len, micro_batch=micro_batch, sequence_parallel=cfg.parallel.sequence_parallel,
                  reshard_after_forward=cfg.parallel.reshard_after_forward is not False,
-                 reduce_bf16=cfg.parallel.reduce_dtype == "bfloat16",
+                 reduce_bf16=cfg.parallel.reduce_dtype == "bfloat16", ep_padded=cfg.parallel.ep_exchange == "padded",
                  weights=weights, compiled=compiled, grad_accum=accum, gpu=gpu, **lay)
 
 

@@ -69,6 +69,9 @@ class Setup:
     null/true); false keeps them until the layer's backward."""
     reduce_bf16: bool = False
     """Gradients reduce-scattered in bf16 (parallel.reduce_dtype=bfloat16) instead of fp32."""
+    ep_padded: bool = False
+    """parallel.ep_exchange=padded: fixed blocks of a rank's routed rows to every EP peer (ep x the bytes, and
+    ep x the rows in each rank's experts)."""
     weights: str = "fp32-master"
     compiled: bool = True
     grad_accum: int = 1

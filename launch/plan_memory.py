@@ -95,6 +95,7 @@ class ActivationDims:
     cp: int
     interval: int
     compiled: bool
+    pad: int = 1  # parallel.ep_exchange=padded: each rank's experts hold ep x its routed rows (static blocks)
 
 
 def activation_dims(s: Setup) -> ActivationDims:
@@ -110,7 +111,7 @@ def activation_dims(s: Setup) -> ActivationDims:
                  hq=m.num_attention_heads * hd / tp, hkv=hkv, heads=m.num_attention_heads / tp,
                  R=m.dt_rank, N=m.mamba_d_state, E=m.num_experts, k=m.num_experts_per_tok, cp=cp,
                  interval=scan_state_interval(s.micro_batch, m.d_inner // (tp * cp), s.seq_len),
-                 compiled=s.compiled)
+                 compiled=s.compiled, pad=s.ep if s.ep_padded else 1)
 
 
 def mixer_bytes(d: ActivationDims, kind: str) -> Tuple[float, float]:
@@ -129,8 +130,9 @@ def ffn_bytes(d: ActivationDims, kind: str) -> Tuple[float, float]:
     keep = 2 if d.compiled else 4
     if kind == "mlp":
         return d.H * A + keep * d.i * A, d.H * A + 3 * d.i * A
-    saved = d.H * A + 2 * d.k * d.H * A + keep * d.k * d.i * A + d.E * (A + 4) + 28 * d.k
-    temp = d.H * A + 3 * d.k * d.i * A + 2 * d.k * d.H * A
+    kx = d.k * d.pad  # expert rows per token: the routed copies, or with padded EP blocks ep x as many
+    saved = d.H * A + 2 * kx * d.H * A + keep * kx * d.i * A + d.E * (A + 4) + 28 * d.k
+    temp = d.H * A + 3 * kx * d.i * A + 2 * kx * d.H * A
     return saved, temp
 
 

@@ -101,7 +101,7 @@ def plan_time(s: Setup, step_overhead: float = None) -> TimePlan:
             cp_bytes += 4 * d.di * T * A * (1 + fwd)
         tp_bytes += 2 * T * d.H * A * (1 + fwd)
         if spec.ffn == "moe":
-            ep_bytes += 2 * m.num_experts_per_tok * T * d.H * A * (1 + moe_fwd)
+            ep_bytes += 2 * m.num_experts_per_tok * T * d.H * A * (1 + moe_fwd) * d.pad
     # lm_head: forward + both gradients inside the fused loss
     gemm += 6 * T * m.vocab_size * m.hidden_size / s.tp
     gemm /= ceiling

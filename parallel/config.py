@@ -15,6 +15,7 @@ from typing import Optional
 from jamba.config import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+EP_EXCHANGES = ("sized", "padded")
 
 
 @dataclass
@@ -32,6 +33,13 @@ class ParallelConfig:
     ep: int = 1
     """Expert parallelism: each EP rank holds num_experts / ep experts. Must divide dp_shard * cp
     (ep borrows data-parallel ranks; tokens are exchanged by all-to-all)."""
+    ep_exchange: str = "sized"
+    """How EP ranks exchange token rows. "sized": an all-to-all of exactly the routed rows; NCCL needs the split
+    sizes on the host, so each exchange (one per MoE layer and forward) synchronises the host with the GPU
+    once. "padded": every rank sends each EP peer a buffer with room for all its N routed rows (the most it
+    could send one peer), so sizes are static and nothing waits on the host; exact (dropless) like "sized",
+    at ep x the bytes on the wire and about ep x the experts' activation memory. For small ep over NVLink
+    (parallel/expert_parallel.py)."""
     cp: int = 1
     """Context parallelism: each sequence is split into cp contiguous chunks, one per rank, in every layer
     (Mamba-1 by a sequence <-> channel all-to-all, attention by Ulysses heads; parallel/context_parallel.py).
@@ -61,6 +69,8 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name}={value!r} must be a positive integer or -1 (fill)")
         if self.dp_replicate == -1 and self.dp_shard == -1:
             raise ConfigError("parallel.dp_replicate and parallel.dp_shard cannot both be -1 (fill); set one")
+        if self.ep_exchange not in EP_EXCHANGES:
+            raise ConfigError(f"parallel.ep_exchange={self.ep_exchange!r} must be one of {list(EP_EXCHANGES)}")
         for name in ("param_dtype", "reduce_dtype"):
             value = getattr(self, name)
             if value not in DTYPES:

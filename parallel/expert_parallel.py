@@ -14,7 +14,12 @@ intermediate size over tp), and wraps the experts' forward:
 
 Host syncs and compilation: NCCL's variable all-to-all needs the split sizes on the host, so each exchange
 has exactly one device-to-host copy (send and receive sizes together; the row bookkeeping after it is
-told its output size and does not sync again); the backward reuses the forward's sizes. The exchange and
+told its output size and does not sync again); the backward reuses the forward's sizes. On 2 H200s that
+sync cost EP=2 about 27 ms of device idle time per bench-3b step (8 MoE layers; README, Performance):
+the GPU runs dry at each one and waits while Python issues the next kernels. `parallel.ep_exchange=padded`
+(`_exchange_padded`) removes it: each rank sends every peer a fixed block with room for all its routed rows,
+so every size is static; it moves ep x the bytes and holds about ep x the experts' activations, a trade
+for small ep over NVLink. The exchange and
 the local grouped GEMM run outside torch.compile (`torch.compiler.disable`): their sizes change with the
 routing at every step and layer; traced into the decoder layers' graphs they became symbolic shapes and
 guards on split sizes, Dynamo recompiled for them, and Inductor specialises further on such sizes (the
@@ -93,6 +98,40 @@ def _combine(y: torch.Tensor, state, ep_group) -> torch.Tensor:
     return all_to_all_v(y_src, send_splits, recv_splits, ep_group)  # reverse exchange
 
 
+def _exchange_padded(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
+    """`_exchange` without a host sync (parallel.ep_exchange=padded): every rank sends each peer a block of
+    C = N rows (N = its routed rows, the most it could send one peer), its rows for that peer first, zeros
+    after. All shapes are static, so the host never waits for the routing.
+
+    x (N, H) sorted by global expert, counts (E,). Returns (rows (ep*C, H) sorted by local expert, the
+    padding last; local counts (E_local,); state for `_combine_padded`). The experts treat rows beyond the
+    sum of the counts as padding (zero output: jamba.moe.GroupedExperts)."""
+    n, n_local, dev = x.shape[0], counts.shape[0] // ep, x.device
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=ep_group)  # device to device: no host copy
+    recv_2d = recv.view(ep, n_local)  # (ep source ranks, local experts)
+    # where each of my rows goes: block of its destination rank, then its place among that rank's rows
+    per_dest = counts.view(ep, n_local).sum(1)  # (ep,)
+    dest_start = torch.cumsum(per_dest, 0) - per_dest  # (ep,) first row of each destination in x
+    dest = torch.repeat_interleave(torch.arange(ep, device=dev), per_dest, output_size=n)  # (N,) no sync
+    slot = dest * n + torch.arange(n, device=dev) - dest_start[dest]  # (N,) row of the send buffer
+    send = x.new_zeros(ep * n, x.shape[1]).index_copy(0, slot, x)  # (ep*C, H)
+    xr = all_to_all_v(send, [n] * ep, [n] * ep, ep_group)  # (ep*C, H): block s from rank s
+    # local expert of every received row (n_local for padding), then grouped by local expert, padding last
+    ends = torch.cumsum(recv_2d, 1)  # (ep, E_local) end of each local expert's rows in its source's block
+    pos = torch.arange(n, device=dev).expand(ep, n).contiguous()  # (ep, C)
+    expert_of_row = torch.searchsorted(ends, pos, right=True).reshape(-1)  # (ep*C,) in [0, E_local]
+    order = torch.argsort(expert_of_row, stable=True)
+    return xr.index_select(0, order), recv_2d.sum(0), (order, slot, n)
+
+
+def _combine_padded(y: torch.Tensor, state, ep_group, ep: int) -> torch.Tensor:
+    order, slot, n = state
+    y_src = torch.empty_like(y).index_copy(0, order, y)  # back to (source rank, row) blocks
+    back = all_to_all_v(y_src, [n] * ep, [n] * ep, ep_group)  # (ep*C, H): block d from destination rank d
+    return back.index_select(0, slot)  # (N, H) my rows, in x's order
+
+
 def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
     """Shard every MoE layer's experts over ("ep", "tp") of the expert mesh and wrap their forward."""
     mesh = dims.get_mesh("expert")["ep", "tp"]
@@ -101,6 +140,7 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
     # under sequence parallelism the MoE input's gradient is reduce-scattered by the sequence gather
     copy_input = tp_group is not None and not dims.cfg.sequence_parallel
     ep = dims.ep
+    padded = dims.cfg.ep_exchange == "padded"
 
     def grad_scale(path, w):  # see the module docstring: FSDP's edp mean * 1/ep = the dp_cp mean
         return scale_grad(w, 1.0 / ep)
@@ -123,6 +163,9 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
             try:
                 if ep_group is None:
                     return_y = _fwd(x, num_tokens_per_expert)
+                elif padded:
+                    xl, counts_local, state = _exchange_padded(x, num_tokens_per_expert, ep_group, ep)
+                    return_y = _combine_padded(_fwd(xl, counts_local, padded=True), state, ep_group, ep)
                 else:
                     xl, counts_local, state = _exchange(x, num_tokens_per_expert, ep_group, ep)
                     return_y = _combine(_fwd(xl, counts_local), state, ep_group)

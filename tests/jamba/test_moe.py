@@ -286,3 +286,38 @@ def test_experts_with_no_rows(device):
     (y.sum() + 0.0).backward()
     for name, p in ex.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() == 0, name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("counts", [[5, 0, 9, 2], [0, 0, 0, 0]], ids=["some", "none"])
+def test_experts_skip_padding_rows(device, counts):
+    """padded=True (EP's fixed-size exchange): rows after the counted ones give zero output and no gradient,
+    the counted rows exactly what they give without padding (on CUDA bf16 through torch._grouped_mm, whose
+    output rows past the last offset are left unwritten), and the weights the same gradients. Even when
+    nothing is counted (an EP rank that received only padding). Without padded=True, extra rows are an error."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float64
+    ex = GroupedExperts(4, 16, 32).to(device, dtype)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, 0, 0.25)
+    c = torch.tensor(counts, device=device)
+    n, pad = sum(counts), 7
+    x = torch.randn(n + pad, 16, device=device, dtype=dtype)
+    gy = torch.randn(n + pad, 16, device=device, dtype=dtype)
+
+    def run(rows, padded):
+        ex.zero_grad(set_to_none=True)
+        xx = x[:rows].detach().clone().requires_grad_()
+        y = ex(xx, c, padded=padded)
+        y.backward(gy[:rows])
+        grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ex.parameters()]
+        return y.detach(), xx.grad, grads
+
+    y, dx, dw = run(n + pad, True)
+    y0, dx0, dw0 = run(n, False) if n else (y[:0], dx[:0], [torch.zeros_like(p) for p in ex.parameters()])
+    assert torch.equal(y[n:], torch.zeros_like(y[n:])) and torch.equal(y[:n], y0)
+    assert torch.equal(dx[n:], torch.zeros_like(dx[n:])) and torch.equal(dx[:n], dx0)
+    for a, b in zip(dw, dw0):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="padded=True"):
+        ex._loop(x, c)  # the exact loop refuses uncounted rows unless told they are padding

@@ -129,6 +129,20 @@ def test_fsdp_settings_kept_weights_and_bf16_reduction():
                         "fp32-master", True)
     assert s.reshard_after_forward and not s.reduce_bf16
 
+
+def test_padded_ep_exchange_costs_ep_times_the_rows_and_bytes():
+    """parallel.ep_exchange=padded: each rank's experts hold ep x its routed rows and the all-to-alls move ep x
+    the bytes; the GEMM work (padding skipped) is the same."""
+    m = get_preset("bench-3b")
+    sized = Setup(m, seq_len=4096, micro_batch=4, dp_shard=2, ep=2, gpu=GPUS["h200"])
+    padded = replace(sized, ep_padded=True)
+    assert plan_memory(padded).parts["activations"] > plan_memory(sized).parts["activations"]
+    ts, tpad = plan_time(sized), plan_time(padded)
+    assert tpad.parts["ep all-to-all"] == pytest.approx(2 * ts.parts["ep all-to-all"])
+    assert tpad.parts["gemm"] == ts.parts["gemm"]
+    cfg = plan.compose(["model=bench-3b", "parallel=ep", "parallel.ep_exchange=padded"])
+    assert plan.make_setup(cfg, 4096, 4, 2, GPUS["h200"], "fp32-master", True).ep_padded
+
 def test_layout_errors_name_the_value_and_the_fix():
     m = get_preset("bench-3b")
     with pytest.raises(ConfigError, match="sequence length 1001 must be divisible by parallel.cp=2"):

@@ -12,6 +12,7 @@ normalised update turns a 1e-7 gradient difference into a 1e-5 parameter differe
 gradients). On GPU the parameters are fp32 (TF32 off) or bf16, as the layout's param_dtype says.
 
 Usage: torchrun --nproc_per_node N tests/parallel/dist_worker.py out=<file> layouts=a,b [reshard=<dir>]
+       [syncs=a,b]  (CUDA: the host syncs of one forward + backward of each layout, by Python line)
 Layout syntax: "dp_shard=2+ep=2" (keys of ParallelConfig joined by "+"; "kv=1" overrides the model's
 num_key_value_heads, to exercise replicated kv heads under TP; "compile=aot_eager" applies
 parallel.compile.apply_compile with that backend after the layout; "fault=1e-6" is a deliberately broken
@@ -111,7 +112,21 @@ def step(model, dims, opt, i: int):
     return loss.item(), out
 
 
+EXCHANGES = {"sized": 0, "padded": 0}  # EP exchanges run, by kind (which one a layout really used)
+
+
+def _count_exchanges() -> None:
+    import parallel.expert_parallel as epm
+
+    for kind, name in (("sized", "_exchange"), ("padded", "_exchange_padded")):
+        def counted(*a, _fn=getattr(epm, name), _kind=kind, **k):
+            EXCHANGES[_kind] += 1
+            return _fn(*a, **k)
+        setattr(epm, name, counted)
+
+
 def run_layout(spec: str, result: dict) -> None:
+    EXCHANGES.update(sized=0, padded=0)
     model, dims = build(spec)
     opt = make_optimizer(model)
     losses, grads = [], None
@@ -125,7 +140,8 @@ def run_layout(spec: str, result: dict) -> None:
         opt.zero_grad()
     params = {n: record(p) for n, p in model.named_parameters()}
     counts = counts.cpu()
-    result[spec] = dict(losses=losses, grads=grads, params=params, expert_counts=counts, dims=str(dims))
+    result[spec] = dict(losses=losses, grads=grads, params=params, expert_counts=counts, dims=str(dims),
+                        exchanges=dict(EXCHANGES))
 
 
 def run_reshard(specs, ckpt_dir: str, result: dict) -> None:
@@ -152,6 +168,32 @@ def run_reshard(specs, ckpt_dir: str, result: dict) -> None:
         opt.step()
         params = {n: record(p) for n, p in model.named_parameters()}
         result[f"reshard:{specs[0]}->{spec}"] = dict(loss=loss, params=params)
+
+
+def count_syncs(spec: str, result: dict) -> None:
+    """CUDA: where the host waited for the GPU in one forward + backward of the layout (after a first one),
+    as `torch.cuda.set_sync_debug_mode("warn")` reports them: "file:line" of each synchronising call."""
+    import warnings
+
+    from trainer.profile import is_sync_warning
+
+    model, dims = build(spec)
+    opt = make_optimizer(model)
+    step(model, dims, opt, 0)  # first step: one-time work (handles, caches)
+    opt.zero_grad()
+    ids, targets = global_batch(1)
+    per = ids.shape[0] // dims.dp_size
+    sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
+    ids, targets = ids[sl].to(DEVICE), targets[sl].to(DEVICE)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(ids, targets=targets).loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    result[f"syncs:{spec}"] = [f"{w.filename}:{w.lineno}" for w in caught if is_sync_warning(w.message)]
 
 
 def reference(model_overrides: dict) -> dict:
@@ -215,12 +257,15 @@ def main() -> None:
     # on CUDA the layout's param_dtype decides what the GPU computes in
     DTYPE = torch.float32 if DEVICE.type == "cuda" else getattr(torch, args.get("dtype", "float64"))
     result = {}
+    _count_exchanges()
     if DEVICE.type == "cuda" and dist.get_rank() == 0:  # the reference on the same kind of device
         result["ref"] = reference({})
     for spec in filter(None, args.get("layouts", "").split(",")):
         run_layout(spec, result)
     for spec in filter(None, args.get("init", "").split(",")):
         check_init(spec, result)
+    for spec in filter(None, args.get("syncs", "").split(",")):
+        count_syncs(spec, result)
     if "reshard" in args:
         run_reshard(args["reshard_layouts"].split(","), args["reshard"], result)
     finish_worker(result, args["out"])

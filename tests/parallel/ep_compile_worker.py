@@ -47,7 +47,8 @@ def main(argv) -> None:
 
         from jamba.moe import GroupedExperts
 
-        def sync_free(self, x, counts):  # x (T, H) sorted by local expert, counts (E_local,)
+        def sync_free(self, x, counts, padded=False):  # x (T, H) sorted by local expert, counts (E_local,)
+            # rows past the counted ones (padded=True: EP's padded exchange) match no expert: zero output
             expert = torch.searchsorted(torch.cumsum(counts, 0), torch.arange(x.shape[0]), right=True)  # (T,)
             y = x.new_zeros(x.shape)
             for e in range(self.gate_proj.shape[0]):

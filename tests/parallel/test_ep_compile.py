@@ -23,11 +23,14 @@ ROOT = HERE.parent.parent
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
-def test_ep_compiled_graphs_do_not_depend_on_routing(tmp_path):
+@pytest.mark.parametrize("layout", ["ep=2", "ep=2,ep_exchange=padded"])
+def test_ep_compiled_graphs_do_not_depend_on_routing(tmp_path, layout):
+    """Both exchanges: "sized" (split sizes read on the host) and "padded" (fixed-size blocks; a rank that
+    receives no rows gets a block of padding only, which the experts skip)."""
     out = tmp_path / "ep.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "ep_compile_worker.py"), f"out={out}", "steps=5"]
+           str(HERE / "ep_compile_worker.py"), f"out={out}", "steps=5", f"layout={layout}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
     assert proc.returncode == 0, proc.stderr[-6000:]
     r = json.loads(out.read_text())

@@ -107,3 +107,9 @@ def test_context_parallel_layouts():
     ParallelDims(ParallelConfig(cp=8, tp=8), world_size=64, model=jamba, seq_len=[4096, 1048576])
     ParallelDims(ParallelConfig(cp=8, tp=4), world_size=64, model=jamba_docs, seq_len=[4096, 1048576])
     ParallelDims(ParallelConfig(cp=8, tp=8), world_size=64, model=jamba_docs, seq_len=4096)  # short: mask is fine
+
+
+def test_ep_exchange_is_checked():
+    assert ParallelConfig(ep=2, ep_exchange="padded").ep_exchange == "padded"
+    with pytest.raises(ConfigError, match=r"parallel.ep_exchange='fixed' must be one of \['sized', 'padded'\]"):
+        ParallelConfig(ep=2, ep_exchange="fixed")

@@ -1,8 +1,10 @@
 """The layouts of test_parallel_layouts.py on GPUs with NCCL (needs >= 2 CUDA devices; 4 for all).
 
 fp32 layouts (param_dtype=float32, TF32 off) must match a single-GPU reference computed by rank 0 within
-1e-5 relative; one bf16 layout (param_dtype=auto: bf16 params, fp32 reduce, torch._grouped_mm experts)
-must train and stay within bf16 noise of the fp32 reference loss.
+1e-5 relative; the bf16 layouts (param_dtype=auto: bf16 params, fp32 reduce, torch._grouped_mm experts; on 2
+GPUs EP's padded exchange, on 4 tp=2 x ep=2) must train and stay within bf16 noise of the fp32 reference loss.
+On 2 GPUs the host syncs of one EP step are counted: the sized exchange has one per MoE layer, the padded
+exchange none.
 """
 
 import sys
@@ -15,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torchrun_worker  # noqa: E402
 from torchrun_worker import run_worker  # noqa: E402
 FP32 = "+param_dtype=float32"
-LAYOUTS = {2: ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "tp=2+sequence_parallel=true"],
+PADDED = "ep=2+ep_exchange=padded"
+LAYOUTS = {2: ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", PADDED, "tp=2+sequence_parallel=true"],
            4: ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2", "tp=2+ep=2+sequence_parallel=true"]}
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -29,13 +32,21 @@ def rel(a, b):
 def test_layouts_on_gpus(tmp_path, nproc):
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"needs {nproc} GPUs")
-    specs = [s + FP32 for s in LAYOUTS[nproc]] + (["tp=2+ep=2"] if nproc == 4 else [])
+    # bf16 layouts (no FP32 suffix) run the experts through torch._grouped_mm, the padded exchange's too
+    specs = [s + FP32 for s in LAYOUTS[nproc]] + (["tp=2+ep=2"] if nproc == 4 else [PADDED])
     args = [f"layouts={','.join(specs)}"]
+    if nproc == 2:
+        args.append(f"syncs=ep=2,{PADDED}")
     if nproc == 4:
         args += [f"reshard={tmp_path / 'ckpt'}", "reshard_layouts=" + ",".join(
             s + FP32 for s in ("dp_shard=4+ep=2", "dp_shard=4", "tp=2"))]
     res = run_worker("dist_worker.py", nproc, tmp_path / "res.pt", "device=cuda", *args, timeout=600)
     ref = res.pop("ref")
+    if nproc == 2:  # the exchange's host sync: once per MoE layer with "sized", never with "padded"
+        sized, padded = res.pop("syncs:ep=2"), res.pop(f"syncs:{PADDED}")
+        print(f"host syncs in one forward + backward: sized {sized}; padded {padded}")
+        assert any("expert_parallel.py" in w for w in sized)  # the check can see them
+        assert not any("expert_parallel.py" in w or "moe.py" in w for w in padded), padded
     for spec, got in res.items():
         if spec.startswith("reshard:"):
             print(f"{spec}: step-3 loss rel err {abs(got['loss'] - ref['losses'][2]) / ref['losses'][2]:.2e}")

@@ -32,8 +32,11 @@ from torchrun_worker import run_worker  # noqa: E402
 
 SP = "+sequence_parallel=true"
 BROKEN = "dp_shard=2+fault=1e-6"  # rank 0 scales its loss by 1 + 1e-6: must fail the checks
-LAYOUTS_2 = ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "tp=2+kv=1", "tp=2+kv=1" + SP]
-LAYOUTS_4 = ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2", "tp=2+ep=2" + SP, "dp_replicate=2+dp_shard=2+ep=2"]
+PADDED = "+ep_exchange=padded"  # EP's fixed-size exchange (no host sync)
+LAYOUTS_2 = ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "ep=2" + PADDED, "tp=2+kv=1",
+             "tp=2+kv=1" + SP]
+LAYOUTS_4 = ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+ep=2" + PADDED, "tp=2+dp_shard=2", "tp=2+ep=2" + SP,
+             "dp_replicate=2+dp_shard=2+ep=2"]
 INIT = "tp=2+ep=2"  # parallel.init_weights on a meta-built model in this layout
 RESHARD = ["dp_shard=4+ep=2", "dp_shard=4", "tp=2"]  # save in the first, resume step 3 in the others
 TOL = 1e-9
@@ -76,6 +79,20 @@ def test_layout_matches_single_process(runs, spec):
     check_matches(spec, results[spec], _ref_for(spec, refs))
 
 
+def test_each_ep_layout_ran_its_exchange(runs):
+    """The padded layouts went through the padded exchange, every step's MoE layers (2 per forward, 3 steps),
+    and the others through the sized one: equal results above are not one path tested twice."""
+    results, _ = runs
+    for spec in LAYOUTS_2 + LAYOUTS_4:
+        ex = results[spec]["exchanges"]
+        if "ep=2" not in spec:
+            assert ex == {"sized": 0, "padded": 0}, spec
+        elif PADDED in spec:
+            assert ex["sized"] == 0 and ex["padded"] >= 6, (spec, ex)
+        else:
+            assert ex["padded"] == 0 and ex["sized"] >= 6, (spec, ex)
+
+
 def test_a_broken_layout_fails(runs):
     """The checks are not blind: a loss scaled by 1 + 1e-6 on one rank fails them, by far."""
     results, refs = runs
@@ -91,7 +108,7 @@ def test_expert_gradients_would_differ_without_ep_scaling(runs):
     and the reference expert gradients are far from what a sum over ep ranks (x2) would give."""
     results, refs = runs
     name = "model.layers.1.feed_forward.experts.gate_proj"
-    for spec in ("ep=2", "dp_shard=4+ep=2", "tp=2+ep=2"):
+    for spec in ("ep=2", "ep=2" + PADDED, "dp_shard=4+ep=2", "tp=2+ep=2"):
         g, ref = results[spec]["grads"][name], refs[""]["grads"][name]
         assert rel(g, ref) <= TOL and rel(2 * g, ref) > 0.5
 
