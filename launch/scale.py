@@ -23,7 +23,7 @@ ceiling measured on this machine as `launch.bench` does), peak memory, and for t
 stdout (and `--md`), everything in `--json`.
 
 Layouts on N GPUs (`--gpus`, default 2): single (1 GPU, the baseline), fsdp (dp_shard=N), ep (ep=2 over
-dp_shard=N), tp (tp=2, dp=N/2: each tensor-parallel pair processes one micro-batch, so per-GPU tokens/s is
+dp_shard=N), ep_padded (the same with parallel.ep_exchange=padded: no host sync per MoE layer), tp (tp=2, dp=N/2: each tensor-parallel pair processes one micro-batch, so per-GPU tokens/s is
 half the pair's), hsdp (dp_replicate=2 x dp_shard=N/2).
 """
 
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUT_NAMES = ("single", "fsdp", "ep", "tp", "hsdp")
+LAYOUT_NAMES = ("single", "fsdp", "ep", "ep_padded", "tp", "hsdp")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ def layout(name: str, gpus: int) -> Layout:
     table = {
         "fsdp": (("parallel=fsdp",), gpus),
         "ep": (("parallel=ep", "parallel.ep=2"), gpus),
+        "ep_padded": (("parallel=ep", "parallel.ep=2", "parallel.ep_exchange=padded"), gpus),  # no host sync
         "tp": (("parallel=tp", "parallel.tp=2"), gpus // 2),
         "hsdp": (("parallel=hsdp", "parallel.dp_replicate=2", f"parallel.dp_shard={gpus // 2}"), gpus),
     }

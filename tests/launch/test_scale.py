@@ -59,6 +59,7 @@ def test_layouts_and_arguments():
     assert scale.layout("single", 2) == scale.Layout("single", 1, ("parallel=single",), 1)
     assert scale.layout("tp", 4).dp == 2 and scale.layout("ep", 4).dp == 4
     assert scale.layout("hsdp", 4).overrides[-1] == "parallel.dp_shard=2"
+    assert scale.layout("ep_padded", 2).overrides[-1] == "parallel.ep_exchange=padded"
     with pytest.raises(ValueError, match="unknown layout 'bogus'"):
         scale.layout("bogus", 2)
     args = scale.parse_args(["--layouts", "single,tp", "--device", "cpu"])
