@@ -129,14 +129,14 @@ def profiled(out_dir: Path, step: int, rank: int, device: torch.device):
     prof.export_chrome_trace(str(trace))
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=20)
-    kernel_us = sum(e.device_time for e in prof.events()
-                    if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) if cuda else 0.0
+    kernels = device_kernels(prof) if cuda else []
+    kernel_us = sum(end - start for _, start, end in kernels)
     syncs = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if is_sync_warning(w.message))
     lines = [f"profile of step {step} on rank {rank}: {wall * 1e3:.1f} ms wall; trace {trace}"]
     if cuda:
         lines.append(f"device kernels {kernel_us / 1e3:.1f} ms = {kernel_us / 1e4 / wall:.0f}% of the wall time "
                      f"(streams overlap: NCCL kernels count too)")
-        lines.append(timeline_line(timeline(device_kernels(prof), wall * 1e6)))
+        lines.append(timeline_line(timeline(kernels, wall * 1e6)))
         lines.append(f"host syncs: {sum(syncs.values())}" + "".join(f"\n  {n} x {where}"
                                                                      for where, n in syncs.most_common(10)))
     log.info("%s\n%s", "\n".join(lines), table)

@@ -98,11 +98,17 @@ def build(spec: str):
     return model, dims
 
 
-def step(model, dims, opt, i: int):
+def local_batch(dims, i: int):
+    """This data-parallel rank's slice of step i's global batch, on DEVICE: (ids, aligned targets)."""
     ids, targets = global_batch(i)
     per = ids.shape[0] // dims.dp_size
     sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
-    out = model(ids[sl].to(DEVICE), targets=targets[sl].to(DEVICE))  # aligned (the trainer's convention)
+    return ids[sl].to(DEVICE), targets[sl].to(DEVICE)
+
+
+def step(model, dims, opt, i: int):
+    ids, targets = local_batch(dims, i)
+    out = model(ids, targets=targets)  # aligned (the trainer's convention)
     fault = getattr(model, "fault", 0.0) if dims.dp_rank == 0 else 0.0
     (out.loss * (1 + fault) if fault else out.loss).backward()
     loss = out.loss.detach().clone()
@@ -181,10 +187,7 @@ def count_syncs(spec: str, result: dict) -> None:
     opt = make_optimizer(model)
     step(model, dims, opt, 0)  # first step: one-time work (handles, caches)
     opt.zero_grad()
-    ids, targets = global_batch(1)
-    per = ids.shape[0] // dims.dp_size
-    sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
-    ids, targets = ids[sl].to(DEVICE), targets[sl].to(DEVICE)
+    ids, targets = local_batch(dims, 1)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

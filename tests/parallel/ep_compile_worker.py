@@ -101,10 +101,8 @@ def zero_rows_step(spec: str) -> dict:
     """One forward/backward with EP rank 1 receiving zero rows, against one process on the global batch."""
     model, dims = dist_worker.build(spec)
     _route_to_first_half(model)
-    ids, targets = dist_worker.global_batch(0)
-    per = ids.shape[0] // dims.dp_size
-    sl = slice(dims.dp_rank * per, (dims.dp_rank + 1) * per)
-    out = model(ids[sl], targets=targets[sl])
+    local_ids, local_targets = dist_worker.local_batch(dims, 0)
+    out = model(local_ids, targets=local_targets)
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
@@ -117,6 +115,7 @@ def zero_rows_step(spec: str) -> dict:
     torch.manual_seed(dist_worker.SEED)
     ref = JambaForCausalLM(dist_worker.model_config())
     _route_to_first_half(ref)
+    ids, targets = dist_worker.global_batch(0)
     ref_out = ref(ids, targets=targets)
     ref_out.loss.backward()
     errs = {n: ((got["grads"][n] - p.grad).norm() / p.grad.norm().clamp_min(1e-12)).item()
