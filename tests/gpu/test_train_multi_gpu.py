@@ -100,6 +100,13 @@ LAYOUTS = {
     "tp": (("parallel=tp",), 1, 1),
     "ep": (("parallel=ep",), 2, 0),
 }
+# compiled only (each compiled scenario takes twice as long): the sync-free EP exchange, and FSDP with
+# experiment=bench_3b's settings (weights kept from forward to backward, gradients reduced in bf16)
+COMPILED_LAYOUTS = {
+    "ep": LAYOUTS["ep"],
+    "ep_padded": (("parallel=ep", "parallel.ep_exchange=padded"), 2, 0),
+    "fsdp_kept": (("parallel=fsdp", "parallel.reshard_after_forward=false", "parallel.reduce_dtype=bfloat16"), 2, 1),
+}
 
 
 def _cases():
@@ -108,7 +115,8 @@ def _cases():
         cases.append(pytest.param(CPU, name, False, marks=_marks(CPU, False), id=f"cpu-{name}"))
     for name in LAYOUTS:
         cases.append(pytest.param(GPU, name, False, marks=_marks(GPU, False), id=f"cuda-{name}"))
-    cases.append(pytest.param(GPU, "ep", True, marks=_marks(GPU, True), id="cuda-ep-compiled"))
+    for name in COMPILED_LAYOUTS:
+        cases.append(pytest.param(GPU, name, True, marks=_marks(GPU, True), id=f"cuda-{name}-compiled"))
     return cases
 
 
@@ -213,7 +221,7 @@ class Scenario:
         self.tmp, self.prof, self.layout = tmp_path, prof, layout
         self.budget = budget(prof, compiled)
         self.deadline = time.monotonic() + self.budget
-        parallel, self.dp, self.victim = LAYOUTS[layout]
+        parallel, self.dp, self.victim = (COMPILED_LAYOUTS if compiled else LAYOUTS)[layout]
         val = validation_file(tmp_path / "val.jsonl", prof.seq_len, prof.micro_batch)
         self.tokens = prof.seq_len * prof.micro_batch * 2  # per step: 2 data-parallel ranks (tp: 2 accumulations)
         self.train_args = [
