@@ -38,8 +38,8 @@ class ParallelConfig:
     sizes on the host, so each exchange (one per MoE layer and forward) synchronises the host with the GPU
     once. "padded": every rank sends each EP peer a buffer with room for all its N routed rows (the most it
     could send one peer), so sizes are static and nothing waits on the host; exact (dropless) like "sized",
-    at ep x the bytes on the wire and about ep x the experts' activation memory. For small ep over NVLink
-    (parallel/expert_parallel.py)."""
+    at ep x the bytes on the wire and about ep x the experts' activation memory. Slower than "sized" for
+    bench-3b on 2 H200s (84-87% against 91-95% of FSDP's tokens/s; parallel/expert_parallel.py, README)."""
     cp: int = 1
     """Context parallelism: each sequence is split into cp contiguous chunks, one per rank, in every layer
     (Mamba-1 by a sequence <-> channel all-to-all, attention by Ulysses heads; parallel/context_parallel.py).

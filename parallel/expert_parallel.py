@@ -15,11 +15,12 @@ intermediate size over tp), and wraps the experts' forward:
 Host syncs and compilation: NCCL's variable all-to-all needs the split sizes on the host, so each exchange
 has exactly one device-to-host copy (send and receive sizes together; the row bookkeeping after it is
 told its output size and does not sync again); the backward reuses the forward's sizes. On 2 H200s that
-sync cost EP=2 about 27 ms of device idle time per bench-3b step (8 MoE layers; README, Performance):
+sync is part of EP=2's 24-38 ms of device idle time per bench-3b step (8 MoE layers; README, Performance):
 the GPU runs dry at each one and waits while Python issues the next kernels. `parallel.ep_exchange=padded`
 (`_exchange_padded`) removes it: each rank sends every peer a fixed block with room for all its routed rows,
-so every size is static; it moves ep x the bytes and holds about ep x the experts' activations, a trade
-for small ep over NVLink. The exchange and
+so every size is static; it moves ep x the bytes and holds about ep x the experts' activations. Measured on
+2 H200s it cut the idle time by 6-11 ms but added 41-44 ms of compute (the elementwise work over all ep x N
+received rows), so it is slower for bench-3b and "sized" stays the default. The exchange and
 the local grouped GEMM run outside torch.compile (`torch.compiler.disable`): their sizes change with the
 routing at every step and layer; traced into the decoder layers' graphs they became symbolic shapes and
 guards on split sizes, Dynamo recompiled for them, and Inductor specialises further on such sizes (the
