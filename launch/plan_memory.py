@@ -15,7 +15,7 @@ tp, hq / hkv = query / key-value widths per tp rank, R = dt rank, N = d_state, k
 | Mamba-1 | H a (in_proj input) + 6 Di a (x, z, conv output, delta, scan y, scan output) + 2 (R + 2N) a (x_proj output, normed dt/B/C) + 2N a cp (B, C of the whole sequence) + 64 Di / interval (fp32 scan states, interval 16 or 256: `plan_layout.scan_state_interval`) | H a + 4 Di a (+ 2 Di a all-to-all buffers under cp) |
 | attention (SDPA flash, O(L)) | H a + (3 hq + 2 hkv) a + 4 heads (q, k, v, output and its o_proj copy, log-sum-exp) | H a + (2 hq + 2 hkv) a |
 | MLP | H a + 2 I a (gate and up; compiled code recomputes silu(g) * u, eager keeps both: 4 I a) | H a + 3 I a |
-| MoE | H a + 2 k H a (routed copies, their outputs) + 2 k I a (4 eager) + E (a + 4) + 28 k (routing) | H a + 3 k I a + 2 k H a |
+| MoE | H a + 2 k H a (routed copies, their outputs) + 2 k I a (4 eager, and under ep or tp, which run the experts outside torch.compile; k x ep rows with the padded EP exchange) + E (a + 4) + 28 k (routing) | H a + 3 k I a + 2 k H a |
 | MoE, token chunks of c | H a (the chunks' inputs) | one chunk: c x (saved + temporaries of MoE) |
 | loss (fused chunked CE) | H a (its input gradient, computed in forward) + V H 4 / tp (fp32 lm_head gradient) | chunk x V / tp x 10 (fp32 logits, bf16 gradient) |
 
@@ -96,6 +96,9 @@ class ActivationDims:
     interval: int
     compiled: bool
     pad: int = 1  # parallel.ep_exchange=padded: each rank's experts hold ep x its routed rows (static blocks)
+    # under ep or tp the experts run outside torch.compile (parallel/expert_parallel.py), so they keep what eager
+    # autograd keeps whether or not the layers are compiled
+    experts_compiled: bool = True
 
 
 def activation_dims(s: Setup) -> ActivationDims:
@@ -111,7 +114,8 @@ def activation_dims(s: Setup) -> ActivationDims:
                  hq=m.num_attention_heads * hd / tp, hkv=hkv, heads=m.num_attention_heads / tp,
                  R=m.dt_rank, N=m.mamba_d_state, E=m.num_experts, k=m.num_experts_per_tok, cp=cp,
                  interval=scan_state_interval(s.micro_batch, m.d_inner // (tp * cp), s.seq_len),
-                 compiled=s.compiled, pad=s.ep if s.ep_padded else 1)
+                 compiled=s.compiled, pad=s.ep if s.ep_padded else 1,
+                 experts_compiled=s.compiled and s.ep == 1 and s.tp == 1)
 
 
 def mixer_bytes(d: ActivationDims, kind: str) -> Tuple[float, float]:
@@ -131,6 +135,7 @@ def ffn_bytes(d: ActivationDims, kind: str) -> Tuple[float, float]:
     if kind == "mlp":
         return d.H * A + keep * d.i * A, d.H * A + 3 * d.i * A
     kx = d.k * d.pad  # expert rows per token: the routed copies, or with padded EP blocks ep x as many
+    keep = 2 if d.experts_compiled else 4
     saved = d.H * A + 2 * kx * d.H * A + keep * kx * d.i * A + d.E * (A + 4) + 28 * d.k
     temp = d.H * A + 3 * kx * d.i * A + 2 * kx * d.H * A
     return saved, temp

@@ -1,8 +1,8 @@
 """The memory and time planner (launch/plan*.py) against the measured points of launch/plan_points.jsonl.
 
 Tolerances: the issue asks for peak memory within 10% of every measured point; the fitted constants give
--0.7% to +1.2% on every point but context parallelism at 256K (cp=2: +7.7%, predicted 47.6 GiB, measured
-44.2; at 1M the same layout is within 0.4%); python -m launch.plan --calibrate prints the table. 10% leaves
+-0.7% to +1.2% on every one-GPU point, +1.9% to +4.6% on the 2-GPU FSDP and EP points, and cp=2 at 256K is
+the worst (+7.7%, predicted 47.6 GiB, measured 44.2; at 1M the same layout is within 0.4%); python -m launch.plan --calibrate prints the table. 10% leaves
 room for a new point to show a modelling gap without making this test the place where it is tuned.
 Tokens/s is held to the same 10% (the fit gives -1.6% to +8.4%, the worst again cp=2 at 256K). Pure arithmetic on configs: no model is built (except on the meta device
 by jamba.flops for parameter counts), nothing depends on the CPU's vector width.
@@ -142,6 +142,19 @@ def test_padded_ep_exchange_costs_ep_times_the_rows_and_bytes():
     assert tpad.parts["gemm"] == ts.parts["gemm"]
     cfg = plan.compose(["model=bench-3b", "parallel=ep", "parallel.ep_exchange=padded"])
     assert plan.make_setup(cfg, 4096, 4, 2, GPUS["h200"], "fp32-master", True).ep_padded
+
+def test_experts_outside_torch_compile_keep_eager_activations():
+    """Under ep (or tp) the experts run outside torch.compile, so a compiled model's MoE layers keep silu(g),
+    u, g and h (4 I bytes per routed row) where a single-process compiled one keeps 2 I: the 2-GPU EP points
+    of launch/plan_points.jsonl were predicted 6.9% and 12.1% (padded) low without this term."""
+    from launch.plan_memory import activation_dims, ffn_bytes
+    m = get_preset("bench-3b")
+    fsdp = Setup(m, seq_len=4096, micro_batch=4, dp_shard=2, gpu=GPUS["h200"])
+    ep = replace(fsdp, ep=2)
+    saved_fsdp, saved_ep = ffn_bytes(activation_dims(fsdp), "moe")[0], ffn_bytes(activation_dims(ep), "moe")[0]
+    assert saved_ep - saved_fsdp == 2 * m.num_experts_per_tok * m.intermediate_size * 2
+    assert ffn_bytes(activation_dims(replace(fsdp, compiled=False)), "moe")[0] == saved_ep
+
 
 def test_layout_errors_name_the_value_and_the_fix():
     m = get_preset("bench-3b")
