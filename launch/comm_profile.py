@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from trainer.profile import device_kernels, nccl_kind, timeline
+from trainer.profile import device_kernels, idle_gaps, nccl_kind, timeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,6 +118,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             tl = timeline(device_kernels(prof), wall_ms * 1e3)
             result["timeline_ms_per_step"] = {k.removesuffix("_us"): v / 1e3 / args.steps for k, v in tl.items()}
             result["nccl_exposed_share_of_wall"] = tl["exposed_comm_us"] / tl["wall_us"] if wall_ms else 0.0
+            # where the idle time is: gaps grouped by the kernels around them (summed over the profiled steps)
+            result["idle_gaps"] = idle_gaps(device_kernels(prof))
         result.update(world_size=world.world_size, layout=str(layout.dims), rank=world.rank)
         if world.is_main:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

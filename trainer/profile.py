@@ -71,6 +71,27 @@ def timeline(kernels: Iterable[Tuple[str, float, float]], wall_us: float) -> dic
             "overlapped_comm_us": comm_total - exposed, "idle_us": max(wall_us - busy, 0.0)}
 
 
+def idle_gaps(kernels: Iterable[Tuple[str, float, float]], min_us: float = 20.0, top: int = 10) -> dict:
+    """The stretches with no kernel running on any stream longer than `min_us`, grouped by the kernel that
+    ended last before the gap and the one that started it: where the device ran dry and what it then waited
+    for (a host sync drains the queue after its last kernel; eager code the host issues more slowly than the
+    device runs it leaves many short gaps between the same pairs). Idle time before the first kernel and
+    after the last one is not a gap here."""
+    groups: dict = {}
+    end, last = None, ""
+    for a, b, name in sorted((a, b, name) for name, a, b in kernels):
+        if end is not None and a - end > min_us:
+            g = groups.setdefault((last[:90], name[:90]), [0, 0.0])
+            g[0] += 1
+            g[1] += a - end
+        if end is None or b > end:
+            end, last = b, name
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    return {"min_us": min_us, "gaps": sum(c for c, _ in groups.values()),
+            "idle_us": sum(us for _, us in groups.values()),
+            "top": [{"after": k[0], "before": k[1], "count": c, "us": us} for k, (c, us) in rows[:top]]}
+
+
 def device_kernels(prof) -> List[Tuple[str, float, float]]:
     """(name, start_us, end_us) of the CUDA kernels of a finished torch.profiler run (not GPU annotations
     such as "nccl:all_reduce" ranges, which span kernels already listed)."""
@@ -137,6 +158,10 @@ def profiled(out_dir: Path, step: int, rank: int, device: torch.device):
         lines.append(f"device kernels {kernel_us / 1e3:.1f} ms = {kernel_us / 1e4 / wall:.0f}% of the wall time "
                      f"(streams overlap: NCCL kernels count too)")
         lines.append(timeline_line(timeline(kernels, wall * 1e6)))
+        gaps = idle_gaps(kernels, top=5)
+        lines.append(f"idle gaps > {gaps['min_us']:.0f} us: {gaps['gaps']}, {gaps['idle_us'] / 1e3:.1f} ms"
+                     + "".join(f"\n  {g['us'] / 1e3:.2f} ms in {g['count']} after {g['after']} before {g['before']}"
+                               for g in gaps["top"]))
         lines.append(f"host syncs: {sum(syncs.values())}" + "".join(f"\n  {n} x {where}"
                                                                      for where, n in syncs.most_common(10)))
     log.info("%s\n%s", "\n".join(lines), table)

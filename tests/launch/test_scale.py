@@ -106,6 +106,21 @@ def test_timeline_separates_hidden_and_exposed_communication():
     assert t["compute_us"] == 10 and t["idle_us"] == 0 and t["exposed_comm_us"] == 0
 
 
+def test_idle_gaps_group_the_stretches_with_no_kernel_by_the_kernels_around_them():
+    from trainer.profile import idle_gaps
+
+    # 0-10 gemm, gap 15, 25-30 sendrecv (an all-to-all after a host sync), 28-40 silu under it, gap 10,
+    # 50-55 gemm, gap 15, 70-80 sendrecv, then 5 us to a tiny kernel: under min_us, not a gap
+    k = [("gemm", 0, 10), ("ncclDevKernel_SendRecv", 25, 30), ("silu", 28, 40), ("gemm", 50, 55),
+         ("ncclDevKernel_SendRecv", 70, 80), ("tiny", 85, 86)]
+    g = idle_gaps(k, min_us=8.0)
+    assert g["gaps"] == 3 and g["idle_us"] == 40
+    first = g["top"][0]
+    assert (first["after"], first["before"], first["count"], first["us"]) == ("gemm", "ncclDevKernel_SendRecv", 2, 30)
+    assert (g["top"][1]["after"], g["top"][1]["before"], g["top"][1]["us"]) == ("silu", "gemm", 10)
+    assert idle_gaps(k, min_us=20.0)["gaps"] == 0 and idle_gaps([])["top"] == []
+
+
 def test_device_kernels_leave_out_gpu_annotations():
     import torch
     from types import SimpleNamespace as NS
