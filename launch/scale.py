@@ -2,6 +2,7 @@
 
     python -m launch.scale          # bench-3b, 4096 x 4 per data-parallel rank: 1 GPU, then fsdp, ep, tp, hsdp on 2
     python -m launch.scale --layouts single,fsdp,ep --compile --json scale.json --md scale.md
+    python -m launch.scale --layouts single,fsdp,ep --compile --repeat 3   # medians of 3 interleaved rounds
     python -m launch.scale --device cpu --preset tiny --seq 64 --micro-batch 2 --steps 4 --warmup 2 --log-every 2 \
         --ceiling-size 0 --comm-profile none      # CPU smoke run (gloo)
 
@@ -20,7 +21,10 @@ Reported per configuration: tokens/s of the whole job and per GPU, scaling effic
 ceiling measured on this machine as `launch.bench` does), peak memory, and for the layouts in `--comm-profile`
 (default tp) the share of a training step's GPU time spent in NCCL kernels, from torch.profiler
 (`launch/comm_profile.py`, a separate torchrun of a few steps on random tokens). Output: a markdown table on
-stdout (and `--md`), everything in `--json`.
+stdout (and `--md`), everything in `--json`, and a line comparing every other multi-GPU layout with fsdp.
+On 2 H200s the same layout has differed by several percent between leases (EP: 91.1% and 95.3% of FSDP), so
+`--repeat N` runs N interleaved rounds over the layouts and reports each layout's median run with the spread
+of all of them (`runs` in the JSON holds every run).
 
 Layouts on N GPUs (`--gpus`, default 2): single (1 GPU, the baseline), fsdp (dp_shard=N), ep (ep=2 over
 dp_shard=N), ep_padded (the same with parallel.ep_exchange=padded: no host sync per MoE layer), tp (tp=2, dp=N/2: each tensor-parallel pair processes one micro-batch, so per-GPU tokens/s is
@@ -37,9 +41,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT_NAMES = ("single", "fsdp", "ep", "ep_padded", "tp", "hsdp")
@@ -91,6 +95,7 @@ class Result:
     run_dir: str = ""
     error: str = ""
     command: List[str] = field(default_factory=list)
+    runs_per_gpu: List[float] = field(default_factory=list)  # --repeat: every ok run's tokens/s per GPU, sorted
 
 
 # ---- metrics.jsonl -> throughput ------------------------------------------------------------------
@@ -146,6 +151,29 @@ def fill(res: Result, tp: dict, lay: Layout, flops_per_token: Optional[float], c
     res.status = "ok"
 
 
+def aggregate(runs: Sequence[Result], flops_per_token: Optional[float] = None,
+              ceiling: Optional[float] = None) -> List[Result]:
+    """One row per layout (in first-run order) from all its runs (--repeat): the median run by tokens/s per
+    GPU (the lower of the two middle ones for an even count), all runs' per-GPU rates kept sorted in
+    `runs_per_gpu`, and the efficiency against the median single-GPU rate. A layout none of whose runs
+    succeeded keeps its first failure."""
+    by_name: Dict[str, List[Result]] = {}
+    for r in runs:
+        by_name.setdefault(r.layout, []).append(r)
+    rows = []
+    for name, rs in by_name.items():
+        ok = sorted((r for r in rs if r.status == "ok"), key=lambda r: r.tokens_per_s_per_gpu)
+        row = replace(ok[(len(ok) - 1) // 2] if ok else rs[0])
+        row.runs_per_gpu = [r.tokens_per_s_per_gpu for r in ok]
+        rows.append(row)
+    base = next((r.tokens_per_s_per_gpu for r in rows if r.layout == "single" and r.status == "ok"), None)
+    for r in rows:
+        r.efficiency = r.tokens_per_s_per_gpu / base if (base and r.status == "ok") else None
+        if r.status == "ok" and flops_per_token and ceiling:
+            r.mfu = flops_per_token * r.tokens_per_s_per_gpu / (ceiling * 1e12)
+    return rows
+
+
 # ---- report ---------------------------------------------------------------------------------------
 def _f(x, spec: str, scale: float = 1.0, unit: str = "") -> str:
     return "-" if x is None else format(x * scale, spec) + unit
@@ -167,10 +195,18 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
             if "nccl_exposed_share_of_wall" in r.comm:  # CUDA: the part no computation hid
                 comm += f"; not hidden {100 * r.comm['nccl_exposed_share_of_wall']:.1f}%"
         status = "" if r.status == "ok" else f" **{r.status}**"
+        if len(r.runs_per_gpu) > 1:  # --repeat: the row is the median run; the spread of all of them
+            status += (f" (median of {len(r.runs_per_gpu)} runs, per GPU {r.runs_per_gpu[0]:,.0f}-"
+                       f"{r.runs_per_gpu[-1]:,.0f})")
         lines.append(f"| {r.layout}{status} | {r.gpus} | {_f(r.tokens_per_s, ',.0f')} | "
                      f"{_f(r.tokens_per_s_per_gpu, ',.0f')} | {_f(r.efficiency, '.1f', 100, '%')} | "
                      f"{_f(r.mfu, '.1f', 100, '%')} | {_f(r.step_ms, '.0f')} | {_f(r.peak_gib, '.1f')} | {comm} | "
                      f"{_f(r.moe_rank_load_max, '.2f')} |")
+    fsdp = next((r for r in results if r.layout == "fsdp" and r.status == "ok"), None)
+    others = [r for r in results if r.status == "ok" and r.gpus > 1 and r.layout != "fsdp"]
+    if fsdp and others:  # the issue's EP goal is against FSDP on the same GPUs
+        lines += ["", "tokens/s per GPU against fsdp: " + ", ".join(
+            f"{r.layout} {100 * r.tokens_per_s_per_gpu / fsdp.tokens_per_s_per_gpu:.1f}%" for r in others)]
     return "\n".join(lines)
 
 
@@ -259,40 +295,50 @@ def run_all(args: argparse.Namespace) -> dict:
         meta.update(environment())
     except Exception as e:  # noqa: BLE001 - informational only
         meta["environment_error"] = str(e)
-    report = {"meta": meta, "results": []}
-    baseline = None
-    results: List[Result] = []
-    for name in args.layouts:
-        lay = layout(name, args.gpus)
-        run_dir = out_dir / name
-        shutil.rmtree(run_dir, ignore_errors=True)  # this script's own output: a fresh metrics.jsonl
-        run_dir.mkdir(parents=True)
-        cmd = torchrun(lay.gpus, "train.py", *train_overrides(args, lay, run_dir))
-        res = Result(name, lay.gpus, run_dir=str(run_dir), command=cmd)
-        print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
-        code, res.wall_s = run_logged(cmd, run_dir / "torchrun.log", args.timeout, env)
-        if code != 0:
-            res.status = "timeout" if code is None else f"exit {code}"
-            res.error = tail(run_dir / "torchrun.log")
-            print(f"[{name}] {res.status} after {res.wall_s:.0f} s; log {run_dir / 'torchrun.log'}:\n"
-                  f"{res.error[-1500:]}", flush=True)
-        else:
-            try:
-                tp = timed_throughput(read_records(run_dir / "metrics.jsonl"), args.warmup)
-                if name == "single":
-                    baseline = tp["tokens_per_s"]
-                fill(res, tp, lay, fpt, ceiling, baseline)
-            except ValueError as e:
-                res.status, res.error = "no timed steps", str(e)
-            print(f"[{name}] {res.status}: {_f(res.tokens_per_s, ',.0f')} tokens/s, "
-                  f"{_f(res.tokens_per_s_per_gpu, ',.0f')} per GPU, {_f(res.efficiency, '.1f', 100, '%')} of 1 GPU, "
-                  f"MFU {_f(res.mfu, '.1f', 100, '%')} ({res.wall_s:.0f} s)", flush=True)
-        if name in args.comm_profile and res.status == "ok":
-            res.comm = comm_profile(args, lay, run_dir, env)
-        results.append(res)
-        report["results"] = [asdict(r) for r in results]
-        save(args, report, results, meta)
+    report = {"meta": meta, "results": [], "runs": []}
+    runs: List[Result] = []
+    for rnd in range(args.repeat):
+        for name in args.layouts:
+            lay = layout(name, args.gpus)
+            run_dir = out_dir / (name if rnd == 0 else f"{name}.r{rnd + 1}")
+            res = run_layout(args, lay, run_dir, env, fpt, ceiling)
+            if rnd == 0 and name in args.comm_profile and res.status == "ok":
+                res.comm = comm_profile(args, lay, run_dir, env)
+            runs.append(res)
+            results = aggregate(runs, fpt, ceiling)
+            first = {r.layout: r.comm for r in runs if r.comm}  # the profile runs once, with the first round
+            for r in results:
+                r.comm = first.get(r.layout)
+            report["results"] = [asdict(r) for r in results]
+            report["runs"] = [asdict(r) for r in runs]
+            save(args, report, results, meta)
     return report
+
+
+def run_layout(args: argparse.Namespace, lay: Layout, run_dir: Path, env: dict, fpt: Optional[float],
+               ceiling: Optional[float]) -> Result:
+    """One torchrun of train.py for a layout; its rate from metrics.jsonl (efficiency: see `aggregate`)."""
+    name = lay.name
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own output: a fresh metrics.jsonl
+    run_dir.mkdir(parents=True)
+    cmd = torchrun(lay.gpus, "train.py", *train_overrides(args, lay, run_dir))
+    res = Result(name, lay.gpus, run_dir=str(run_dir), command=cmd)
+    print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+    code, res.wall_s = run_logged(cmd, run_dir / "torchrun.log", args.timeout, env)
+    if code != 0:
+        res.status = "timeout" if code is None else f"exit {code}"
+        res.error = tail(run_dir / "torchrun.log")
+        print(f"[{name}] {res.status} after {res.wall_s:.0f} s; log {run_dir / 'torchrun.log'}:\n"
+              f"{res.error[-1500:]}", flush=True)
+        return res
+    try:
+        fill(res, timed_throughput(read_records(run_dir / "metrics.jsonl"), args.warmup), lay, fpt, ceiling, None)
+    except ValueError as e:
+        res.status, res.error = "no timed steps", str(e)
+    print(f"[{name}] {res.status}: {_f(res.tokens_per_s, ',.0f')} tokens/s, "
+          f"{_f(res.tokens_per_s_per_gpu, ',.0f')} per GPU, MFU {_f(res.mfu, '.1f', 100, '%')} "
+          f"({res.wall_s:.0f} s)", flush=True)
+    return res
 
 
 def comm_profile(args: argparse.Namespace, lay: Layout, run_dir: Path, env: dict) -> Optional[dict]:
@@ -355,6 +401,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", help="dtype of the ceiling matmul (default bf16)")
     p.add_argument("--ceiling-size", type=int, default=None,
                    help="n of the n^3 ceiling matmul (default 8192 on CUDA, 0 = skip elsewhere)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds over all layouts (interleaved: single, fsdp, ..., single, fsdp, ...); each row is "
+                        "its layout's median run, with the spread (default 1)")
     p.add_argument("--timeout", type=float, default=600,
                    help="seconds per torchrun; past it the workers' Python stacks go to its log, then it is killed")
     p.add_argument("--out-dir", default="runs/scale", help="run directories, one per layout (replaced)")
@@ -371,6 +420,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             layout(name, args.gpus)
     except ValueError as e:
         p.error(str(e))
+    if args.repeat < 1:
+        p.error(f"--repeat={args.repeat}: give 1 or more rounds")
     if not 0 <= args.warmup < args.steps:
         p.error(f"--warmup={args.warmup} must be in [0, --steps={args.steps})")
     if args.log_every < 1 or args.warmup % args.log_every or args.steps % args.log_every:

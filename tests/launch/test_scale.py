@@ -55,6 +55,37 @@ def test_fill_efficiency_and_mfu():
     assert "| tp **exit 1** | 2 | - |" in table
 
 
+def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
+    lay = {n: scale.layout(n, 2) for n in ("single", "fsdp", "ep")}
+
+    def run(name, rate, status="ok"):
+        res = scale.Result(name, lay[name].gpus, status="not run")
+        if status == "ok":
+            tp = {"tokens_per_s": rate * lay[name].gpus, "timed_steps": 8, "step_ms": 1e3 / rate,
+                  "peak_gib": 1.0, "loss_last": 3.0}
+            scale.fill(res, tp, lay[name], None, None, None)
+        else:
+            res.status = status
+        return res
+
+    runs = [run("single", 100.0), run("fsdp", 96.0), run("ep", 88.0),
+            run("single", 104.0), run("fsdp", 90.0), run("ep", 0.0, "timeout"),
+            run("single", 98.0), run("fsdp", 97.0), run("ep", 93.0)]
+    rows = {r.layout: r for r in scale.aggregate(runs, flops_per_token=1e12, ceiling=500.0)}
+    assert [r for r in rows] == ["single", "fsdp", "ep"]
+    assert rows["single"].tokens_per_s_per_gpu == 100.0 and rows["single"].runs_per_gpu == [98.0, 100.0, 104.0]
+    assert rows["fsdp"].tokens_per_s_per_gpu == 96.0 and rows["fsdp"].efficiency == pytest.approx(0.96)
+    assert rows["ep"].runs_per_gpu == [88.0, 93.0] and rows["ep"].tokens_per_s_per_gpu == 88.0  # lower middle
+    assert rows["fsdp"].mfu == pytest.approx(1e12 * 96 / 500e12)
+    table = scale.markdown(list(rows.values()), {"preset": "tiny", "seq": 64, "micro_batch": 2, "compile": False,
+                                                 "timed": 8, "warmup": 4, "dtype": "bf16", "ceiling_tflops": None,
+                                                 "device": "cpu"})
+    assert "| fsdp (median of 3 runs, per GPU 90-97) | 2 | 192 | 96 | 96.0% |" in table
+    assert "tokens/s per GPU against fsdp: ep 91.7%" in table
+    failed = scale.aggregate([run("ep", 0.0, "exit 1")])
+    assert failed[0].status == "exit 1" and failed[0].runs_per_gpu == [] and failed[0].efficiency is None
+
+
 def test_layouts_and_arguments():
     assert scale.layout("single", 2) == scale.Layout("single", 1, ("parallel=single",), 1)
     assert scale.layout("tp", 4).dp == 2 and scale.layout("ep", 4).dp == 4
@@ -69,7 +100,9 @@ def test_layouts_and_arguments():
     assert "optim.lr=3e-05" in over and "optim.schedule=constant" in over  # a real run's early LR (--lr)
     cmds = scale.main(["--dry-run", "--layouts", "single,ep"])["commands"]
     assert [c[4] for c in cmds] == ["--nproc_per_node=1", "--nproc_per_node=2"] and "parallel.ep=2" in cmds[1]
-    for bad in (["--log-every", "3"], ["--warmup", "12"], ["--layouts", "single,zero"], ["--gpus", "3"]):
+    assert scale.parse_args(["--repeat", "3"]).repeat == 3
+    for bad in (["--log-every", "3"], ["--warmup", "12"], ["--layouts", "single,zero"], ["--gpus", "3"],
+                ["--repeat", "0"]):
         with pytest.raises(SystemExit):
             scale.parse_args(bad)
 
