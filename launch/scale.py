@@ -96,6 +96,7 @@ class Result:
     error: str = ""
     command: List[str] = field(default_factory=list)
     runs_per_gpu: List[float] = field(default_factory=list)  # --repeat: every ok run's tokens/s per GPU, sorted
+    runs_failed: int = 0  # --repeat: runs of this layout that did not finish (listed in the JSON's "runs")
 
 
 # ---- metrics.jsonl -> throughput ------------------------------------------------------------------
@@ -165,6 +166,7 @@ def aggregate(runs: Sequence[Result], flops_per_token: Optional[float] = None,
         ok = sorted((r for r in rs if r.status == "ok"), key=lambda r: r.tokens_per_s_per_gpu)
         row = replace(ok[(len(ok) - 1) // 2] if ok else rs[0])
         row.runs_per_gpu = [r.tokens_per_s_per_gpu for r in ok]
+        row.runs_failed = len(rs) - len(ok)
         rows.append(row)
     base = next((r.tokens_per_s_per_gpu for r in rows if r.layout == "single" and r.status == "ok"), None)
     for r in rows:
@@ -198,6 +200,8 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
         if len(r.runs_per_gpu) > 1:  # --repeat: the row is the median run; the spread of all of them
             status += (f" (median of {len(r.runs_per_gpu)} runs, per GPU {r.runs_per_gpu[0]:,.0f}-"
                        f"{r.runs_per_gpu[-1]:,.0f})")
+        if r.runs_failed and r.status == "ok":
+            status += f" **{r.runs_failed} more run(s) failed**"
         lines.append(f"| {r.layout}{status} | {r.gpus} | {_f(r.tokens_per_s, ',.0f')} | "
                      f"{_f(r.tokens_per_s_per_gpu, ',.0f')} | {_f(r.efficiency, '.1f', 100, '%')} | "
                      f"{_f(r.mfu, '.1f', 100, '%')} | {_f(r.step_ms, '.0f')} | {_f(r.peak_gib, '.1f')} | {comm} | "

@@ -82,6 +82,8 @@ def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
                                                  "device": "cpu"})
     assert "| fsdp (median of 3 runs, per GPU 90-97) | 2 | 192 | 96 | 96.0% |" in table
     assert "tokens/s per GPU against fsdp: ep 91.7%" in table
+    assert "| ep (median of 2 runs, per GPU 88-93) **1 more run(s) failed** | 2 |" in table
+    assert rows["fsdp"].runs_failed == 0
     failed = scale.aggregate([run("ep", 0.0, "exit 1")])
     assert failed[0].status == "exit 1" and failed[0].runs_per_gpu == [] and failed[0].efficiency is None
 
