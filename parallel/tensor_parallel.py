@@ -26,7 +26,6 @@ instead (parallel/sequence_parallel.py); the plans above change only at the bloc
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from data import DataConfig, SourceConfig, build_dataloader
-from data.loader import build_stream
 from data.sources import make_source
 from tests.data.conftest import make_docs, write_jsonl
 

@@ -196,8 +196,6 @@ def validation_file(path: Path, seq_len: int, micro_batch: int) -> Path:
     tok = load_tokenizer(DataConfig())  # train.py's default tokenizer (cached; trained on first use)
     source = Path(argparse.__file__).read_text() + Path(pathlib.__file__).read_text()  # any text will do
     ids = tok.encode(source)
-    batch = seq_len * micro_batch
-
     def doc(tokens: int, offset: int) -> str:
         assert offset + tokens <= len(ids), "not enough source text for the validation documents"
         return tok.decode(ids[offset:offset + tokens])
