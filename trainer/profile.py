@@ -125,6 +125,25 @@ def is_sync_warning(message) -> bool:
 
 
 @contextlib.contextmanager
+def host_syncs(enabled: bool = True):
+    """Where the host synchronised with the CUDA device in the body: the list it yields gets one "file:line"
+    per synchronising call that `torch.cuda.set_sync_debug_mode("warn")` reports, filled when the body ends
+    (left empty when not `enabled`, e.g. on CPU)."""
+    found: List[str] = []
+    if not enabled:
+        yield found
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    found.extend(f"{w.filename}:{w.lineno}" for w in caught if is_sync_warning(w.message))
+
+
+@contextlib.contextmanager
 def profiled(out_dir: Path, step: int, rank: int, device: torch.device):
     """Profile the body (one training step); write the trace and log the summary."""
     from torch.profiler import ProfilerActivity, profile
@@ -134,15 +153,12 @@ def profiled(out_dir: Path, step: int, rank: int, device: torch.device):
     if cuda:
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught, profile(activities=acts) as prof:
-        warnings.simplefilter("always")
-        if cuda:
-            torch.cuda.set_sync_debug_mode("warn")
+    with profile(activities=acts) as prof:
         try:
-            yield
+            with host_syncs(cuda) as found:
+                yield
         finally:
             if cuda:
-                torch.cuda.set_sync_debug_mode("default")
                 torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -152,7 +168,7 @@ def profiled(out_dir: Path, step: int, rank: int, device: torch.device):
     table = prof.key_averages().table(sort_by=key, row_limit=20)
     kernels = device_kernels(prof) if cuda else []
     kernel_us = sum(end - start for _, start, end in kernels)
-    syncs = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if is_sync_warning(w.message))
+    syncs = collections.Counter(found)
     lines = [f"profile of step {step} on rank {rank}: {wall * 1e3:.1f} ms wall; trace {trace}"]
     if cuda:
         lines.append(f"device kernels {kernel_us / 1e3:.1f} ms = {kernel_us / 1e4 / wall:.0f}% of the wall time "

@@ -179,9 +179,7 @@ def run_reshard(specs, ckpt_dir: str, result: dict) -> None:
 def count_syncs(spec: str, result: dict) -> None:
     """CUDA: where the host waited for the GPU in one forward + backward of the layout (after a first one),
     as `torch.cuda.set_sync_debug_mode("warn")` reports them: "file:line" of each synchronising call."""
-    import warnings
-
-    from trainer.profile import is_sync_warning
+    from trainer.profile import host_syncs
 
     model, dims = build(spec)
     opt = make_optimizer(model)
@@ -189,14 +187,9 @@ def count_syncs(spec: str, result: dict) -> None:
     opt.zero_grad()
     ids, targets = local_batch(dims, 1)
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            model(ids, targets=targets).loss.backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    result[f"syncs:{spec}"] = [f"{w.filename}:{w.lineno}" for w in caught if is_sync_warning(w.message)]
+    with host_syncs() as syncs:
+        model(ids, targets=targets).loss.backward()
+    result[f"syncs:{spec}"] = syncs
 
 
 def reference(model_overrides: dict) -> dict:

@@ -5,14 +5,13 @@ read to decide whether to step and whether to stop): no per-micro-batch `.item()
 or expert counts, no separate read of the gradient norm, no blocking host-to-device batch copies.
 `torch.cuda.set_sync_debug_mode("warn")` reports every synchronising CUDA call."""
 
-import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.profile import is_sync_warning
+from trainer.profile import host_syncs
 from trainer_standins import StandInLM, StandInLoader, small_run_config
 
 pytestmark = pytest.mark.gpu
@@ -52,14 +51,8 @@ def test_one_host_sync_per_training_step(tmp_path):
     trainer.train_step(stage)  # first step: optimizer state, allocator warm-up
     trainer.state.step += 1
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = trainer.train_step(stage)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if is_sync_warning(w.message)]  # where each came from
+    with host_syncs() as syncs:  # "file:line" of each
+        out = trainer.train_step(stage)
     assert len(syncs) == 1, syncs
     assert out["finite"] and out["expert_counts"].device.type == "cuda"
 
