@@ -115,11 +115,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
                    if getattr(e, "device_type", None) == DeviceType.CUDA]
         result = summarize(kernels, wall_ms, args.steps)
         if device.type == "cuda":
-            tl = timeline(device_kernels(prof), wall_ms * 1e3)
+            spans = device_kernels(prof)
+            tl = timeline(spans, wall_ms * 1e3)
             result["timeline_ms_per_step"] = {k.removesuffix("_us"): v / 1e3 / args.steps for k, v in tl.items()}
             result["nccl_exposed_share_of_wall"] = tl["exposed_comm_us"] / tl["wall_us"] if wall_ms else 0.0
             # where the idle time is: gaps grouped by the kernels around them (summed over the profiled steps)
-            result["idle_gaps"] = idle_gaps(device_kernels(prof))
+            result["idle_gaps"] = idle_gaps(spans)
         result.update(world_size=world.world_size, layout=str(layout.dims), rank=world.rank)
         if world.is_main:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

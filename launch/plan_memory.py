@@ -135,8 +135,8 @@ def ffn_bytes(d: ActivationDims, kind: str) -> Tuple[float, float]:
     if kind == "mlp":
         return d.H * A + keep * d.i * A, d.H * A + 3 * d.i * A
     kx = d.k * d.pad  # expert rows per token: the routed copies, or with padded EP blocks ep x as many
-    keep = 2 if d.experts_compiled else 4
-    saved = d.H * A + 2 * kx * d.H * A + keep * kx * d.i * A + d.E * (A + 4) + 28 * d.k
+    keep_experts = 2 if d.experts_compiled else 4
+    saved = d.H * A + 2 * kx * d.H * A + keep_experts * kx * d.i * A + d.E * (A + 4) + 28 * d.k
     temp = d.H * A + 3 * kx * d.i * A + 2 * kx * d.H * A
     return saved, temp
 

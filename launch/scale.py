@@ -152,12 +152,12 @@ def fill(res: Result, tp: dict, lay: Layout, flops_per_token: Optional[float], c
     res.status = "ok"
 
 
-def aggregate(runs: Sequence[Result], flops_per_token: Optional[float] = None,
-              ceiling: Optional[float] = None) -> List[Result]:
+def aggregate(runs: Sequence[Result]) -> List[Result]:
     """One row per layout (in first-run order) from all its runs (--repeat): the median run by tokens/s per
-    GPU (the lower of the two middle ones for an even count), all runs' per-GPU rates kept sorted in
-    `runs_per_gpu`, and the efficiency against the median single-GPU rate. A layout none of whose runs
-    succeeded keeps its first failure."""
+    GPU (the lower of the two middle ones for an even count; its MFU is its own), all runs' per-GPU rates
+    kept sorted in `runs_per_gpu`, the NCCL profile of whichever run had one (the first round's), and the
+    efficiency against the median single-GPU rate. A layout none of whose runs succeeded keeps its first
+    failure."""
     by_name: Dict[str, List[Result]] = {}
     for r in runs:
         by_name.setdefault(r.layout, []).append(r)
@@ -167,12 +167,11 @@ def aggregate(runs: Sequence[Result], flops_per_token: Optional[float] = None,
         row = replace(ok[(len(ok) - 1) // 2] if ok else rs[0])
         row.runs_per_gpu = [r.tokens_per_s_per_gpu for r in ok]
         row.runs_failed = len(rs) - len(ok)
+        row.comm = next((r.comm for r in rs if r.comm), None)
         rows.append(row)
     base = next((r.tokens_per_s_per_gpu for r in rows if r.layout == "single" and r.status == "ok"), None)
     for r in rows:
         r.efficiency = r.tokens_per_s_per_gpu / base if (base and r.status == "ok") else None
-        if r.status == "ok" and flops_per_token and ceiling:
-            r.mfu = flops_per_token * r.tokens_per_s_per_gpu / (ceiling * 1e12)
     return rows
 
 
@@ -309,10 +308,7 @@ def run_all(args: argparse.Namespace) -> dict:
             if rnd == 0 and name in args.comm_profile and res.status == "ok":
                 res.comm = comm_profile(args, lay, run_dir, env)
             runs.append(res)
-            results = aggregate(runs, fpt, ceiling)
-            first = {r.layout: r.comm for r in runs if r.comm}  # the profile runs once, with the first round
-            for r in results:
-                r.comm = first.get(r.layout)
+            results = aggregate(runs)
             report["results"] = [asdict(r) for r in results]
             report["runs"] = [asdict(r) for r in runs]
             save(args, report, results, meta)

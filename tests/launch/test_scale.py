@@ -63,7 +63,7 @@ def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
         if status == "ok":
             tp = {"tokens_per_s": rate * lay[name].gpus, "timed_steps": 8, "step_ms": 1e3 / rate,
                   "peak_gib": 1.0, "loss_last": 3.0}
-            scale.fill(res, tp, lay[name], None, None, None)
+            scale.fill(res, tp, lay[name], flops_per_token=1e12, ceiling=500.0, baseline=None)
         else:
             res.status = status
         return res
@@ -71,7 +71,8 @@ def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
     runs = [run("single", 100.0), run("fsdp", 96.0), run("ep", 88.0),
             run("single", 104.0), run("fsdp", 90.0), run("ep", 0.0, "timeout"),
             run("single", 98.0), run("fsdp", 97.0), run("ep", 93.0)]
-    rows = {r.layout: r for r in scale.aggregate(runs, flops_per_token=1e12, ceiling=500.0)}
+    runs[4].comm = {"nccl_ms_by_kind": {}, "nccl_share_of_wall": 0.1}  # a profiled run that is not the median
+    rows = {r.layout: r for r in scale.aggregate(runs)}
     assert [r for r in rows] == ["single", "fsdp", "ep"]
     assert rows["single"].tokens_per_s_per_gpu == 100.0 and rows["single"].runs_per_gpu == [98.0, 100.0, 104.0]
     assert rows["fsdp"].tokens_per_s_per_gpu == 96.0 and rows["fsdp"].efficiency == pytest.approx(0.96)
@@ -83,7 +84,8 @@ def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
     assert "| fsdp (median of 3 runs, per GPU 90-97) | 2 | 192 | 96 | 96.0% |" in table
     assert "tokens/s per GPU against fsdp: ep 91.7%" in table
     assert "| ep (median of 2 runs, per GPU 88-93) **1 more run(s) failed** | 2 |" in table
-    assert rows["fsdp"].runs_failed == 0
+    assert rows["fsdp"].runs_failed == 0 and rows["fsdp"].comm is runs[4].comm and rows["ep"].comm is None
+    assert "| 1.0 | 10.0% | - |" in table
     failed = scale.aggregate([run("ep", 0.0, "exit 1")])
     assert failed[0].status == "exit 1" and failed[0].runs_per_gpu == [] and failed[0].efficiency is None
 
