@@ -71,6 +71,12 @@ class JambaConfig:
     """Coefficient of the load-balancing loss (HF's load_balancing_loss_func) in the total loss."""
     router_z_loss_coef: float = 0.0
     """Coefficient of the router z-loss (mean of logsumexp(router_logits)^2)."""
+    moe_force_balance: bool = False
+    """Benchmarking only (as Megatron-Core's --moe-router-force-load-balancing): token n's k experts are
+    n*k, ..., n*k+k-1 (mod E) instead of the router's top-k, so every expert gets the same number of token
+    copies; the router still weights them with its probabilities (and learns). Measures expert parallelism at
+    the balance a trained router reaches, where a fresh model's routing collapses onto few experts. Never
+    for real training."""
     moe_token_chunk: Optional[int] = None
     """Run each MoE layer over chunks of this many tokens, each recomputed on its own in backward, so only
     one chunk's expert activations are alive at a time (long context); None = all tokens at once."""

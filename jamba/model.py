@@ -26,6 +26,17 @@ from jamba.moe import MoE, GroupedExperts, load_balancing_loss, router_z_loss, s
 logger = logging.getLogger(__name__)
 
 
+class LMHead(nn.Linear):
+    """The output projection (vocab_size, hidden). Besides `forward` (logits) it has a second entry point,
+    `loss`: the chunked cross-entropy reads the weight directly and never materialises (B, L, V) logits.
+    Being a method of this module lets a wrapper that hooks module calls hook the loss too (parallel/
+    gives lm_head its own FSDP unit and registers `loss` as one of its forward methods)."""
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
+             chunk_size: Optional[int]) -> torch.Tensor:
+        return loss_fn(hidden, self.weight, targets, chunk_size=chunk_size)
+
+
 @dataclass
 class JambaOutput:
     """loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (when labels or
@@ -130,7 +141,7 @@ class JambaForCausalLM(nn.Module):
         cfg.validate()
         self.config = cfg
         self.model = JambaModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.moe_stats_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         # (hidden, lm_head.weight, labels, chunk_size=) -> mean CE; parallel/ swaps in a vocab-parallel one
         self.loss_fn: Callable[..., torch.Tensor] = chunked_cross_entropy
@@ -220,7 +231,7 @@ class JambaForCausalLM(nn.Module):
         if targets is None:
             out.logits = self.lm_head(h)  # (B, L, V)
             return out
-        out.lm_loss = self.loss_fn(h, self.lm_head.weight, targets, chunk_size=cfg.loss_chunk_size)
+        out.lm_loss = self.lm_head.loss(h, targets, self.loss_fn, cfg.loss_chunk_size)
         loss = out.lm_loss
         if out.aux_loss is not None:
             if cfg.router_aux_loss_coef:

@@ -143,6 +143,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
         self.token_chunk = cfg.moe_token_chunk
+        self.force_balance = cfg.moe_force_balance
 
     def forward(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, L, H) -> (out (B, L, H), stats (2E+2,) fp32 (fp64 for fp64 models): [counts | prob_sum | z_sum | num_tokens])."""
@@ -167,7 +168,11 @@ class MoE(nn.Module):
         logits = self.router(x)  # (N, E), model dtype
         logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64)
         probs = torch.softmax(logits32, dim=-1)  # (N, E)
-        top_w, top_i = torch.topk(probs, k, dim=-1)  # (N, k)
+        if self.force_balance:  # benchmarking: round-robin experts, E | N*k copies each get N*k/E
+            top_i = (torch.arange(N * k, device=x.device) % E).view(N, k)  # (N, k)
+            top_w = probs.gather(1, top_i)
+        else:
+            top_w, top_i = torch.topk(probs, k, dim=-1)  # (N, k)
         if self.renormalize:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
 

@@ -11,7 +11,8 @@ sequence length and micro-batch per data-parallel rank (global batch = seq x mic
 gradient accumulation), `--steps` optimizer steps at a constant `--lr` (3e-5, a real run's early rate), no
 validation and no checkpoint. bench-3b's MoE routing collapses from initialisation within about 12 steps (at
 3e-5 as with a fast warm-up to 6e-4: one EP rank gets nearly every token of some layer), so an EP figure is
-measured at that balance: the EP rank load column says which. tokens/s comes from the
+measured at that balance: the EP rank load column says which (`--set model.moe_force_balance=true` routes
+round-robin instead, for EP at balanced routing; benchmarking only). tokens/s comes from the
 run's metrics.jsonl: the trainer logs every `--log-every` steps the tokens/s since its previous record, so the
 records after `--warmup` steps (compilation, allocator warm-up, the loader's first fill) are combined into
 total tokens / total time of the timed steps, with no extra host sync per step.
@@ -28,7 +29,10 @@ of all of them (`runs` in the JSON holds every run).
 
 Layouts on N GPUs (`--gpus`, default 2): single (1 GPU, the baseline), fsdp (dp_shard=N), ep (ep=2 over
 dp_shard=N), ep_padded (the same with parallel.ep_exchange=padded: no host sync per MoE layer), tp (tp=2, dp=N/2: each tensor-parallel pair processes one micro-batch, so per-GPU tokens/s is
-half the pair's), hsdp (dp_replicate=2 x dp_shard=N/2).
+half the pair's), hsdp (dp_replicate=2 x dp_shard=N/2). `--variant NAME=BASE;OVERRIDE;...` adds a layout
+for an A/B in the same rounds: BASE's overrides plus train.py overrides and `env:VAR=value` environment
+variables, e.g. `--variant "fsdp_root_head=fsdp;parallel.fsdp_lm_head_unit=false"` or
+`--variant "fsdp_ctas8=fsdp;env:NCCL_MAX_CTAS=8"`; list NAME in --layouts.
 """
 
 from __future__ import annotations
@@ -55,10 +59,39 @@ class Layout:
     gpus: int
     overrides: tuple
     dp: int  # data-parallel size: micro-batches processed per step
+    env: tuple = ()  # (VAR, value) pairs set for this layout's runs (--variant env:VAR=value)
 
 
-def layout(name: str, gpus: int) -> Layout:
-    """The parallel overrides of a named layout on `gpus` GPUs (single always runs on one)."""
+def parse_variant(spec: str) -> tuple:
+    """'NAME=BASE;OVERRIDE;env:VAR=value;...' -> (NAME, BASE, overrides, env pairs)."""
+    head, _, rest = spec.partition(";")
+    name, eq, base = head.partition("=")
+    if not eq or not name.strip() or not base.strip():
+        raise ValueError(f"--variant {spec!r}: write NAME=BASE;OVERRIDE;..., e.g. "
+                         f"'fsdp_root_head=fsdp;parallel.fsdp_lm_head_unit=false'")
+    overrides, env = [], []
+    for item in (x.strip() for x in rest.split(";")):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"--variant {spec!r}: {item!r} is neither KEY=VALUE nor env:VAR=value")
+        if item.startswith("env:"):
+            env.append(tuple(item[4:].split("=", 1)))
+        else:
+            overrides.append(item)
+    name, base = name.strip(), base.strip()
+    if name in LAYOUT_NAMES:
+        raise ValueError(f"--variant {spec!r}: {name!r} is a built-in layout; give the variant its own name")
+    return name, base, tuple(overrides), tuple(env)
+
+
+def layout(name: str, gpus: int, variants: Optional[Dict[str, tuple]] = None) -> Layout:
+    """The parallel overrides of a named layout on `gpus` GPUs (single always runs on one); `variants`
+    (name -> parse_variant's tuple) extend a built-in layout."""
+    if variants and name in variants:
+        _, base, overrides, env = variants[name]
+        b = layout(base, gpus)
+        return Layout(name, b.gpus, b.overrides + overrides, b.dp, b.env + env)
     if name == "single":
         return Layout("single", 1, ("parallel=single",), 1)
     if gpus < 2 or gpus % 2:
@@ -71,7 +104,8 @@ def layout(name: str, gpus: int) -> Layout:
         "hsdp": (("parallel=hsdp", "parallel.dp_replicate=2", f"parallel.dp_shard={gpus // 2}"), gpus),
     }
     if name not in table:
-        raise ValueError(f"--layouts: unknown layout {name!r}; choose from {', '.join(LAYOUT_NAMES)}")
+        raise ValueError(f"--layouts: unknown layout {name!r}; choose from {', '.join(LAYOUT_NAMES)} "
+                         f"or define it with --variant")
     overrides, dp = table[name]
     return Layout(name, gpus, overrides, dp)
 
@@ -95,6 +129,7 @@ class Result:
     run_dir: str = ""
     error: str = ""
     command: List[str] = field(default_factory=list)
+    env: List[str] = field(default_factory=list)  # a --variant's env:VAR=value settings, as VAR=value
     runs_per_gpu: List[float] = field(default_factory=list)  # --repeat: every ok run's tokens/s per GPU, sorted
     runs_failed: int = 0  # --repeat: runs of this layout that did not finish (listed in the JSON's "runs")
 
@@ -302,11 +337,12 @@ def run_all(args: argparse.Namespace) -> dict:
     runs: List[Result] = []
     for rnd in range(args.repeat):
         for name in args.layouts:
-            lay = layout(name, args.gpus)
+            lay = layout(name, args.gpus, args.variants)
             run_dir = out_dir / (name if rnd == 0 else f"{name}.r{rnd + 1}")
-            res = run_layout(args, lay, run_dir, env, fpt, ceiling)
+            lay_env = dict(env, **dict(lay.env))
+            res = run_layout(args, lay, run_dir, lay_env, fpt, ceiling)
             if rnd == 0 and name in args.comm_profile and res.status == "ok":
-                res.comm = comm_profile(args, lay, run_dir, env)
+                res.comm = comm_profile(args, lay, run_dir, lay_env)
             runs.append(res)
             results = aggregate(runs)
             report["results"] = [asdict(r) for r in results]
@@ -322,7 +358,7 @@ def run_layout(args: argparse.Namespace, lay: Layout, run_dir: Path, env: dict, 
     shutil.rmtree(run_dir, ignore_errors=True)  # this script's own output: a fresh metrics.jsonl
     run_dir.mkdir(parents=True)
     cmd = torchrun(lay.gpus, "train.py", *train_overrides(args, lay, run_dir))
-    res = Result(name, lay.gpus, run_dir=str(run_dir), command=cmd)
+    res = Result(name, lay.gpus, run_dir=str(run_dir), command=cmd, env=[f"{k}={v}" for k, v in lay.env])
     print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
     code, res.wall_s = run_logged(cmd, run_dir / "torchrun.log", args.timeout, env)
     if code != 0:
@@ -395,6 +431,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "measured at")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--profile-warmup", type=int, default=3)
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=BASE;OVERRIDE;...",
+                   help="an extra layout: a built-in one plus train.py overrides and env:VAR=value settings, "
+                        "separated by ';' (list NAME in --layouts)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra train.py override for every run, e.g. --set data.num_workers=2")
     p.add_argument("--device", default="cuda")
@@ -416,8 +455,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.ceiling_size is None:
         args.ceiling_size = 8192 if args.device == "cuda" else 0
     try:
+        args.variants = {v[0]: v for v in map(parse_variant, args.variant)}
         for name in args.layouts + args.comm_profile:
-            layout(name, args.gpus)
+            layout(name, args.gpus, args.variants)
     except ValueError as e:
         p.error(str(e))
     if args.repeat < 1:
@@ -433,9 +473,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def dry_run(args: argparse.Namespace) -> dict:
     cmds = []
     for name in args.layouts:
-        lay = layout(name, args.gpus)
+        lay = layout(name, args.gpus, args.variants)
         cmds.append(torchrun(lay.gpus, "train.py", *train_overrides(args, lay, Path(args.out_dir) / name)))
-        print(" ".join(cmds[-1][2:]))
+        print(" ".join([f"{k}={v}" for k, v in lay.env] + cmds[-1][2:]))
     return {"meta": {}, "results": [], "commands": cmds}
 
 

@@ -56,6 +56,9 @@ class ParallelConfig:
     reshard_after_forward: Optional[bool] = None
     """FSDP2: free unsharded parameters after forward (ZeRO-3 style). None = True for decoder layers
     and False for the root module (its parameters are needed again right at the start of backward)."""
+    fsdp_lm_head_unit: bool = True
+    """FSDP2: give an untied lm_head its own unit, so that its gradient's reduce-scatter overlaps the layers'
+    backward instead of waiting, exposed, at the end of backward with the root's (embedding, final norm)."""
 
     def __post_init__(self) -> None:
         # Shape checks that do not need the world size or the model (those live in ParallelDims).

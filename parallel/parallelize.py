@@ -4,8 +4,8 @@
     2. context parallelism (sequence over "cp"; wraps the mixers'   parallel/context_parallel.py
        seams after TP so its channel / head slices are of TP's local shards)
     3. expert parallelism (experts sharded over "ep", all-to-all)   parallel/expert_parallel.py
-    4. FSDP2 `fully_shard`: each decoder layer, then the root (HSDP when dp_replicate > 1);
-       expert parameters are sharded over the expert-data-parallel ranks only.
+    4. FSDP2 `fully_shard`: each decoder layer, the (untied) lm_head, then the root (HSDP when
+       dp_replicate > 1); expert parameters are sharded over the expert-data-parallel ranks only.
 
 Works on a model built on the meta device (then `to_empty` + `init_weights` after this call).
 """
@@ -44,7 +44,7 @@ def _decoder_layers(model: nn.Module):
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, device_type: str) -> None:
     """FSDP2 per decoder layer + root. Experts (when EP is on) get their own FSDP unit over "edp"."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     param_dtype, reduce_dtype = resolve_dtypes(dims, device_type)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
@@ -63,6 +63,12 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, device_type: str) -> None:
             # FSDP averages expert gradients over the edp ranks only; the 1/ep that makes this the mean
             # over all data-parallel ranks is applied in the experts' forward (parallel/expert_parallel.py).
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=layer_reshard)
+    if dims.cfg.fsdp_lm_head_unit and not model.config.tie_word_embeddings:
+        # The loss computes lm_head's gradient first in backward; in the root unit its reduce-scatter would
+        # wait for the embedding's at the very end of backward, exposed. In its own unit it is reduce-scattered
+        # while the layers' backward runs. Kept unsharded from forward to backward: backward starts with it.
+        fully_shard(model.lm_head, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+        register_fsdp_forward_method(model.lm_head, "loss")  # the training path calls lm_head.loss, not forward
     fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=bool(reshard))
 
 

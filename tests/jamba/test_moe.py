@@ -27,11 +27,12 @@ def random_moe(cfg, seed=0):
     return moe
 
 
-def reference_moe(moe, x, renormalize=False):
-    """Per token, per chosen expert: SwiGLU of that expert times its routing weight (HF semantics)."""
+def reference_moe(moe, x, renormalize=False, idx=None):
+    """Per token, per chosen expert: SwiGLU of that expert times its routing weight (HF semantics);
+    `idx` (N, k) imposes the experts instead of the router's top-k."""
     e = moe.experts
     probs = torch.softmax(x @ moe.router.weight.t(), dim=-1)
-    w, idx = torch.topk(probs, moe.top_k, dim=-1)
+    w, idx = torch.topk(probs, moe.top_k, dim=-1) if idx is None else (probs.gather(1, idx), idx)
     if renormalize:
         w = w / w.sum(-1, keepdim=True)
     out = torch.zeros_like(x)
@@ -65,6 +66,25 @@ def test_moe_gradients_match_reference():
     want = torch.autograd.grad((reference_moe(moe, x) * g.view(13, -1)).sum(), [x] + list(moe.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_forced_balance_routes_round_robin_weighted_by_the_router():
+    """moe.force_balance (benchmarking): equal counts per expert whatever the router says, outputs weighted by
+    the router's probabilities of the imposed experts, and the router still gets a gradient."""
+    cfg = small_cfg(moe_force_balance=True)  # 6 experts, top-2: 18 tokens -> 36 copies, 6 per expert
+    moe = random_moe(cfg).double()
+    with torch.no_grad():
+        moe.router.weight[0] += 10.0  # a collapsed router: without forcing, expert 0 would take every token
+    x = (torch.randn(18, cfg.hidden_size, dtype=torch.float64) + 1.0).requires_grad_()  # router row 0 wins
+    out, stats = moe(x.view(2, 9, -1))
+    assert stats[:cfg.num_experts].tolist() == [6.0] * 6
+    idx = (torch.arange(36) % 6).view(18, 2)
+    torch.testing.assert_close(out.view(18, -1), reference_moe(moe, x, idx=idx), rtol=1e-10, atol=1e-12)
+    out.square().sum().backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+    normal = random_moe(small_cfg()).double()
+    normal.load_state_dict(moe.state_dict())
+    assert normal(x.view(2, 9, -1))[1][0].item() == 18  # the same weights, routed by the router: collapsed
 
 
 def test_token_chunked_moe_equals_unchunked():

@@ -106,9 +106,21 @@ def test_layouts_and_arguments():
     assert [c[4] for c in cmds] == ["--nproc_per_node=1", "--nproc_per_node=2"] and "parallel.ep=2" in cmds[1]
     assert scale.parse_args(["--repeat", "3"]).repeat == 3
     for bad in (["--log-every", "3"], ["--warmup", "12"], ["--layouts", "single,zero"], ["--gpus", "3"],
-                ["--repeat", "0"]):
+                ["--repeat", "0"], ["--variant", "fsdp;x=1"], ["--variant", "v=fsdp;nokey"],
+                ["--variant", "ep=fsdp;x=1"], ["--variant", "v=bogus", "--layouts", "v"]):
         with pytest.raises(SystemExit):
             scale.parse_args(bad)
+
+
+def test_variant_is_a_layout_plus_overrides_and_environment():
+    args = scale.parse_args(["--layouts", "fsdp,v", "--variant",
+                             "v=ep; parallel.ep_exchange=padded ;env:NCCL_MAX_CTAS=8;curriculum.stages=[{a: 1, b: 2}]"])
+    lay = scale.layout("v", 2, args.variants)
+    assert lay == scale.Layout("v", 2, ("parallel=ep", "parallel.ep=2", "parallel.ep_exchange=padded",
+                                        "curriculum.stages=[{a: 1, b: 2}]"), 2, (("NCCL_MAX_CTAS", "8"),))
+    cmd = scale.main(["--dry-run", "--layouts", "v", "--variant", "v=single;model.num_hidden_layers=2"])["commands"][0]
+    assert "--nproc_per_node=1" in cmd and cmd[-1] != "model.num_hidden_layers=2"  # --set still comes last
+    assert "model.num_hidden_layers=2" in cmd
 
 
 def test_nccl_kernel_kinds_and_shares():
@@ -175,16 +187,20 @@ def test_cpu_run_single_and_fsdp(tmp_path):
     """The whole script on CPU: a 1-process and a 2-process (gloo) run of the tiny model."""
     out = tmp_path / "scale.json"
     cmd = [sys.executable, "-m", "launch.scale", "--device", "cpu", "--preset", "tiny", "--seq", "64",
-           "--micro-batch", "2", "--steps", "4", "--warmup", "2", "--log-every", "2", "--layouts", "single,fsdp",
-           "--comm-profile", "none", "--out-dir",
+           "--micro-batch", "2", "--steps", "4", "--warmup", "2", "--log-every", "2", "--layouts",
+           "single,fsdp,fsdp_root_head", "--variant", "fsdp_root_head=fsdp;parallel.fsdp_lm_head_unit=false;"
+           "env:JAMBA_SCALE_TEST=1", "--comm-profile", "none", "--out-dir",
            str(tmp_path / "runs"), "--json", str(out), "--md", str(tmp_path / "scale.md"), "--set",
            "train.num_threads=1", "--timeout", "240"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(out.read_text())
-    single, fsdp = rep["results"]
+    single, fsdp, variant = rep["results"]
     assert (single["layout"], single["gpus"], fsdp["layout"], fsdp["gpus"]) == ("single", 1, "fsdp", 2)
-    for res in (single, fsdp):
+    assert (variant["layout"], variant["gpus"], variant["env"]) == ("fsdp_root_head", 2, ["JAMBA_SCALE_TEST=1"])
+    assert "parallel.fsdp_lm_head_unit=false" in variant["command"]
+    assert "fsdp_lm_head_unit: false" in (Path(variant["run_dir"]) / ".hydra" / "config.yaml").read_text()
+    for res in (single, fsdp, variant):
         assert res["status"] == "ok" and res["timed_steps"] == 2 and res["tokens_per_s"] > 0, res
         assert math.isfinite(res["loss_last"])
     assert single["efficiency"] == 1.0

@@ -146,8 +146,11 @@ def run_layout(spec: str, result: dict) -> None:
         opt.zero_grad()
     params = {n: record(p) for n, p in model.named_parameters()}
     counts = counts.cpu()
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]  # "" is the root
     result[spec] = dict(losses=losses, grads=grads, params=params, expert_counts=counts, dims=str(dims),
-                        exchanges=dict(EXCHANGES))
+                        exchanges=dict(EXCHANGES), fsdp_units=units)
 
 
 def run_reshard(specs, ckpt_dir: str, result: dict) -> None:

@@ -33,7 +33,8 @@ from torchrun_worker import run_worker  # noqa: E402
 SP = "+sequence_parallel=true"
 BROKEN = "dp_shard=2+fault=1e-6"  # rank 0 scales its loss by 1 + 1e-6: must fail the checks
 PADDED = "+ep_exchange=padded"  # EP's fixed-size exchange (no host sync)
-LAYOUTS_2 = ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "ep=2" + PADDED, "tp=2+kv=1",
+ROOT_HEAD = "dp_shard=2+fsdp_lm_head_unit=false"  # lm_head in the root FSDP unit, as before the option
+LAYOUTS_2 = ["dp_shard=2", ROOT_HEAD, "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "ep=2" + PADDED, "tp=2+kv=1",
              "tp=2+kv=1" + SP]
 LAYOUTS_4 = ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+ep=2" + PADDED, "tp=2+dp_shard=2", "tp=2+ep=2" + SP,
              "dp_replicate=2+dp_shard=2+ep=2"]
@@ -91,6 +92,12 @@ def test_each_ep_layout_ran_its_exchange(runs):
             assert ex["sized"] == 0 and ex["padded"] >= 6, (spec, ex)
         else:
             assert ex["padded"] == 0 and ex["sized"] >= 6, (spec, ex)
+
+
+def test_lm_head_is_its_own_fsdp_unit_unless_turned_off(runs):
+    units = runs[0]["dp_shard=2"]["fsdp_units"]
+    assert "lm_head" in units and "" in units and "model.layers.0" in units, units
+    assert "lm_head" not in runs[0][ROOT_HEAD]["fsdp_units"]
 
 
 def test_a_broken_layout_fails(runs):
