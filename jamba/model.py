@@ -146,6 +146,10 @@ class JambaForCausalLM(nn.Module):
         # (hidden, lm_head.weight, labels, chunk_size=) -> mean CE; parallel/ swaps in a vocab-parallel one
         self.loss_fn: Callable[..., torch.Tensor] = chunked_cross_entropy
         self.tie_weights()
+        if cfg.moe_force_balance:
+            logger.warning("model.moe_force_balance=true: every MoE layer routes tokens round-robin, not by its "
+                           "router (for benchmarking expert parallelism only; the model does not learn routing). "
+                           "Remove it for real training.")
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 

@@ -12,7 +12,8 @@ kernel families, each priced from a measurement on one H100 (bench-3b, 16384 x 1
 | element-wise, norms, routing, conv | ELEMENTWISE_TRAFFIC x the layers' saved activation bytes per token, read at HBM speed (+1/3 when recomputed) | profile: 29 ms at 16K x 1 = 3.1 x bench-3b's 1.9 MB/token of saved activations at 3.35 TB/s |
 | AdamW | bytes per parameter (bf16: 14; fp32: 28, + 12 for train.py's gradient clipping) / (OPT_BW x HBM), once per optimizer step | profile: 19 ms for 3.0B bf16 parameters = 2.2 TB/s = 0.66 of HBM |
 | autocast weight casts | 6 bytes per parameter per forward (train.py on one rank: fp32 weights cast to bf16) | HBM speed |
-| communication | bytes / link bandwidth, not overlapped (cp all-to-alls, TP all-reduces, EP all-to-alls); FSDP's all-gathers and reduce-scatters overlap the layers' compute, only what exceeds it counts | assumption |
+| FSDP's copies | HBM bytes of FSDP2's all-gather copy-in / copy-out and reduce-scatter copy-in / cast (`_fsdp_copy_bytes`) at AdamW's HBM efficiency | 2 H200s, compiled: FSDP's compute equals one GPU's, whose AdamW and weight casts FSDP halves or drops (README) |
+| communication | bytes / link bandwidth, not overlapped (cp all-to-alls, TP all-reduces, EP all-to-alls); FSDP's all-gathers and reduce-scatters overlap the layers' compute, only what exceeds it counts, plus the step's first all-gathers and last reduce-scatter, which nothing hides | assumption; EP's all-to-alls measured 2.8x this price (`plan_points.jsonl`) |
 
 Communication volumes per rank and layer (a = 2 bytes, "x2" = forward and backward, "+1" per recomputed forward):
 - cp, Mamba-1 (sequence <-> channel all-to-all around conv + scan): 4 tensors of d_inner / tp per token
@@ -62,6 +63,31 @@ class TimePlan:
 def _collective(nbytes: float, size: int, bandwidth: float, factor: float = 1.0) -> float:
     """Seconds for a collective moving `factor` x (size - 1) / size of `nbytes` per rank."""
     return 0.0 if size <= 1 else factor * nbytes * (size - 1) / size / bandwidth
+
+
+def _fsdp_copy_bytes(s: Setup, local: float) -> float:
+    """HBM bytes per micro-batch of FSDP2's own copies, for `local` parameters per rank before sharding over
+    n = fsdp_dense ranks (fp32 shards, bf16 compute): each all-gather casts the fp32 shard into its bf16 input
+    (6 / n bytes per parameter) and copies the gathered buffer out into the parameters (read + write 4); the
+    reduce-scatter copies the bf16 gradients into its input in the reduce dtype (2 + r) and casts its output
+    shard to the fp32 gradient (r + 4) / n. All-gathers: 1 with reshard_after_forward=false, else 2 (forward,
+    backward); the reduce-scatter once per optimizer step. One rank's train.py has none of this but casts
+    its fp32 weights under autocast instead ("weight casts")."""
+    n, r = s.fsdp_dense, (2 if s.reduce_bf16 else 4)
+    gathers = 1 if not s.reshard_after_forward else 2
+    return local * (gathers * (6 / n + 4) + ((2 + r) + (r + 4) / n) / s.grad_accum)
+
+
+def _fsdp_exposed(s: Setup, top: Dict[str, float], first_layer, bandwidth: float) -> float:
+    """The collectives no computation hides: the step's first all-gathers (the root's embedding and final
+    norm, then the first layer's, before any compute) and its last reduce-scatter (the root's, after the
+    last backward kernel). lm_head has its own unit (parallel.fsdp_lm_head_unit) and overlaps."""
+    root = (top["embedding"] + top["final_norm"]) / s.tp
+    first = sum(first_layer) / s.tp
+    r = 2 if s.reduce_bf16 else 4
+    gather = _collective(2 * (root + first), s.fsdp_dense, bandwidth)
+    reduce = _collective(r * root, s.fsdp_dense, bandwidth) / s.grad_accum
+    return gather + reduce
 
 
 def plan_time(s: Setup, step_overhead: float = None) -> TimePlan:
@@ -127,7 +153,10 @@ def plan_time(s: Setup, step_overhead: float = None) -> TimePlan:
         "tp all-reduce": _collective(tp_bytes, s.tp, bw(s.tp, 1), factor=2.0),
         "ep all-to-all": _collective(ep_bytes, s.ep, bw(s.ep, s.tp)),
     }
-    compute = gemm + attn + scan + elem + opt + casts
+    fsdp_copies = 0.0
+    if s.fsdp:
+        fsdp_copies = _fsdp_copy_bytes(s, local) / (OPT_BW * hbm)
+    compute = gemm + attn + scan + elem + opt + casts + fsdp_copies
     if s.fsdp:
         fsdp_bytes = 2 * 2 * local + 4 * local / s.grad_accum  # bf16 all-gathers (fwd, bwd); fp32 reduce-scatter
         fsdp = _collective(fsdp_bytes, s.fsdp_dense, bw(s.fsdp_dense, s.cp * s.tp))
@@ -135,8 +164,9 @@ def plan_time(s: Setup, step_overhead: float = None) -> TimePlan:
             fsdp += _collective(4 * local / s.fsdp_dense, s.dp_replicate,
                                 bw(s.dp_replicate, s.dp_shard * s.cp * s.tp), factor=2.0)
         comm["fsdp (beyond overlap)"] = max(0.0, fsdp - compute)
+        comm["fsdp first gather, last reduce"] = _fsdp_exposed(s, top, layers[0], bw(s.fsdp_dense, s.cp * s.tp))
     parts = {"gemm": gemm, "attention": attn, "scan": scan, "elementwise": elem, "optimizer": opt,
-             "weight casts": casts, **comm}
+             "weight casts": casts, "fsdp copies": fsdp_copies, **comm}
     step = overhead * (compute + sum(comm.values()))
     tokens = s.dp * s.micro_batch * s.seq_len
     tps = tokens / step

@@ -109,6 +109,16 @@ def test_dense_model_has_no_moe_outputs():
     torch.testing.assert_close(out.loss, out.lm_loss)
 
 
+def test_forced_balance_warns_and_balances_the_whole_model(caplog):
+    cfg = get_preset("tiny", moe_force_balance=True)
+    with caplog.at_level("WARNING", logger="jamba.model"):
+        model = JambaForCausalLM(cfg)
+    assert "moe_force_balance=true" in caplog.text and "real training" in caplog.text
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    counts = model(x, labels=x).expert_counts  # (MoE layers, E): 32 tokens x k copies, E experts
+    assert (counts == 32 * cfg.num_experts_per_tok // cfg.num_experts).all(), counts
+
+
 def test_backward_reaches_every_parameter():
     cfg = tiny()
     torch.manual_seed(0)
