@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -208,15 +209,31 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, doc_ids=None) -> torch.Tensor:
         _log_doc_ids_once(doc_ids)
-        G, N, H, P = self.ngroups, self.d_state, self.nheads, self.head_dim
         zxbcdt = self.in_proj(hidden)  # (B, L, 2 Di + 2 G N + H)
-        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, H], dim=-1)
-        xBC = kernels.causal_conv1d(xBC.transpose(1, 2).contiguous(), self.conv1d.weight.squeeze(1),
-                                    self.conv1d.bias, activation="silu").transpose(1, 2)  # (B, L, conv_dim)
-        x, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
-        A = -torch.exp(_fp32(self.A_log))  # (H,)
-        y = kernels.ssd_scan(x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
-                             self.chunk_size, D=_fp32(self.D), dt_bias=_fp32(self.dt_bias),
-                             dt_softplus=True)  # (B, L, H, P)
-        y = self.norm(y.flatten(-2), z)  # (B, L, Di)
+        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        y = self._conv_ssd(xBC, dt)  # (B, L, Di)
+        y = self.norm(y, z)  # (B, L, Di)
         return self.out_proj(y)  # (B, L, H)
+
+    def _conv_ssd(self, xBC: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """The mixer's per-channel, per-head part: xBC (B, L, conv_dim), dt (B, L, H) -> y (B, L, Di).
+        A seam: context parallelism (parallel/context_parallel.py) runs it on whole sequences for a slice of
+        the heads."""
+        return conv_ssd(xBC, dt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.A_log, self.D,
+                        self.dt_bias, self.ngroups, self.d_state, self.head_dim, self.chunk_size)
+
+
+def conv_ssd(xBC: torch.Tensor, dt: torch.Tensor, conv_weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+             A_log: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, ngroups: int, d_state: int,
+             head_dim: int, chunk_size: int) -> torch.Tensor:
+    """Mamba-2's causal conv + SiLU over xBC = [x (H P) | B (G N) | C (G N)] (B, L, channels), then SSD with
+    H = dt.shape[-1] heads of head_dim P in G groups (head h reads group h // (H / G)) -> y (B, L, H P).
+    conv_weight (channels, k); A_log, D, dt_bias (H,)."""
+    G, N, P, H = ngroups, d_state, head_dim, dt.shape[-1]
+    xBC = kernels.causal_conv1d(xBC.transpose(1, 2).contiguous(), conv_weight, conv_bias,
+                                activation="silu").transpose(1, 2)  # (B, L, channels)
+    x, B, C = torch.split(xBC, [H * P, G * N, G * N], dim=-1)
+    A = -torch.exp(_fp32(A_log))  # (H,)
+    y = kernels.ssd_scan(x.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
+                         chunk_size, D=_fp32(D), dt_bias=_fp32(dt_bias), dt_softplus=True)  # (B, L, H, P)
+    return y.flatten(-2)

@@ -42,9 +42,10 @@ class ParallelConfig:
     bench-3b on 2 H200s (84-87% against 91-95% of FSDP's tokens/s; parallel/expert_parallel.py, README)."""
     cp: int = 1
     """Context parallelism: each sequence is split into cp contiguous chunks, one per rank, in every layer
-    (Mamba-1 by a sequence <-> channel all-to-all, attention by Ulysses heads; parallel/context_parallel.py).
-    cp ranks read the same rows; FSDP shards parameters over dp_shard x cp. Every sequence length (each
-    curriculum stage) must be divisible by cp, and d_inner by tp * cp."""
+    (Mamba-1 by a sequence <-> channel all-to-all, Mamba-2 by heads, attention by Ulysses heads;
+    parallel/context_parallel.py). cp ranks read the same rows; FSDP shards parameters over dp_shard x cp.
+    Every sequence length (each curriculum stage) must be divisible by cp; Mamba-1's d_inner by tp * cp;
+    Mamba-2's head count by cp, with cp dividing its B/C groups or they dividing cp."""
     sequence_parallel: bool = False
     """With tp > 1: keep the residual stream and the norm regions sharded on the sequence over the TP
     group (activation memory / tp there; needs seq_len % tp == 0). See parallel/sequence_parallel.py."""

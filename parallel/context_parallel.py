@@ -21,6 +21,13 @@ Per layer kind (the model code is unchanged; its mixers expose seams that this m
               dt/B/C norms (replicated), dt_proj rows / A_log / D / conv / dt bias of the slice
               selective scan unchanged (the CUDA kernels as they are) -> y (B, Di/cp, L)
               all-to-all channel -> sequence: y (B, Di, L/cp); out_proj on the local tokens
+    Mamba-2   in_proj on the local tokens -> z, xBC, dt; z stays (the gated norm runs on the local tokens)
+              all-to-all sequence -> heads: x with dt (B, L/cp, H, P + 1) -> (B, L, H/cp, P + 1), one exchange
+              all-gather of B and C along the sequence (2 G N per token); each rank keeps the groups its
+              heads read (cp divides G, or G divides cp: a rank's heads read whole groups or one group)
+              causal conv + SiLU and the SSD unchanged on the whole sequence for the rank's heads (conv
+              channels, A_log, D and dt_bias sliced to them) -> y (B, L, Di/cp)
+              all-to-all heads -> sequence: y (B, L/cp, Di); gated norm with z, out_proj on the local tokens
     attention q/k/v_proj on the local tokens; DeepSpeed-Ulysses-style all-to-all sequence -> heads:
               (B, heads, L/cp, hd) -> (B, heads/cp, L, hd); the model's own `_attend` (causal or document
               mask, RoPE positions, GQA) runs on the whole sequence for its heads; all-to-all back; o_proj.
@@ -63,7 +70,9 @@ c10d with the adjoint stated (`all_to_all` below), it is shared by the Mamba and
 gloo for the CPU tests, composes with our TP head shards and kv-head repetition, and keeps deepspeed an
 optional dependency (it is not installed on CPU). DeepSpeed's layer does the same exchange.
 
-Mamba-2 (SSD) mixers are not context-parallel yet (ParallelDims refuses cp > 1 with them, naming the fix).
+Mamba-2 takes design (a) too, by heads (the SSD's unit; B and C are shared by the heads of a group, so they
+are gathered whole: 2 G N per token against x's Di). Not tensor-parallel (ParallelDims refuses tp > 1 with
+Mamba-2), so its slices are of the whole mixer; cp can go up to the head count.
 """
 
 from __future__ import annotations
@@ -78,6 +87,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from jamba.mamba import conv_ssd
 from parallel.collectives import reduce_from_group
 from parallel.dims import ParallelDims, ulysses_heads
 
@@ -85,9 +95,11 @@ logger = logging.getLogger(__name__)
 
 
 # ---- collectives ---------------------------------------------------------------------------------
-TRAFFIC = {"all_to_all": 0, "all_reduce": 0}
-"""Bytes this process has sent through context parallelism's all-to-alls and x_proj sums (forward, backward
-and recomputation alike; an all-to-all sends (n-1)/n of its buffer, a ring all-reduce 2 (n-1)/n). Host-side
+TRAFFIC = {"all_to_all": 0, "all_reduce": 0, "all_gather": 0}
+"""Bytes this process has sent through context parallelism's all-to-alls, x_proj sums and sequence
+all-gathers (Mamba-2's B/C, attention's K/V fallback) with their backward sums (forward, backward and
+recomputation alike; an all-to-all sends (n-1)/n of its buffer, a ring all-reduce 2 (n-1)/n of it, a ring
+all-gather (n-1)/n of its output). Host-side
 arithmetic only. launch/bench_cp.py reports it per step; `traffic_per_step` predicts it."""
 
 
@@ -172,13 +184,16 @@ class _GatherSeq(torch.autograd.Function):
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(n)]
         dist.all_gather(parts, x, group=group)
-        return torch.cat(parts, dim=dim)
+        out = torch.cat(parts, dim=dim)
+        _count("all_gather", out, n)
+        return out
 
     @staticmethod
     def backward(ctx, g):
         dim, group, n, rank = ctx.args
         g = g.contiguous().clone()
         dist.all_reduce(g, group=group)
+        _count("all_reduce", g, n, 2.0)
         return g.chunk(n, dim=dim)[rank].contiguous(), None, None, None, None
 
 
@@ -247,6 +262,51 @@ def apply_cp_mamba1(mixer: nn.Module, cp: _Cp) -> None:
     mixer.register_forward_pre_hook(pre_hook)
     mixer.register_forward_hook(post_hook, always_call=True)
     mixer._in_proj, mixer._x_proj, mixer._out_proj = cp_in_proj, cp_x_proj, cp_out_proj
+
+
+# ---- Mamba-2 -------------------------------------------------------------------------------------
+def mamba2_groups(nheads: int, ngroups: int, cp: int, rank: int):
+    """The B/C groups [g0, g1) that cp rank `rank`'s heads [rank H/cp, (rank+1) H/cp) read (head h reads
+    group h // (H/G)); None where the heads of a rank do not map onto whole groups or one group in order
+    (then cp must divide G, or G divide cp)."""
+    if nheads % cp or not (ngroups % cp == 0 or cp % ngroups == 0):
+        return None
+    per_rank, per_group = nheads // cp, nheads // ngroups
+    g0 = rank * per_rank // per_group
+    return g0, max(g0 + 1, (rank + 1) * per_rank // per_group)
+
+
+def apply_cp_mamba2(mixer: nn.Module, cp: _Cp) -> None:
+    """Sequence <-> head all-to-all around a Mamba2Mixer's conv and SSD (`_conv_ssd`): in_proj, the gated
+    norm and out_proj stay on the local tokens (z never moves); x and dt go to head shards of the whole
+    sequence (B, L/cp, Di) -> (B, L, Di/cp); B and C (G N channels each, small) are all-gathered along the
+    sequence and each rank keeps the groups its heads read; conv + SSD run unchanged on whole sequences
+    (no halo, no state passing); y comes back by the inverse all-to-all. Parameters of the conv channels,
+    A_log, D and dt_bias are sliced to the rank's heads and groups (gradient only there; a group shared by
+    several ranks gets the sum of their parts, as Mamba-1's x_proj)."""
+    H, G, N, Di = mixer.nheads, mixer.ngroups, mixer.d_state, mixer.d_inner
+    g0, g1 = mamba2_groups(H, G, cp.n, cp.rank)
+    di = Di // cp.n
+    # conv channels of this rank: its x channels, then its groups' B and C channels
+    channels = torch.cat([torch.arange(cp.rank * di, (cp.rank + 1) * di), Di + torch.arange(g0 * N, g1 * N),
+                          Di + G * N + torch.arange(g0 * N, g1 * N)])
+
+    def cp_conv_ssd(xBC, dt):  # xBC (B, L/cp, Di + 2 G N), dt (B, L/cp, H) -> y (B, L/cp, Di)
+        x, bc = torch.split(xBC, [Di, 2 * G * N], dim=-1)
+        # x and dt in one all-to-all by heads: (B, L/cp, H, P + 1) -> (B, L, H/cp, P + 1)
+        xdt = all_to_all(torch.cat([x.unflatten(-1, (H, -1)), dt.unsqueeze(-1)], dim=-1), 2, 1, cp.group, cp.n)
+        x, dt = xdt[..., :-1].flatten(-2), xdt[..., -1]  # (B, L, di), (B, L, H/cp)
+        bc = _GatherSeq.apply(bc, 1, cp.group, cp.n, cp.rank)  # (B, L, 2 G N)
+        b, c = bc.split(G * N, dim=-1)
+        xbc = torch.cat([x, b[..., g0 * N:g1 * N], c[..., g0 * N:g1 * N]], dim=-1)  # (B, L, di + 2 (g1-g0) N)
+        idx = channels.to(xBC.device)
+        w = mixer.conv1d.weight.squeeze(1).index_select(0, idx)
+        bias = mixer.conv1d.bias.index_select(0, idx) if mixer.conv1d.bias is not None else None
+        y = conv_ssd(xbc, dt, w, bias, cp.chunk(mixer.A_log, 0), cp.chunk(mixer.D, 0), cp.chunk(mixer.dt_bias, 0),
+                     g1 - g0, N, mixer.head_dim, mixer.chunk_size)  # (B, L, di)
+        return all_to_all(y, 1, 2, cp.group, cp.n)  # (B, L/cp, Di)
+
+    mixer._conv_ssd = cp_conv_ssd
 
 
 # ---- attention -----------------------------------------------------------------------------------
@@ -414,12 +474,15 @@ def apply_cp(model: nn.Module, dims: ParallelDims) -> None:
             apply_cp_attention(layer.self_attn, cp)
             kinds.append("attention")
         elif hasattr(layer, "mamba"):
-            if not hasattr(layer.mamba, "_x_proj"):
-                raise NotImplementedError(f"context parallelism supports Mamba-1 mixers; layer {layer.layer_idx} "
-                                          f"is a {type(layer.mamba).__name__} (set model.mamba_mixer=mamba1 or "
-                                          f"parallel.cp=1)")
-            apply_cp_mamba1(layer.mamba, cp)
-            kinds.append("mamba")
+            if hasattr(layer.mamba, "_x_proj"):
+                apply_cp_mamba1(layer.mamba, cp)
+                kinds.append("mamba")
+            elif hasattr(layer.mamba, "_conv_ssd"):
+                apply_cp_mamba2(layer.mamba, cp)
+                kinds.append("mamba2")
+            else:
+                raise NotImplementedError(f"context parallelism: layer {layer.layer_idx}'s mixer "
+                                          f"{type(layer.mamba).__name__} has no seam to split (set parallel.cp=1)")
     shard_inputs(model, cp)
     model.loss_fn = cp_loss(model.loss_fn, cp)
     logger.info("context parallelism cp=%d over %d layers (%s)", cp.n, len(kinds),
@@ -431,11 +494,13 @@ def traffic_per_step(cfg, seq_len: int, batch: int, cp: int, tp: int = 1, itemsi
     backward, and the forward again for layers under activation checkpointing), for `batch` rows of
     `seq_len` tokens and activations of `itemsize` bytes (2 under bf16 autocast). Mamba-1 layers: x and z
     (2 Di/tp channels) and y (Di/tp) by all-to-all, [dt, B, C] (R + 2N per token, the whole sequence) by
-    all-reduce; attention (Ulysses): q, k, v and the output by all-to-all (None where it would all-gather
-    K/V instead). Measured against TRAFFIC in tests/launch/test_bench_cp.py."""
+    all-reduce; Mamba-2 layers: x with dt (Di + H channels) and y (Di) by all-to-all, B and C (2 G N per
+    token) by all-gather in every forward and an all-reduce of their gradient in backward; attention
+    (Ulysses): q, k, v and the output by all-to-all (None where it would all-gather K/V instead). Measured
+    against TRAFFIC in tests/launch/test_bench_cp.py."""
     from jamba.model import _checkpointed
 
-    Ls, a2a, ar = seq_len // cp, 0.0, 0.0
+    Ls, a2a, ar, ag = seq_len // cp, 0.0, 0.0, 0.0
     part = (cp - 1) / cp
     for spec in cfg.layer_specs():
         passes = 3 if _checkpointed(cfg, spec) else 2  # forward, backward (+ the recomputed forward)
@@ -443,11 +508,16 @@ def traffic_per_step(cfg, seq_len: int, batch: int, cp: int, tp: int = 1, itemsi
             nq, nkv = cfg.num_attention_heads // tp, max(cfg.num_key_value_heads // tp, 1)
             mode = ulysses_heads(nq, nkv, cp)
             if mode is None:
-                return {"all_to_all": None, "all_reduce": None}
+                return {"all_to_all": None, "all_reduce": None, "all_gather": None}
             nkv = nkv if mode == "shard" else cp
             a2a += passes * batch * Ls * cfg.attn_head_dim * (2 * nq + 2 * nkv) * part
+        elif cfg.mamba_mixer == "mamba2":
+            heads, bc = cfg.d_inner // cfg.mamba2_head_dim, 2 * cfg.mamba2_n_groups * cfg.mamba_d_state
+            a2a += passes * batch * Ls * (2 * cfg.d_inner + heads) * part
+            ag += (passes - 1) * batch * seq_len * bc * part  # every forward (recomputation included)
+            ar += batch * seq_len * bc * 2 * part  # their gradient, once in backward
         else:
             di = cfg.d_inner // tp
             a2a += passes * batch * Ls * 3 * di * part
             ar += passes * batch * seq_len * (cfg.dt_rank + 2 * cfg.mamba_d_state) * 2 * part
-    return {"all_to_all": int(a2a * itemsize), "all_reduce": int(ar * itemsize)}
+    return {"all_to_all": int(a2a * itemsize), "all_reduce": int(ar * itemsize), "all_gather": int(ag * itemsize)}

@@ -154,14 +154,21 @@ class ParallelDims:
             self._validate_cp(m, has_mamba)
 
     def _validate_cp(self, m: JambaConfig, has_mamba: bool) -> None:
-        """Context parallelism: Mamba-1 channels are split over tp * cp (see parallel/context_parallel.py);
-        attention takes any head count (Ulysses where cp divides the local heads, else all-gather of K/V)."""
+        """Context parallelism: Mamba-1 channels are split over tp * cp, Mamba-2 heads over cp (see
+        parallel/context_parallel.py); attention takes any head count (Ulysses where cp divides the local
+        heads, else all-gather of K/V)."""
         cp, tp = self.cp, self.tp
-        if has_mamba and m.mamba_mixer != "mamba1":
-            raise ConfigError(f"parallel.cp={cp}: context parallelism supports Mamba-1 mixers only, not "
-                              f"model.mamba_mixer={m.mamba_mixer!r}; set parallel.cp=1 or model.mamba_mixer=mamba1 "
-                              f"(Mamba-2 would need the all-to-all by heads or state passing through the SSD "
-                              f"kernel's initial states)")
+        if has_mamba and m.mamba_mixer == "mamba2":
+            from parallel.context_parallel import mamba2_groups
+
+            H, G = m.d_inner // m.mamba2_head_dim, m.mamba2_n_groups
+            if mamba2_groups(H, G, cp, 0) is None:
+                valid = [c for c in range(2, min(H, 64) + 1) if mamba2_groups(H, G, c, 0) is not None]
+                raise ConfigError(
+                    f"parallel.cp={cp}: the Mamba-2 mixers split their {H} heads (d_inner {m.d_inner} / "
+                    f"model.mamba2_head_dim={m.mamba2_head_dim}) over cp, so cp must divide them and each rank's "
+                    f"heads must read whole B/C groups or one group (cp divides model.mamba2_n_groups={G} or G "
+                    f"divides cp); choose cp in {valid}")
         nq, kv = m.num_attention_heads // tp, max(m.num_key_value_heads // tp, 1)  # TP-local heads
         allgather = any(s.mixer == "attention" for s in m.layer_specs()) and ulysses_heads(nq, kv, cp) is None
         if allgather and m.document_masking:
@@ -174,7 +181,7 @@ class ParallelDims:
                     f"model.document_masking=true through a dense (L/cp x L) mask, too large at sequence length "
                     f"{max(too_long)} (limit {ALLGATHER_KV_MAX_SEQ}); choose cp in {valid}, a smaller tp, or "
                     f"model.document_masking=false")
-        if has_mamba and m.d_inner % (tp * cp):
+        if has_mamba and m.mamba_mixer == "mamba1" and m.d_inner % (tp * cp):
             valid = _divisors(m.d_inner // tp, 1024) if m.d_inner % tp == 0 else [1]
             raise ConfigError(f"parallel.cp={cp}: d_inner (model.mamba_expand * model.hidden_size = {m.d_inner}) must "
                               f"be divisible by tp({tp}) * cp({cp}) (Mamba channels are split over both); choose "

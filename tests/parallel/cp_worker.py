@@ -11,6 +11,7 @@ Layout syntax: ParallelConfig keys plus model keys, joined by "+": "cp=2+tp=2+do
     kv=1        model.num_key_value_heads;  heads=2  model.num_attention_heads;  rope=1  model.use_rope
     compile=aot_eager   parallel.compile.apply_compile with that backend after the layout
     broken=1    x_proj's sum over cp loses its backward sum (a wrong adjoint the test must catch)
+    m2=G        Mamba-2 mixers (8 heads of 16 channels, G B/C groups) instead of Mamba-1
 Usage: torchrun --nproc_per_node N tests/parallel/cp_worker.py out=<file> layouts=a,b [dtype=float64] [device=cuda]
 (device=cuda: NCCL, fp32 with TF32 off, and rank 0 also writes the single-GPU references as "ref:<layout>").
 """
@@ -44,6 +45,8 @@ def parse(spec: str):
             model["_broken"] = True
         elif k == "seq":
             seq = int(v)
+        elif k == "m2":  # Mamba-2 mixers: tiny's 128 channels in 8 heads of 16, v B/C groups, SSD chunks of 32
+            model.update(mamba_mixer="mamba2", mamba2_head_dim=16, mamba2_n_groups=int(v), mamba2_chunk_size=32)
         elif k in MODEL_KEYS:
             model[MODEL_KEYS[k]] = bool(int(v)) if k in ("rope", "doc") else int(v)
         else:

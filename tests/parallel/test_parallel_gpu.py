@@ -64,9 +64,11 @@ def test_layouts_on_gpus(tmp_path, nproc):
             assert gerr <= tol and perr <= tol
 
 
-# the last 2-GPU one: one query head, which cp=2 cannot split: attention all-gathers K/V (with RoPE and the
-# explicit document mask), the fallback no other 2-GPU layout reaches
-CP_LAYOUTS = {2: ["cp=2+doc=1", "cp=2+seq=4096", "cp=2+kv=1", "cp=2+heads=1+kv=1+rope=1+doc=1"],
+# "heads=1": one query head, which cp=2 cannot split: attention all-gathers K/V (with RoPE and the explicit
+# document mask), the fallback no other 2-GPU layout reaches; "m2=G": Mamba-2 mixers by heads (mamba-ssm's
+# Triton SSD kernels), one B/C group read by both ranks, and one group per rank
+CP_LAYOUTS = {2: ["cp=2+doc=1", "cp=2+seq=4096", "cp=2+kv=1", "cp=2+heads=1+kv=1+rope=1+doc=1", "cp=2+m2=1",
+                  "cp=2+m2=2+seq=4096"],
               4: ["cp=4", "cp=2+tp=2+doc=1", "cp=2+dp_shard=2+ep=2+doc=1"]}
 
 

@@ -55,14 +55,20 @@ def test_invalid_layout_fails_before_startup(tmp_path):
     assert "process group: gloo" not in r.stderr + r.stdout  # nothing was started
 
 
-def test_context_parallel_matches_one_process_through_train_py(tmp_path):
+MAMBA2 = ("model.mamba_mixer=mamba2", "model.mamba2_head_dim=16", "model.mamba2_chunk_size=32")
+
+
+@pytest.mark.parametrize("mixer", [(), MAMBA2], ids=["mamba1", "mamba2"])
+def test_context_parallel_matches_one_process_through_train_py(tmp_path, mixer):
     """`torchrun --nproc_per_node 2 train.py experiment=debug parallel.cp=2` (each rank half of every 64-token
     row, activation checkpointing so the layers' collectives run again in the recompute) logs the losses,
-    gradient norms and validation loss of one process on the same batches (fp32: 1e-5)."""
-    common = ("train.eval_every=3", "model.activation_checkpointing=[all]")
+    gradient norms and validation loss of one process on the same batches (fp32: 1e-5); with Mamba-1 and with
+    Mamba-2 mixers (8 heads of 16 channels, one B/C group)."""
+    common = ("train.eval_every=3", "model.activation_checkpointing=[all]", *mixer)
     pa = _train(2, tmp_path / "a", "parallel.cp=2", *common)
     assert pa.returncode == 0, pa.stderr[-5000:]
     assert "context parallelism cp=2" in pa.stderr + pa.stdout
+    assert ("mamba2 x3" in pa.stderr + pa.stdout) == bool(mixer)  # the Mamba-2 layers were split, by heads
     pb = _train(1, tmp_path / "b", "parallel=single", *common)
     assert pb.returncode == 0, pb.stderr[-5000:]
     ra, rb = _records(tmp_path / "a"), _records(tmp_path / "b")
