@@ -64,6 +64,8 @@ Why the all-to-all (design (a)) and not state passing (b) for Mamba-1:
       wins when cp crosses nodes (inter-node bandwidth is ~10x lower); it is the follow-up, behind a kernel
       change in jamba/ops (an initial-state scan), not done here.
   At cp <= 8 within one NVLink node (a) is the simpler exact design and keeps our CUDA scan unchanged.
+  Measured (launch/bench_cp.py --profile, bench-3b at 1M tokens, cp=2 on 2 H200s): all of cp's collectives
+  are 2.0% of the step, which bounds what (b) could save inside a node.
 
 Why our own all-to-all instead of deepspeed's `DistributedAttention`: the exchange is ~20 lines of eager
 c10d with the adjoint stated (`all_to_all` below), it is shared by the Mamba and attention layers, works on

@@ -168,7 +168,7 @@ class ParallelDims:
                     f"parallel.cp={cp}: the Mamba-2 mixers split their {H} heads (d_inner {m.d_inner} / "
                     f"model.mamba2_head_dim={m.mamba2_head_dim}) over cp, so cp must divide them and each rank's "
                     f"heads must read whole B/C groups or one group (cp divides model.mamba2_n_groups={G} or G "
-                    f"divides cp); choose cp in {valid}")
+                    f"divides cp); choose cp in {valid}, or a smaller model.mamba2_head_dim for more heads")
         nq, kv = m.num_attention_heads // tp, max(m.num_key_value_heads // tp, 1)  # TP-local heads
         allgather = any(s.mixer == "attention" for s in m.layer_specs()) and ulysses_heads(nq, kv, cp) is None
         if allgather and m.document_masking:
