@@ -74,9 +74,11 @@ class JambaConfig:
     moe_force_balance: bool = False
     """Benchmarking only (as Megatron-Core's --moe-router-force-load-balancing): token n's k experts are
     n*k, ..., n*k+k-1 (mod E) instead of the router's top-k, so every expert gets the same number of token
-    copies; the router still weights them with its probabilities (and learns). Measures expert parallelism at
-    the balance a trained router reaches, where a fresh model's routing collapses onto few experts. Never
-    for real training."""
+    copies (where E divides the N*k copies of a router call; with moe_token_chunk the count restarts per
+    chunk). The router still weights the outputs with its probabilities of those experts and gets gradients,
+    but it no longer chooses: the model does not learn routing. Measures expert parallelism at the balance
+    a trained router reaches, where a fresh model's routing collapses onto few experts. Never for real
+    training."""
     moe_token_chunk: Optional[int] = None
     """Run each MoE layer over chunks of this many tokens, each recomputed on its own in backward, so only
     one chunk's expert activations are alive at a time (long context); None = all tokens at once."""

@@ -18,6 +18,8 @@ Context parallelism: Mamba1Mixer.forward is three seams around the channel-wise 
 `_in_proj` (tokens -> channel-first x, z), `_x_proj` (channels -> per-token dt/B/C) and `_out_proj`
 (channel-first y -> tokens). parallel/context_parallel.py wraps them per instance (an all-to-all from
 sequence shards to channel shards and back, a sum of x_proj's partial products); the model stays as is.
+Mamba2Mixer has one seam, `_conv_ssd` (xBC, dt -> y, the per-head part), which it replaces by an
+all-to-all to head shards, the same `conv_ssd` on the rank's heads, and the way back.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def _fsdp_copy_bytes(s: Setup, local: float) -> float:
     reduce-scatter copies the bf16 gradients into its input in the reduce dtype (2 + r) and casts its output
     shard to the fp32 gradient (r + 4) / n. All-gathers: 1 with reshard_after_forward=false, else 2 (forward,
     backward); the reduce-scatter once per optimizer step. One rank's train.py has none of this but casts
-    its fp32 weights under autocast instead ("weight casts")."""
+    its fp32 weights under autocast instead ("weight casts"). Assumes fp32 sharded weights (train.py's)."""
     n, r = s.fsdp_dense, (2 if s.reduce_bf16 else 4)
     gathers = 1 if not s.reshard_after_forward else 2
     return local * (gathers * (6 / n + 4) + ((2 + r) + (r + 4) / n) / s.grad_accum)
@@ -81,7 +81,10 @@ def _fsdp_copy_bytes(s: Setup, local: float) -> float:
 def _fsdp_exposed(s: Setup, top: Dict[str, float], first_layer, bandwidth: float) -> float:
     """The collectives no computation hides: the step's first all-gathers (the root's embedding and final
     norm, then the first layer's, before any compute) and its last reduce-scatter (the root's, after the
-    last backward kernel). lm_head has its own unit (parallel.fsdp_lm_head_unit) and overlaps."""
+    last backward kernel). Assumes lm_head in its own unit (parallel.fsdp_lm_head_unit, the default), which
+    overlaps; in the root unit its reduce-scatter would add to the last one (two of the checked points were
+    measured so: under 0.2 ms here). The first layer's experts are counted as dense parameters (bench-3b's
+    and jamba-v0.1's first layer has none)."""
     root = (top["embedding"] + top["final_norm"]) / s.tp
     first = sum(first_layer) / s.tp
     r = 2 if s.reduce_bf16 else 4

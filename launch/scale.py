@@ -90,6 +90,9 @@ def layout(name: str, gpus: int, variants: Optional[Dict[str, tuple]] = None) ->
     (name -> parse_variant's tuple) extend a built-in layout."""
     if variants and name in variants:
         _, base, overrides, env = variants[name]
+        if base not in LAYOUT_NAMES:
+            raise ValueError(f"--variant {name}={base}: unknown base layout {base!r}; choose from "
+                             f"{', '.join(LAYOUT_NAMES)}")
         b = layout(base, gpus)
         return Layout(name, b.gpus, b.overrides + overrides, b.dp, b.env + env)
     if name == "single":
@@ -455,7 +458,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.ceiling_size is None:
         args.ceiling_size = 8192 if args.device == "cuda" else 0
     try:
-        args.variants = {v[0]: v for v in map(parse_variant, args.variant)}
+        parsed = [parse_variant(v) for v in args.variant]
+        args.variants = {v[0]: v for v in parsed}
+        if len(args.variants) < len(parsed):
+            raise ValueError(f"--variant: a name is defined twice ({[v[0] for v in parsed]})")
+        unused = [n for n in args.variants if n not in args.layouts]
+        if unused:
+            raise ValueError(f"--variant {unused[0]} is not in --layouts {','.join(args.layouts)}: add it there")
         for name in args.layouts + args.comm_profile:
             layout(name, args.gpus, args.variants)
     except ValueError as e:

@@ -43,7 +43,8 @@ Per layer kind (the model code is unchanged; its mixers expose seams that this m
 
 Gradients. Let T = sum over the cp ranks of their (rescaled) losses = cp x the single-process loss of the
 rows. Every collective has the adjoint of its forward (all-to-all <-> inverse all-to-all; x_proj's sum
--> sum of the gradients, since every rank consumes the whole [dt, B, C] for its channels), so a parameter's
+-> sum of the gradients, since every rank consumes the whole [dt, B, C] for its channels; Mamba-2's all-gather
+of B and C -> the sum of all ranks' gradients, this rank's chunk), so a parameter's
 gradients on the cp ranks sum to dT/dtheta; FSDP averages over dp_shard x cp, i.e. divides by cp: the
 single-process gradient. Channel-sliced parameters get non-zero gradient only on their slice per rank.
 
@@ -73,7 +74,9 @@ gloo for the CPU tests, composes with our TP head shards and kv-head repetition,
 optional dependency (it is not installed on CPU). DeepSpeed's layer does the same exchange.
 
 Mamba-2 takes design (a) too, by heads (the SSD's unit; B and C are shared by the heads of a group, so they
-are gathered whole: 2 G N per token against x's Di). Not tensor-parallel (ParallelDims refuses tp > 1 with
+are gathered whole: 2 G N per token against x's Di; where cp divides G each rank uses only G/cp of the
+gathered groups, which sending B and C by groups inside the x/dt all-to-all would save, e.g. for G = 8,
+N = 128). Not tensor-parallel (ParallelDims refuses tp > 1 with
 Mamba-2), so its slices are of the whole mixer; cp can go up to the head count.
 """
 
@@ -289,9 +292,11 @@ def apply_cp_mamba2(mixer: nn.Module, cp: _Cp) -> None:
     H, G, N, Di = mixer.nheads, mixer.ngroups, mixer.d_state, mixer.d_inner
     g0, g1 = mamba2_groups(H, G, cp.n, cp.rank)
     di = Di // cp.n
-    # conv channels of this rank: its x channels, then its groups' B and C channels
-    channels = torch.cat([torch.arange(cp.rank * di, (cp.rank + 1) * di), Di + torch.arange(g0 * N, g1 * N),
-                          Di + G * N + torch.arange(g0 * N, g1 * N)])
+    # conv channels of this rank, three contiguous ranges: its x channels, then its groups' B and C channels
+    ranges = [(cp.rank * di, di), (Di + g0 * N, (g1 - g0) * N), (Di + G * N + g0 * N, (g1 - g0) * N)]
+
+    def rows(t):  # (conv_dim, ...) -> this rank's channels, differentiably (no index tensor, no host copy)
+        return torch.cat([t.narrow(0, start, n) for start, n in ranges])
 
     def cp_conv_ssd(xBC, dt):  # xBC (B, L/cp, Di + 2 G N), dt (B, L/cp, H) -> y (B, L/cp, Di)
         x, bc = torch.split(xBC, [Di, 2 * G * N], dim=-1)
@@ -301,9 +306,8 @@ def apply_cp_mamba2(mixer: nn.Module, cp: _Cp) -> None:
         bc = _GatherSeq.apply(bc, 1, cp.group, cp.n, cp.rank)  # (B, L, 2 G N)
         b, c = bc.split(G * N, dim=-1)
         xbc = torch.cat([x, b[..., g0 * N:g1 * N], c[..., g0 * N:g1 * N]], dim=-1)  # (B, L, di + 2 (g1-g0) N)
-        idx = channels.to(xBC.device)
-        w = mixer.conv1d.weight.squeeze(1).index_select(0, idx)
-        bias = mixer.conv1d.bias.index_select(0, idx) if mixer.conv1d.bias is not None else None
+        w = rows(mixer.conv1d.weight.squeeze(1))
+        bias = rows(mixer.conv1d.bias) if mixer.conv1d.bias is not None else None
         y = conv_ssd(xbc, dt, w, bias, cp.chunk(mixer.A_log, 0), cp.chunk(mixer.D, 0), cp.chunk(mixer.dt_bias, 0),
                      g1 - g0, N, mixer.head_dim, mixer.chunk_size)  # (B, L, di)
         return all_to_all(y, 1, 2, cp.group, cp.n)  # (B, L/cp, Di)

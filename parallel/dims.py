@@ -164,11 +164,13 @@ class ParallelDims:
             H, G = m.d_inner // m.mamba2_head_dim, m.mamba2_n_groups
             if mamba2_groups(H, G, cp, 0) is None:
                 valid = [c for c in range(2, min(H, 64) + 1) if mamba2_groups(H, G, c, 0) is not None]
+                other = ("a smaller model.mamba2_head_dim for more heads" if H % cp else
+                         f"model.mamba2_n_groups dividing or divisible by {cp}")
                 raise ConfigError(
                     f"parallel.cp={cp}: the Mamba-2 mixers split their {H} heads (d_inner {m.d_inner} / "
                     f"model.mamba2_head_dim={m.mamba2_head_dim}) over cp, so cp must divide them and each rank's "
                     f"heads must read whole B/C groups or one group (cp divides model.mamba2_n_groups={G} or G "
-                    f"divides cp); choose cp in {valid}, or a smaller model.mamba2_head_dim for more heads")
+                    f"divides cp); choose cp in {valid}, or {other}")
         nq, kv = m.num_attention_heads // tp, max(m.num_key_value_heads // tp, 1)  # TP-local heads
         allgather = any(s.mixer == "attention" for s in m.layer_specs()) and ulysses_heads(nq, kv, cp) is None
         if allgather and m.document_masking:

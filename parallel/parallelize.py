@@ -43,7 +43,8 @@ def _decoder_layers(model: nn.Module):
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, device_type: str) -> None:
-    """FSDP2 per decoder layer + root. Experts (when EP is on) get their own FSDP unit over "edp"."""
+    """FSDP2 per decoder layer, the untied lm_head (parallel.fsdp_lm_head_unit) and the root. Experts (when
+    EP or TP is on) get their own FSDP unit over "edp"."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     param_dtype, reduce_dtype = resolve_dtypes(dims, device_type)

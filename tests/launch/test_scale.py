@@ -107,7 +107,9 @@ def test_layouts_and_arguments():
     assert scale.parse_args(["--repeat", "3"]).repeat == 3
     for bad in (["--log-every", "3"], ["--warmup", "12"], ["--layouts", "single,zero"], ["--gpus", "3"],
                 ["--repeat", "0"], ["--variant", "fsdp;x=1"], ["--variant", "v=fsdp;nokey"],
-                ["--variant", "ep=fsdp;x=1"], ["--variant", "v=bogus", "--layouts", "v"]):
+                ["--variant", "ep=fsdp;x=1"], ["--variant", "v=bogus", "--layouts", "v"],
+                ["--variant", "v=fsdp", "--layouts", "fsdp"], ["--variant", "v=fsdp", "--variant", "v=ep",
+                                                               "--layouts", "v"]):
         with pytest.raises(SystemExit):
             scale.parse_args(bad)
 
@@ -118,9 +120,12 @@ def test_variant_is_a_layout_plus_overrides_and_environment():
     lay = scale.layout("v", 2, args.variants)
     assert lay == scale.Layout("v", 2, ("parallel=ep", "parallel.ep=2", "parallel.ep_exchange=padded",
                                         "curriculum.stages=[{a: 1, b: 2}]"), 2, (("NCCL_MAX_CTAS", "8"),))
-    cmd = scale.main(["--dry-run", "--layouts", "v", "--variant", "v=single;model.num_hidden_layers=2"])["commands"][0]
-    assert "--nproc_per_node=1" in cmd and cmd[-1] != "model.num_hidden_layers=2"  # --set still comes last
-    assert "model.num_hidden_layers=2" in cmd
+    cmd = scale.main(["--dry-run", "--layouts", "v", "--variant", "v=single;model.num_hidden_layers=2",
+                      "--set", "data.num_workers=0"])["commands"][0]
+    assert "--nproc_per_node=1" in cmd and cmd[-1] == "data.num_workers=0"  # --set still comes last
+    assert cmd.index("parallel=single") < cmd.index("model.num_hidden_layers=2") < len(cmd) - 1
+    with pytest.raises(ValueError, match="unknown base layout 'bogus'"):
+        scale.layout("v", 2, {"v": scale.parse_variant("v=bogus")})
 
 
 def test_nccl_kernel_kinds_and_shares():

@@ -4,7 +4,8 @@ parameter after the 3 steps, for cp alone and composed with TP, FSDP and EP, wit
 sequence length (96) that is not a power of two (24 tokens per rank at cp=4).
 
 Mamba-2 mixers (m2=G: G B/C groups) are split by heads: one group read by every rank (cp=2, G=1; compiled),
-a group shared by two ranks (cp=4, G=2) and two groups per rank (cp=2 x dp_shard=2 x ep=2, G=4).
+one group per rank (cp=2, G=2), a group shared by two ranks (cp=4, G=2) and two groups per rank (cp=2 x
+dp_shard=2 x ep=2, G=4).
 Layouts cover every attention path: Ulysses with kv heads sharded (cp=2, kv 2), repeated (cp=4 and kv=1;
 cp=2 x tp=2, one kv head per TP rank) and the all-gather-KV fallback (cp=4 with 2 query heads and one or two
 kv heads, cp=2 with one query head; RoPE; causal through a lower-right bias, and with document masking
@@ -31,7 +32,7 @@ import torchrun_worker  # noqa: E402
 from torchrun_worker import check_matches, run_worker  # noqa: E402
 
 LAYOUTS_2 = ["cp=2+doc=1+compile=aot_eager", "cp=2+kv=1", "cp=2+heads=1+kv=1+rope=1+compile=aot_eager",
-             "cp=2+m2=1+compile=aot_eager"]
+             "cp=2+m2=1+compile=aot_eager", "cp=2+m2=2"]
 BROKEN = "cp=2+broken=1"  # run with the 2-process layouts, checked to fail
 LAYOUTS_4 = ["cp=4", "cp=2+tp=2+doc=1", "cp=2+dp_shard=2+ep=2+doc=1", "cp=4+heads=2+rope=1+doc=1",
              "cp=4+heads=2+kv=1+rope=1", "dp_replicate=2+dp_shard=1+cp=2+doc=1", "cp=4+m2=2",

@@ -98,12 +98,14 @@ def test_context_parallel_layouts():
     # heads must read whole groups or one group (cp divides 2 or 2 divides cp)
     m2 = get_preset("tiny", mamba_mixer="mamba2", mamba2_head_dim=16, mamba2_n_groups=2)
     ParallelDims(ParallelConfig(cp=4), world_size=4, model=m2)
-    with pytest.raises(ConfigError, match=r"split their 8 heads .* choose cp in \[2, 4, 8\]"):
+    with pytest.raises(ConfigError, match=r"split their 8 heads .* choose cp in \[2, 4, 8\], or a smaller "
+                                          r"model.mamba2_head_dim"):
         ParallelDims(ParallelConfig(cp=3), world_size=3, model=m2)
     with pytest.raises(ConfigError, match=r"choose cp in \[2, 4, 8\]"):
         ParallelDims(ParallelConfig(cp=16), world_size=16, model=m2)
     m2_12heads = get_preset("tiny", mamba_mixer="mamba2", mamba2_head_dim=16, mamba2_n_groups=4, hidden_size=96)
-    with pytest.raises(ConfigError, match=r"split their 12 heads .* choose cp in \[2, 4, 12\]"):
+    with pytest.raises(ConfigError, match=r"split their 12 heads .* choose cp in \[2, 4, 12\], or "
+                                          r"model.mamba2_n_groups dividing or divisible by 6"):
         ParallelDims(ParallelConfig(cp=6), world_size=6, model=m2_12heads)
     # jamba-v0.1 (32 heads, 8 kv): tp=8 leaves 4 heads per rank, which cp=8 cannot split (Ulysses), so attention
     # all-gathers K/V: at 1M tokens with document masking its explicit mask would not fit, so that is refused
