@@ -99,6 +99,10 @@ LAYOUTS = {
     "hsdp": (("parallel=hsdp", "parallel.dp_replicate=2", "parallel.dp_shard=1"), 2, 0),
     "tp": (("parallel=tp",), 1, 1),
     "ep": (("parallel=ep",), 2, 0),
+    # context parallelism: both ranks hold halves of the same rows (data-parallel size 1), with Mamba-1 and
+    # with Mamba-2 mixers (split by heads)
+    "cp": (("parallel=cp",), 1, 1),
+    "cp_mamba2": (("parallel=cp", "model.mamba_mixer=mamba2"), 1, 0),
 }
 # compiled only (each compiled scenario takes twice as long): the sync-free EP exchange, and FSDP with
 # experiment=bench_3b's settings (weights kept from forward to backward, gradients reduced in bf16)
@@ -111,7 +115,7 @@ COMPILED_LAYOUTS = {
 
 def _cases():
     cases = []
-    for name in ("fsdp", "ep"):  # CPU: the two layouts the first GPU runs hung in, to keep CI short
+    for name in ("fsdp", "ep", "cp", "cp_mamba2"):  # CPU: the layouts the first GPU runs hung in, and cp
         cases.append(pytest.param(CPU, name, False, marks=_marks(CPU, False), id=f"cpu-{name}"))
     for name in LAYOUTS:
         cases.append(pytest.param(GPU, name, False, marks=_marks(GPU, False), id=f"cuda-{name}"))
