@@ -22,9 +22,10 @@ Per layer kind (the model code is unchanged; its mixers expose seams that this m
               selective scan unchanged (the CUDA kernels as they are) -> y (B, Di/cp, L)
               all-to-all channel -> sequence: y (B, Di, L/cp); out_proj on the local tokens
     Mamba-2   in_proj on the local tokens -> z, xBC, dt; z stays (the gated norm runs on the local tokens)
-              all-to-all sequence -> heads: x with dt (B, L/cp, H, P + 1) -> (B, L, H/cp, P + 1), one exchange
-              all-gather of B and C along the sequence (2 G N per token); each rank keeps the groups its
-              heads read (cp divides G, or G divides cp: a rank's heads read whole groups or one group)
+              all-to-all sequence -> heads: x with dt (B, L/cp, H, P + 1) -> (B, L, H/cp, P + 1), and where
+              cp divides G, B and C by groups in the same exchange (each rank's heads read G/cp groups of
+              their own); where G divides cp, all-gather of B and C along the sequence, each rank keeping
+              the one group its heads read
               causal conv + SiLU and the SSD unchanged on the whole sequence for the rank's heads (conv
               channels, A_log, D and dt_bias sliced to them) -> y (B, L, Di/cp)
               all-to-all heads -> sequence: y (B, L/cp, Di); gated norm with z, out_proj on the local tokens
@@ -73,10 +74,10 @@ c10d with the adjoint stated (`all_to_all` below), it is shared by the Mamba and
 gloo for the CPU tests, composes with our TP head shards and kv-head repetition, and keeps deepspeed an
 optional dependency (it is not installed on CPU). DeepSpeed's layer does the same exchange.
 
-Mamba-2 takes design (a) too, by heads (the SSD's unit; B and C are shared by the heads of a group, so they
-are gathered whole: 2 G N per token against x's Di; where cp divides G each rank uses only G/cp of the
-gathered groups, which sending B and C by groups inside the x/dt all-to-all would save, e.g. for G = 8,
-N = 128). Not tensor-parallel (ParallelDims refuses tp > 1 with
+Mamba-2 takes design (a) too, by heads (the SSD's unit). B and C belong to groups of heads: where cp
+divides G each rank's heads read their own G/cp groups, which travel with x and dt in one all-to-all; where
+G divides cp (e.g. mamba-ssm's default of one group) ranks share a group, so B and C are all-gathered whole
+(2 G N per token against x's Di). Not tensor-parallel (ParallelDims refuses tp > 1 with
 Mamba-2), so its slices are of the whole mixer; cp can go up to the head count.
 """
 
@@ -284,32 +285,44 @@ def mamba2_groups(nheads: int, ngroups: int, cp: int, rank: int):
 def apply_cp_mamba2(mixer: nn.Module, cp: _Cp) -> None:
     """Sequence <-> head all-to-all around a Mamba2Mixer's conv and SSD (`_conv_ssd`): in_proj, the gated
     norm and out_proj stay on the local tokens (z never moves); x and dt go to head shards of the whole
-    sequence (B, L/cp, Di) -> (B, L, Di/cp); B and C (G N channels each, small) are all-gathered along the
-    sequence and each rank keeps the groups its heads read; conv + SSD run unchanged on whole sequences
-    (no halo, no state passing); y comes back by the inverse all-to-all. Parameters of the conv channels,
-    A_log, D and dt_bias are sliced to the rank's heads and groups (gradient only there; a group shared by
-    several ranks gets the sum of their parts, as Mamba-1's x_proj)."""
+    sequence (B, L/cp, Di) -> (B, L, Di/cp). B and C (G N channels each): where cp divides G every rank's
+    heads read G/cp groups of their own, and those travel in the same all-to-all (by groups); where G divides
+    cp (e.g. one group) ranks share groups, so B and C are all-gathered along the sequence and each rank keeps
+    the group its heads read. Conv + SSD run unchanged on whole sequences (no halo, no state passing); y
+    comes back by the inverse all-to-all. Parameters of the conv channels, A_log, D and dt_bias are sliced
+    to the rank's heads and groups (gradient only there; a group shared by several ranks gets the sum of
+    their parts, as Mamba-1's x_proj)."""
     H, G, N, Di = mixer.nheads, mixer.ngroups, mixer.d_state, mixer.d_inner
     g0, g1 = mamba2_groups(H, G, cp.n, cp.rank)
-    di = Di // cp.n
+    di, gl, by_groups = Di // cp.n, g1 - g0, G % cp.n == 0
     # conv channels of this rank, three contiguous ranges: its x channels, then its groups' B and C channels
-    ranges = [(cp.rank * di, di), (Di + g0 * N, (g1 - g0) * N), (Di + G * N + g0 * N, (g1 - g0) * N)]
+    ranges = [(cp.rank * di, di), (Di + g0 * N, gl * N), (Di + G * N + g0 * N, gl * N)]
 
     def rows(t):  # (conv_dim, ...) -> this rank's channels, differentiably (no index tensor, no host copy)
         return torch.cat([t.narrow(0, start, n) for start, n in ranges])
 
     def cp_conv_ssd(xBC, dt):  # xBC (B, L/cp, Di + 2 G N), dt (B, L/cp, H) -> y (B, L/cp, Di)
         x, bc = torch.split(xBC, [Di, 2 * G * N], dim=-1)
-        # x and dt in one all-to-all by heads: (B, L/cp, H, P + 1) -> (B, L, H/cp, P + 1)
-        xdt = all_to_all(torch.cat([x.unflatten(-1, (H, -1)), dt.unsqueeze(-1)], dim=-1), 2, 1, cp.group, cp.n)
+        # per destination rank: its heads' x with dt (H/cp (P + 1)), and by groups its B and C (2 G/cp N)
+        xdt = torch.cat([x.unflatten(-1, (H, -1)), dt.unsqueeze(-1)], dim=-1).flatten(-2)  # (B, L/cp, H (P+1))
+        parts = [xdt.unflatten(-1, (cp.n, -1))]  # (B, L/cp, cp, H/cp (P + 1))
+        if by_groups:
+            parts += [t.unflatten(-1, (cp.n, -1)) for t in bc.split(G * N, dim=-1)]  # (B, L/cp, cp, G/cp N) x 2
+        recv = all_to_all(torch.cat(parts, dim=-1), 2, 1, cp.group, cp.n).squeeze(2)  # (B, L, ...) one exchange
+        hp = H // cp.n * (mixer.head_dim + 1)
+        if by_groups:
+            xdt, b, c = torch.split(recv, [hp, gl * N, gl * N], dim=-1)  # B and C: (B, L, gl N) each
+        else:  # ranks share groups: gather B and C whole along the sequence, keep this rank's group
+            xdt = recv
+            b, c = _GatherSeq.apply(bc, 1, cp.group, cp.n, cp.rank).split(G * N, dim=-1)  # (B, L, G N) each
+            b, c = b[..., g0 * N:g1 * N], c[..., g0 * N:g1 * N]
+        xdt = xdt.unflatten(-1, (H // cp.n, -1))  # (B, L, H/cp, P + 1)
         x, dt = xdt[..., :-1].flatten(-2), xdt[..., -1]  # (B, L, di), (B, L, H/cp)
-        bc = _GatherSeq.apply(bc, 1, cp.group, cp.n, cp.rank)  # (B, L, 2 G N)
-        b, c = bc.split(G * N, dim=-1)
-        xbc = torch.cat([x, b[..., g0 * N:g1 * N], c[..., g0 * N:g1 * N]], dim=-1)  # (B, L, di + 2 (g1-g0) N)
+        xbc = torch.cat([x, b, c], dim=-1)  # (B, L, di + 2 gl N)
         w = rows(mixer.conv1d.weight.squeeze(1))
         bias = rows(mixer.conv1d.bias) if mixer.conv1d.bias is not None else None
         y = conv_ssd(xbc, dt, w, bias, cp.chunk(mixer.A_log, 0), cp.chunk(mixer.D, 0), cp.chunk(mixer.dt_bias, 0),
-                     g1 - g0, N, mixer.head_dim, mixer.chunk_size)  # (B, L, di)
+                     gl, N, mixer.head_dim, mixer.chunk_size)  # (B, L, di)
         return all_to_all(y, 1, 2, cp.group, cp.n)  # (B, L/cp, Di)
 
     mixer._conv_ssd = cp_conv_ssd
@@ -501,7 +514,8 @@ def traffic_per_step(cfg, seq_len: int, batch: int, cp: int, tp: int = 1, itemsi
     `seq_len` tokens and activations of `itemsize` bytes (2 under bf16 autocast). Mamba-1 layers: x and z
     (2 Di/tp channels) and y (Di/tp) by all-to-all, [dt, B, C] (R + 2N per token, the whole sequence) by
     all-reduce; Mamba-2 layers: x with dt (Di + H channels) and y (Di) by all-to-all, B and C (2 G N per
-    token) by all-gather in every forward and an all-reduce of their gradient in backward; attention
+    token) in the same all-to-all where cp divides G, else by all-gather in every forward and an all-reduce
+    of their gradient in backward; attention
     (Ulysses): q, k, v and the output by all-to-all (None where it would all-gather K/V instead). Measured
     against TRAFFIC in tests/launch/test_bench_cp.py."""
     from jamba.model import _checkpointed
@@ -519,9 +533,12 @@ def traffic_per_step(cfg, seq_len: int, batch: int, cp: int, tp: int = 1, itemsi
             a2a += passes * batch * Ls * cfg.attn_head_dim * (2 * nq + 2 * nkv) * part
         elif cfg.mamba_mixer == "mamba2":
             heads, bc = cfg.d_inner // cfg.mamba2_head_dim, 2 * cfg.mamba2_n_groups * cfg.mamba_d_state
-            a2a += passes * batch * Ls * (2 * cfg.d_inner + heads) * part
-            ag += (passes - 1) * batch * seq_len * bc * part  # every forward (recomputation included)
-            ar += batch * seq_len * bc * 2 * part  # their gradient, once in backward
+            if cfg.mamba2_n_groups % cp == 0:  # B and C by groups, inside the all-to-all
+                a2a += passes * batch * Ls * (2 * cfg.d_inner + heads + bc) * part
+            else:
+                a2a += passes * batch * Ls * (2 * cfg.d_inner + heads) * part
+                ag += (passes - 1) * batch * seq_len * bc * part  # every forward (recomputation included)
+                ar += batch * seq_len * bc * 2 * part  # their gradient, once in backward
         else:
             di = cfg.d_inner // tp
             a2a += passes * batch * Ls * 3 * di * part
