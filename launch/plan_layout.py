@@ -107,6 +107,11 @@ class Setup:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def reduce_bytes(self) -> int:
+        """Bytes per gradient element in FSDP's reduce-scatter (reduce_bf16: 2, else fp32: 4)."""
+        return 2 if self.reduce_bf16 else 4
+
+    @property
     def tokens_per_rank(self) -> int:
         """Tokens of the residual stream on one rank: micro_batch x seq_len / cp."""
         return self.micro_batch * self.seq_len // self.cp

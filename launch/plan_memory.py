@@ -192,7 +192,7 @@ def _model_states(s: Setup) -> _States:
         grads = [gb * (d / fd + e / fe) for d, e in zip(dense, experts)]
         top_grads = gb * top_p / fd
     # unsharded bf16 gradients + their reduce-scatter input (fp32, or bf16 with parallel.reduce_dtype=bfloat16)
-    transient = [(2 + (2 if s.reduce_bf16 else 4)) * p for p in local]
+    transient = [(2 + s.reduce_bytes) * p for p in local]
     # parallel.reshard_after_forward=false: a layer's gathered bf16 weights live from its forward to its backward,
     # like the weight copies autocast saves with one rank (and are freed the same way after its backward)
     kept = [0.0] * len(layers) if s.reshard_after_forward else [2 * p for p in local]

@@ -73,7 +73,7 @@ def _fsdp_copy_bytes(s: Setup, local: float) -> float:
     shard to the fp32 gradient (r + 4) / n. All-gathers: 1 with reshard_after_forward=false, else 2 (forward,
     backward); the reduce-scatter once per optimizer step. One rank's train.py has none of this but casts
     its fp32 weights under autocast instead ("weight casts"). Assumes fp32 sharded weights (train.py's)."""
-    n, r = s.fsdp_dense, (2 if s.reduce_bf16 else 4)
+    n, r = s.fsdp_dense, s.reduce_bytes
     gathers = 1 if not s.reshard_after_forward else 2
     return local * (gathers * (6 / n + 4) + ((2 + r) + (r + 4) / n) / s.grad_accum)
 
@@ -87,7 +87,7 @@ def _fsdp_exposed(s: Setup, top: Dict[str, float], first_layer, bandwidth: float
     and jamba-v0.1's first layer has none)."""
     root = (top["embedding"] + top["final_norm"]) / s.tp
     first = sum(first_layer) / s.tp
-    r = 2 if s.reduce_bf16 else 4
+    r = s.reduce_bytes
     gather = _collective(2 * (root + first), s.fsdp_dense, bandwidth)
     reduce = _collective(r * root, s.fsdp_dense, bandwidth) / s.grad_accum
     return gather + reduce
@@ -156,9 +156,7 @@ def plan_time(s: Setup, step_overhead: float = None) -> TimePlan:
         "tp all-reduce": _collective(tp_bytes, s.tp, bw(s.tp, 1), factor=2.0),
         "ep all-to-all": _collective(ep_bytes, s.ep, bw(s.ep, s.tp)),
     }
-    fsdp_copies = 0.0
-    if s.fsdp:
-        fsdp_copies = _fsdp_copy_bytes(s, local) / (OPT_BW * hbm)
+    fsdp_copies = _fsdp_copy_bytes(s, local) / (OPT_BW * hbm) if s.fsdp else 0.0
     compute = gemm + attn + scan + elem + opt + casts + fsdp_copies
     if s.fsdp:
         fsdp_bytes = 2 * 2 * local + 4 * local / s.grad_accum  # bf16 all-gathers (fwd, bwd); fp32 reduce-scatter

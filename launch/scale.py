@@ -175,16 +175,13 @@ def timed_throughput(records: Sequence[dict], warmup: int) -> dict:
             "moe_rank_load_max": max(loads) if loads else None}
 
 
-def fill(res: Result, tp: dict, lay: Layout, flops_per_token: Optional[float], ceiling: Optional[float],
-         baseline: Optional[float]) -> None:
-    """Per-GPU rate, efficiency against the 1-GPU per-GPU rate, MFU against the measured ceiling."""
+def fill(res: Result, tp: dict, lay: Layout, flops_per_token: Optional[float], ceiling: Optional[float]) -> None:
+    """Per-GPU rate and MFU against the measured ceiling (the efficiency against one GPU is `aggregate`'s)."""
     res.tokens_per_s = tp["tokens_per_s"]
     res.tokens_per_s_per_gpu = tp["tokens_per_s"] / lay.gpus
     res.timed_steps, res.step_ms, res.peak_gib, res.loss_last = (tp["timed_steps"], tp["step_ms"], tp["peak_gib"],
                                                                  tp["loss_last"])
     res.moe_rank_load_max = tp.get("moe_rank_load_max")
-    if baseline:
-        res.efficiency = res.tokens_per_s_per_gpu / baseline
     if flops_per_token and ceiling:
         res.mfu = flops_per_token * res.tokens_per_s_per_gpu / (ceiling * 1e12)
     res.status = "ok"
@@ -371,7 +368,7 @@ def run_layout(args: argparse.Namespace, lay: Layout, run_dir: Path, env: dict, 
               f"{res.error[-1500:]}", flush=True)
         return res
     try:
-        fill(res, timed_throughput(read_records(run_dir / "metrics.jsonl"), args.warmup), lay, fpt, ceiling, None)
+        fill(res, timed_throughput(read_records(run_dir / "metrics.jsonl"), args.warmup), lay, fpt, ceiling)
     except ValueError as e:
         res.status, res.error = "no timed steps", str(e)
     print(f"[{name}] {res.status}: {_f(res.tokens_per_s, ',.0f')} tokens/s, "
@@ -414,7 +411,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layouts", default=",".join(LAYOUT_NAMES),
                    help=f"comma-separated, run in this order (default {','.join(LAYOUT_NAMES)}); "
-                        "put single first: it is the baseline of the efficiency column")
+                        "single (anywhere in the list) is the baseline of the efficiency column")
     p.add_argument("--gpus", type=int, default=2, help="GPUs of the multi-GPU layouts (default 2)")
     p.add_argument("--preset", default="bench-3b", help="model preset, a conf/model/ name (default bench-3b)")
     p.add_argument("--seq", type=int, default=4096)

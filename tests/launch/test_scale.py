@@ -42,10 +42,13 @@ def test_timed_throughput_is_tokens_over_time_after_warmup():
 
 
 def test_fill_efficiency_and_mfu():
-    lay = scale.layout("fsdp", 2)
+    single = scale.Result("single", 1)
+    scale.fill(single, {"tokens_per_s": 100.0, "timed_steps": 8, "step_ms": 10.0, "peak_gib": 1.0, "loss_last": 3.0},
+               scale.layout("single", 2), flops_per_token=1e12, ceiling=500.0)
     res = scale.Result("fsdp", 2)
     tp = {"tokens_per_s": 180.0, "timed_steps": 8, "step_ms": 10.0, "peak_gib": 1.0, "loss_last": 3.0}
-    scale.fill(res, tp, lay, flops_per_token=1e12, ceiling=500.0, baseline=100.0)
+    scale.fill(res, tp, scale.layout("fsdp", 2), flops_per_token=1e12, ceiling=500.0)
+    res = scale.aggregate([single, res])[1]  # the efficiency against the single-GPU run
     assert res.tokens_per_s_per_gpu == 90.0 and res.efficiency == pytest.approx(0.9)
     assert res.mfu == pytest.approx(1e12 * 90 / 500e12)
     table = scale.markdown([res, scale.Result("tp", 2, status="exit 1")],
@@ -63,7 +66,7 @@ def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
         if status == "ok":
             tp = {"tokens_per_s": rate * lay[name].gpus, "timed_steps": 8, "step_ms": 1e3 / rate,
                   "peak_gib": 1.0, "loss_last": 3.0}
-            scale.fill(res, tp, lay[name], flops_per_token=1e12, ceiling=500.0, baseline=None)
+            scale.fill(res, tp, lay[name], flops_per_token=1e12, ceiling=500.0)
         else:
             res.status = status
         return res
