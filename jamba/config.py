@@ -79,6 +79,15 @@ class JambaConfig:
     but it no longer chooses: the model does not learn routing. Measures expert parallelism at the balance
     a trained router reaches, where a fresh model's routing collapses onto few experts. Never for real
     training."""
+    moe_router_bias_update_rate: float = 0.0
+    """Auxiliary-loss-free load balancing (DeepSeek-V3; Megatron-Core's --moe-router-bias-update-rate, torchtitan's
+    load_balance_coeff): every MoE layer keeps a per-expert bias (the fp32 buffer `expert_bias`, saved with the
+    model) that is added to the router probabilities for the top-k choice only; the output weights stay the
+    unbiased probabilities. After every optimizer step each bias moves by this rate times sign(mean load -
+    expert load), from the step's global expert counts (kept zero-mean), so an overloaded expert is chosen less
+    until the loads even out. It needs no gradient and no collective (the counts are already global), and
+    keeps expert parallelism's ranks evenly loaded (each all-to-all waits for the busiest one). 0 = off, as HF's
+    Jamba (which cannot represent the bias: a model trained with it does not export to HF); 1e-3 as DeepSeek-V3."""
     moe_token_chunk: Optional[int] = None
     """Run each MoE layer over chunks of this many tokens, each recomputed on its own in backward, so only
     one chunk's expert activations are alive at a time (long context); None = all tokens at once."""
@@ -209,6 +218,9 @@ class JambaConfig:
                 need(self.num_experts > 1,
                      f"model.layer_pattern has MoE layers (E) but model.num_experts={self.num_experts}; "
                      "set num_experts > 1 or use D")
+        need(self.moe_router_bias_update_rate >= 0,
+             f"model.moe_router_bias_update_rate={self.moe_router_bias_update_rate} must be >= 0 (0 = off; "
+             "1e-3 is DeepSeek-V3's)")
         need(self.moe_token_chunk is None or self.moe_token_chunk > 0,
              f"model.moe_token_chunk={self.moe_token_chunk} must be a positive token count or null (no chunking)")
         kinds = list(self.activation_checkpointing)

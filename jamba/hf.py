@@ -88,6 +88,9 @@ def config_to_hf(cfg: JambaConfig, *, use_mamba_kernels: bool = True, **hf_overr
 
     if cfg.mamba_mixer != "mamba1":
         unsupported("mamba_mixer", cfg.mamba_mixer, "HF Jamba only has the Mamba-1 mixer")
+    if cfg.moe_router_bias_update_rate:
+        unsupported("moe_router_bias_update_rate", cfg.moe_router_bias_update_rate,
+                    "its router has no expert bias, so the exported model would route tokens differently")
     if cfg.use_rope:
         unsupported("use_rope", cfg.use_rope, "HF Jamba attention has no positional embedding")
     if cfg.moe_renormalize:

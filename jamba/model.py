@@ -174,6 +174,7 @@ class JambaForCausalLM(nn.Module):
         | embed_tokens (shared with lm_head when tied)           | normal(0, initializer_range)       |
         | experts.gate_proj / up_proj / down_proj (stacked)      | normal(0, initializer_range)       |
         | RMSNorm weights (input, pre_ff, final)                 | 1                                  |
+        | MoE expert_bias (buffer; moe_router_bias_update_rate)  | 0                                  |
         | Mamba mixers: `reset_parameters()` last (Mamba paper): | dt_proj.weight U(+-dt_rank^-0.5),  |
         |   dt_proj.bias = softplus^-1(dt), dt log-uniform in     | A_log = log(1..N), D = 1, conv1d   |
         |   [dt_min, dt_max]; dt/B/C norms = 1                    | PyTorch default                    |
@@ -244,6 +245,22 @@ class JambaForCausalLM(nn.Module):
                 loss = loss + cfg.router_z_loss_coef * out.z_loss
         out.loss = loss
         return out
+
+    # ---- training hooks ------------------------------------------------------------------------
+    def update_expert_biases(self, expert_counts: torch.Tensor) -> None:
+        """After an optimizer step, with `model.moe_router_bias_update_rate` > 0 (auxiliary-loss-free
+        balancing, see JambaConfig): move every MoE layer's expert bias towards an even load.
+        expert_counts (num_moe_layers, E): the step's token copies per expert summed over its micro-batches,
+        global over the data-parallel ranks (`JambaOutput.expert_counts`). A no-op when the rate is 0."""
+        rate = self.config.moe_router_bias_update_rate
+        if not rate:
+            return
+        layers = [m for m in self.modules() if isinstance(m, MoE)]
+        if expert_counts.shape != (len(layers), self.config.num_experts):
+            raise ValueError(f"expert_counts has shape {tuple(expert_counts.shape)}, expected "
+                             f"({len(layers)} MoE layers, {self.config.num_experts} experts)")
+        for moe, c in zip(layers, expert_counts):
+            moe.update_expert_bias(c, rate)
 
     # ---- accounting ----------------------------------------------------------------------------
     def num_params(self) -> Dict[str, int]:

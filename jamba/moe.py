@@ -144,6 +144,25 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
         self.token_chunk = cfg.moe_token_chunk
         self.force_balance = cfg.moe_force_balance
+        if cfg.moe_router_bias_update_rate > 0:  # auxiliary-loss-free balancing (JambaConfig): top-k choice only
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def reset_parameters(self) -> None:
+        """The router and experts are initialised by the model's init table; the bias starts at zero."""
+        if self.expert_bias is not None:
+            with torch.no_grad():
+                self.expert_bias.zero_()
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts: torch.Tensor, rate: float) -> None:
+        """counts (E,): this layer's token copies per expert over an optimizer step, global (identical on every
+        rank, so every replica's bias stays the same). bias += rate * sign(mean - count), recentred to mean 0
+        (the top-k choice ignores a common shift; recentring keeps long runs from drifting)."""
+        c = counts.to(self.expert_bias.dtype)
+        delta = rate * torch.sign(c.mean() - c)
+        self.expert_bias.add_(delta - delta.mean())
 
     def forward(self, hidden: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """hidden (B, L, H) -> (out (B, L, H), stats (2E+2,) fp32 (fp64 for fp64 models): [counts | prob_sum | z_sum | num_tokens])."""
@@ -170,6 +189,9 @@ class MoE(nn.Module):
         probs = torch.softmax(logits32, dim=-1)  # (N, E)
         if self.force_balance:  # benchmarking: round-robin experts, E | N*k copies each get N*k/E
             top_i = (torch.arange(N * k, device=x.device) % E).view(N, k)  # (N, k)
+            top_w = probs.gather(1, top_i)
+        elif self.expert_bias is not None:  # the bias steers the choice; the weights stay the probabilities
+            top_i = torch.topk(probs + self.expert_bias.to(probs.dtype), k, dim=-1).indices  # (N, k)
             top_w = probs.gather(1, top_i)
         else:
             top_w, top_i = torch.topk(probs, k, dim=-1)  # (N, k)

@@ -125,6 +125,9 @@ class Trainer:
         self.stop: Optional[StopSignal] = None
         self.watch = watchdog if watchdog is not None else NullWatchdog()
         self._compiled = {"train": False, "eval": False}  # first forward of each kind done in this process
+        # auxiliary-loss-free MoE balancing (model.moe_router_bias_update_rate): biases move after each step
+        self._bias_rate = getattr(getattr(model, "config", None), "moe_router_bias_update_rate", 0.0)
+        self._update_expert_biases = getattr(model, "update_expert_biases", None) if self._bias_rate else None
 
     # ---- resume -------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -240,6 +243,8 @@ class Trainer:
             set_lr(self.optimizer, lr)
             with watch.phase("optimizer step", step):
                 self.optimizer.step()
+                if counts is not None and self._update_expert_biases is not None:  # MoE balancing, no sync
+                    self._update_expert_biases(counts)
             self.state.nonfinite_in_a_row = 0
         else:
             self.state.skipped += 1

@@ -96,6 +96,7 @@ def test_periodic_layer_pattern_exports_as_periods():
     (dict(mamba_mixer="mamba2", mamba2_head_dim=16), "mamba_mixer"),
     (dict(moe_renormalize=True), "moe_renormalize"),
     (dict(head_dim=16), "head_dim"),
+    (dict(moe_router_bias_update_rate=1e-3), "moe_router_bias_update_rate"),
 ])
 def test_export_refuses_what_hf_cannot_express(kw, key):
     with pytest.raises(ConfigError, match=key):

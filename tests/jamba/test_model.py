@@ -119,6 +119,30 @@ def test_forced_balance_warns_and_balances_the_whole_model(caplog):
     assert (counts == 32 * cfg.num_experts_per_tok // cfg.num_experts).all(), counts
 
 
+def test_expert_biases_on_meta_build_save_and_update():
+    """model.moe_router_bias_update_rate > 0: every MoE layer has an fp32 `expert_bias` buffer (zero after
+    init, also through meta + to_empty, in the state dict: checkpoints carry it); update_expert_biases takes the
+    step's (MoE layers, E) counts; without the rate the model has no such buffer (HF's state dict)."""
+    cfg = get_preset("tiny", moe_router_bias_update_rate=0.01)
+    with torch.device("meta"):
+        model = JambaForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=0)
+    keys = [k for k in model.state_dict() if k.endswith("expert_bias")]
+    n_moe = len(keys)
+    assert n_moe > 0 and all(model.state_dict()[k].abs().sum() == 0 for k in keys)
+    assert not any(k.endswith("expert_bias") for k in JambaForCausalLM(get_preset("tiny")).state_dict())
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    counts = model(x, labels=x).expert_counts  # (MoE layers, E)
+    model.update_expert_biases(counts)
+    for k, c in zip(keys, counts):
+        b, off = model.state_dict()[k], c.float() - c.float().mean()
+        assert b.dtype == torch.float32 and abs(b.sum().item()) < 1e-6
+        assert (off != 0).any() and (torch.sign(b[off != 0]) == -torch.sign(off[off != 0])).all(), (b, c)
+    with pytest.raises(ValueError, match="expert_counts has shape"):
+        model.update_expert_biases(counts[:1])
+
+
 def test_backward_reaches_every_parameter():
     cfg = tiny()
     torch.manual_seed(0)

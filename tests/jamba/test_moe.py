@@ -87,6 +87,53 @@ def test_forced_balance_routes_round_robin_weighted_by_the_router():
     assert normal(x.view(2, 9, -1))[1][0].item() == 18  # the same weights, routed by the router: collapsed
 
 
+def test_expert_bias_steers_the_choice_not_the_weights():
+    """moe_router_bias_update_rate > 0: top-k of (probabilities + expert_bias) picks the experts, the unbiased
+    probabilities weight them; at zero bias the layer is the plain (HF) one."""
+    cfg = small_cfg(moe_router_bias_update_rate=0.01)
+    moe = random_moe(cfg).double()
+    plain = random_moe(small_cfg()).double()
+    plain.load_state_dict({k: v for k, v in moe.state_dict().items() if k != "expert_bias"})
+    x = torch.randn(18, cfg.hidden_size, dtype=torch.float64)
+    torch.testing.assert_close(moe(x.view(2, 9, -1))[0], plain(x.view(2, 9, -1))[0], rtol=0, atol=0)
+    with torch.no_grad():
+        moe.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1, -0.3, 0.1]))
+    out, stats = moe(x.view(2, 9, -1))
+    probs = torch.softmax(x @ moe.router.weight.t(), dim=-1)
+    idx = torch.topk(probs + moe.expert_bias, 2, dim=-1).indices
+    assert not torch.equal(idx.sort(-1).values, torch.topk(probs, 2, dim=-1).indices.sort(-1).values)
+    torch.testing.assert_close(out.view(18, -1), reference_moe(moe, x, idx=idx), rtol=1e-10, atol=1e-12)
+    assert stats[:cfg.num_experts].tolist() == torch.bincount(idx.reshape(-1), minlength=6).double().tolist()
+
+
+def test_expert_bias_update_evens_out_a_collapsed_router():
+    """The DeepSeek-V3 rule: bias += rate * sign(mean - count), kept zero-mean; repeated on a router whose
+    logits favour one expert, the loads even out (the router itself is not trained here)."""
+    cfg = small_cfg(moe_router_bias_update_rate=0.01)
+    moe = random_moe(cfg).double()
+    moe.update_expert_bias(torch.tensor([30, 0, 2, 2, 2, 0]), 0.01)
+    torch.testing.assert_close(moe.expert_bias, torch.tensor([-5, 1, 1, 1, 1, 1], dtype=torch.float64) / 300)
+    moe.reset_parameters()
+    assert moe.expert_bias.abs().sum() == 0
+    with torch.no_grad():
+        moe.router.weight[0] += 0.3  # with the offset inputs below, expert 0 is everybody's first choice
+    x = torch.randn(1, 240, cfg.hidden_size, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        counts = moe(x)[1][:cfg.num_experts]
+        before = (counts / counts.mean()).max().item()
+        window = []
+        for step in range(600):
+            moe.update_expert_bias(counts, 0.003)
+            counts = moe(x)[1][:cfg.num_experts]
+            window = (window + [counts])[-100:]
+    # sign steps leave the loads oscillating around even (more so on 240 tokens than on a real batch): the
+    # last 100 steps' mean load is even, and no step is as uneven as the collapsed start
+    mean = torch.stack(window).mean(0)
+    assert before > 2.5 and (mean / mean.mean()).max() < 1.25, (before, mean)
+    assert max((c / c.mean()).max().item() for c in window) < 0.75 * before
+    assert abs(moe.expert_bias.sum().item()) < 1e-9
+
+
 def test_token_chunked_moe_equals_unchunked():
     """moe_token_chunk (long context) changes memory, not math: outputs, statistics (incl. a ragged last
     chunk) and every gradient equal the unchunked layer; the chunk really splits (7 < 2*3 + 7 tokens)."""

@@ -34,7 +34,11 @@ def _records(run_dir: Path):
     ((4, "parallel=tp_ep"), (2, "parallel=fsdp")),
     ((2, "parallel=tp", "parallel.sequence_parallel=true", "model.activation_checkpointing=[all]"),
      (1, "parallel=single")),
-], ids=["tp_ep-vs-fsdp", "tp_sp_ac-vs-single"])
+    # auxiliary-loss-free balancing: each rank's expert biases follow the global counts, so EP (experts split)
+    # and FSDP (all experts on each rank) route, hence log, alike
+    ((2, "parallel=ep", "model.moe_router_bias_update_rate=0.05"),
+     (2, "parallel=fsdp", "model.moe_router_bias_update_rate=0.05")),
+], ids=["tp_ep-vs-fsdp", "tp_sp_ac-vs-single", "ep-vs-fsdp-expert-bias"])
 def test_layouts_match_through_train_py(tmp_path, a, b):
     pa = _train(a[0], tmp_path / "a", *a[1:])
     assert pa.returncode == 0, pa.stderr[-5000:]
