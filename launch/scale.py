@@ -42,6 +42,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -120,6 +121,7 @@ class Result:
     status: str = "not run"
     tokens_per_s: Optional[float] = None
     tokens_per_s_per_gpu: Optional[float] = None
+    median_window_per_gpu: Optional[float] = None  # the median logging window's tokens/s per GPU
     efficiency: Optional[float] = None
     mfu: Optional[float] = None
     timed_steps: int = 0
@@ -155,22 +157,26 @@ def timed_throughput(records: Sequence[dict], warmup: int) -> dict:
 
     A record at step s with tokens T and tokens_per_s R covers the steps since the previous record (tokens
     T - T_prev over (T - T_prev) / R seconds), so the timed rate is the sum of tokens over the sum of times.
-    Windows that start before step `warmup` are left out."""
+    Windows that start before step `warmup` are left out. Also the median of the windows' rates: a stall
+    (on 2 H200s one logging window in 4 to 10 ran 20-28% slower, in every layout) moves the mean by several
+    percent depending on whether it falls inside the timed steps; the median does not see it."""
     train = sorted((r for r in records if "loss" in r and "tokens_per_s" in r), key=lambda r: r["step"])
     prev_tokens, prev_step = 0, 0  # a fresh run (checkpoint.resume=false): the meter starts at step 0
-    tokens, secs, steps = 0, 0.0, 0
+    tokens, secs, steps, rates = 0, 0.0, 0, []
     for r in train:
         window = r["tokens"] - prev_tokens
         if prev_step >= warmup and window > 0 and (r["tokens_per_s"] or 0) > 0:
             tokens += window
             secs += window / r["tokens_per_s"]
             steps += r["step"] - prev_step
+            rates.append(r["tokens_per_s"])
         prev_tokens, prev_step = r["tokens"], r["step"]
     if not steps:
         raise ValueError(f"no training record after the {warmup} warm-up steps (steps logged: "
                          f"{[r['step'] for r in train]}); raise --steps or lower --warmup / --log-every")
     loads = [r["moe_rank_load_max"] for r in train if r["step"] > warmup and "moe_rank_load_max" in r]
-    return {"tokens_per_s": tokens / secs, "timed_steps": steps, "step_ms": 1e3 * secs / steps,
+    return {"tokens_per_s": tokens / secs, "median_window_tokens_per_s": statistics.median(rates),
+            "timed_steps": steps, "step_ms": 1e3 * secs / steps,
             "peak_gib": max((r.get("mem_gb") or 0.0) for r in train) or None, "loss_last": train[-1]["loss"],
             "moe_rank_load_max": max(loads) if loads else None}
 
@@ -179,6 +185,7 @@ def fill(res: Result, tp: dict, lay: Layout, flops_per_token: Optional[float], c
     """Per-GPU rate and MFU against the measured ceiling (the efficiency against one GPU is `aggregate`'s)."""
     res.tokens_per_s = tp["tokens_per_s"]
     res.tokens_per_s_per_gpu = tp["tokens_per_s"] / lay.gpus
+    res.median_window_per_gpu = tp["median_window_tokens_per_s"] / lay.gpus
     res.timed_steps, res.step_ms, res.peak_gib, res.loss_last = (tp["timed_steps"], tp["step_ms"], tp["peak_gib"],
                                                                  tp["loss_last"])
     res.moe_rank_load_max = tp.get("moe_rank_load_max")
@@ -220,9 +227,9 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
              f"{'compiled' if meta['compile'] else 'eager'}, {meta['timed']} timed steps after {meta['warmup']} "
              f"warm-up; MFU against a measured {meta['dtype']} matmul ceiling of "
              f"{_f(meta['ceiling_tflops'], '.1f')} TFLOP/s ({meta.get('gpu') or meta['device']})", "",
-             "| layout | GPUs | tokens/s | tokens/s per GPU | vs 1 GPU | MFU | step ms | peak GiB | NCCL share of step "
-             "| EP rank load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| layout | GPUs | tokens/s | tokens/s per GPU | median window per GPU | vs 1 GPU | MFU | step ms | peak GiB "
+             "| NCCL share of step | EP rank load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         comm = "-"
         if r.comm:
@@ -237,14 +244,16 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
         if r.runs_failed and r.status == "ok":
             status += f" **{r.runs_failed} more run(s) failed**"
         lines.append(f"| {r.layout}{status} | {r.gpus} | {_f(r.tokens_per_s, ',.0f')} | "
-                     f"{_f(r.tokens_per_s_per_gpu, ',.0f')} | {_f(r.efficiency, '.1f', 100, '%')} | "
+                     f"{_f(r.tokens_per_s_per_gpu, ',.0f')} | {_f(r.median_window_per_gpu, ',.0f')} | "
+                     f"{_f(r.efficiency, '.1f', 100, '%')} | "
                      f"{_f(r.mfu, '.1f', 100, '%')} | {_f(r.step_ms, '.0f')} | {_f(r.peak_gib, '.1f')} | {comm} | "
                      f"{_f(r.moe_rank_load_max, '.2f')} |")
     fsdp = next((r for r in results if r.layout == "fsdp" and r.status == "ok"), None)
     others = [r for r in results if r.status == "ok" and r.gpus > 1 and r.layout != "fsdp"]
     if fsdp and others:  # the issue's EP goal is against FSDP on the same GPUs
-        lines += ["", "tokens/s per GPU against fsdp: " + ", ".join(
-            f"{r.layout} {100 * r.tokens_per_s_per_gpu / fsdp.tokens_per_s_per_gpu:.1f}%" for r in others)]
+        lines += ["", "tokens/s per GPU against fsdp (median windows in parentheses): " + ", ".join(
+            f"{r.layout} {100 * r.tokens_per_s_per_gpu / fsdp.tokens_per_s_per_gpu:.1f}% "
+            f"({100 * r.median_window_per_gpu / fsdp.median_window_per_gpu:.1f}%)" for r in others)]
     return "\n".join(lines)
 
 

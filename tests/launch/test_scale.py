@@ -30,6 +30,9 @@ def test_timed_throughput_is_tokens_over_time_after_warmup():
     assert tp["timed_steps"] == 4
     assert tp["tokens_per_s"] == pytest.approx(400 / (200 / 100 + 200 / 400))  # not the mean of the rates (250)
     assert tp["step_ms"] == pytest.approx(1e3 * (2.0 + 0.5) / 4)
+    assert tp["median_window_tokens_per_s"] == 250.0  # of the timed windows' rates (100, 400)
+    stalled = scale.timed_throughput(_records([1.0, 100.0, 100.0, 50.0, 100.0]), warmup=2)
+    assert stalled["median_window_tokens_per_s"] == 100.0 and stalled["tokens_per_s"] < 90.0  # one slow window
     assert tp["peak_gib"] == 3.0 and tp["loss_last"] == 7.0
     assert scale.timed_throughput(_records([1.0, 100.0]), warmup=0)["timed_steps"] == 4
     assert tp["moe_rank_load_max"] is None  # no EP records
@@ -43,10 +46,10 @@ def test_timed_throughput_is_tokens_over_time_after_warmup():
 
 def test_fill_efficiency_and_mfu():
     single = scale.Result("single", 1)
-    scale.fill(single, {"tokens_per_s": 100.0, "timed_steps": 8, "step_ms": 10.0, "peak_gib": 1.0, "loss_last": 3.0},
+    scale.fill(single, {"tokens_per_s": 100.0, "median_window_tokens_per_s": 100.0, "timed_steps": 8, "step_ms": 10.0, "peak_gib": 1.0, "loss_last": 3.0},
                scale.layout("single", 2), flops_per_token=1e12, ceiling=500.0)
     res = scale.Result("fsdp", 2)
-    tp = {"tokens_per_s": 180.0, "timed_steps": 8, "step_ms": 10.0, "peak_gib": 1.0, "loss_last": 3.0}
+    tp = {"tokens_per_s": 180.0, "median_window_tokens_per_s": 170.0, "timed_steps": 8, "step_ms": 10.0, "peak_gib": 1.0, "loss_last": 3.0}
     scale.fill(res, tp, scale.layout("fsdp", 2), flops_per_token=1e12, ceiling=500.0)
     res = scale.aggregate([single, res])[1]  # the efficiency against the single-GPU run
     assert res.tokens_per_s_per_gpu == 90.0 and res.efficiency == pytest.approx(0.9)
@@ -54,7 +57,7 @@ def test_fill_efficiency_and_mfu():
     table = scale.markdown([res, scale.Result("tp", 2, status="exit 1")],
                            {"preset": "tiny", "seq": 64, "micro_batch": 2, "compile": False, "timed": 8,
                             "warmup": 4, "dtype": "bf16", "ceiling_tflops": 500.0, "device": "cpu"})
-    assert "| fsdp | 2 | 180 | 90 | 90.0% | 18.0% | 10 | 1.0 | - | - |" in table
+    assert "| fsdp | 2 | 180 | 90 | 85 | 90.0% | 18.0% | 10 | 1.0 | - | - |" in table
     assert "| tp **exit 1** | 2 | - |" in table
 
 
@@ -64,7 +67,8 @@ def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
     def run(name, rate, status="ok"):
         res = scale.Result(name, lay[name].gpus, status="not run")
         if status == "ok":
-            tp = {"tokens_per_s": rate * lay[name].gpus, "timed_steps": 8, "step_ms": 1e3 / rate,
+            tp = {"tokens_per_s": rate * lay[name].gpus, "median_window_tokens_per_s": (rate + 1) * lay[name].gpus,
+                  "timed_steps": 8, "step_ms": 1e3 / rate,
                   "peak_gib": 1.0, "loss_last": 3.0}
             scale.fill(res, tp, lay[name], flops_per_token=1e12, ceiling=500.0)
         else:
@@ -84,8 +88,8 @@ def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
     table = scale.markdown(list(rows.values()), {"preset": "tiny", "seq": 64, "micro_batch": 2, "compile": False,
                                                  "timed": 8, "warmup": 4, "dtype": "bf16", "ceiling_tflops": None,
                                                  "device": "cpu"})
-    assert "| fsdp (median of 3 runs, per GPU 90-97) | 2 | 192 | 96 | 96.0% |" in table
-    assert "tokens/s per GPU against fsdp: ep 91.7%" in table
+    assert "| fsdp (median of 3 runs, per GPU 90-97) | 2 | 192 | 96 | 97 | 96.0% |" in table
+    assert "tokens/s per GPU against fsdp (median windows in parentheses): ep 91.7% (91.8%)" in table
     assert "| ep (median of 2 runs, per GPU 88-93) **1 more run(s) failed** | 2 |" in table
     assert rows["fsdp"].runs_failed == 0 and rows["fsdp"].comm is runs[4].comm and rows["ep"].comm is None
     assert "| 1.0 | 10.0% | - |" in table
