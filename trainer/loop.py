@@ -22,7 +22,8 @@ from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, set_rng_state
 from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
 from trainer.distributed import World, all_reduce_scalars
-from trainer.metrics import DATA_COUNTERS, MetricsLogger, Throughput, alloc_retries, memory_gb, moe_balance
+from trainer.metrics import (DATA_COUNTERS, GCPauses, MetricsLogger, Throughput, alloc_retries, memory_gb,
+                             moe_balance)
 from trainer.optim import lr_at, set_lr
 from trainer.profile import profile_step, profiled
 from trainer.signals import StopSignal
@@ -328,15 +329,17 @@ class Trainer:
         owned = self.stop is None  # train.py installs the handlers at start-up and passes them in
         if owned:
             self.stop = StopSignal(cfg.checkpoint.signals)
+        gc_pauses = GCPauses()
         try:
-            code = self._fit(max_steps)
+            code = self._fit(max_steps, gc_pauses)
             self.ckpt.wait()  # a background save must be complete before the run counts as done
             return code
         finally:
+            gc_pauses.close()
             if owned:
                 self.stop.restore()
 
-    def _fit(self, max_steps: int) -> int:
+    def _fit(self, max_steps: int, gc_pauses: GCPauses) -> int:
         cfg, st = self.cfg, self.state
         meter = Throughput(self.device)
         prof_step = profile_step()  # JAMBA_PROFILE_STEP: one step under the profiler (trainer/profile.py)
@@ -369,6 +372,7 @@ class Trainer:
                 with self.watch.phase("all_reduce of the data counters (metrics)", st.step):
                     record.update(self.data_counters())
                 record.update(alloc_retries(self.device))
+                record.update(gc_pauses.read())
                 self.metrics.log(record)
             self.metrics.advance(st.step, out["loss"])
             if cfg.train.eval_every and (st.step % cfg.train.eval_every == 0 or last):

@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per logged step: step, tokens, loss, lr, grad_norm, tokens_per_s, plus
 aux_loss, z_loss, skipped (steps), stage, seq_len, mfu (GPU), moe_load_max / moe_load_min, mem_gb,
-alloc_retries (CUDA caching-allocator retries: a run near its memory limit), and when
+alloc_retries (CUDA caching-allocator retries: a run near its memory limit), gc_ms / gc_full (rank 0's time in
+Python's garbage collector since the previous record, and its full collections), and when
 non-zero the data counters skipped_json / skipped_utf8 / skipped_field / skipped_empty / skipped_file (bad
 documents skipped, each counted once) and split_docs; validation records carry val_loss and val_ppl. A
 resumed run moves the records of the steps it redoes to metrics.replayed.jsonl, so metrics.jsonl has each
@@ -15,6 +16,7 @@ loudly, once, with the exception and the fix.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -202,6 +204,8 @@ class MetricsLogger:
         line += f" | mem {record['mem_gb']:.2f} GB"
         if record.get("alloc_retries"):
             line += f" ({record['alloc_retries']} allocator retries)"
+        if (record.get("gc_ms") or 0) >= 100:  # a pause long enough to slow the window visibly
+            line += f" | gc {record['gc_ms']:,.0f} ms ({record.get('gc_full', 0)} full)"
         if record.get("skipped"):
             line += f" | skipped {record['skipped']}"
         # empty documents (the stdlib's empty __init__.py files, blank lines) are counted, not called bad data
@@ -263,3 +267,32 @@ class Throughput:
         rate = self.tokens / max(now - self.t0, 1e-9)
         self.t0, self.tokens = now, 0
         return rate
+
+
+class GCPauses:
+    """Time this process spent in Python's garbage collector since the last reading, and how many of those
+    collections were full (generation 2) ones, from `gc.callbacks`. A full collection walks every tracked
+    object (a compiled model holds millions: FX graphs, guards, sympy expressions) with the host stopped,
+    which shows as a slow logging window; this says whether a slow window was the collector."""
+
+    def __init__(self):
+        self._start: Optional[float] = None
+        self.ms, self.full = 0.0, 0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: Dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.ms += 1e3 * (time.perf_counter() - self._start)
+            self.full += info.get("generation") == 2
+            self._start = None
+
+    def read(self) -> Dict[str, float]:
+        out = {"gc_ms": round(self.ms, 1), "gc_full": self.full}
+        self.ms, self.full = 0.0, 0
+        return out
+
+    def close(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)

@@ -83,3 +83,39 @@ def test_bad_data_counters_reach_metrics_and_the_log_once_per_line(tmp_path):
     epoch = rank["data"]["loader"]["workers"][0]["sources"][0]["epoch"]
     assert epoch >= 3, f"the corpus should have been read several times (epoch {epoch})"
     assert "further skipped_json warnings suppressed" in out
+
+
+def test_gc_pauses_are_measured_per_record_and_logged_when_long(tmp_path, caplog):
+    """gc_ms / gc_full: the collector's time since the previous record (a full collection counted), and the
+    log line names a pause of 100 ms or more; the trainer's records carry them and its callback is removed."""
+    import gc
+
+    from trainer.metrics import GCPauses
+
+    pauses = GCPauses()
+    junk = [[i] for i in range(300_000)]  # tracked objects for a full collection to walk
+    gc.collect()
+    first = pauses.read()
+    assert first["gc_full"] >= 1 and first["gc_ms"] > 0, first
+    assert pauses.read() == {"gc_ms": 0.0, "gc_full": 0}  # reset by the reading
+    pauses.close()
+    gc.collect()
+    assert pauses.read() == {"gc_ms": 0.0, "gc_full": 0} and pauses._callback not in gc.callbacks
+    del junk
+    cfg = LoggingConfig(progress_bar=False)
+    cfg.wandb.mode = "disabled"
+    m = MetricsLogger(tmp_path, cfg, True, 20)
+    with caplog.at_level(logging.INFO):
+        m.log({"step": 1, "loss": 1.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0, "mem_gb": 0.1,
+               "gc_ms": 512.3, "gc_full": 1})
+        m.log({"step": 2, "loss": 1.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1.0, "mem_gb": 0.1,
+               "gc_ms": 3.0, "gc_full": 0})
+    m.close()
+    lines = [r.getMessage() for r in caplog.records if "step " in r.getMessage()]
+    assert "gc 512 ms (1 full)" in lines[0] and "gc " not in lines[1], lines
+    n_callbacks = len(gc.callbacks)
+    run = tmp_path / "run"
+    assert build_trainer(small_run_config(max_steps=4), run).fit() == 0
+    recs = [r for r in read_metrics(run) if "loss" in r]
+    assert recs and all("gc_ms" in r and "gc_full" in r for r in recs)
+    assert len(gc.callbacks) == n_callbacks
