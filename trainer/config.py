@@ -114,6 +114,12 @@ class TrainConfig:
     minute). On CPU the tiny models gain little for the compile time and Inductor needs a C++ compiler."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (CPU runs are deterministic anyway)."""
+    gc_freeze: bool = True
+    """After the first training step and the first validation of the process (when torch.compile has built
+    its graphs), collect garbage once and move every live object to the collector's permanent generation
+    (gc.freeze): later full collections walk only the objects created since. On 2 H200s (bench-3b, EP, eager)
+    a full collection stopped rank 0 for 407 ms and made its logging window 31% slower (the `gc_ms` metric);
+    frozen objects are still freed by reference counting, only reference cycles among them are not."""
     collective_timeout_s: float = 600.0
     """Seconds a rank waits in a collective for the others (the process group's timeout) before the run
     fails with an error naming the rank that stopped and the operation (trainer/watchdog.py); a rank making

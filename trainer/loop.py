@@ -10,6 +10,7 @@ the checkpoint, so a resumed run reproduces the uninterrupted one bit for bit on
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -126,6 +127,7 @@ class Trainer:
         self.stop: Optional[StopSignal] = None
         self.watch = watchdog if watchdog is not None else NullWatchdog()
         self._compiled = {"train": False, "eval": False}  # first forward of each kind done in this process
+        self._gc_frozen: set = set()  # train.gc_freeze: the phases after which the live objects were frozen
         # auxiliary-loss-free MoE balancing (model.moe_router_bias_update_rate): biases move after each step
         self._bias_rate = getattr(getattr(model, "config", None), "moe_router_bias_update_rate", 0.0)
         self._update_expert_biases = getattr(model, "update_expert_biases", None) if self._bias_rate else None
@@ -221,6 +223,8 @@ class Trainer:
                 if ec is not None:
                     counts = ec.detach().clone() if counts is None else counts + ec.detach()
         self._compiled["train"] = True
+        if "train" not in self._gc_frozen:
+            self._freeze_gc("train")
         if self.grad_sync is not None:
             with watch.phase("gradient all_reduce", step):
                 self.grad_sync(model)
@@ -304,11 +308,21 @@ class Trainer:
         self.model.train()
         with watch.phase("all_reduce of the validation loss during evaluate", step):
             total = all_reduce_scalars(total, "sum").cpu()
+        if "eval" not in self._gc_frozen:
+            self._freeze_gc("eval")
         if total[1] == 0:
             log.warning("validation split gave no batches: no validation loss")
             return None
         val = float(total[0] / total[1])
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    def _freeze_gc(self, after: str) -> None:
+        """train.gc_freeze: once after the first training step ("train") and the first validation ("eval"),
+        when compiled graphs exist, collect and freeze what is alive (undone when fit returns)."""
+        self._gc_frozen.add(after)
+        if self.cfg.train.gc_freeze:
+            gc.collect()
+            gc.freeze()
 
     def _padding_batch(self, stage: Stage) -> Dict[str, torch.Tensor]:
         """A batch of the stage's shape whose targets are all ignored: keeps a rank in step with the others."""
@@ -336,6 +350,8 @@ class Trainer:
             return code
         finally:
             gc_pauses.close()
+            if self._gc_frozen and self.cfg.train.gc_freeze:
+                gc.unfreeze()  # back to normal collection for whatever runs in this process next
             if owned:
                 self.stop.restore()
 

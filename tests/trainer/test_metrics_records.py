@@ -119,3 +119,22 @@ def test_gc_pauses_are_measured_per_record_and_logged_when_long(tmp_path, caplog
     recs = [r for r in read_metrics(run) if "loss" in r]
     assert recs and all("gc_ms" in r and "gc_full" in r for r in recs)
     assert len(gc.callbacks) == n_callbacks
+
+
+def test_gc_freeze_after_the_first_step_and_undone_at_the_end(tmp_path):
+    """train.gc_freeze (default): from the first training step on, the objects alive then sit in the
+    collector's permanent generation (full collections skip them); fit() unfreezes when it returns; off, nothing
+    is frozen."""
+    import gc
+
+    for freeze in (True, False):
+        cfg = small_run_config(max_steps=4)
+        cfg.train.gc_freeze = freeze
+        tr = build_trainer(cfg, tmp_path / f"run_{freeze}")
+        seen = []
+        log = tr.metrics.log
+        tr.metrics.log = lambda record: (seen.append(gc.get_freeze_count()), log(record))
+        assert gc.get_freeze_count() == 0
+        assert tr.fit() == 0
+        assert seen and (all(n > 1000 for n in seen) if freeze else seen == [0] * len(seen)), seen
+        assert gc.get_freeze_count() == 0
