@@ -158,7 +158,8 @@ def timed_throughput(records: Sequence[dict], warmup: int) -> dict:
     A record at step s with tokens T and tokens_per_s R covers the steps since the previous record (tokens
     T - T_prev over (T - T_prev) / R seconds), so the timed rate is the sum of tokens over the sum of times.
     Windows that start before step `warmup` are left out. Also the median of the windows' rates: a stall
-    (on 2 H200s one logging window in 4 to 10 ran 20-28% slower, in every layout) moves the mean by several
+    (on 2 H200s one logging window in 6 to 16 ran 17-31% slower, in every layout; the one checked
+    was a 407 ms full garbage collection, see train.gc_freeze) moves the mean by several
     percent depending on whether it falls inside the timed steps; the median does not see it."""
     train = sorted((r for r in records if "loss" in r and "tokens_per_s" in r), key=lambda r: r["step"])
     prev_tokens, prev_step = 0, 0  # a fresh run (checkpoint.resume=false): the meter starts at step 0
