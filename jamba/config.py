@@ -218,7 +218,7 @@ class JambaConfig:
                 need(self.num_experts > 1,
                      f"model.layer_pattern has MoE layers (E) but model.num_experts={self.num_experts}; "
                      "set num_experts > 1 or use D")
-        need(self.moe_router_bias_update_rate >= 0,
+        need(math.isfinite(self.moe_router_bias_update_rate) and self.moe_router_bias_update_rate >= 0,
              f"model.moe_router_bias_update_rate={self.moe_router_bias_update_rate} must be >= 0 (0 = off; "
              "1e-3 is DeepSeek-V3's)")
         need(self.moe_token_chunk is None or self.moe_token_chunk > 0,

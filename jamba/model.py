@@ -146,6 +146,10 @@ class JambaForCausalLM(nn.Module):
         # (hidden, lm_head.weight, labels, chunk_size=) -> mean CE; parallel/ swaps in a vocab-parallel one
         self.loss_fn: Callable[..., torch.Tensor] = chunked_cross_entropy
         self.tie_weights()
+        if cfg.moe_router_bias_update_rate and (cfg.moe_force_balance
+                                                or not any(s.ffn == "moe" for s in cfg.layer_specs())):
+            logger.warning("model.moe_router_bias_update_rate=%g has no effect: %s", cfg.moe_router_bias_update_rate,
+                           "moe_force_balance routes round-robin" if cfg.moe_force_balance else "no MoE layers")
         if cfg.moe_force_balance:
             logger.warning("model.moe_force_balance=true: every MoE layer routes tokens round-robin, not by its "
                            "router (for benchmarking expert parallelism only; the model does not learn routing). "
@@ -255,7 +259,7 @@ class JambaForCausalLM(nn.Module):
         rate = self.config.moe_router_bias_update_rate
         if not rate:
             return
-        layers = [m for m in self.modules() if isinstance(m, MoE)]
+        layers = [ly.feed_forward for ly in self.model.layers if isinstance(ly.feed_forward, MoE)]  # stats order
         if expert_counts.shape != (len(layers), self.config.num_experts):
             raise ValueError(f"expert_counts has shape {tuple(expert_counts.shape)}, expected "
                              f"({len(layers)} MoE layers, {self.config.num_experts} experts)")

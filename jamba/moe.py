@@ -134,7 +134,9 @@ class GroupedExperts(nn.Module):
 
 class MoE(nn.Module):
     """Router (Linear H -> E, no bias) + GroupedExperts. Top-k of the fp32 softmax, renormalised only if
-    cfg.moe_renormalize (Jamba: not). Dropless: every token copy is computed."""
+    cfg.moe_renormalize (Jamba: not). Dropless: every token copy is computed. With
+    cfg.moe_router_bias_update_rate > 0 the top-k is taken of the probabilities plus `expert_bias` (the
+    weights stay the probabilities), and `update_expert_bias` moves the bias after each optimizer step."""
 
     def __init__(self, cfg: JambaConfig):
         super().__init__()
@@ -149,6 +151,15 @@ class MoE(nn.Module):
         else:
             self.expert_bias = None
 
+    def _apply(self, fn, recurse=True):
+        """`model.to(torch.bfloat16)` and the like cast buffers too; the bias stays at least fp32 (its steps
+        of 1e-3 vanish in bf16 once it exceeds 0.25, and a rounded bias flips near-tie choices)."""
+        super()._apply(fn, recurse)
+        b = self.expert_bias
+        if b is not None and b.is_floating_point() and b.element_size() < 4:
+            self._buffers["expert_bias"] = b.float()
+        return self
+
     def reset_parameters(self) -> None:
         """The router and experts are initialised by the model's init table; the bias starts at zero."""
         if self.expert_bias is not None:
@@ -160,6 +171,11 @@ class MoE(nn.Module):
         """counts (E,): this layer's token copies per expert over an optimizer step, global (identical on every
         rank, so every replica's bias stays the same). bias += rate * sign(mean - count), recentred to mean 0
         (the top-k choice ignores a common shift; recentring keeps long runs from drifting)."""
+        if self.expert_bias is None:
+            raise ValueError("this MoE layer has no expert bias: build it with model.moe_router_bias_update_rate > 0")
+        if counts.shape != self.expert_bias.shape:
+            raise ValueError(f"counts has shape {tuple(counts.shape)}; give one count per expert, "
+                             f"({self.num_experts},)")
         c = counts.to(self.expert_bias.dtype)
         delta = rate * torch.sign(c.mean() - c)
         self.expert_bias.add_(delta - delta.mean())

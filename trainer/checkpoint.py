@@ -410,8 +410,10 @@ class CheckpointManager:
         trainer_state = json.loads((path / "trainer.json").read_text())
         self._check_data(path, trainer_state)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        kept = _missing_expert_biases(path, model_sd)  # keep their init values (zeros), read the rest
+        state = {"model": {k: v for k, v in model_sd.items() if k not in kept}, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
+        state["model"].update({k: model_sd[k] for k in kept})
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rank_state = None
         rank_file = path / f"rank{self.world.rank:05d}.pt"
@@ -435,3 +437,22 @@ class CheckpointManager:
             raise ConfigError(f"resuming {path} would not continue its data stream: {'; '.join(changes)}. Pass "
                               f"checkpoint.allow_data_change=true to resume anyway, or use another run directory")
         log.warning("resuming %s with changed data (checkpoint.allow_data_change=true): %s", path, "; ".join(changes))
+
+
+def _missing_expert_biases(path: Path, model_sd: Dict[str, Any]) -> List[str]:
+    """`model.moe_router_bias_update_rate` changed between the checkpoint and this run. Turned on: the model's
+    MoE `expert_bias` buffers are not in the checkpoint; returned, so they start from their init (zero) while
+    everything else resumes. Turned off: the checkpoint's biases have no place in the model and are dropped,
+    so the routing changes; said loudly either way."""
+    saved = {k[len("model."):] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+             if k.startswith("model.") and k.endswith("expert_bias")}
+    ours = {k for k in model_sd if k.endswith("expert_bias")}
+    missing, dropped = sorted(ours - saved), sorted(saved - ours)
+    if missing:
+        log.warning("%s has no MoE expert biases (it trained without model.moe_router_bias_update_rate): %d "
+                    "layers' biases start at zero and balance from here", path, len(missing))
+    if dropped:
+        log.warning("%s holds MoE expert biases of %d layers, but model.moe_router_bias_update_rate=0 here: they "
+                    "are dropped, so the layers route by their routers alone, not as they trained; set the rate "
+                    "again to keep them", path, len(dropped))
+    return missing

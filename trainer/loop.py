@@ -223,8 +223,6 @@ class Trainer:
                 if ec is not None:
                     counts = ec.detach().clone() if counts is None else counts + ec.detach()
         self._compiled["train"] = True
-        if "train" not in self._gc_frozen:
-            self._freeze_gc("train")
         if self.grad_sync is not None:
             with watch.phase("gradient all_reduce", step):
                 self.grad_sync(model)
@@ -267,6 +265,8 @@ class Trainer:
                 f"optim.grad_clip > 0 or check the data, then re-run: it resumes from "
                 f"{newest if newest else 'scratch (no checkpoint yet)'}. "
                 f"(Limit: train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite})")
+        if "train" not in self._gc_frozen:  # after the optimizer step: its states exist by now
+            self._freeze_gc("train")
         return {"loss": loss, "aux_loss": aux if getattr(out, "aux_loss", None) is not None else None,
                 "z_loss": z if getattr(out, "z_loss", None) is not None else None,
                 "grad_norm": grad_norm, "lr": lr, "finite": finite, "stop": stop_any, "expert_counts": counts}
@@ -317,8 +317,9 @@ class Trainer:
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     def _freeze_gc(self, after: str) -> None:
-        """train.gc_freeze: once after the first training step ("train") and the first validation ("eval"),
-        when compiled graphs exist, collect and freeze what is alive (undone when fit returns)."""
+        """train.gc_freeze: once per fit after the first training step ("train") and the first validation
+        ("eval"), when compiled graphs and the optimizer states exist, collect and freeze what is alive (undone
+        when fit returns). Graphs compiled later (a new curriculum stage's shapes) stay with the collector."""
         self._gc_frozen.add(after)
         if self.cfg.train.gc_freeze:
             gc.collect()
@@ -344,13 +345,15 @@ class Trainer:
         if owned:
             self.stop = StopSignal(cfg.checkpoint.signals)
         gc_pauses = GCPauses()
+        # train.gc_freeze: freeze again in this fit; unfreeze at its end unless something else had frozen first
+        self._gc_frozen, unfreeze = set(), gc.get_freeze_count() == 0
         try:
             code = self._fit(max_steps, gc_pauses)
             self.ckpt.wait()  # a background save must be complete before the run counts as done
             return code
         finally:
             gc_pauses.close()
-            if self._gc_frozen and self.cfg.train.gc_freeze:
+            if self._gc_frozen and self.cfg.train.gc_freeze and unfreeze:
                 gc.unfreeze()  # back to normal collection for whatever runs in this process next
             if owned:
                 self.stop.restore()

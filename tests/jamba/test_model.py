@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from jamba.attention import Attention
-from jamba.config import JambaConfig, get_preset
+from jamba.config import ConfigError, JambaConfig, get_preset
 from jamba.model import JambaForCausalLM, JambaOutput
 
 
@@ -141,6 +141,13 @@ def test_expert_biases_on_meta_build_save_and_update():
         assert (off != 0).any() and (torch.sign(b[off != 0]) == -torch.sign(off[off != 0])).all(), (b, c)
     with pytest.raises(ValueError, match="expert_counts has shape"):
         model.update_expert_biases(counts[:1])
+    with pytest.raises(ValueError, match="one count per expert"):
+        model.model.layers[1].feed_forward.update_expert_bias(counts[0, :2], 0.01)
+    model.to(torch.bfloat16)  # the weights; the biases stay fp32 (bf16 would lose their small steps)
+    assert model.model.layers[1].feed_forward.expert_bias.dtype == torch.float32
+    assert model.model.layers[1].feed_forward.router.weight.dtype == torch.bfloat16
+    with pytest.raises(ConfigError, match="moe_router_bias_update_rate=inf"):
+        get_preset("tiny", moe_router_bias_update_rate=float("inf"))
 
 
 def test_backward_reaches_every_parameter():

@@ -34,8 +34,10 @@ def _records(run_dir: Path):
     ((4, "parallel=tp_ep"), (2, "parallel=fsdp")),
     ((2, "parallel=tp", "parallel.sequence_parallel=true", "model.activation_checkpointing=[all]"),
      (1, "parallel=single")),
-    # auxiliary-loss-free balancing: each rank's expert biases follow the global counts, so EP (experts split)
-    # and FSDP (all experts on each rank) route, hence log, alike
+    # auxiliary-loss-free balancing: EP (experts split over the ranks, tokens exchanged) routes with the biases
+    # exactly as FSDP (every expert on each rank). That every rank holds the same biases (global counts) is
+    # checked by the ep_balanced kill/resume scenario (tests/gpu/test_train_multi_gpu.py), where diverging
+    # biases make the resumed run differ: per-rank counts fail it at step 5
     ((2, "parallel=ep", "model.moe_router_bias_update_rate=0.05"),
      (2, "parallel=fsdp", "model.moe_router_bias_update_rate=0.05")),
 ], ids=["tp_ep-vs-fsdp", "tp_sp_ac-vs-single", "ep-vs-fsdp-expert-bias"])
