@@ -115,8 +115,8 @@ class TrainConfig:
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (CPU runs are deterministic anyway)."""
     gc_freeze: bool = True
-    """After the first training step and the first validation of a run (when torch.compile has built its
-    graphs and the optimizer its states), collect garbage once and move every live object to the collector's permanent generation
+    """After the first training step and the first validation of each curriculum stage (when torch.compile
+    has built the stage's graphs and the optimizer its states), collect garbage once and move every live object to the collector's permanent generation
     (gc.freeze): later full collections walk only the objects created since. On 2 H200s (bench-3b, EP, eager)
     a full collection stopped rank 0 for 407 ms and made its logging window 31% slower (the `gc_ms` metric);
     frozen objects are still freed by reference counting, only reference cycles among them are not."""

@@ -14,7 +14,7 @@ import gc
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ class Trainer:
         self.stop: Optional[StopSignal] = None
         self.watch = watchdog if watchdog is not None else NullWatchdog()
         self._compiled = {"train": False, "eval": False}  # first forward of each kind done in this process
-        self._gc_frozen: set = set()  # train.gc_freeze: the phases after which the live objects were frozen
+        self._gc_frozen: set = set()  # train.gc_freeze: (phase, stage) after which the live objects were frozen
         # auxiliary-loss-free MoE balancing (model.moe_router_bias_update_rate): biases move after each step
         self._bias_rate = getattr(getattr(model, "config", None), "moe_router_bias_update_rate", 0.0)
         self._update_expert_biases = getattr(model, "update_expert_biases", None) if self._bias_rate else None
@@ -265,8 +265,8 @@ class Trainer:
                 f"optim.grad_clip > 0 or check the data, then re-run: it resumes from "
                 f"{newest if newest else 'scratch (no checkpoint yet)'}. "
                 f"(Limit: train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite})")
-        if "train" not in self._gc_frozen:  # after the optimizer step: its states exist by now
-            self._freeze_gc("train")
+        if ("train", stage.index) not in self._gc_frozen:  # after the optimizer step: its states exist by now
+            self._freeze_gc(("train", stage.index))
         return {"loss": loss, "aux_loss": aux if getattr(out, "aux_loss", None) is not None else None,
                 "z_loss": z if getattr(out, "z_loss", None) is not None else None,
                 "grad_norm": grad_norm, "lr": lr, "finite": finite, "stop": stop_any, "expert_counts": counts}
@@ -308,18 +308,18 @@ class Trainer:
         self.model.train()
         with watch.phase("all_reduce of the validation loss during evaluate", step):
             total = all_reduce_scalars(total, "sum").cpu()
-        if "eval" not in self._gc_frozen:
-            self._freeze_gc("eval")
+        if ("eval", stage.index) not in self._gc_frozen:
+            self._freeze_gc(("eval", stage.index))
         if total[1] == 0:
             log.warning("validation split gave no batches: no validation loss")
             return None
         val = float(total[0] / total[1])
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
-    def _freeze_gc(self, after: str) -> None:
-        """train.gc_freeze: once per fit after the first training step ("train") and the first validation
-        ("eval"), when compiled graphs and the optimizer states exist, collect and freeze what is alive (undone
-        when fit returns). Graphs compiled later (a new curriculum stage's shapes) stay with the collector."""
+    def _freeze_gc(self, after: Tuple[str, int]) -> None:
+        """train.gc_freeze: once per fit after the first training step and the first validation of each
+        curriculum stage (a stage's new shapes compile new graphs), when those graphs and the optimizer states
+        exist, collect and freeze what is alive (undone when fit returns)."""
         self._gc_frozen.add(after)
         if self.cfg.train.gc_freeze:
             gc.collect()

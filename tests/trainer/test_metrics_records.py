@@ -137,6 +137,15 @@ def test_gc_freeze_after_the_first_step_and_undone_at_the_end(tmp_path):
         assert tr.fit() == 0
         assert seen and (all(n > 1000 for n in seen) if freeze else seen == [0] * len(seen)), seen
         assert gc.get_freeze_count() == 0
+    # a second curriculum stage (new shapes, new compiled graphs) freezes again after its first step
+    from trainer.config import CurriculumConfig, StageConfig
+
+    cfg = small_run_config(max_steps=4)
+    cfg.curriculum = CurriculumConfig(stages=[StageConfig(seq_len=8, micro_batch_size=4, steps=2),
+                                              StageConfig(seq_len=16, micro_batch_size=2)])
+    tr = build_trainer(cfg, tmp_path / "stages")
+    assert tr.fit() == 0
+    assert tr._gc_frozen == {("train", 0), ("train", 1)} and gc.get_freeze_count() == 0
 
 
 def test_expert_biases_resume_when_the_rate_is_turned_on_or_off(tmp_path, caplog):
