@@ -143,6 +143,11 @@ class JambaConfig:
         return self.mamba_expand * self.hidden_size
 
     @property
+    def mamba2_nheads(self) -> int:
+        """Mamba-2 heads: d_inner / mamba2_head_dim (validate checks that it divides)."""
+        return self.d_inner // self.mamba2_head_dim
+
+    @property
     def attn_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
@@ -199,9 +204,9 @@ class JambaConfig:
             need(self.d_inner % self.mamba2_head_dim == 0,
                  f"model.mamba2_head_dim={self.mamba2_head_dim} must divide d_inner = mamba_expand * "
                  f"hidden_size = {self.d_inner}")
-            nheads = self.d_inner // self.mamba2_head_dim
-            need(nheads % self.mamba2_n_groups == 0,
-                 f"model.mamba2_n_groups={self.mamba2_n_groups} must divide the Mamba-2 head count {nheads}")
+            need(self.mamba2_nheads % self.mamba2_n_groups == 0,
+                 f"model.mamba2_n_groups={self.mamba2_n_groups} must divide the Mamba-2 head count "
+                 f"{self.mamba2_nheads}")
         if self.layer_pattern is None:
             need(self.attn_layer_period > 0 and 0 <= self.attn_layer_offset < self.attn_layer_period,
                  f"model.attn_layer_offset={self.attn_layer_offset} must be in [0, attn_layer_period="

@@ -181,7 +181,7 @@ class Mamba2Mixer(nn.Module):
         self.cfg, self.layer_idx = cfg, layer_idx
         self.d_inner, self.d_state = cfg.d_inner, cfg.mamba_d_state
         self.head_dim, self.ngroups = cfg.mamba2_head_dim, cfg.mamba2_n_groups
-        self.nheads = self.d_inner // self.head_dim
+        self.nheads = cfg.mamba2_nheads
         self.chunk_size = cfg.mamba2_chunk_size
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
         k = cfg.mamba_d_conv

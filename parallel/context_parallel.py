@@ -532,7 +532,7 @@ def traffic_per_step(cfg, seq_len: int, batch: int, cp: int, tp: int = 1, itemsi
             nkv = nkv if mode == "shard" else cp
             a2a += passes * batch * Ls * cfg.attn_head_dim * (2 * nq + 2 * nkv) * part
         elif cfg.mamba_mixer == "mamba2":
-            heads, bc = cfg.d_inner // cfg.mamba2_head_dim, 2 * cfg.mamba2_n_groups * cfg.mamba_d_state
+            heads, bc = cfg.mamba2_nheads, 2 * cfg.mamba2_n_groups * cfg.mamba_d_state
             if cfg.mamba2_n_groups % cp == 0:  # B and C by groups, inside the all-to-all
                 a2a += passes * batch * Ls * (2 * cfg.d_inner + heads + bc) * part
             else:

@@ -161,7 +161,7 @@ class ParallelDims:
         if has_mamba and m.mamba_mixer == "mamba2":
             from parallel.context_parallel import mamba2_groups
 
-            H, G = m.d_inner // m.mamba2_head_dim, m.mamba2_n_groups
+            H, G = m.mamba2_nheads, m.mamba2_n_groups
             if mamba2_groups(H, G, cp, 0) is None:
                 valid = [c for c in range(2, min(H, 64) + 1) if mamba2_groups(H, G, c, 0) is not None]
                 other = ("a smaller model.mamba2_head_dim for more heads" if H % cp else
