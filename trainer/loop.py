@@ -129,8 +129,8 @@ class Trainer:
         self._compiled = {"train": False, "eval": False}  # first forward of each kind done in this process
         self._gc_frozen: set = set()  # train.gc_freeze: (phase, stage) after which the live objects were frozen
         # auxiliary-loss-free MoE balancing (model.moe_router_bias_update_rate): biases move after each step
-        self._bias_rate = getattr(getattr(model, "config", None), "moe_router_bias_update_rate", 0.0)
-        self._update_expert_biases = getattr(model, "update_expert_biases", None) if self._bias_rate else None
+        rate = getattr(getattr(model, "config", None), "moe_router_bias_update_rate", 0.0)
+        self._update_expert_biases = getattr(model, "update_expert_biases", None) if rate else None
 
     # ---- resume -------------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -320,8 +320,8 @@ class Trainer:
         """train.gc_freeze: once per fit after the first training step and the first validation of each
         curriculum stage (a stage's new shapes compile new graphs), when those graphs and the optimizer states
         exist, collect and freeze what is alive (undone when fit returns)."""
-        self._gc_frozen.add(after)
         if self.cfg.train.gc_freeze:
+            self._gc_frozen.add(after)
             gc.collect()
             gc.freeze()
 
@@ -353,7 +353,7 @@ class Trainer:
             return code
         finally:
             gc_pauses.close()
-            if self._gc_frozen and self.cfg.train.gc_freeze and unfreeze:
+            if self._gc_frozen and unfreeze:
                 gc.unfreeze()  # back to normal collection for whatever runs in this process next
             if owned:
                 self.stop.restore()
