@@ -105,7 +105,15 @@ in a training record when non-zero."""
 
 def set_aside_replayed(path: Path, start_step: int) -> int:
     """A resumed run redoes the steps after its checkpoint: move their old records (and a line torn by a kill)
-    from metrics.jsonl to metrics.replayed.jsonl beside it, so each step appears once. Returns how many."""
+    from metrics.jsonl to metrics.replayed.jsonl beside it, so each step appears once. Returns how many.
+
+    The move is ordered for whoever reads the two files while it happens (a dashboard, the GPU scenario tests,
+    which count a step in both as redone): both new versions are written to temporary files first, metrics.jsonl
+    is replaced, then metrics.replayed.jsonl. A reader can briefly miss the moved records but never sees a step
+    that was not redone twice. A crash in between loses nothing: see _finish_interrupted_set_aside."""
+    replayed = path.with_name(REPLAYED)
+    kept_tmp, replayed_tmp = path.with_name(path.name + ".tmp"), path.with_name(REPLAYED + ".tmp")
+    _finish_interrupted_set_aside(replayed, kept_tmp, replayed_tmp)
     if not path.is_file():
         return 0
     keep, moved = [], []
@@ -117,12 +125,24 @@ def set_aside_replayed(path: Path, start_step: int) -> int:
         (keep if isinstance(step, int) and step <= start_step else moved).append(line)
     if not moved:
         return 0
-    with open(path.with_name(REPLAYED), "a") as f:
-        f.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    kept_tmp.write_text("".join(keep))  # first: while it exists, replayed_tmp is not yet authoritative
+    before = replayed.read_text() if replayed.is_file() else ""
+    if before and not before.endswith("\n"):
+        before += "\n"
+    replayed_tmp.write_text(before + "".join(line if line.endswith("\n") else line + "\n" for line in moved))
+    os.replace(kept_tmp, path)  # the commit point: the moved records now live only in replayed_tmp
+    os.replace(replayed_tmp, replayed)
     return len(moved)
+
+
+def _finish_interrupted_set_aside(replayed: Path, kept_tmp: Path, replayed_tmp: Path) -> None:
+    """A set-aside killed midway: if metrics.jsonl was already replaced (its temporary is gone), the replayed
+    temporary holds the only copy of the moved records and becomes metrics.replayed.jsonl; otherwise
+    metrics.jsonl still has them and both temporaries are dropped (the move is redone from scratch)."""
+    if replayed_tmp.is_file() and not kept_tmp.is_file():
+        os.replace(replayed_tmp, replayed)
+    for tmp in (kept_tmp, replayed_tmp):
+        tmp.unlink(missing_ok=True)
 
 
 def new_wandb_run_id(length: int = 8) -> str:

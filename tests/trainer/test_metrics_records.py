@@ -3,6 +3,7 @@ metrics.jsonl, bad-data skip counters."""
 
 import json
 import logging
+import os
 
 from tests.trainer.trainer_standins import build_trainer, read_metrics, small_run_config
 from trainer.config import LoggingConfig
@@ -23,6 +24,73 @@ def test_resume_sets_aside_the_records_it_redoes(tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6, 6, 7] and recs[-1]["loss"] == 1.5
     moved = (tmp_path / REPLAYED).read_text().splitlines()
     assert [json.loads(x)["step"] for x in moved[:-1]] == [7, 8, 9, 10] and moved[-1] == '{"step": 11, "lo'
+
+
+def _steps_seen_by_a_reader(d):
+    """What a reader of both files sees now: step -> how many records (torn lines skipped)."""
+    seen = {}
+    for name in (REPLAYED, "metrics.jsonl"):
+        f = d / name
+        for line in (f.read_text().splitlines() if f.is_file() else []):
+            try:
+                step = json.loads(line)["step"]
+            except ValueError:
+                continue
+            seen[step] = seen.get(step, 0) + 1
+    return seen
+
+
+def test_set_aside_never_shows_a_step_twice_to_a_reader(tmp_path, monkeypatch):
+    """A reader polling both files while a resume moves records must not see a step that was not redone in both
+    (the GPU scenario test took such a moment for a redone step and failed: appending to the replayed file first,
+    then replacing metrics.jsonl, left that window). Checked at every file replacement of the move."""
+    import trainer.metrics as metrics
+
+    path = tmp_path / "metrics.jsonl"
+    (tmp_path / REPLAYED).write_text(json.dumps({"step": 2, "loss": 9.0}) + "\n")  # an older resume's
+    path.write_text("".join(json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 9)))
+    views = []
+    real_replace = os.replace
+
+    def watched_replace(src, dst):
+        views.append(_steps_seen_by_a_reader(tmp_path))
+        real_replace(src, dst)
+        views.append(_steps_seen_by_a_reader(tmp_path))
+
+    monkeypatch.setattr(metrics.os, "replace", watched_replace)
+    assert metrics.set_aside_replayed(path, start_step=4) == 4
+    assert views, "the move replaced no file"
+    for view in views:
+        assert all(n == 1 for s, n in view.items() if s > 4), view
+    assert _steps_seen_by_a_reader(tmp_path) == {1: 1, 2: 2, 3: 1, 4: 1, 5: 1, 6: 1, 7: 1, 8: 1}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_set_aside_interrupted_loses_nothing(tmp_path):
+    """kill -9 inside the move, at either side of its commit point (metrics.jsonl replaced): the next resume
+    ends with every old record once in one of the two files and no temporaries left."""
+    from trainer.metrics import set_aside_replayed
+
+    def run_dir(name, committed):
+        d = tmp_path / name
+        d.mkdir()
+        old = [json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 9)]
+        moved = "".join(old[4:])
+        if committed:  # metrics.jsonl replaced; only the replayed temporary has steps 5-8
+            (d / "metrics.jsonl").write_text("".join(old[:4]))
+            (d / (REPLAYED + ".tmp")).write_text(moved)
+        else:  # both temporaries written, nothing replaced yet
+            (d / "metrics.jsonl").write_text("".join(old))
+            (d / "metrics.jsonl.tmp").write_text("".join(old[:4]))
+            (d / (REPLAYED + ".tmp")).write_text(moved[: len(moved) // 2])  # even a half-written one
+        return d
+
+    for committed in (True, False):
+        d = run_dir(f"committed_{committed}", committed)
+        set_aside_replayed(d / "metrics.jsonl", start_step=4)  # the resume after the crash
+        assert _steps_seen_by_a_reader(d) == {s: 1 for s in range(1, 9)}, (committed, _steps_seen_by_a_reader(d))
+        assert [json.loads(x)["step"] for x in (d / REPLAYED).read_text().splitlines()] == [5, 6, 7, 8]
+        assert not list(d.glob("*.tmp")), sorted(p.name for p in d.iterdir())
 
 
 def test_resumed_trainer_logs_each_step_once(tmp_path):
