@@ -528,7 +528,8 @@ def _materialise(model, tensors, dtype, device):
     """Assign `tensors` into a meta-built model (no second copy), then check nothing stayed on meta."""
     def cast():
         for k, t in tensors:
-            if dtype is not None and t.is_floating_point():
+            # the MoE expert biases stay fp32 (as under model.to(dtype)): a bf16 bias would change the routing
+            if dtype is not None and t.is_floating_point() and not k.endswith("expert_bias"):
                 t = t.to(dtype)
             yield k, t.to(device)
     load_into(model, cast(), assign=True)
@@ -647,12 +648,27 @@ def open_our_checkpoint(path, cfg: JambaConfig) -> Tuple[List[str], Callable[[st
         src = SafetensorsSource(path)
         prefix = _strip_prefix(src.keys())
         keys = [k[len(prefix):] for k in src.keys() if k.startswith(prefix)]
+        _check_expert_biases(path, keys, cfg)
         return keys, lambda k: src.get(prefix + k)
     obj = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     flat = _flatten(obj)
     prefix = _strip_prefix(flat.keys())
     sd = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    _check_expert_biases(path, sd, cfg)
     return list(sd), sd.__getitem__
+
+
+def _check_expert_biases(path: Path, keys: Iterable[str], cfg: JambaConfig) -> None:
+    """A checkpoint trained with model.moe_router_bias_update_rate > 0 routes with its MoE `expert_bias`
+    buffers; read with a config that has the rate at 0 (a preset, say) the model would have no biases and route
+    differently from the trained one, so refuse and say which config to pass."""
+    biased = sorted(k for k in keys if k.endswith("expert_bias"))
+    if biased and not cfg.moe_router_bias_update_rate:
+        raise ConfigError(
+            f"{path} holds {len(biased)} MoE expert biases (e.g. {biased[0]!r}: it trained with "
+            f"model.moe_router_bias_update_rate > 0), but the model config given has the rate at 0, so the model "
+            f"would route tokens without them. Pass the run's own config (its .hydra/config.yaml, or "
+            f"jamba_config.json) or set moe_router_bias_update_rate to the value it trained with")
 
 
 def read_our_checkpoint(path, cfg: JambaConfig) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -680,6 +696,7 @@ def _read_dcp(path: Path, cfg: JambaConfig) -> Dict[str, torch.Tensor]:
     reader = dcp.FileSystemReader(str(path))
     meta = reader.read_metadata().state_dict_metadata
     prefix = _strip_prefix(meta.keys())
+    _check_expert_biases(path, (k[len(prefix):] for k in meta if k.startswith(prefix)), cfg)
     model = build_model(cfg, empty=True)
     want = {}
     for k, t in model.state_dict().items():

@@ -257,6 +257,47 @@ def test_export_from_dcp_checkpoint(tmp_path):
     assert err < 1e-4, err
 
 
+@pytest.mark.parametrize("fmt", ["dcp", "safetensors", "pt"])
+def test_checkpoint_with_expert_biases_needs_its_config(tmp_path, fmt):
+    """A checkpoint trained with model.moe_router_bias_update_rate > 0 routes with its MoE expert biases: read
+    with a rate-0 config (a preset, say) it must be refused, not loaded without them; read with the run's config
+    it gives the same logits, its biases in fp32 also when loaded in bf16; export to HF refuses it."""
+    import torch.distributed.checkpoint as dcp
+
+    from jamba.config import ConfigError
+
+    cfg = make_cfg("jamba8").replace(moe_router_bias_update_rate=0.01)
+    torch.manual_seed(7)
+    ours = randomize_(JambaForCausalLM(cfg), seed=7).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, b in ours.named_buffers():
+            if name.endswith("expert_bias"):
+                b.copy_(torch.randn(b.shape, generator=g))  # large enough to change which experts are chosen
+    x = inputs(cfg, seed=8)
+    with torch.no_grad():
+        want = ours(x).logits
+    sd = ours.state_dict()
+    ckpt = tmp_path / "ckpt"
+    if fmt == "dcp":
+        dcp.save({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
+    elif fmt == "safetensors":
+        hf.write_our_checkpoint(sd.items(), cfg, ckpt)
+    else:
+        ckpt = tmp_path / "ckpt.pt"
+        torch.save({"model": sd}, ckpt)
+    with pytest.raises(ConfigError, match="expert_bias.*moe_router_bias_update_rate"):
+        hf.load_checkpoint(ckpt, make_cfg("jamba8"))
+    loaded = hf.load_checkpoint(ckpt, cfg)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, want)
+    biases = [b for n, b in hf.load_checkpoint(ckpt, cfg, dtype=torch.bfloat16).named_buffers()
+              if n.endswith("expert_bias")]
+    assert biases and all(b.dtype == torch.float32 for b in biases)
+    with pytest.raises(ConfigError, match="moe_router_bias_update_rate"):
+        hf.export_hf(ckpt, tmp_path / "out", cfg)
+
+
 @pytest.mark.parametrize("layout", ["5.x", "4.x"])
 def test_import_hf_directory(tmp_path, layout):
     cfg = make_cfg("jamba8")
