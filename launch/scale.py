@@ -42,13 +42,12 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT_NAMES = ("single", "fsdp", "ep", "ep_padded", "tp", "hsdp")
@@ -152,15 +151,31 @@ def read_records(path: Path) -> List[dict]:
     return out
 
 
+def weighted_median(pairs: Sequence[Tuple[float, float]]) -> float:
+    """The median of (value, weight) pairs: the value below and above which half the weight lies (the mean of
+    the two middle values when the halves split exactly between them, as statistics.median for equal weights).
+    Windows are weighted by their tokens, so a short last window (--steps not a multiple of the logging
+    interval) counts for its length, not as much as a full one."""
+    pairs = sorted(pairs)
+    half, acc = sum(w for _, w in pairs) / 2, 0.0
+    for i, (v, w) in enumerate(pairs):
+        acc += w
+        if acc > half:
+            return v
+        if acc == half:
+            return (v + pairs[i + 1][0]) / 2
+    raise ValueError("weighted_median of no weight")
+
+
 def timed_throughput(records: Sequence[dict], warmup: int) -> dict:
     """Combine the training records after `warmup` steps into one rate.
 
     A record at step s with tokens T and tokens_per_s R covers the steps since the previous record (tokens
     T - T_prev over (T - T_prev) / R seconds), so the timed rate is the sum of tokens over the sum of times.
-    Windows that start before step `warmup` are left out. Also the median of the windows' rates: a stall
-    (on 2 H200s one logging window in 6 to 16 ran 17-31% slower, in every layout; the one checked
-    was a 407 ms full garbage collection, see train.gc_freeze) moves the mean by several
-    percent depending on whether it falls inside the timed steps; the median does not see it."""
+    Windows that start before step `warmup` are left out. Also the median of the windows' rates, weighted by
+    their tokens: a stall (on 2 H200s one logging window in 6 to 16 ran 17-31% slower, in every layout; the one
+    checked was a 407 ms full garbage collection, see train.gc_freeze) moves the mean by several percent
+    depending on whether it falls inside the timed steps; the median does not see it."""
     train = sorted((r for r in records if "loss" in r and "tokens_per_s" in r), key=lambda r: r["step"])
     prev_tokens, prev_step = 0, 0  # a fresh run (checkpoint.resume=false): the meter starts at step 0
     tokens, secs, steps, rates = 0, 0.0, 0, []
@@ -170,13 +185,13 @@ def timed_throughput(records: Sequence[dict], warmup: int) -> dict:
             tokens += window
             secs += window / r["tokens_per_s"]
             steps += r["step"] - prev_step
-            rates.append(r["tokens_per_s"])
+            rates.append((r["tokens_per_s"], window))
         prev_tokens, prev_step = r["tokens"], r["step"]
     if not steps:
         raise ValueError(f"no training record after the {warmup} warm-up steps (steps logged: "
                          f"{[r['step'] for r in train]}); raise --steps or lower --warmup / --log-every")
     loads = [r["moe_rank_load_max"] for r in train if r["step"] > warmup and "moe_rank_load_max" in r]
-    return {"tokens_per_s": tokens / secs, "median_window_tokens_per_s": statistics.median(rates),
+    return {"tokens_per_s": tokens / secs, "median_window_tokens_per_s": weighted_median(rates),
             "timed_steps": steps, "step_ms": 1e3 * secs / steps,
             "peak_gib": max((r.get("mem_gb") or 0.0) for r in train) or None, "loss_last": train[-1]["loss"],
             "moe_rank_load_max": max(loads) if loads else None}

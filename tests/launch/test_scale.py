@@ -24,6 +24,18 @@ def _records(rates, log_every=2, tokens_per_step=100):
     return recs
 
 
+def test_median_window_weighs_windows_by_tokens():
+    assert scale.weighted_median([(100.0, 1), (400.0, 1)]) == 250.0  # equal weights: statistics.median
+    assert scale.weighted_median([(3.0, 1), (1.0, 1), (2.0, 1)]) == 2.0
+    assert scale.weighted_median([(100.0, 3), (400.0, 1)]) == 100.0
+    # after the warm-up, full windows of 200 tokens at 100, 200 and 300 tokens/s, then a short last one (1 step,
+    # 100 tokens) at 50: unweighted, the median was (100 + 200) / 2 = 150; by tokens it is 200
+    recs = [r for r in _records([1.0, 100.0, 200.0, 300.0]) if "loss" in r]
+    recs.append({"step": 9, "tokens": 900, "loss": 5.5, "tokens_per_s": 50.0, "mem_gb": 0.0})
+    assert scale.timed_throughput(recs, warmup=2)["median_window_tokens_per_s"] == 200.0
+    assert scale.timed_throughput(recs[:3], warmup=2)["median_window_tokens_per_s"] == 150.0  # equal halves
+
+
 def test_timed_throughput_is_tokens_over_time_after_warmup():
     # windows of 200 tokens: steps 1-2 at 1 tokens/s (warm-up, left out), 3-4 at 100, 5-6 at 400
     tp = scale.timed_throughput(_records([1.0, 100.0, 400.0]), warmup=2)
