@@ -159,10 +159,13 @@ def plan_time(s: Setup, step_overhead: float = None) -> TimePlan:
     fsdp_copies = _fsdp_copy_bytes(s, local) / (OPT_BW * hbm) if s.fsdp else 0.0
     compute = gemm + attn + scan + elem + opt + casts + fsdp_copies
     if s.fsdp:
-        fsdp_bytes = 2 * 2 * local + 4 * local / s.grad_accum  # bf16 all-gathers (fwd, bwd); fp32 reduce-scatter
+        # bf16 all-gathers (forward, and again in backward when resharded after forward); the reduce-scatter
+        # in the reduce dtype once per optimizer step; HSDP's all-reduce of the shard in the same dtype
+        gathers, r = (2 if s.reshard_after_forward else 1), s.reduce_bytes
+        fsdp_bytes = gathers * 2 * local + r * local / s.grad_accum
         fsdp = _collective(fsdp_bytes, s.fsdp_dense, bw(s.fsdp_dense, s.cp * s.tp))
         if s.dp_replicate > 1:
-            fsdp += _collective(4 * local / s.fsdp_dense, s.dp_replicate,
+            fsdp += _collective(r * local / s.fsdp_dense / s.grad_accum, s.dp_replicate,
                                 bw(s.dp_replicate, s.dp_shard * s.cp * s.tp), factor=2.0)
         comm["fsdp (beyond overlap)"] = max(0.0, fsdp - compute)
         comm["fsdp first gather, last reduce"] = _fsdp_exposed(s, top, layers[0], bw(s.fsdp_dense, s.cp * s.tp))
