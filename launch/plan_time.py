@@ -78,6 +78,15 @@ def _fsdp_copy_bytes(s: Setup, local: float) -> float:
     return local * (gathers * (6 / n + 4) + ((2 + r) + (r + 4) / n) / s.grad_accum)
 
 
+def _fsdp_link_bytes(s: Setup, local: float) -> tuple:
+    """Bytes per rank per micro-batch that FSDP moves over links, for `local` parameters per rank before
+    sharding: (over the fsdp_dense group: the bf16 all-gathers, one with reshard_after_forward=false, else two,
+    plus the reduce-scatter in the reduce dtype once per optimizer step; over the dp_replicate group: HSDP's
+    all-reduce of the shard in the same dtype, also once per optimizer step)."""
+    gathers, r = (1 if not s.reshard_after_forward else 2), s.reduce_bytes
+    return gathers * 2 * local + r * local / s.grad_accum, r * local / s.fsdp_dense / s.grad_accum
+
+
 def _fsdp_exposed(s: Setup, top: Dict[str, float], first_layer, bandwidth: float) -> float:
     """The collectives no computation hides: the step's first all-gathers (the root's embedding and final
     norm, then the first layer's, before any compute) and its last reduce-scatter (the root's, after the
@@ -159,13 +168,10 @@ def plan_time(s: Setup, step_overhead: float = None) -> TimePlan:
     fsdp_copies = _fsdp_copy_bytes(s, local) / (OPT_BW * hbm) if s.fsdp else 0.0
     compute = gemm + attn + scan + elem + opt + casts + fsdp_copies
     if s.fsdp:
-        # bf16 all-gathers (forward, and again in backward when resharded after forward); the reduce-scatter
-        # in the reduce dtype once per optimizer step; HSDP's all-reduce of the shard in the same dtype
-        gathers, r = (2 if s.reshard_after_forward else 1), s.reduce_bytes
-        fsdp_bytes = gathers * 2 * local + r * local / s.grad_accum
-        fsdp = _collective(fsdp_bytes, s.fsdp_dense, bw(s.fsdp_dense, s.cp * s.tp))
+        shard_bytes, replicate_bytes = _fsdp_link_bytes(s, local)
+        fsdp = _collective(shard_bytes, s.fsdp_dense, bw(s.fsdp_dense, s.cp * s.tp))
         if s.dp_replicate > 1:
-            fsdp += _collective(r * local / s.fsdp_dense / s.grad_accum, s.dp_replicate,
+            fsdp += _collective(replicate_bytes, s.dp_replicate,
                                 bw(s.dp_replicate, s.dp_shard * s.cp * s.tp), factor=2.0)
         comm["fsdp (beyond overlap)"] = max(0.0, fsdp - compute)
         comm["fsdp first gather, last reduce"] = _fsdp_exposed(s, top, layers[0], bw(s.fsdp_dense, s.cp * s.tp))

@@ -224,7 +224,7 @@ def test_fsdp_prices_its_own_copies_and_the_collectives_nothing_hides():
     """FSDP2's copies per micro-batch, per parameter before sharding over n ranks: every all-gather 6/n + 4 bytes,
     the reduce-scatter (2 + r) + (r + 4)/n (r: reduce dtype bytes), once per optimizer step. On 2 H200s these
     made FSDP's compute equal one GPU's (README); without them the planner was 15-23% fast on FSDP."""
-    from launch.plan_time import _fsdp_copy_bytes
+    from launch.plan_time import _fsdp_copy_bytes, _fsdp_link_bytes
 
     m = get_preset("bench-3b")
     kept = Setup(m, seq_len=4096, micro_batch=4, dp_shard=2, reshard_after_forward=False, reduce_bf16=True,
@@ -233,6 +233,11 @@ def test_fsdp_prices_its_own_copies_and_the_collectives_nothing_hides():
     assert _fsdp_copy_bytes(replace(kept, reshard_after_forward=True, reduce_bf16=False), 1.0) == \
         pytest.approx(2 * (3 + 4) + (6 + 4))
     assert _fsdp_copy_bytes(replace(kept, grad_accum=4), 1.0) == pytest.approx(7 + 7 / 4)
+    # over the links: bf16 gathers (1 kept, 2 resharded), the reduce-scatter and HSDP's all-reduce in the reduce
+    # dtype, once per optimizer step
+    assert _fsdp_link_bytes(kept, 1.0) == pytest.approx((2 + 2, 2 / 2))
+    assert _fsdp_link_bytes(replace(kept, reshard_after_forward=True, reduce_bf16=False, grad_accum=4), 1.0) \
+        == pytest.approx((4 + 4 / 4, 4 / 2 / 4))
     t = plan_time(kept)
     assert t.parts["fsdp copies"] > 0.03 * t.step_s and t.parts["fsdp first gather, last reduce"] > 0
     single = plan_time(Setup(m, seq_len=4096, micro_batch=4, gpu=GPUS["h200"]))
