@@ -55,6 +55,7 @@ import torch
 
 from tests.launch.test_e2e_train import (clean_env, complete_checkpoints, output, reap,  # noqa: F401
                                          start, worker_pids)
+from tests.run_records import read_records
 
 ROOT = Path(__file__).resolve().parents[2]
 # GPU loss bounds (module docstring): measured worst over fsdp/hsdp/tp/ep on 2 H200s, in parentheses
@@ -147,14 +148,9 @@ def budget(prof: Profile, layout: str, compiled: bool) -> float:
 def records(run_dir: Path) -> List[dict]:
     """Every attempt in order: metrics.replayed.jsonl (where a resumed run moves the records of the steps it
     redoes), then metrics.jsonl; a line torn by a SIGKILLed rank 0 is skipped."""
-    out = []
-    for path in (run_dir / "metrics.replayed.jsonl", run_dir / "metrics.jsonl"):
-        for line in (path.read_text().splitlines() if path.is_file() else []):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
+    # In this order: a resume replaces metrics.jsonl first, then metrics.replayed.jsonl (trainer/metrics.py), so
+    # a look at both during the move can miss the moved records but never count them twice.
+    return read_records(run_dir / "metrics.replayed.jsonl") + read_records(run_dir / "metrics.jsonl")
 
 
 def by_step(recs: List[dict], key: str) -> Dict[int, List[dict]]:
@@ -174,16 +170,7 @@ def last_step_of_this_attempt(run_dir: Path) -> int:
     """The newest step in metrics.jsonl alone: after a resume it holds the steps up to the checkpoint and those
     of the running attempt (a killed attempt may have logged further before it died; those went to
     metrics.replayed.jsonl, and on a GPU they can be far ahead of where the resumed attempt stops)."""
-    path = run_dir / "metrics.jsonl"
-    steps = []
-    for line in (path.read_text().splitlines() if path.is_file() else []):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in rec:
-            steps.append(rec["step"])
-    return max(steps, default=0)
+    return max((r["step"] for r in read_records(run_dir / "metrics.jsonl") if "loss" in r), default=0)
 
 
 def redone_steps(run_dir: Path) -> List[int]:
@@ -256,14 +243,16 @@ class Scenario:
     def launch(self, run_dir: Path, log: str, max_restarts: int = 0):
         return start(self.cmd(run_dir, max_restarts), self.tmp / log, env=self.env, cwd=ROOT)
 
-    def wait(self, predicate, proc, what: str) -> None:
-        """Poll until predicate(); fail if the run exits first or the budget runs out (a hang)."""
-        while not predicate():
+    def wait(self, predicate, proc, what: str):
+        """Poll until predicate() is truthy and return that value (the files it looked at keep changing: use
+        what it saw); fail if the run exits first or the budget runs out (a hang)."""
+        while not (seen := predicate()):
             if proc.poll() is not None:
                 pytest.fail(f"torchrun exited ({proc.returncode}) before {what}:\n{output(proc)[-6000:]}")
             if time.monotonic() > self.deadline:
                 self.hang(proc, f"no {what}")
             time.sleep(0.02)
+        return seen
 
     def finish(self, proc, what: str) -> str:
         """Wait for torchrun to exit; past the budget, fail with the workers' Python stacks."""
@@ -367,8 +356,8 @@ def kill_restart_then_sigterm(sc: Scenario, run_dir: Path) -> dict:
     ckpt_before_kill = complete_checkpoints(run_dir)[-1]
     os.kill(worker_pid(proc.pid, sc.victim), signal.SIGKILL)
     killed_at = last_step(run_dir)
-    sc.wait(lambda: redone_steps(run_dir), proc, "a step redone after torchrun restarted the workers")
-    resumed_from = redone_steps(run_dir)[0] - 1
+    redone = sc.wait(lambda: redone_steps(run_dir), proc, "a step redone after torchrun restarted the workers")
+    resumed_from = redone[0] - 1
     assert resumed_from in complete_checkpoints(run_dir) and resumed_from >= ckpt_before_kill, \
         f"restarted from step {resumed_from}; checkpoints {complete_checkpoints(run_dir)}, {ckpt_before_kill} before"
     proc.send_signal(signal.SIGTERM)  # to torchrun, as a scheduler's preemption does; it forwards it

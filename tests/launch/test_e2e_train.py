@@ -5,7 +5,6 @@ All runs: 2 ranks (DDP), 12 steps of 2 x 64 tokens per rank, a checkpoint every 
 metrics.jsonl in each run directory.
 """
 
-import json
 import os
 import signal
 import socket
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from launch.slurm import SlurmJob, render_sbatch
+from tests.run_records import read_records
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SLURM = Path(__file__).with_name("fake_slurm")
@@ -45,11 +45,7 @@ def clean_env(**extra) -> dict:
 def losses(run_dir: Path) -> dict[int, list[float]]:
     """step -> the training losses logged for it, in file order (a step redone after a restart appears twice)."""
     out: dict[int, list[float]] = {}
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in read_records(run_dir / "metrics.jsonl"):
         if "loss" in rec:
             out.setdefault(rec["step"], []).append(rec["loss"])
     return out

@@ -2,7 +2,6 @@
 workers), before training starts, twice (Ctrl-C Ctrl-C). Every saving signal must end in a checkpoint and
 exit code 75, and the resumed run must reproduce the uninterrupted one exactly (CPU, bit for bit)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.run_records import read_records
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
 STEPS = 16
@@ -20,8 +21,7 @@ ARGS = ["experiment=debug", "train.num_threads=1", f"train.max_steps={STEPS}", "
 
 
 def records(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    return read_records(Path(run_dir) / "metrics.jsonl")
 
 
 def losses(run_dir):

@@ -4,6 +4,7 @@ appear on disk with the logged metrics, a resumed run keeps the same wandb run i
 
 import logging
 import string
+import time
 
 import pytest
 
@@ -38,6 +39,15 @@ def _run_files(run_dir, run_id):
     return dirs, [d / f"run-{run_id}.wandb" for d in dirs]
 
 
+def _close_and_flush(logger):
+    """`run.finish()` only tells wandb's service process that the run is done; the service writes the rest of
+    the run's transaction log when it closes the stream, after finish has returned (on CI the file once held
+    just its header when read). A process that exits flushes it in wandb's atexit teardown, as train.py does;
+    the test, which goes on, waits for it with the same teardown."""
+    logger.close()
+    wandb.teardown()
+
+
 def test_wandb_offline_run_is_written_and_resumed(offline):
     run_dir = offline
     run_dir.mkdir()
@@ -48,7 +58,7 @@ def test_wandb_offline_run_is_written_and_resumed(offline):
     assert logger.wandb.id == run_id
     _train_records(logger, [1, 2, 3])
     logger.log_eval({"step": 3, "val_loss": 6.5, "val_ppl": 665.1})
-    logger.close()
+    _close_and_flush(logger)
 
     dirs, logs = _run_files(run_dir, run_id)
     assert len(dirs) == 1 and logs[0].is_file(), sorted(p.name for p in (run_dir / "wandb").iterdir())
@@ -56,13 +66,16 @@ def test_wandb_offline_run_is_written_and_resumed(offline):
     for key in (b"loss", b"grad_norm", b"val_loss"):  # the records went into wandb's run log
         assert key in data, key
 
-    # a resumed job (same run directory) continues the same wandb run
+    # a resumed job (same run directory) continues the same wandb run; wandb names an offline run's directory by
+    # the second it started, and a real resume is seconds later: so is this one
+    time.sleep(1.1)
     logger = MetricsLogger(run_dir, cfg, is_main=True, total_steps=6, start_step=3)
     assert logger.wandb is not None and logger.wandb.id == run_id
     _train_records(logger, [4, 5, 6])
-    logger.close()
+    _close_and_flush(logger)
     dirs, logs = _run_files(run_dir, run_id)
-    assert len(dirs) == 2 and all(p.is_file() for p in logs)
+    assert len(dirs) == 2 and all(p.is_file() for p in logs), dirs
+    assert b"grad_norm" in logs[1].read_bytes()
     assert (run_dir / "wandb_id").read_text().strip() == run_id
 
 
