@@ -528,9 +528,10 @@ def _materialise(model, tensors, dtype, device):
     """Assign `tensors` into a meta-built model (no second copy), then check nothing stayed on meta."""
     def cast():
         for k, t in tensors:
-            # the MoE expert biases stay fp32 (as under model.to(dtype)): a bf16 bias would change the routing
-            if dtype is not None and t.is_floating_point() and not k.endswith("expert_bias"):
-                t = t.to(dtype)
+            # the MoE expert biases stay at least fp32 (as under model.to(dtype)): a bf16 bias would change the
+            # routing
+            if dtype is not None and t.is_floating_point():
+                t = t.to(torch.promote_types(dtype, torch.float32) if k.endswith("expert_bias") else dtype)
             yield k, t.to(device)
     load_into(model, cast(), assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -667,8 +668,9 @@ def _check_expert_biases(path: Path, keys: Iterable[str], cfg: JambaConfig) -> N
         raise ConfigError(
             f"{path} holds {len(biased)} MoE expert biases (e.g. {biased[0]!r}: it trained with "
             f"model.moe_router_bias_update_rate > 0), but the model config given has the rate at 0, so the model "
-            f"would route tokens without them. Pass the run's own config (its .hydra/config.yaml, or "
-            f"jamba_config.json) or set moe_router_bias_update_rate to the value it trained with")
+            f"would route tokens without them. Pass the config this checkpoint trained with (--config: the run's "
+            f".hydra/config.yaml or jamba_config.json, or, if the run turned the rate off later, those settings "
+            f"with moe_router_bias_update_rate set to the rate it trained with)")
 
 
 def read_our_checkpoint(path, cfg: JambaConfig) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -158,13 +158,15 @@ def weighted_median(pairs: Sequence[Tuple[float, float]]) -> float:
     interval) counts for its length, not as much as a full one."""
     pairs = sorted(pairs)
     half, acc = sum(w for _, w in pairs) / 2, 0.0
+    if not half > 0:
+        raise ValueError(f"weighted_median needs a positive total weight: {pairs}")
     for i, (v, w) in enumerate(pairs):
         acc += w
         if acc > half:
             return v
         if acc == half:
             return (v + pairs[i + 1][0]) / 2
-    raise ValueError("weighted_median of no weight")
+    raise AssertionError("unreachable: the weights add up to more than half")
 
 
 def timed_throughput(records: Sequence[dict], warmup: int) -> dict:

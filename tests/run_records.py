@@ -5,15 +5,22 @@ from pathlib import Path
 from typing import List
 
 
-def read_records(path) -> List[dict]:
-    """The JSON records of a JSONL file, in order; [] when it does not exist yet. A line that does not decode
-    (torn by a kill -9, or read while its write was in progress) is skipped: the trainer sets such a line aside
-    when it resumes, so it is never a step's record."""
+def read_records(path, torn_anywhere: bool = False) -> List[dict]:
+    """The JSON records of a JSONL file, in order; [] when it does not exist yet.
+
+    A last line without its newline (being written, or torn by a kill -9) is skipped. Any other line that does
+    not decode fails the test: in metrics.jsonl a torn line can only be the last one, since a resume sets it
+    aside before appending. `torn_anywhere=True` skips undecodable lines everywhere, for
+    metrics.replayed.jsonl, where every resume's set-aside adds the torn line it found."""
     path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    lines = text.splitlines()
     out = []
-    for line in (path.read_text().splitlines() if path.is_file() else []):
+    for i, line in enumerate(lines):
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            if torn_anywhere or (i == len(lines) - 1 and not text.endswith("\n")):
+                continue
+            raise AssertionError(f"{path}: line {i + 1} is not JSON and not a torn last line: {line!r}")
     return out

@@ -51,6 +51,7 @@ from trainer.checkpoint_integrity import CheckpointDiskFull
 from trainer.config import CheckpointConfig
 from trainer.data_fingerprint import describe_change
 from trainer.distributed import World, all_reduce_scalars, barrier, broadcast_object, is_dist
+from trainer.metrics import REPLAYED, finish_interrupted_set_aside
 from trainer.run_lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,8 @@ class CheckpointManager:
         dest.mkdir()
         os.rename(self.root, dest / "checkpoints")
         self.root.mkdir()
-        for name in ("metrics.jsonl", "wandb_id"):
+        finish_interrupted_set_aside(self.run_dir / "metrics.jsonl")  # a killed resume's records go along too
+        for name in ("metrics.jsonl", REPLAYED, "wandb_id"):
             if (self.run_dir / name).exists():
                 os.rename(self.run_dir / name, dest / name)
         log.warning("checkpoint.overwrite=true: the earlier run's checkpoints and metrics moved to %s; "

@@ -109,11 +109,11 @@ def set_aside_replayed(path: Path, start_step: int) -> int:
 
     The move is ordered for whoever reads the two files while it happens (a dashboard, the GPU scenario tests,
     which count a step in both as redone): both new versions are written to temporary files first, metrics.jsonl
-    is replaced, then metrics.replayed.jsonl. A reader can briefly miss the moved records but never sees a step
-    that was not redone twice. A crash in between loses nothing: see _finish_interrupted_set_aside."""
-    replayed = path.with_name(REPLAYED)
-    kept_tmp, replayed_tmp = path.with_name(path.name + ".tmp"), path.with_name(REPLAYED + ".tmp")
-    _finish_interrupted_set_aside(replayed, kept_tmp, replayed_tmp)
+    is replaced, then metrics.replayed.jsonl. A reader that reads metrics.replayed.jsonl first, then
+    metrics.jsonl, can briefly miss the moved records but never sees a step that was not redone twice. A crash
+    in between loses nothing: see finish_interrupted_set_aside."""
+    replayed, kept_tmp, replayed_tmp = _set_aside_files(path)
+    finish_interrupted_set_aside(path)
     if not path.is_file():
         return 0
     keep, moved = [], []
@@ -135,13 +135,20 @@ def set_aside_replayed(path: Path, start_step: int) -> int:
     return len(moved)
 
 
-def _finish_interrupted_set_aside(replayed: Path, kept_tmp: Path, replayed_tmp: Path) -> None:
-    """A set-aside killed midway: if metrics.jsonl was already replaced (its temporary is gone), the replayed
-    temporary holds the only copy of the moved records and becomes metrics.replayed.jsonl; otherwise
-    metrics.jsonl still has them and both temporaries are dropped (the move is redone from scratch)."""
+def _set_aside_files(path: Path) -> tuple:
+    """(metrics.replayed.jsonl, metrics.jsonl's temporary, the replayed file's temporary) beside `path`."""
+    return path.with_name(REPLAYED), path.with_name(path.name + ".tmp"), path.with_name(REPLAYED + ".tmp")
+
+
+def finish_interrupted_set_aside(path: Path) -> None:
+    """A set-aside of metrics.jsonl at `path` killed midway: if metrics.jsonl was already replaced (its
+    temporary is gone), the replayed temporary holds the only copy of the moved records and becomes
+    metrics.replayed.jsonl; otherwise metrics.jsonl still has them and both temporaries are dropped (the move is
+    redone from scratch). Also for whoever moves a run's metrics elsewhere (checkpoint.overwrite)."""
+    replayed, kept_tmp, replayed_tmp = _set_aside_files(path)
     if replayed_tmp.is_file() and not kept_tmp.is_file():
         os.replace(replayed_tmp, replayed)
-    for tmp in (kept_tmp, replayed_tmp):
+    for tmp in (replayed_tmp, kept_tmp):  # in this order: a kill in between must not leave replayed_tmp alone
         tmp.unlink(missing_ok=True)
 
 

@@ -150,7 +150,7 @@ def records(run_dir: Path) -> List[dict]:
     redoes), then metrics.jsonl; a line torn by a SIGKILLed rank 0 is skipped."""
     # In this order: a resume replaces metrics.jsonl first, then metrics.replayed.jsonl (trainer/metrics.py), so
     # a look at both during the move can miss the moved records but never count them twice.
-    return read_records(run_dir / "metrics.replayed.jsonl") + read_records(run_dir / "metrics.jsonl")
+    return read_records(run_dir / "metrics.replayed.jsonl", torn_anywhere=True) + read_records(run_dir / "metrics.jsonl")
 
 
 def by_step(recs: List[dict], key: str) -> Dict[int, List[dict]]:

@@ -277,6 +277,9 @@ def test_checkpoint_with_expert_biases_needs_its_config(tmp_path, fmt):
     x = inputs(cfg, seed=8)
     with torch.no_grad():
         want = ours(x).logits
+        unbiased = JambaForCausalLM(cfg).eval()
+        unbiased.load_state_dict({k: (0 * v if k.endswith("expert_bias") else v) for k, v in ours.state_dict().items()})
+        assert not torch.allclose(unbiased(x).logits, want)  # the biases change which experts are chosen
     sd = ours.state_dict()
     ckpt = tmp_path / "ckpt"
     if fmt == "dcp":
@@ -294,6 +297,8 @@ def test_checkpoint_with_expert_biases_needs_its_config(tmp_path, fmt):
     biases = [b for n, b in hf.load_checkpoint(ckpt, cfg, dtype=torch.bfloat16).named_buffers()
               if n.endswith("expert_bias")]
     assert biases and all(b.dtype == torch.float32 for b in biases)
+    assert all(b.dtype == torch.float64 for n, b in hf.load_checkpoint(ckpt, cfg, dtype=torch.float64).named_buffers()
+               if n.endswith("expert_bias"))
     with pytest.raises(ConfigError, match="moe_router_bias_update_rate"):
         hf.export_hf(ckpt, tmp_path / "out", cfg)
 

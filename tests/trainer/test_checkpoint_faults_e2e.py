@@ -69,8 +69,17 @@ def test_seeded_kill9_at_random_points_resumes_bit_exact(tmp_path):
     ckpts = d / "checkpoints"
     started = [0.0]
 
-    def saving():  # a save in progress: a .tmp- directory exists
-        return ckpts.is_dir() and any(p.name.startswith(".tmp-") for p in ckpts.iterdir())
+    stale = set()  # .tmp- directories a killed attempt left: the next one removes them at start-up
+
+    def tmp_dirs():
+        return {p.name for p in ckpts.iterdir() if p.name.startswith(".tmp-")} if ckpts.is_dir() else set()
+
+    def saving():
+        """A save of the running attempt in progress: a .tmp- directory other than the leftovers. After the
+        kill, the same look tells whether the kill interrupted a save (nothing renames it then)."""
+        now = tmp_dirs()
+        stale.intersection_update(now)  # a leftover once removed is gone for good: a new save may reuse its name
+        return bool(now - stale)
 
     def at_step(k):
         return lambda: max(_losses(d), default=0) >= k
@@ -87,19 +96,11 @@ def test_seeded_kill9_at_random_points_resumes_bit_exact(tmp_path):
             ("training", at_step(rng.randint(5, 8))), ("save", saving)]
     hits = []
     for what, ready in plan:
-        in_save = [False]
-
-        def ready_and_note(ready=ready):
-            if ready():
-                # a save's .tmp- directory can be renamed between two looks: for a "save" kill, the look that
-                # fired it is the one that counts
-                in_save[0] = ready is saving or saving()
-                return True
-            return False
-
         started[0] = time.time()
-        killed = _kill_when(_cmd(d), ready_and_note)
-        hits.append((what, killed, in_save[0], max(_losses(d), default=0)))
+        stale.clear()
+        stale.update(tmp_dirs())
+        killed = _kill_when(_cmd(d), ready)
+        hits.append((what, killed, killed and saving(), max(_losses(d), default=0)))
         if not killed:
             break
     r = _run(_cmd(d))  # the final rerun finishes the run

@@ -19,6 +19,7 @@ from jamba.config import ConfigError
 from trainer.checkpoint import INVALID_PREFIX, MARKER, TMP_PREFIX, CheckpointManager
 from trainer.checkpoint_integrity import MANIFEST, CheckpointDiskFull
 from trainer.distributed import World
+from trainer.metrics import REPLAYED
 from trainer.loop import NonFiniteError
 from trainer.run_lock import LOCK_NAME, RunDirBusy
 from trainer_standins import build_trainer, read_metrics, small_run_config, train_losses
@@ -68,11 +69,17 @@ def test_resume_false_in_used_run_dir_is_refused_then_overwrite_moves_it_aside(t
         build_trainer(fresh, d)
     assert {p.name: (p / "__0_0.distcp").read_bytes() for p in (d / "checkpoints").iterdir()} == before
 
+    # the earlier run's replayed records go along, also those of a set-aside a kill left past its commit point
+    (d / REPLAYED).write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n")
+    (d / (REPLAYED + ".tmp")).write_text(json.dumps({"step": 5, "loss": 1.0}) + "\n"
+                                         + json.dumps({"step": 7, "loss": 2.0}) + "\n")
     fresh.checkpoint.overwrite = True
     assert build_trainer(fresh, d).fit() == 0
     [prev] = [p for p in d.iterdir() if p.name.startswith("previous-")]
     assert sorted(p.name for p in (prev / "checkpoints").iterdir()) == sorted(before)  # nothing deleted
     assert (prev / "metrics.jsonl").is_file()
+    assert [json.loads(x)["step"] for x in (prev / REPLAYED).read_text().splitlines()] == [5, 7]
+    assert not (d / REPLAYED).exists() and not list(d.glob("*.tmp"))  # the new run redid nothing
     assert _names(d) == ["step_000000004", "step_000000006", "step_000000008"]  # the new run's, all written
     assert [r["step"] for r in read_metrics(d)] == list(range(1, 9))  # metrics.jsonl: this run only
     other = tmp_path / "fresh_dir"

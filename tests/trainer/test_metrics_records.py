@@ -5,6 +5,8 @@ import json
 import logging
 import os
 
+import pytest
+
 from tests.trainer.trainer_standins import build_trainer, read_metrics, small_run_config
 from trainer.config import LoggingConfig
 from trainer.metrics import REPLAYED, MetricsLogger
@@ -91,6 +93,32 @@ def test_set_aside_interrupted_loses_nothing(tmp_path):
         assert _steps_seen_by_a_reader(d) == {s: 1 for s in range(1, 9)}, (committed, _steps_seen_by_a_reader(d))
         assert [json.loads(x)["step"] for x in (d / REPLAYED).read_text().splitlines()] == [5, 6, 7, 8]
         assert not list(d.glob("*.tmp")), sorted(p.name for p in d.iterdir())
+
+
+def test_set_aside_recovery_killed_midway_loses_and_repeats_nothing(tmp_path, monkeypatch):
+    """The recovery itself killed between its two deletions (a move killed before its commit point, then the
+    next start killed too): the start after that must not take the replayed temporary for a committed move."""
+    import pathlib
+
+    from trainer.metrics import set_aside_replayed
+
+    old = [json.dumps({"step": s, "loss": 10.0 - s}) + "\n" for s in range(1, 9)]
+    (tmp_path / "metrics.jsonl").write_text("".join(old))
+    (tmp_path / "metrics.jsonl.tmp").write_text("".join(old[:4]))  # the killed move's two temporaries
+    (tmp_path / (REPLAYED + ".tmp")).write_text("".join(old[4:]))
+    real_unlink = pathlib.Path.unlink
+
+    def killed_after_one(self, *a, **kw):
+        real_unlink(self, *a, **kw)
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(pathlib.Path, "unlink", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        set_aside_replayed(tmp_path / "metrics.jsonl", start_step=4)
+    monkeypatch.setattr(pathlib.Path, "unlink", real_unlink)
+    set_aside_replayed(tmp_path / "metrics.jsonl", start_step=4)
+    assert _steps_seen_by_a_reader(tmp_path) == {s: 1 for s in range(1, 9)}
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_resumed_trainer_logs_each_step_once(tmp_path):
