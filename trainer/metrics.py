@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from trainer.checkpoint_integrity import fsync_dir, write_file
 from trainer.config import LoggingConfig
 
 log = logging.getLogger(__name__)
@@ -125,13 +126,16 @@ def set_aside_replayed(path: Path, start_step: int) -> int:
         (keep if isinstance(step, int) and step <= start_step else moved).append(line)
     if not moved:
         return 0
-    kept_tmp.write_text("".join(keep))  # first: while it exists, replayed_tmp is not yet authoritative
+    # Both temporaries reach the disk before any replace (fsync), so a node crash cannot leave a replaced file
+    # empty; kept_tmp first: while it exists, replayed_tmp is not yet authoritative.
+    write_file(kept_tmp, "".join(keep).encode())
     before = replayed.read_text() if replayed.is_file() else ""
     if before and not before.endswith("\n"):
         before += "\n"
-    replayed_tmp.write_text(before + "".join(line if line.endswith("\n") else line + "\n" for line in moved))
+    write_file(replayed_tmp, (before + "".join(ln if ln.endswith("\n") else ln + "\n" for ln in moved)).encode())
     os.replace(kept_tmp, path)  # the commit point: the moved records now live only in replayed_tmp
     os.replace(replayed_tmp, replayed)
+    fsync_dir(path.parent)
     return len(moved)
 
 
