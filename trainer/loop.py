@@ -265,8 +265,7 @@ class Trainer:
                 f"optim.grad_clip > 0 or check the data, then re-run: it resumes from "
                 f"{newest if newest else 'scratch (no checkpoint yet)'}. "
                 f"(Limit: train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite})")
-        if ("train", stage.index) not in self._gc_frozen:  # after the optimizer step: its states exist by now
-            self._freeze_gc(("train", stage.index))
+        self._freeze_gc(("train", stage.index))  # after the optimizer step: its states exist by now
         return {"loss": loss, "aux_loss": aux if getattr(out, "aux_loss", None) is not None else None,
                 "z_loss": z if getattr(out, "z_loss", None) is not None else None,
                 "grad_norm": grad_norm, "lr": lr, "finite": finite, "stop": stop_any, "expert_counts": counts}
@@ -308,8 +307,7 @@ class Trainer:
         self.model.train()
         with watch.phase("all_reduce of the validation loss during evaluate", step):
             total = all_reduce_scalars(total, "sum").cpu()
-        if ("eval", stage.index) not in self._gc_frozen:
-            self._freeze_gc(("eval", stage.index))
+        self._freeze_gc(("eval", stage.index))
         if total[1] == 0:
             log.warning("validation split gave no batches: no validation loss")
             return None
@@ -319,8 +317,8 @@ class Trainer:
     def _freeze_gc(self, after: Tuple[str, int]) -> None:
         """train.gc_freeze: once per fit after the first training step and the first validation of each
         curriculum stage (a stage's new shapes compile new graphs), when those graphs and the optimizer states
-        exist, collect and freeze what is alive (undone when fit returns)."""
-        if self.cfg.train.gc_freeze:
+        exist, collect and freeze what is alive (undone when fit returns). A no-op after the first time."""
+        if self.cfg.train.gc_freeze and after not in self._gc_frozen:
             self._gc_frozen.add(after)
             gc.collect()
             gc.freeze()
