@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from trainer.jsonl import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT_NAMES = ("single", "fsdp", "ep", "ep_padded", "tp", "hsdp")
 
@@ -139,18 +141,6 @@ class Result:
 
 
 # ---- metrics.jsonl -> throughput ------------------------------------------------------------------
-def read_records(path: Path) -> List[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
 def weighted_median(pairs: Sequence[Tuple[float, float]]) -> float:
     """The median of (value, weight) pairs: the value below and above which half the weight lies (the mean of
     the two middle values when the halves split exactly between them, as statistics.median for equal weights).
@@ -395,7 +385,7 @@ def run_layout(args: argparse.Namespace, lay: Layout, run_dir: Path, env: dict, 
               f"{res.error[-1500:]}", flush=True)
         return res
     try:
-        fill(res, timed_throughput(read_records(run_dir / "metrics.jsonl"), args.warmup), lay, fpt, ceiling)
+        fill(res, timed_throughput(read_jsonl(run_dir / "metrics.jsonl", torn_anywhere=True), args.warmup), lay, fpt, ceiling)
     except ValueError as e:
         res.status, res.error = "no timed steps", str(e)
     print(f"[{name}] {res.status}: {_f(res.tokens_per_s, ',.0f')} tokens/s, "

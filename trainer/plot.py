@@ -8,22 +8,18 @@ directory (or --out). Works on a run that is still going.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List
+
+from trainer.jsonl import read_jsonl
 
 
 def load_metrics(run_dir: Path) -> List[Dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give the run directory (it holds metrics.jsonl)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
+    records = read_jsonl(path, torn_anywhere=True)  # a line cut short by a crash is skipped
     by_step: Dict = {}
     for r in records:  # a resumed run may log a step twice: the last one wins
         by_step[(r["step"], "val_loss" in r)] = r

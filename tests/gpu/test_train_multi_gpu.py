@@ -55,7 +55,7 @@ import torch
 
 from tests.launch.test_e2e_train import (clean_env, complete_checkpoints, output, reap,  # noqa: F401
                                          start, worker_pids)
-from tests.run_records import read_records
+from trainer.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 # GPU loss bounds (module docstring): measured worst over fsdp/hsdp/tp/ep on 2 H200s, in parentheses
@@ -150,7 +150,7 @@ def records(run_dir: Path) -> List[dict]:
     redoes), then metrics.jsonl; a line torn by a SIGKILLed rank 0 is skipped."""
     # In this order: a resume replaces metrics.jsonl first, then metrics.replayed.jsonl (trainer/metrics.py), so
     # a look at both during the move can miss the moved records but never count them twice.
-    return read_records(run_dir / "metrics.replayed.jsonl", torn_anywhere=True) + read_records(run_dir / "metrics.jsonl")
+    return read_jsonl(run_dir / "metrics.replayed.jsonl", torn_anywhere=True) + read_jsonl(run_dir / "metrics.jsonl")
 
 
 def by_step(recs: List[dict], key: str) -> Dict[int, List[dict]]:
@@ -170,7 +170,7 @@ def last_step_of_this_attempt(run_dir: Path) -> int:
     """The newest step in metrics.jsonl alone: after a resume it holds the steps up to the checkpoint and those
     of the running attempt (a killed attempt may have logged further before it died; those went to
     metrics.replayed.jsonl, and on a GPU they can be far ahead of where the resumed attempt stops)."""
-    return max((r["step"] for r in read_records(run_dir / "metrics.jsonl") if "loss" in r), default=0)
+    return max((r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r), default=0)
 
 
 def redone_steps(run_dir: Path) -> List[int]:

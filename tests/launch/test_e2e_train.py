@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from launch.slurm import SlurmJob, render_sbatch
-from tests.run_records import read_records
+from trainer.jsonl import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SLURM = Path(__file__).with_name("fake_slurm")
@@ -45,7 +45,7 @@ def clean_env(**extra) -> dict:
 def losses(run_dir: Path) -> dict[int, list[float]]:
     """step -> the training losses logged for it, in file order (a step redone after a restart appears twice)."""
     out: dict[int, list[float]] = {}
-    for rec in read_records(run_dir / "metrics.jsonl"):
+    for rec in read_jsonl(run_dir / "metrics.jsonl"):
         if "loss" in rec:
             out.setdefault(rec["step"], []).append(rec["loss"])
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_records import read_records
+from trainer.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
@@ -36,7 +36,7 @@ def torchrun(run_dir, *opts):
 
 def losses(run_dir):
     out = {}
-    for r in read_records(Path(run_dir) / "metrics.jsonl"):
+    for r in read_jsonl(Path(run_dir) / "metrics.jsonl"):
         if "loss" in r:
             out.setdefault(r["step"], []).append(r["loss"])
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_records import read_records
+from trainer.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
@@ -24,7 +24,7 @@ COMMON = ["experiment=debug", "train.num_threads=1", "logging.progress_bar=false
 
 def _losses(run_dir):
     """step -> loss; the last record of a step wins (a resumed run logs replayed steps again)."""
-    return {r["step"]: r["loss"] for r in read_records(Path(run_dir) / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
 
 
 def _cmd(run_dir, *extra):

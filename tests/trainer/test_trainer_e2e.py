@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.run_records import read_records
+from trainer.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
@@ -19,7 +19,7 @@ QUIET = ["logging.progress_bar=false", "logging.log_every=1"]
 
 
 def _records(run_dir):
-    return read_records(Path(run_dir) / "metrics.jsonl")
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def _losses(run_dir):
