@@ -272,3 +272,16 @@ def test_expert_biases_resume_when_the_rate_is_turned_on_or_off(tmp_path, caplog
         biases = [b for n, b in model.named_buffers() if n.endswith("expert_bias")]
         assert len(biases) == (2 if then else 0)  # tiny: 2 MoE layers
         assert len(model.updates) == (2 if then else 0)  # steps 4 and 5 moved them (sign steps may cancel)
+
+
+def test_read_jsonl_skips_only_a_torn_last_line_unless_told(tmp_path):
+    from trainer.jsonl import read_jsonl
+
+    f = tmp_path / "m.jsonl"
+    assert read_jsonl(f) == []  # not written yet
+    f.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # the last line torn by a kill -9
+    assert read_jsonl(f) == [{"step": 1}, {"step": 2}]
+    f.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')  # a bad line inside is not a torn write in metrics.jsonl
+    with pytest.raises(ValueError, match="line 2"):
+        read_jsonl(f)
+    assert read_jsonl(f, torn_anywhere=True) == [{"step": 1}, {"step": 3}]  # metrics.replayed.jsonl, tools
