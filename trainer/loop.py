@@ -54,25 +54,53 @@ def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
 
     DTensor gradients (FSDP2, TP) on several meshes (EP experts live on their own mesh) are grouped by
     mesh: each group's norm comes from `torch.nn.utils.get_total_norm` and is made a full tensor, then the
-    groups combine. With a single mesh this equals `torch.nn.utils.clip_grad_norm_`."""
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
+    groups combine. With a single mesh this equals `torch.nn.utils.clip_grad_norm_`.
+
+    The collectives (one all-reduce per mesh) must not depend on which gradients this rank has: a sharded
+    (DTensor) parameter without a gradient here counts as zeros, so a rank whose share of some parameters got
+    no gradient (e.g. expert-parallel experts that received no tokens) still joins their mesh's all-reduce
+    instead of leaving the other ranks waiting in it. Plain tensors involve no collective and are skipped."""
+    groups: Dict[Any, List[torch.Tensor]] = {}  # gradients grouped by their parameter's mesh
+    stand_ins = 0
+    for p in params:
+        mesh = getattr(p, "device_mesh", None)
+        if p.grad is None and (mesh is None or not p.requires_grad):
+            continue
+        if p.grad is None:
+            stand_ins += 1
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        groups.setdefault(id(mesh) if mesh is not None else None, []).append(grad)
+    if stand_ins:
+        _log_once_here("grad-stand-in", f"gradient norm: {stand_ins} sharded parameter(s) have no gradient on this "
+                       "rank; counted as zeros so that every rank runs the same all-reduces (their optimizer "
+                       "update is skipped here, as for any parameter without a gradient)")
+    if not groups:
         return torch.zeros(())
-    groups: Dict[Any, List[torch.Tensor]] = {}  # parameters grouped by their gradient's mesh
-    for p in with_grad:
-        mesh = getattr(p.grad, "device_mesh", None)
-        groups.setdefault(id(mesh) if mesh is not None else None, []).append(p)
     sq = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         sq.append(norm.float() ** 2)
     total = torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
     if max_norm > 0:  # per mesh group: foreach kernels cannot mix DTensors of different meshes
-        for group in groups.values():
+        with_grad: Dict[Any, List[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                mesh = getattr(p, "device_mesh", None)
+                with_grad.setdefault(id(mesh) if mesh is not None else None, []).append(p)
+        for group in with_grad.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.device), foreach=True)
     return total
+
+
+_LOGGED: set = set()
+
+
+def _log_once_here(key: str, msg: str) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.warning(msg)
 
 
 def _to(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
