@@ -15,7 +15,7 @@ from typing import Optional
 from jamba.config import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-EP_EXCHANGES = ("sized", "padded")
+EP_EXCHANGES = ("sized", "padded", "overlap")
 
 
 @dataclass
@@ -39,7 +39,10 @@ class ParallelConfig:
     once. "padded": every rank sends each EP peer a buffer with room for all its N routed rows (the most it
     could send one peer), so sizes are static and nothing waits on the host; exact (dropless) like "sized",
     at ep x the bytes on the wire and about ep x the experts' activation memory. Slower than "sized" for
-    bench-3b on 2 H200s (84-87% against 91-95% of FSDP's tokens/s; parallel/expert_parallel.py, README)."""
+    bench-3b on 2 H200s (84-87% against 91-95% of FSDP's tokens/s; parallel/expert_parallel.py, README).
+    "overlap": the "sized" exchange with the all-to-alls running under the experts' own GEMMs (this rank's rows
+    for its own experts are computed while the others' rows travel; parallel/ep_overlap.py); same rows, same
+    host sync. MoE layers under activation checkpointing fall back to "sized"."""
     cp: int = 1
     """Context parallelism: each sequence is split into cp contiguous chunks, one per rank, in every layer
     (Mamba-1 by a sequence <-> channel all-to-all, Mamba-2 by heads, attention by Ulysses heads;

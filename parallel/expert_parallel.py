@@ -20,7 +20,8 @@ the GPU runs dry at each one and waits while Python issues the next kernels. `pa
 (`_exchange_padded`) removes it: each rank sends every peer a fixed block with room for all its routed rows,
 so every size is static; it moves ep x the bytes and holds about ep x the experts' activations. Measured on
 2 H200s it cut the idle time by 6-11 ms but added 41-44 ms of compute (the elementwise work over all ep x N
-received rows), so it is slower for bench-3b and "sized" stays the default. The exchange and
+received rows), so it is slower for bench-3b and "sized" stays the default. `parallel.ep_exchange=overlap` (parallel/ep_overlap.py)
+keeps the sized exchange but runs its all-to-alls under the experts' own GEMMs; 1.5% slower on 2 H200s. The exchange and
 the local grouped GEMM run outside torch.compile (`torch.compiler.disable`): their sizes change with the
 routing at every step and layer; traced into the decoder layers' graphs they became symbolic shapes and
 guards on split sizes, Dynamo recompiled for them, and Inductor specialises further on such sizes (the
@@ -48,6 +49,7 @@ from torch.distributed.tensor import Shard
 
 from parallel.collectives import all_reduce_sum, all_to_all_v, copy_to_group, reduce_from_group, scale_grad
 from parallel.dims import ParallelDims
+from parallel.ep_overlap import overlapped_experts
 from parallel.styles import distribute_param, swap_in_local, swap_out_local
 
 logger = logging.getLogger(__name__)
@@ -146,6 +148,8 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
     copy_input = tp_group is not None and not dims.cfg.sequence_parallel
     ep = dims.ep
     padded = dims.cfg.ep_exchange == "padded"
+    overlap = dims.cfg.ep_exchange == "overlap" and ep_group is not None
+    plain_layers = []  # overlap asked for, but the layer is recomputed in backward (parallel/ep_overlap.py)
 
     def grad_scale(path, w):  # see the module docstring: FSDP's edp mean * 1/ep = the dp_cp mean
         return scale_grad(w, 1.0 / ep)
@@ -158,9 +162,14 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
             distribute_param(experts, name, mesh, placements)
         local_forward = experts.forward  # the model's grouped GEMM, bound to this module
         names = list(EXPERT_PLACEMENTS)
+        recomputed = bool(getattr(layer, "activation_checkpointing", False)
+                          or getattr(layer.feed_forward, "token_chunk", None))
+        if overlap and recomputed:
+            plain_layers.append(layer.layer_idx)
 
         @torch.compiler.disable  # routing-dependent sizes stay out of the compiled graphs (module docstring)
-        def forward(x, num_tokens_per_expert, _mod=experts, _fwd=local_forward):
+        def forward(x, num_tokens_per_expert, _mod=experts, _fwd=local_forward,
+                    _overlap=overlap and not recomputed):
             # x (N, H) sorted by global expert; num_tokens_per_expert (E,)
             if copy_input:
                 x = copy_to_group(x, tp_group)
@@ -168,6 +177,8 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
             try:
                 if ep_group is None:
                     return_y = _fwd(x, num_tokens_per_expert)
+                elif _overlap:
+                    return_y = overlapped_experts(_fwd, x, num_tokens_per_expert, ep_group, ep)
                 elif padded:
                     xl, counts_local, state = _exchange_padded(x, num_tokens_per_expert, ep_group, ep)
                     return_y = _combine_padded(_fwd(xl, counts_local, padded=True), state, ep_group, ep)
@@ -181,6 +192,10 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
             return return_y
 
         experts.forward = forward
+    if plain_layers:
+        logger.warning("parallel.ep_exchange=overlap: MoE layers %s are recomputed in backward "
+                       "(model.activation_checkpointing or model.moe_token_chunk), so they use the plain 'sized' "
+                       "exchange; the others overlap their all-to-alls with the experts", plain_layers)
 
 
 def global_expert_counts(expert_counts: torch.Tensor, dims: ParallelDims) -> torch.Tensor:

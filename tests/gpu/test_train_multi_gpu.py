@@ -107,6 +107,8 @@ LAYOUTS = {
     # auxiliary-loss-free MoE balancing: the expert biases move after every step, and a resume restores them
     # (from the model's state dict) or the routing, hence the losses, differ
     "ep_balanced": (("parallel=ep", "model.moe_router_bias_update_rate=0.01"), 2, 1),
+    # the all-to-alls under the experts' GEMMs: nested graphs run by a reentrant backward (parallel/ep_overlap.py)
+    "ep_overlap": (("parallel=ep", "parallel.ep_exchange=overlap"), 2, 1),
 }
 # seconds added to a layout's budget: mamba-ssm's Triton SSD kernels autotune on a fresh machine (93 s before
 # the first step of the reference run on 2 H200s, which used up the 240 s budget before the resume had run)
@@ -117,13 +119,14 @@ COMPILED_LAYOUTS = {
     "ep": LAYOUTS["ep"],
     "ep_padded": (("parallel=ep", "parallel.ep_exchange=padded"), 2, 0),
     "fsdp_kept": (("parallel=fsdp", "parallel.reshard_after_forward=false", "parallel.reduce_dtype=bfloat16"), 2, 1),
+    "ep_overlap": LAYOUTS["ep_overlap"],
 }
 
 
 def _cases():
     cases = []
-    # CPU: the layouts the first GPU runs hung in, cp, and the expert biases' resume
-    for name in ("fsdp", "ep", "cp", "cp_mamba2", "ep_balanced"):
+    # CPU: the layouts the first GPU runs hung in, cp, the expert biases' resume, and the overlapped EP exchange
+    for name in ("fsdp", "ep", "cp", "cp_mamba2", "ep_balanced", "ep_overlap"):
         cases.append(pytest.param(CPU, name, False, marks=_marks(CPU, name, False), id=f"cpu-{name}"))
     for name in LAYOUTS:
         cases.append(pytest.param(GPU, name, False, marks=_marks(GPU, name, False), id=f"cuda-{name}"))

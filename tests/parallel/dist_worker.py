@@ -60,20 +60,33 @@ def record(t):
     return t.to(torch.promote_types(t.dtype, torch.float32)).cpu().clone()
 
 
-def new_model(cfg):
+def new_model(cfg, starve: bool = False):
     torch.manual_seed(SEED)
-    return JambaForCausalLM(cfg).to(DEVICE, DTYPE)
+    model = JambaForCausalLM(cfg).to(DEVICE, DTYPE)
+    if starve:  # every token picks its top-k among the first half of the experts: EP's last rank gets no rows
+        for layer in model.model.layers:
+            bias = getattr(layer.feed_forward, "expert_bias", None)
+            if bias is not None:
+                half = bias.shape[0] // 2
+                bias.copy_(torch.cat([bias.new_ones(half), -bias.new_ones(bias.shape[0] - half)]))
+    return model
 
 
 def parse_layout(spec: str):
-    """"tp=2+ep=2" -> (ParallelConfig, model overrides); "kv=1" sets model.num_key_value_heads."""
+    """"tp=2+ep=2" -> (ParallelConfig, model overrides); "kv=1" sets model.num_key_value_heads, "ac=moe" (kinds
+    joined by "/") model.activation_checkpointing."""
     kw, model = {}, {}
     for item in spec.split("+"):
         k, v = item.split("=")
         if k == "kv":
             model["num_key_value_heads"] = int(v)
+        elif k == "ac":  # model.activation_checkpointing, kinds joined by "/" (recomputation: same numbers)
+            model["activation_checkpointing"] = v.split("/")
         elif k == "compile":  # parallel.compile.apply_compile with this backend, after the layout
             model["_compile"] = v
+        elif k == "starve":  # fixed expert biases that route every token to the first half of the experts
+            model["moe_router_bias_update_rate"] = 0.01  # (registers the biases; nothing here updates them)
+            model["_starve"] = True
         elif k == "fault":  # deliberately broken: rank 0 of the data-parallel group scales its loss
             model["_fault"] = float(v)
         else:
@@ -86,10 +99,11 @@ def build(spec: str):
     pcfg, overrides = parse_layout(spec)
     backend = overrides.pop("_compile", None)
     fault = overrides.pop("_fault", 0.0)
+    starve = overrides.pop("_starve", False)
     cfg = model_config(**overrides)
     dims = ParallelDims(pcfg, world_size=dist.get_world_size(), model=cfg, seq_len=16)
     dims.build_mesh(DEVICE.type)
-    model = parallelize(new_model(cfg), dims)
+    model = parallelize(new_model(cfg, starve), dims)
     model.fault = fault
     if backend:
         from parallel.compile import apply_compile
@@ -118,13 +132,13 @@ def step(model, dims, opt, i: int):
     return loss.item(), out
 
 
-EXCHANGES = {"sized": 0, "padded": 0}  # EP exchanges run, by kind (which one a layout really used)
+EXCHANGES = {"sized": 0, "padded": 0, "overlap": 0}  # EP exchanges run, by kind (which one a layout really used)
 
 
 def _count_exchanges() -> None:
     import parallel.expert_parallel as epm
 
-    for kind, name in (("sized", "_exchange"), ("padded", "_exchange_padded")):
+    for kind, name in (("sized", "_exchange"), ("padded", "_exchange_padded"), ("overlap", "overlapped_experts")):
         def counted(*a, _fn=getattr(epm, name), _kind=kind, **k):
             EXCHANGES[_kind] += 1
             return _fn(*a, **k)
@@ -132,7 +146,7 @@ def _count_exchanges() -> None:
 
 
 def run_layout(spec: str, result: dict) -> None:
-    EXCHANGES.update(sized=0, padded=0)
+    EXCHANGES.update(sized=0, padded=0, overlap=0)
     model, dims = build(spec)
     opt = make_optimizer(model)
     losses, grads = [], None
@@ -197,7 +211,9 @@ def count_syncs(spec: str, result: dict) -> None:
 
 def reference(model_overrides: dict) -> dict:
     """The single-process run on the whole global batch (what every layout must reproduce)."""
-    model = new_model(model_config(**model_overrides))
+    overrides = dict(model_overrides)
+    starve = overrides.pop("_starve", False)
+    model = new_model(model_config(**overrides), starve)
     opt = make_optimizer(model)
     losses = []
     for i in range(STEPS):

@@ -122,5 +122,6 @@ def test_context_parallel_layouts():
 
 def test_ep_exchange_is_checked():
     assert ParallelConfig(ep=2, ep_exchange="padded").ep_exchange == "padded"
-    with pytest.raises(ConfigError, match=r"parallel.ep_exchange='fixed' must be one of \['sized', 'padded'\]"):
+    assert ParallelConfig(ep=2, ep_exchange="overlap").ep_exchange == "overlap"
+    with pytest.raises(ConfigError, match=r"parallel.ep_exchange='fixed' must be one of \['sized', 'padded', 'overlap'\]"):
         ParallelConfig(ep=2, ep_exchange="fixed")

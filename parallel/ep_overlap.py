@@ -1,0 +1,163 @@
+"""Expert parallelism with the token all-to-alls running under the experts' GEMMs (parallel.ep_exchange=overlap).
+
+The "sized" exchange (parallel/expert_parallel.py) sends every routed row, waits for the rows to arrive, runs the
+local experts, sends the outputs back and waits again: four all-to-alls per MoE layer and step (two forward,
+two backward) during which the GPU computes nothing. On 2 H200s they are ~19 ms of bench-3b's ~370 ms step.
+
+Here the rows this rank keeps for its own experts ("self" rows: 1/ep of them on average, half with ep=2) are
+split in two halves, S1 and S2, and the rows from the other ranks form one part, R:
+
+    forward:   start dispatch(R)  | experts(S1)       (the dispatch travels while S1 computes)
+               wait; experts(R); start combine(R) | experts(S2)
+               wait; output in x's order
+    backward:  start grad dispatch(R) | backward(S2)
+               wait; backward(R); start grad return(R) | backward(S1)
+               wait; input gradient in x's order
+
+Each all-to-all has a GEMM of about its own length under it, on the compute stream, while NCCL moves the rows
+on its own stream (`async_op=True`; `work.wait()` makes the compute stream, not the host, wait). Nothing else
+changes: the same single host sync for the split sizes, the same rows, the same experts and weights, so the
+result equals the "sized" exchange's up to the summation order of the weight gradients (three partial sums
+instead of one).
+
+Why one autograd Function with nested graphs: autograd's engine orders the backward by its own rules (the most
+recently created node first), which would run R's backward, waiting for its gradients, before S1's. So the
+forward builds a small graph per part (under `enable_grad`, on detached leaves) and the backward runs them
+itself, in the order above, with `torch.autograd.backward`; parameter gradients accumulate into the experts'
+weights as usual (a reentrant backward, as in reentrant activation checkpointing).
+The parts' outputs stay alive until the backward runs their graphs (bench-3b on 2 H200s: peak 59.8 against
+59.3 GiB for "sized"). On 2 H200s over NVLink it measured 1.5% slower than "sized" (README, Performance).
+Under activation checkpointing of the MoE layer (model.activation_checkpointing, model.moe_token_chunk) the
+plain "sized" exchange is used instead: recomputing a region whose saved tensors live in nested graphs is
+what non-reentrant checkpointing cannot see (apply_experts decides per layer and says so).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows (T, H), counts (E_local,)) -> (T, H)
+
+
+def _start(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group):
+    """Start an all-to-all of x's rows: send in_splits[r] rows to rank r, receive out_splits[r] from it.
+    Returns (output buffer, work); the buffer is valid after work.wait()."""
+    y = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    work = dist.all_to_all_single(y, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
+    return y, work
+
+
+def _without(values: Sequence[int], me: int) -> List[int]:
+    """Split sizes with my own entry zeroed: my rows never travel."""
+    return [0 if r == me else v for r, v in enumerate(values)]
+
+
+def _segments(t: torch.Tensor, splits: Sequence[int], me: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """t (sum splits, H) in rank order -> (my segment, the others' rows concatenated in rank order)."""
+    start = sum(splits[:me])
+    end = start + splits[me]
+    mine = t[start:end]
+    if start == 0 or end == t.shape[0]:  # with ep=2 the others' rows are one slice: no copy
+        return mine, t[end:] if start == 0 else t[:start]
+    return mine, torch.cat([t[:start], t[end:]])
+
+
+def _assemble(mine: torch.Tensor, others: torch.Tensor, splits: Sequence[int], me: int) -> torch.Tensor:
+    """Inverse of `_segments`: put my segment back between the others' rows."""
+    before = sum(splits[:me])
+    return torch.cat([others[:before], mine, others[before:]])
+
+
+def _run(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, rows: int, grad: bool, force: bool = False):
+    """Run the experts on one part, recording a graph from a detached leaf when grad is needed.
+    Returns (leaf or None, output). rows is the part's size, known on the host: an empty part is skipped unless
+    forced (a rank whose experts get no rows at all still runs them once on nothing, as the "sized" exchange
+    does, so that their weights get zero gradients: with none, the gradient norm's all-reduce would leave this
+    rank's experts out while the other ranks include theirs, and the ranks' collectives would no longer match)."""
+    if rows == 0 and not force:
+        return None, x.new_empty(x.shape)
+    if not grad:
+        return None, fwd(x, counts)
+    leaf = x.detach().requires_grad_()
+    with torch.enable_grad():
+        return leaf, fwd(leaf, counts)
+
+
+def _backward(leaf: Optional[torch.Tensor], y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Back-propagate g through one part's graph (accumulating the weight gradients); the part's input grad."""
+    if leaf is None:
+        return g.new_zeros(y.shape)
+    torch.autograd.backward(y, g)
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+
+class _OverlappedExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counts, fwd: Experts, group, ep: int, grad: bool):
+        """x (N, H) sorted by global expert, counts (E,) rows per global expert -> (N, H) expert outputs."""
+        me = dist.get_rank(group)
+        n_local = counts.shape[0] // ep
+        recv_2d = torch.empty_like(counts)
+        dist.all_to_all_single(recv_2d, counts, group=group)  # recv_2d[r*El + j]: rows rank r sends my expert j
+        recv_2d = recv_2d.view(ep, n_local)
+        # The one host sync, as in the "sized" exchange: rows to send to / receive from each rank.
+        splits = torch.cat([counts.view(ep, n_local).sum(1), recv_2d.sum(1)]).tolist()
+        send, recv = splits[:ep], splits[ep:]
+        send_r, recv_r = _without(send, me), _without(recv, me)
+
+        x_self, x_out = _segments(x, send, me)  # my rows for my experts; the rows for the other ranks
+        xr_src, dispatch = _start(x_out, recv_r, send_r, group)  # by source rank, then local expert
+
+        # my rows split in two halves of rows (an expert's rows may straddle the cut); counts stay on the device
+        s = send[me]
+        a = s // 2
+        c_self = counts.view(ep, n_local)[me]  # (El,)
+        start = torch.cumsum(c_self, 0) - c_self
+        c1 = (a - start).clamp(min=0).minimum(c_self)
+        n_r = sum(recv_r)
+        l1, y1 = _run(fwd, x_self[:a], c1, a, grad, force=s + n_r == 0)
+
+        dispatch.wait()
+        others = torch.cat([recv_2d[:me], recv_2d[me + 1:]])  # (ep-1, El) rows each other rank sends me
+        expert_of_row = torch.repeat_interleave(  # output_size given: no second sync
+            torch.arange(n_local, device=x.device).repeat(ep - 1), others.reshape(-1), output_size=n_r)
+        order = torch.argsort(expert_of_row, stable=True)  # group the received rows by local expert
+        lr, yr = _run(fwd, xr_src.index_select(0, order), others.sum(0), n_r, grad)
+        yr_src = torch.empty_like(yr).index_copy(0, order, yr.detach())  # back to (source, local expert) order
+        y_out, combine = _start(yr_src, send_r, recv_r, group)
+
+        l2, y2 = _run(fwd, x_self[a:], c_self - c1, s - a, grad)
+        combine.wait()
+        out = _assemble(torch.cat([y1.detach(), y2.detach()]), y_out, send, me)
+
+        ctx.parts = (l1, y1, lr, yr, l2, y2)
+        ctx.state = (order, send, recv, send_r, recv_r, me, a, group)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        l1, y1, lr, yr, l2, y2 = ctx.parts
+        order, send, recv, send_r, recv_r, me, a, group = ctx.state
+        ctx.parts = None  # the nested graphs are freed as they are used
+        g_self, g_out = _segments(g, send, me)
+        g_src, grad_dispatch = _start(g_out, recv_r, send_r, group)  # the outputs' gradients to the experts
+        d2 = _backward(l2, y2, g_self[a:])
+        grad_dispatch.wait()
+        dr = _backward(lr, yr, g_src.index_select(0, order))
+        dr_src = torch.empty_like(dr).index_copy(0, order, dr)
+        d_out, grad_return = _start(dr_src, send_r, recv_r, group)  # the inputs' gradients to their sources
+        d1 = _backward(l1, y1, g_self[:a])
+        grad_return.wait()
+        return _assemble(torch.cat([d1, d2]), d_out, send, me), None, None, None, None, None
+
+
+def overlapped_experts(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, group, ep: int) -> torch.Tensor:
+    """Expert-parallel experts with the all-to-alls under the GEMMs (module docstring).
+    fwd: the local grouped GEMM (its weights already swapped to local views); x (N, H) rows sorted by global
+    expert; counts (E,) rows per global expert. Returns (N, H) in x's order."""
+    grad = torch.is_grad_enabled()
+    return _OverlappedExperts.apply(x, counts, fwd, group, ep, grad)

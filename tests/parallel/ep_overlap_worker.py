@@ -1,0 +1,127 @@
+"""torchrun worker for tests/parallel/test_ep_overlap.py: parallel.ep_exchange=overlap's experts against the plain
+"sized" exchange, and the order in which it starts, waits for and computes things (gloo, float64).
+
+Every rank holds E_local = 2 of E = 2 * ep experts and routes its own tokens; the cases give a rank no rows for
+its own experts, none from or for its peers, or no rows at all, or an odd number of its own rows (uneven halves). Each records, in order,
+every all-to-all it starts or runs synchronously, every wait, and every forward and backward of the expert
+parts (numbered by forward call). Rank 0 saves {case: {"err": {...}, "events": [...]}} for every rank.
+"""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from torchrun_worker import finish_worker, init_worker
+
+from jamba.moe import GroupedExperts
+from parallel import ep_overlap
+from parallel.expert_parallel import _combine, _exchange
+
+H, I, EL = 8, 16, 2
+EVENTS = []
+
+
+class _Tag(torch.autograd.Function):
+    """Identity that records the forward and the backward of expert part `idx`."""
+
+    @staticmethod
+    def forward(ctx, y, idx):
+        ctx.idx = idx
+        EVENTS.append(f"fwd{idx}")
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        EVENTS.append(f"bwd{ctx.idx}")
+        return g, None
+
+
+class _Work:
+    def __init__(self, work):
+        self.work = work
+
+    def wait(self):
+        EVENTS.append("wait")
+        return self.work.wait()
+
+
+def _traced_all_to_all(real):
+    def all_to_all_single(*args, async_op=False, **kwargs):
+        EVENTS.append("start" if async_op else "sync")
+        work = real(*args, async_op=async_op, **kwargs)
+        return _Work(work) if async_op else work
+    return all_to_all_single
+
+
+def _routing(case: str, rank: int, ep: int, n: int):
+    """Sorted global expert ids of this rank's n token copies."""
+    g = torch.Generator().manual_seed(100 + rank)
+    e = torch.randint(0, EL * ep, (n,), generator=g)
+    if case == "none_for_me":  # rank 0 keeps nothing for its own experts
+        e = torch.where(e < EL, e + EL, e) if rank == 0 else e
+    elif case == "starved":  # nobody routes to rank 1's experts: it computes nothing, yet its weights need gradients
+        e = torch.where((e >= EL) & (e < 2 * EL), e - EL, e)
+    elif case == "isolated":  # rank 1 routes only to its own experts, nobody else to them: it receives nothing
+        e = e % EL + EL if rank == 1 else torch.where((e >= EL) & (e < 2 * EL), e - EL, e)
+    return e.sort().values
+
+
+def run_case(case: str, ep: int, me: int, experts: GroupedExperts):
+    n = {"odd": 13, "none_for_me": 12, "isolated": 12, "starved": 12}[case]
+    e = _routing(case, me, ep, n)
+    counts = torch.bincount(e, minlength=EL * ep)
+    x0 = torch.randn(n, H, dtype=torch.float64, generator=torch.Generator().manual_seed(7 + me))
+    gy = torch.randn(n, H, dtype=torch.float64, generator=torch.Generator().manual_seed(9 + me))
+    group = dist.group.WORLD
+
+    def grads_of(y, x):
+        experts.zero_grad()
+        (y * gy).sum().backward()
+        missing = [n for n, p in experts.named_parameters() if p.grad is None]
+        # a rank whose weights got no gradient leaves them out of the gradient norm's all-reduce: ranks disagree
+        assert not missing, f"rank {me}, {case}: no gradient for {missing}"
+        return [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
+
+    # the plain "sized" exchange
+    x = x0.clone().requires_grad_()
+    xl, c_local, state = _exchange(x, counts, group, ep)
+    y_ref = _combine(experts(xl, c_local), state, group)
+    ref = [y_ref.detach()] + grads_of(y_ref, x)
+
+    # the overlapped one, traced
+    calls = iter(range(3))
+
+    def fwd(rows, c):
+        return _Tag.apply(experts(rows, c), next(calls))
+
+    EVENTS.clear()
+    x = x0.clone().requires_grad_()
+    y = ep_overlap.overlapped_experts(fwd, x, counts, group, ep)
+    EVENTS.append("|")  # end of forward
+    got = [y.detach()] + grads_of(y, x)
+    names = ["y", "x.grad"] + [n for n, _ in experts.named_parameters()]
+    err = {k: ((a - b).norm() / b.norm().clamp_min(1e-30)).item() for k, a, b in zip(names, got, ref)}
+    return {"err": err, "events": list(EVENTS), "rows": n}
+
+
+def main(argv):
+    args, _ = init_worker(argv)
+    ep, me = dist.get_world_size(), dist.get_rank()
+    dist.all_to_all_single = _traced_all_to_all(dist.all_to_all_single)
+    torch.manual_seed(0)
+    experts = GroupedExperts(EL, H, I).to(torch.float64)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3 + me))
+    result = {}
+    for case in args["cases"].split(","):
+        mine = run_case(case, ep, me, experts)
+        every = [None] * ep
+        dist.all_gather_object(every, mine)
+        result[case] = every
+    finish_worker(result, args["out"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
