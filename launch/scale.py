@@ -28,7 +28,8 @@ On 2 H200s the same layout has differed by several percent between leases (EP: 9
 of all of them (`runs` in the JSON holds every run).
 
 Layouts on N GPUs (`--gpus`, default 2): single (1 GPU, the baseline), fsdp (dp_shard=N), ep (ep=2 over
-dp_shard=N), ep_padded (the same with parallel.ep_exchange=padded: no host sync per MoE layer), tp (tp=2, dp=N/2: each tensor-parallel pair processes one micro-batch, so per-GPU tokens/s is
+dp_shard=N), ep_padded (the same with parallel.ep_exchange=padded: no host sync per MoE layer), ep_overlap
+(parallel.ep_exchange=overlap: the all-to-alls under the experts' GEMMs), tp (tp=2, dp=N/2: each tensor-parallel pair processes one micro-batch, so per-GPU tokens/s is
 half the pair's), hsdp (dp_replicate=2 x dp_shard=N/2). `--variant NAME=BASE;OVERRIDE;...` adds a layout
 for an A/B in the same rounds: BASE's overrides plus train.py overrides and `env:VAR=value` environment
 variables, e.g. `--variant "fsdp_root_head=fsdp;parallel.fsdp_lm_head_unit=false"` or
@@ -52,7 +53,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from trainer.jsonl import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUT_NAMES = ("single", "fsdp", "ep", "ep_padded", "tp", "hsdp")
+LAYOUT_NAMES = ("single", "fsdp", "ep", "ep_padded", "ep_overlap", "tp", "hsdp")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def layout(name: str, gpus: int, variants: Optional[Dict[str, tuple]] = None) ->
         "fsdp": (("parallel=fsdp",), gpus),
         "ep": (("parallel=ep", "parallel.ep=2"), gpus),
         "ep_padded": (("parallel=ep", "parallel.ep=2", "parallel.ep_exchange=padded"), gpus),  # no host sync
+        "ep_overlap": (("parallel=ep", "parallel.ep=2", "parallel.ep_exchange=overlap"), gpus),  # a2a under GEMMs
         "tp": (("parallel=tp", "parallel.tp=2"), gpus // 2),
         "hsdp": (("parallel=hsdp", "parallel.dp_replicate=2", f"parallel.dp_shard={gpus // 2}"), gpus),
     }
@@ -206,7 +208,7 @@ def aggregate(runs: Sequence[Result]) -> List[Result]:
     """One row per layout (in first-run order) from all its runs (--repeat): the median run by tokens/s per
     GPU (the lower of the two middle ones for an even count; its MFU is its own), all runs' per-GPU rates
     kept sorted in `runs_per_gpu`, the NCCL profile of whichever run had one (the first round's), and the
-    efficiency against the median single-GPU rate. A layout none of whose runs succeeded keeps its first
+    efficiency against the median single-GPU rate ("single", or the only 1-GPU layout). A layout none of whose runs succeeded keeps its first
     failure."""
     by_name: Dict[str, List[Result]] = {}
     for r in runs:
@@ -219,7 +221,11 @@ def aggregate(runs: Sequence[Result]) -> List[Result]:
         row.runs_failed = len(rs) - len(ok)
         row.comm = next((r.comm for r in rs if r.comm), None)
         rows.append(row)
-    base = next((r.tokens_per_s_per_gpu for r in rows if r.layout == "single" and r.status == "ok"), None)
+    ok_single = [r for r in rows if r.gpus == 1 and r.status == "ok"]
+    # the baseline: "single", or else the one 1-GPU layout there is (a variant of single, e.g. with other
+    # model settings that the multi-GPU variants share); with several and no "single", none
+    base_row = next((r for r in ok_single if r.layout == "single"), ok_single[0] if len(ok_single) == 1 else None)
+    base = base_row.tokens_per_s_per_gpu if base_row else None
     for r in rows:
         r.efficiency = r.tokens_per_s_per_gpu / base if (base and r.status == "ok") else None
     return rows
@@ -428,7 +434,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layouts", default=",".join(LAYOUT_NAMES),
                    help=f"comma-separated, run in this order (default {','.join(LAYOUT_NAMES)}); "
-                        "single (anywhere in the list) is the baseline of the efficiency column")
+                        "single (anywhere in the list; else the only 1-GPU layout) is the baseline of the efficiency column")
     p.add_argument("--gpus", type=int, default=2, help="GPUs of the multi-GPU layouts (default 2)")
     p.add_argument("--preset", default="bench-3b", help="model preset, a conf/model/ name (default bench-3b)")
     p.add_argument("--seq", type=int, default=4096)

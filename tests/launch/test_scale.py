@@ -114,6 +114,7 @@ def test_layouts_and_arguments():
     assert scale.layout("tp", 4).dp == 2 and scale.layout("ep", 4).dp == 4
     assert scale.layout("hsdp", 4).overrides[-1] == "parallel.dp_shard=2"
     assert scale.layout("ep_padded", 2).overrides[-1] == "parallel.ep_exchange=padded"
+    assert scale.layout("ep_overlap", 2).overrides[-1] == "parallel.ep_exchange=overlap"
     with pytest.raises(ValueError, match="unknown layout 'bogus'"):
         scale.layout("bogus", 2)
     args = scale.parse_args(["--layouts", "single,tp", "--device", "cpu"])
@@ -255,3 +256,23 @@ def test_a_run_past_its_timeout_leaves_the_workers_stacks(tmp_path):
     log = (tmp_path / "log").read_text()
     assert code is None and wall < 30
     assert "Fatal Python error: Aborted" in log and "stuck_in_a_collective" in log, log
+
+
+def test_a_variant_of_single_is_the_baseline_when_it_is_the_only_one_gpu_layout():
+    """--layouts single_b2,fsdp_b2 (variants sharing a model setting): the efficiency column is against single_b2;
+    with two 1-GPU variants and no "single" there is no baseline rather than an arbitrary one."""
+    one = scale.Layout("single_b2", 1, ("parallel=single", "model.moe_router_bias_update_rate=0.01"), 1)
+    two = scale.Layout("fsdp_b2", 2, ("parallel=fsdp", "model.moe_router_bias_update_rate=0.01"), 2)
+
+    def run(lay, rate):
+        res = scale.Result(lay.name, lay.gpus)
+        tp = {"tokens_per_s": rate * lay.gpus, "median_window_tokens_per_s": rate * lay.gpus, "timed_steps": 8,
+              "step_ms": 10.0, "peak_gib": 1.0, "loss_last": 3.0}
+        scale.fill(res, tp, lay, flops_per_token=1e12, ceiling=500.0)
+        return res
+
+    rows = {r.layout: r for r in scale.aggregate([run(one, 100.0), run(two, 97.0)])}
+    assert rows["fsdp_b2"].efficiency == pytest.approx(0.97) and rows["single_b2"].efficiency == 1.0
+    other = scale.Layout("single_b3", 1, ("parallel=single",), 1)
+    rows = {r.layout: r for r in scale.aggregate([run(one, 100.0), run(other, 90.0), run(two, 97.0)])}
+    assert rows["fsdp_b2"].efficiency is None
