@@ -221,11 +221,11 @@ def aggregate(runs: Sequence[Result]) -> List[Result]:
         row.runs_failed = len(rs) - len(ok)
         row.comm = next((r.comm for r in rs if r.comm), None)
         rows.append(row)
-    ok_single = [r for r in rows if r.gpus == 1 and r.status == "ok"]
+    singles = [r for r in rows if r.gpus == 1]
     # the baseline: "single", or else the one 1-GPU layout there is (a variant of single, e.g. with other
-    # model settings that the multi-GPU variants share); with several and no "single", none
-    base_row = next((r for r in ok_single if r.layout == "single"), ok_single[0] if len(ok_single) == 1 else None)
-    base = base_row.tokens_per_s_per_gpu if base_row else None
+    # model settings that the multi-GPU variants share); with several and no "single", or a failed one, none
+    base_row = next((r for r in singles if r.layout == "single"), singles[0] if len(singles) == 1 else None)
+    base = base_row.tokens_per_s_per_gpu if (base_row and base_row.status == "ok") else None
     for r in rows:
         r.efficiency = r.tokens_per_s_per_gpu / base if (base and r.status == "ok") else None
     return rows

@@ -24,7 +24,10 @@ Why one autograd Function with nested graphs: autograd's engine orders the backw
 recently created node first), which would run R's backward, waiting for its gradients, before S1's. So the
 forward builds a small graph per part (under `enable_grad`, on detached leaves) and the backward runs them
 itself, in the order above, with `torch.autograd.backward`; parameter gradients accumulate into the experts'
-weights as usual (a reentrant backward, as in reentrant activation checkpointing).
+weights as usual (a reentrant backward, as in reentrant activation checkpointing). As there, the experts'
+weights are not inputs of the outer graph: `torch.autograd.grad(loss, inputs=[expert weights])` does not see
+them (`.backward()` does), and a second backward through the same graph is refused. apply_experts uses the
+overlap only when the rows need a gradient (or none is recorded), since otherwise the weights would get none.
 The parts' outputs stay alive until the backward runs their graphs (bench-3b on 2 H200s: peak 59.8 against
 59.3 GiB for "sized"). On 2 H200s over NVLink it measured 1.5% slower than "sized" (README, Performance).
 Under activation checkpointing of the MoE layer (model.activation_checkpointing, model.moe_token_chunk) the
@@ -34,7 +37,7 @@ what non-reentrant checkpointing cannot see (apply_experts decides per layer and
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -71,14 +74,13 @@ def _assemble(mine: torch.Tensor, others: torch.Tensor, splits: Sequence[int], m
     return torch.cat([others[:before], mine, others[before:]])
 
 
-def _run(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, rows: int, grad: bool, force: bool = False):
+def _run(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, grad: bool):
     """Run the experts on one part, recording a graph from a detached leaf when grad is needed.
-    Returns (leaf or None, output). rows is the part's size, known on the host: an empty part is skipped unless
-    forced (a rank whose experts get no rows at all still runs them once on nothing, as the "sized" exchange
-    does, so that their weights get zero gradients: with none, the gradient norm's all-reduce would leave this
-    rank's experts out while the other ranks include theirs, and the ranks' collectives would no longer match)."""
-    if rows == 0 and not force:
-        return None, x.new_empty(x.shape)
+    Returns (leaf or None, output). Every part runs, even with no rows (the experts then take their slow path,
+    which reads the counts on the host): skipping one would leave its output's dtype to us, and under autocast
+    (fp32 rows, bf16 experts) a guessed dtype made ranks exchange buffers of different sizes; it would also
+    leave a rank whose experts received nothing without weight gradients, and the gradient norm's all-reduces
+    would then differ between ranks."""
     if not grad:
         return None, fwd(x, counts)
     leaf = x.detach().requires_grad_()
@@ -86,10 +88,8 @@ def _run(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, rows: int, grad: b
         return leaf, fwd(leaf, counts)
 
 
-def _backward(leaf: Optional[torch.Tensor], y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _backward(leaf: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Back-propagate g through one part's graph (accumulating the weight gradients); the part's input grad."""
-    if leaf is None:
-        return g.new_zeros(y.shape)
     torch.autograd.backward(y, g)
     return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
@@ -111,35 +111,42 @@ class _OverlappedExperts(torch.autograd.Function):
         x_self, x_out = _segments(x, send, me)  # my rows for my experts; the rows for the other ranks
         xr_src, dispatch = _start(x_out, recv_r, send_r, group)  # by source rank, then local expert
 
-        # my rows split in two halves of rows (an expert's rows may straddle the cut); counts stay on the device
+        # my rows split in two halves of rows (an expert's rows may straddle the cut); counts stay on the device.
+        # The halves are copies, so that x's storage (mostly rows for the other ranks) is freed once they are sent.
         s = send[me]
         a = s // 2
         c_self = counts.view(ep, n_local)[me]  # (El,)
         start = torch.cumsum(c_self, 0) - c_self
         c1 = (a - start).clamp(min=0).minimum(c_self)
-        n_r = sum(recv_r)
-        l1, y1 = _run(fwd, x_self[:a], c1, a, grad, force=s + n_r == 0)
+        x1, x2 = x_self[:a].clone(), x_self[a:].clone()
+        del x_self
+        l1, y1 = _run(fwd, x1, c1, grad)
 
         dispatch.wait()
+        n_r = sum(recv_r)
         others = torch.cat([recv_2d[:me], recv_2d[me + 1:]])  # (ep-1, El) rows each other rank sends me
         expert_of_row = torch.repeat_interleave(  # output_size given: no second sync
             torch.arange(n_local, device=x.device).repeat(ep - 1), others.reshape(-1), output_size=n_r)
         order = torch.argsort(expert_of_row, stable=True)  # group the received rows by local expert
-        lr, yr = _run(fwd, xr_src.index_select(0, order), others.sum(0), n_r, grad)
+        lr, yr = _run(fwd, xr_src.index_select(0, order), others.sum(0), grad)
         yr_src = torch.empty_like(yr).index_copy(0, order, yr.detach())  # back to (source, local expert) order
         y_out, combine = _start(yr_src, send_r, recv_r, group)
 
-        l2, y2 = _run(fwd, x_self[a:], c_self - c1, s - a, grad)
+        l2, y2 = _run(fwd, x2, c_self - c1, grad)
         combine.wait()
         out = _assemble(torch.cat([y1.detach(), y2.detach()]), y_out, send, me)
 
-        ctx.parts = (l1, y1, lr, yr, l2, y2)
+        ctx.parts = (l1, y1, lr, yr, l2, y2) if grad else None
         ctx.state = (order, send, recv, send_r, recv_r, me, a, group)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        if ctx.parts is None:
+            raise RuntimeError("parallel.ep_exchange=overlap: the experts' graph of this MoE layer was already used "
+                               "by a backward (retain_graph and a second backward are not supported); use "
+                               "parallel.ep_exchange=sized")
         l1, y1, lr, yr, l2, y2 = ctx.parts
         order, send, recv, send_r, recv_r, me, a, group = ctx.state
         ctx.parts = None  # the nested graphs are freed as they are used

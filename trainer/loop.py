@@ -68,6 +68,8 @@ def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
             continue
         if p.grad is None:
             stand_ins += 1
+        # (only for the norm: the parameter keeps no gradient, so the optimizer skips this rank's shard, where one
+        # process would have applied decay and momentum to a zero gradient; EP's exchanges avoid the case)
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
         groups.setdefault(id(mesh) if mesh is not None else None, []).append(grad)
     if stand_ins:

@@ -276,3 +276,7 @@ def test_a_variant_of_single_is_the_baseline_when_it_is_the_only_one_gpu_layout(
     other = scale.Layout("single_b3", 1, ("parallel=single",), 1)
     rows = {r.layout: r for r in scale.aggregate([run(one, 100.0), run(other, 90.0), run(two, 97.0)])}
     assert rows["fsdp_b2"].efficiency is None
+    # a failed "single" is no baseline, and the variant does not silently stand in for it
+    failed = scale.Result("single", 1, status="exit 1")
+    rows = {r.layout: r for r in scale.aggregate([failed, run(one, 100.0), run(two, 97.0)])}
+    assert rows["fsdp_b2"].efficiency is None

@@ -60,9 +60,12 @@ def record(t):
     return t.to(torch.promote_types(t.dtype, torch.float32)).cpu().clone()
 
 
-def new_model(cfg, starve: bool = False):
+def new_model(cfg, starve: bool = False, only_experts: bool = False):
     torch.manual_seed(SEED)
     model = JambaForCausalLM(cfg).to(DEVICE, DTYPE)
+    if only_experts:  # everything but the experts frozen: the rows reaching the experts need no gradient
+        for name, p in model.named_parameters():
+            p.requires_grad_(".experts." in name)
     if starve:  # every token picks its top-k among the first half of the experts: EP's last rank gets no rows
         for layer in model.model.layers:
             bias = getattr(layer.feed_forward, "expert_bias", None)
@@ -87,6 +90,8 @@ def parse_layout(spec: str):
         elif k == "starve":  # fixed expert biases that route every token to the first half of the experts
             model["moe_router_bias_update_rate"] = 0.01  # (registers the biases; nothing here updates them)
             model["_starve"] = True
+        elif k == "train":  # train=experts: only the experts' weights are trained
+            model["_only_experts"] = v == "experts"
         elif k == "fault":  # deliberately broken: rank 0 of the data-parallel group scales its loss
             model["_fault"] = float(v)
         else:
@@ -100,10 +105,11 @@ def build(spec: str):
     backend = overrides.pop("_compile", None)
     fault = overrides.pop("_fault", 0.0)
     starve = overrides.pop("_starve", False)
+    only_experts = overrides.pop("_only_experts", False)
     cfg = model_config(**overrides)
     dims = ParallelDims(pcfg, world_size=dist.get_world_size(), model=cfg, seq_len=16)
     dims.build_mesh(DEVICE.type)
-    model = parallelize(new_model(cfg, starve), dims)
+    model = parallelize(new_model(cfg, starve, only_experts), dims)
     model.fault = fault
     if backend:
         from parallel.compile import apply_compile
@@ -154,7 +160,7 @@ def run_layout(spec: str, result: dict) -> None:
         loss, out = step(model, dims, opt, i)
         losses.append(loss)
         if i == 0:
-            grads = {n: record(p.grad) for n, p in model.named_parameters()}
+            grads = {n: record(p.grad) for n, p in model.named_parameters() if p.requires_grad}
             counts = out.expert_counts.clone()
         opt.step()
         opt.zero_grad()
@@ -213,7 +219,8 @@ def reference(model_overrides: dict) -> dict:
     """The single-process run on the whole global batch (what every layout must reproduce)."""
     overrides = dict(model_overrides)
     starve = overrides.pop("_starve", False)
-    model = new_model(model_config(**overrides), starve)
+    only_experts = overrides.pop("_only_experts", False)
+    model = new_model(model_config(**overrides), starve, only_experts)
     opt = make_optimizer(model)
     losses = []
     for i in range(STEPS):
@@ -222,7 +229,7 @@ def reference(model_overrides: dict) -> dict:
         out.loss.backward()
         losses.append(out.loss.item())
         if i == 0:
-            grads = {n: record(p.grad) for n, p in model.named_parameters()}
+            grads = {n: record(p.grad) for n, p in model.named_parameters() if p.requires_grad}
             counts = out.expert_counts.cpu()
         opt.step()
         opt.zero_grad()

@@ -5,8 +5,11 @@ Every rank holds E_local = 2 of E = 2 * ep experts and routes its own tokens; th
 its own experts, none from or for its peers, or no rows at all, or an odd number of its own rows (uneven halves). Each records, in order,
 every all-to-all it starts or runs synchronously, every wait, and every forward and backward of the expert
 parts (numbered by forward call). Rank 0 saves {case: {"err": {...}, "events": [...]}} for every rank.
+autocast=1: fp32 rows and weights under CPU autocast (bf16 matmuls) instead of float64.
 """
 
+import contextlib
+import functools
 import sys
 
 import torch
@@ -60,6 +63,9 @@ def _routing(case: str, rank: int, ep: int, n: int):
     e = torch.randint(0, EL * ep, (n,), generator=g)
     if case == "none_for_me":  # rank 0 keeps nothing for its own experts
         e = torch.where(e < EL, e + EL, e) if rank == 0 else e
+    elif case == "one_own":  # rank 0 keeps one row for its own experts: its first half is empty
+        e = torch.where(e < EL, e + EL, e) if rank == 0 else e
+        e[0] = 0 if rank == 0 else e[0]
     elif case == "starved":  # nobody routes to rank 1's experts: it computes nothing, yet its weights need gradients
         e = torch.where((e >= EL) & (e < 2 * EL), e - EL, e)
     elif case == "isolated":  # rank 1 routes only to its own experts, nobody else to them: it receives nothing
@@ -68,11 +74,11 @@ def _routing(case: str, rank: int, ep: int, n: int):
 
 
 def run_case(case: str, ep: int, me: int, experts: GroupedExperts):
-    n = {"odd": 13, "none_for_me": 12, "isolated": 12, "starved": 12}[case]
+    n = {"odd": 13, "none_for_me": 12, "isolated": 12, "starved": 12, "one_own": 12}[case]
     e = _routing(case, me, ep, n)
     counts = torch.bincount(e, minlength=EL * ep)
-    x0 = torch.randn(n, H, dtype=torch.float64, generator=torch.Generator().manual_seed(7 + me))
-    gy = torch.randn(n, H, dtype=torch.float64, generator=torch.Generator().manual_seed(9 + me))
+    x0 = torch.randn(n, H, dtype=DTYPE, generator=torch.Generator().manual_seed(7 + me))
+    gy = torch.randn(n, H, dtype=DTYPE, generator=torch.Generator().manual_seed(9 + me))
     group = dist.group.WORLD
 
     def grads_of(y, x):
@@ -85,8 +91,9 @@ def run_case(case: str, ep: int, me: int, experts: GroupedExperts):
 
     # the plain "sized" exchange
     x = x0.clone().requires_grad_()
-    xl, c_local, state = _exchange(x, counts, group, ep)
-    y_ref = _combine(experts(xl, c_local), state, group)
+    with AUTOCAST():
+        xl, c_local, state = _exchange(x, counts, group, ep)
+        y_ref = _combine(experts(xl, c_local), state, group)
     ref = [y_ref.detach()] + grads_of(y_ref, x)
 
     # the overlapped one, traced
@@ -97,20 +104,31 @@ def run_case(case: str, ep: int, me: int, experts: GroupedExperts):
 
     EVENTS.clear()
     x = x0.clone().requires_grad_()
-    y = ep_overlap.overlapped_experts(fwd, x, counts, group, ep)
+    with AUTOCAST():
+        y = ep_overlap.overlapped_experts(fwd, x, counts, group, ep)
     EVENTS.append("|")  # end of forward
     got = [y.detach()] + grads_of(y, x)
     names = ["y", "x.grad"] + [n for n, _ in experts.named_parameters()]
-    err = {k: ((a - b).norm() / b.norm().clamp_min(1e-30)).item() for k, a, b in zip(names, got, ref)}
-    return {"err": err, "events": list(EVENTS), "rows": n}
+    err = {k: ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+           for k, a, b in zip(names, got, ref)}
+    dtypes = {k: (str(a.dtype), str(b.dtype)) for k, a, b in zip(names, got, ref)}
+    return {"err": err, "events": list(EVENTS), "rows": n, "dtypes": dtypes}
+
+
+DTYPE = torch.float64
+AUTOCAST = contextlib.nullcontext
 
 
 def main(argv):
+    global DTYPE, AUTOCAST
     args, _ = init_worker(argv)
+    if args.get("autocast") == "1":  # fp32 rows and weights, bf16 matmuls: the experts' output is bf16
+        DTYPE = torch.float32
+        AUTOCAST = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
     ep, me = dist.get_world_size(), dist.get_rank()
     dist.all_to_all_single = _traced_all_to_all(dist.all_to_all_single)
     torch.manual_seed(0)
-    experts = GroupedExperts(EL, H, I).to(torch.float64)
+    experts = GroupedExperts(EL, H, I).to(DTYPE)
     with torch.no_grad():
         for p in experts.parameters():
             p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3 + me))
