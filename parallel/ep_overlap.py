@@ -29,7 +29,9 @@ weights are not inputs of the outer graph: `torch.autograd.grad(loss, inputs=[ex
 them (`.backward()` does), and a second backward through the same graph is refused. apply_experts uses the
 overlap only when the rows need a gradient (or none is recorded), since otherwise the weights would get none.
 The parts' outputs stay alive until the backward runs their graphs (bench-3b on 2 H200s: peak 59.8 against
-59.3 GiB for "sized"). On 2 H200s over NVLink it measured 1.5% slower than "sized" (README, Performance).
+59.3 GiB for "sized", measured while the own halves were still views of x, which kept all of x alive; they are
+copies now, not measured since). On 2 H200s over NVLink it measured 1.5% slower than "sized" (README,
+Performance).
 Under activation checkpointing of the MoE layer (model.activation_checkpointing, model.moe_token_chunk) the
 plain "sized" exchange is used instead: recomputing a region whose saved tensors live in nested graphs is
 what non-reentrant checkpointing cannot see (apply_experts decides per layer and says so).
