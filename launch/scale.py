@@ -262,13 +262,23 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
                      f"{_f(r.efficiency, '.1f', 100, '%')} | "
                      f"{_f(r.mfu, '.1f', 100, '%')} | {_f(r.step_ms, '.0f')} | {_f(r.peak_gib, '.1f')} | {comm} | "
                      f"{_f(r.moe_rank_load_max, '.2f')} |")
-    fsdp = next((r for r in results if r.layout == "fsdp" and r.status == "ok"), None)
-    others = [r for r in results if r.status == "ok" and r.gpus > 1 and r.layout != "fsdp"]
+    fsdp = _fsdp_reference(results)
+    others = [r for r in results if r.status == "ok" and r.gpus > 1 and r is not fsdp]
     if fsdp and others:  # the issue's EP goal is against FSDP on the same GPUs
-        lines += ["", "tokens/s per GPU against fsdp (median windows in parentheses): " + ", ".join(
+        lines += ["", f"tokens/s per GPU against {fsdp.layout} (median windows in parentheses): " + ", ".join(
             f"{r.layout} {100 * r.tokens_per_s_per_gpu / fsdp.tokens_per_s_per_gpu:.1f}% "
             f"({100 * r.median_window_per_gpu / fsdp.median_window_per_gpu:.1f}%)" for r in others)]
     return "\n".join(lines)
+
+
+def _fsdp_reference(results: Sequence[Result]) -> Optional[Result]:
+    """The row the multi-GPU layouts are compared with: "fsdp" (none if it failed), or else the only variant of
+    fsdp that ran (e.g. fsdp_b2 beside ep_b2, sharing a model setting)."""
+    named = next((r for r in results if r.layout == "fsdp"), None)
+    if named is not None:
+        return named if named.status == "ok" else None
+    variants = [r for r in results if r.status == "ok" and r.gpus > 1 and "parallel=fsdp" in r.command]
+    return variants[0] if len(variants) == 1 else None
 
 
 # ---- running ----------------------------------------------------------------------------------------

@@ -280,3 +280,19 @@ def test_a_variant_of_single_is_the_baseline_when_it_is_the_only_one_gpu_layout(
     failed = scale.Result("single", 1, status="exit 1")
     rows = {r.layout: r for r in scale.aggregate([failed, run(one, 100.0), run(two, 97.0)])}
     assert rows["fsdp_b2"].efficiency is None
+
+
+def test_the_against_fsdp_line_uses_the_only_fsdp_variant():
+    """--layouts fsdp_b2,ep_b2: the ratios are against fsdp_b2 (a variant of fsdp); a failed fsdp gives none."""
+    def row(name, gpus, rate, command=(), status="ok"):
+        return scale.Result(name, gpus, status=status, tokens_per_s_per_gpu=rate, median_window_per_gpu=rate,
+                            command=list(command))
+
+    meta = {"preset": "tiny", "seq": 64, "micro_batch": 2, "compile": False, "timed": 8, "warmup": 4,
+            "dtype": "bf16", "ceiling_tflops": 500.0, "device": "cpu"}
+    fsdp_b2 = row("fsdp_b2", 2, 100.0, ["train.py", "parallel=fsdp", "model.moe_router_bias_update_rate=0.01"])
+    ep_b2 = row("ep_b2", 2, 95.0, ["train.py", "parallel=ep", "parallel.ep=2"])
+    assert "tokens/s per GPU against fsdp_b2 (median windows in parentheses): ep_b2 95.0% (95.0%)" in \
+        scale.markdown([fsdp_b2, ep_b2], meta)
+    failed = row("fsdp", 2, None, ["train.py", "parallel=fsdp"], status="exit 1")
+    assert "tokens/s per GPU against" not in scale.markdown([failed, fsdp_b2, ep_b2], meta)
