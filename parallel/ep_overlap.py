@@ -33,8 +33,9 @@ The parts' outputs stay alive until the backward runs their graphs (bench-3b on 
 copies now, not measured since). On 2 H200s over NVLink it measured 1.5% slower than "sized" (README,
 Performance).
 Under activation checkpointing of the MoE layer (model.activation_checkpointing, model.moe_token_chunk) the
-plain "sized" exchange is used instead: recomputing a region whose saved tensors live in nested graphs is
-what non-reentrant checkpointing cannot see (apply_experts decides per layer and says so).
+plain "sized" exchange is used instead (apply_experts decides per layer and says so): the recomputation would
+rerun the exchanges and rebuild nested graphs whose saved tensors checkpointing packs as well. One CPU check of
+that combination gave the right numbers, but nothing tests how it frees memory or where it stops recomputing.
 """
 
 from __future__ import annotations
