@@ -60,49 +60,43 @@ def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
     (DTensor) parameter without a gradient here counts as zeros, so a rank whose share of some parameters got
     no gradient (e.g. expert-parallel experts that received no tokens) still joins their mesh's all-reduce
     instead of leaving the other ranks waiting in it. Plain tensors involve no collective and are skipped."""
-    groups: Dict[Any, List[torch.Tensor]] = {}  # gradients grouped by their parameter's mesh
+    # per mesh (None: plain tensors): the gradients whose norm is taken, and the parameters to clip
+    norm_grads: Dict[Any, List[torch.Tensor]] = {}
+    clip_params: Dict[Any, List[torch.Tensor]] = {}
     stand_ins = 0
     for p in params:
         mesh = getattr(p, "device_mesh", None)
-        if p.grad is None and (mesh is None or not p.requires_grad):
-            continue
-        if p.grad is None:
+        key = id(mesh) if mesh is not None else None
+        if p.grad is not None:
+            norm_grads.setdefault(key, []).append(p.grad)
+            clip_params.setdefault(key, []).append(p)
+        elif mesh is not None and p.requires_grad:
+            # only for the norm: the parameter keeps no gradient, so the optimizer skips this rank's shard, where
+            # one process would have applied decay and momentum to a zero gradient; EP's exchanges avoid the case
+            norm_grads.setdefault(key, []).append(torch.zeros_like(p))
             stand_ins += 1
-        # (only for the norm: the parameter keeps no gradient, so the optimizer skips this rank's shard, where one
-        # process would have applied decay and momentum to a zero gradient; EP's exchanges avoid the case)
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        groups.setdefault(id(mesh) if mesh is not None else None, []).append(grad)
-    if stand_ins:
-        _log_once_here("grad-stand-in", f"gradient norm: {stand_ins} sharded parameter(s) have no gradient on this "
-                       "rank; counted as zeros so that every rank runs the same all-reduces (their optimizer "
-                       "update is skipped here, as for any parameter without a gradient)")
-    if not groups:
+    global _stand_ins_logged
+    if stand_ins and not _stand_ins_logged:
+        _stand_ins_logged = True
+        log.warning(f"gradient norm: {stand_ins} sharded parameter(s) have no gradient on this rank; counted as "
+                    "zeros so that every rank runs the same all-reduces (their optimizer update is skipped here, as "
+                    "for any parameter without a gradient)")
+    if not norm_grads:
         return torch.zeros(())
     sq = []
-    for grads in groups.values():
+    for grads in norm_grads.values():
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         sq.append(norm.float() ** 2)
     total = torch.stack([s.to(sq[0].device) for s in sq]).sum().sqrt()
     if max_norm > 0:  # per mesh group: foreach kernels cannot mix DTensors of different meshes
-        with_grad: Dict[Any, List[torch.Tensor]] = {}
-        for p in params:
-            if p.grad is not None:
-                mesh = getattr(p, "device_mesh", None)
-                with_grad.setdefault(id(mesh) if mesh is not None else None, []).append(p)
-        for group in with_grad.values():
+        for group in clip_params.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.device), foreach=True)
     return total
 
 
-_LOGGED: set = set()
-
-
-def _log_once_here(key: str, msg: str) -> None:
-    if key not in _LOGGED:
-        _LOGGED.add(key)
-        log.warning(msg)
+_stand_ins_logged = False  # clip_grad_norm's warning about missing sharded gradients, once per process
 
 
 def _to(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
