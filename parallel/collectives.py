@@ -109,3 +109,20 @@ def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
 
 def all_to_all_v(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group) -> torch.Tensor:
     return _AllToAllV.apply(x, out_splits, in_splits, group)
+
+
+# ---- expert parallelism's split sizes (parallel/expert_parallel.py, parallel/ep_overlap.py) -------------------
+def exchange_expert_counts(counts: torch.Tensor, group, ep: int) -> torch.Tensor:
+    """counts (E,) rows this rank sends to each global expert -> (ep source ranks, E_local) rows each rank sends
+    to my local experts; device to device (no host copy)."""
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=group)  # recv[r*El + j]: rows rank r sends to my expert j
+    return recv.view(ep, counts.shape[0] // ep)
+
+
+def expert_split_sizes(counts: torch.Tensor, group, ep: int):
+    """The counts exchange plus its one host sync: (recv_2d (ep, E_local) on the device, rows I send to each
+    rank, rows I receive from each rank), the sizes read in one device-to-host copy."""
+    recv_2d = exchange_expert_counts(counts, group, ep)
+    splits: List[int] = torch.cat([counts.view(ep, recv_2d.shape[1]).sum(1), recv_2d.sum(1)]).tolist()
+    return recv_2d, splits[:ep], splits[ep:]

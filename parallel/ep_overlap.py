@@ -45,6 +45,8 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from parallel.collectives import expert_split_sizes
+
 Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows (T, H), counts (E_local,)) -> (T, H)
 
 
@@ -103,12 +105,8 @@ class _OverlappedExperts(torch.autograd.Function):
         """x (N, H) sorted by global expert, counts (E,) rows per global expert -> (N, H) expert outputs."""
         me = dist.get_rank(group)
         n_local = counts.shape[0] // ep
-        recv_2d = torch.empty_like(counts)
-        dist.all_to_all_single(recv_2d, counts, group=group)  # recv_2d[r*El + j]: rows rank r sends my expert j
-        recv_2d = recv_2d.view(ep, n_local)
         # The one host sync, as in the "sized" exchange: rows to send to / receive from each rank.
-        splits = torch.cat([counts.view(ep, n_local).sum(1), recv_2d.sum(1)]).tolist()
-        send, recv = splits[:ep], splits[ep:]
+        recv_2d, send, recv = expert_split_sizes(counts, group, ep)  # recv_2d (ep, local experts) on the device
         send_r, recv_r = _without(send, me), _without(recv, me)
 
         x_self, x_out = _segments(x, send, me)  # my rows for my experts; the rows for the other ranks

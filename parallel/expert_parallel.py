@@ -40,14 +40,14 @@ ReduceOp.PREMUL_SUM, which gloo lacks.)
 from __future__ import annotations
 
 import logging
-from typing import List
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import Shard
 
-from parallel.collectives import all_reduce_sum, all_to_all_v, copy_to_group, reduce_from_group, scale_grad
+from parallel.collectives import (all_reduce_sum, all_to_all_v, copy_to_group, exchange_expert_counts,
+                                  expert_split_sizes, reduce_from_group, scale_grad)
 from parallel.dims import ParallelDims
 from parallel.ep_overlap import overlapped_experts
 from parallel.styles import distribute_param, swap_in_local, swap_out_local
@@ -78,22 +78,12 @@ def apply_moe_stats_reduce(model: nn.Module, dims: ParallelDims) -> None:
     model.moe_stats_reduce = lambda stats: all_reduce_sum(stats, group)
 
 
-def _exchange_counts(counts: torch.Tensor, ep_group, ep: int) -> torch.Tensor:
-    """counts (E,) rows this rank sends to each global expert -> (ep source ranks, E_local) rows each rank
-    sends to my local experts; device to device (no host copy)."""
-    recv = torch.empty_like(counts)
-    dist.all_to_all_single(recv, counts, group=ep_group)  # recv[r*El + j]: rows rank r sends to my expert j
-    return recv.view(ep, counts.shape[0] // ep)
-
-
 def _exchange(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     """Dispatch rows of x (sorted by global expert) to the ranks holding their experts.
     Returns (rows sorted by local expert, local counts (E_local,), state for `_combine`)."""
     n_local = counts.shape[0] // ep
-    recv_2d = _exchange_counts(counts, ep_group, ep)  # (ep source ranks, local experts)
     # The exchange's one host sync: rows to send to / receive from each rank, in one copy.
-    splits: List[int] = torch.cat([counts.view(ep, n_local).sum(1), recv_2d.sum(1)]).tolist()
-    send_splits, recv_splits = splits[:ep], splits[ep:]
+    recv_2d, send_splits, recv_splits = expert_split_sizes(counts, ep_group, ep)  # recv_2d (ep, local experts)
     xr = all_to_all_v(x, recv_splits, send_splits, ep_group)  # (sum recv, H) by source, then local expert
     expert_of_row = torch.repeat_interleave(  # output_size given: no second sync
         torch.arange(n_local, device=x.device).repeat(ep), recv_2d.reshape(-1), output_size=sum(recv_splits))
@@ -116,7 +106,7 @@ def _exchange_padded(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     padding last; local counts (E_local,); state for `_combine_padded`). The experts treat rows beyond the
     sum of the counts as padding (zero output: jamba.moe.GroupedExperts)."""
     n, n_local, dev = x.shape[0], counts.shape[0] // ep, x.device
-    recv_2d = _exchange_counts(counts, ep_group, ep)  # (ep source ranks, local experts)
+    recv_2d = exchange_expert_counts(counts, ep_group, ep)  # (ep source ranks, local experts)
     # where each of my rows goes: block of its destination rank, then its place among that rank's rows
     per_dest = counts.view(ep, n_local).sum(1)  # (ep,)
     dest_start = torch.cumsum(per_dest, 0) - per_dest  # (ep,) first row of each destination in x
