@@ -5,15 +5,16 @@
 
 The model, layout, precision and compilation come from the same Hydra overrides as train.py, built by the same
 functions (trainer.build.Layout, parallel.compile, trainer.optim), and each rank trains on random token ids of the
-first curriculum stage's shape (forward with labels, backward, AdamW step: what a train.py step does without
-its data loader, logging and gradient accumulation). After `--warmup` steps, `--steps` steps run under
-torch.profiler; rank 0 writes per-step wall time, total kernel time, NCCL kernel time by collective
+first curriculum stage's shape (forward with labels, backward, AdamW step, the expert-bias update: what a train.py
+step does without its data loader, logging and gradient accumulation). After `--warmup` steps, `--steps` steps run
+under torch.profiler; rank 0 writes per-step wall time, total kernel time, NCCL kernel time by collective
 (AllReduce, ReduceScatter, AllGather, SendRecv = all-to-all, ...) and their share of the wall time. NCCL kernels
 run on their own streams and may overlap computation (FSDP prefetches its all-gathers); tensor parallelism's
-all-reduces sit between the layers' matmuls, so for TP the share is close to the time they cost. What they
-cost is in `timeline_ms_per_step` (trainer.profile.timeline): the time under some compute kernel, the NCCL
-time under none (`exposed_comm`: communication nothing hid) and the time under no kernel at all (`idle`: the
-device waiting on the host), and `nccl_exposed_share_of_wall`.
+all-reduces sit between the layers' matmuls, so for TP the share is close to the time they cost. What they cost is
+in `timeline_ms_per_step` (trainer.profile.timeline): the time under some compute kernel, the NCCL time under none
+(`exposed_comm`: communication nothing hid) and the time under no kernel at all (`idle`: the device waiting on the
+host), and `nccl_exposed_share_of_wall`. On several ranks, `sendrecv_ms_per_step` splits the all-to-alls' kernel
+time (EP) into the exchange itself and each rank's wait for later peers (trainer.profile.pair_waits).
 `launch/scale.py --comm-profile tp` runs this after the layout's throughput run.
 """
 
@@ -26,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from trainer.profile import device_kernels, idle_gaps, nccl_kind, timeline
+from trainer.profile import device_kernels, idle_gaps, nccl_kind, pair_waits, timeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,12 +92,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
         ids = torch.randint(0, cfg.model.vocab_size, (stage.micro_batch_size, stage.seq_len + 1), generator=gen)
         ids = ids.to(device)
 
+        update_biases = getattr(model, "update_expert_biases", None)  # model.moe_router_bias_update_rate
+
         def step():
             with autocast_context(device, cfg.train.precision):
                 out = model(ids[:, :-1], labels=ids[:, 1:])
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if update_biases is not None and out.expert_counts is not None:  # as train.py: routing as trained
+                update_biases(out.expert_counts)
 
         for _ in range(args.warmup):
             step()
@@ -121,6 +126,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
             result["nccl_exposed_share_of_wall"] = tl["exposed_comm_us"] / tl["wall_us"] if wall_ms else 0.0
             # where the idle time is: gaps grouped by the kernels around them (summed over the profiled steps)
             result["idle_gaps"] = idle_gaps(spans)
+            if world.world_size > 1:  # EP's all-to-alls: moving rows vs waiting for the other ranks
+                import torch.distributed as dist
+
+                mine = [(b - a) / 1e3 for name, a, b in sorted(spans, key=lambda k: k[1])
+                        if nccl_kind(name) == "SendRecv"]
+                every: List[List[float]] = [[] for _ in range(world.world_size)]
+                dist.all_gather_object(every, mine)
+                pw, per_step = pair_waits(every), (lambda ms: round(ms / args.steps, 3))
+                result["sendrecv_ms_per_step"] = {
+                    "count": pw["count"] / args.steps, "counts_by_rank": pw["counts_by_rank"],
+                    "exchange": per_step(pw["exchange"]), "wait_by_rank": [per_step(w) for w in pw["wait_by_rank"]],
+                    "total_by_rank": [per_step(t) for t in pw["total_by_rank"]]}
         result.update(world_size=world.world_size, layout=str(layout.dims), rank=world.rank)
         if world.is_main:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

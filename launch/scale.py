@@ -251,6 +251,10 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
             comm = f"{100 * r.comm['nccl_share_of_wall']:.1f}%" + (f" ({kinds})" if kinds else "")
             if "nccl_exposed_share_of_wall" in r.comm:  # CUDA: the part no computation hid
                 comm += f"; not hidden {100 * r.comm['nccl_exposed_share_of_wall']:.1f}%"
+            sr = r.comm.get("sendrecv_ms_per_step")
+            if sr and sr["count"]:  # EP: the all-to-alls' time moving rows vs each rank waiting for the other
+                comm += (f"; all-to-alls {sr['exchange']:.1f} ms moving rows, waits by rank "
+                         + "/".join(f"{w:.1f}" for w in sr["wait_by_rank"]) + " ms")
         status = "" if r.status == "ok" else f" **{r.status}**"
         if len(r.runs_per_gpu) > 1:  # --repeat: the row is the median run; the spread of all of them
             status += (f" (median of {len(r.runs_per_gpu)} runs, per GPU {r.runs_per_gpu[0]:,.0f}-"

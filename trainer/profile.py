@@ -92,6 +92,22 @@ def idle_gaps(kernels: Iterable[Tuple[str, float, float]], min_us: float = 20.0,
             "top": [{"after": k[0], "before": k[1], "count": c, "us": us} for k, (c, us) in rows[:top]]}
 
 
+def pair_waits(durations_by_rank: List[List[float]]) -> dict:
+    """Split the time of a collective every rank runs in the same order (EP's all-to-alls) into moving data and
+    waiting for the other ranks. `durations_by_rank[r][i]`: rank r's kernel time of its i-th such collective.
+    A collective's kernel starts when its rank launches it and ends when all ranks are done, so the rank that
+    arrives last waits for no one: the shortest of the ranks' times is the exchange itself, and each rank's
+    excess over it is time it waited for a peer that came later (a peer with more expert rows to compute, or
+    further behind for any other reason). Returns totals in the durations' unit; the first
+    `min(len)` collectives are paired (ranks that ran different numbers are reported, not guessed at)."""
+    counts = [len(d) for d in durations_by_rank]
+    n = min(counts) if counts else 0
+    shortest = [min(d[i] for d in durations_by_rank) for i in range(n)]
+    waits = [sum(d[i] - shortest[i] for i in range(n)) for d in durations_by_rank]
+    return {"count": n, "counts_by_rank": counts, "total_by_rank": [sum(d[:n]) for d in durations_by_rank],
+            "exchange": sum(shortest), "wait_by_rank": waits}
+
+
 def device_kernels(prof) -> List[Tuple[str, float, float]]:
     """(name, start_us, end_us) of the CUDA kernels of a finished torch.profiler run (not GPU annotations
     such as "nccl:all_reduce" ranges, which span kernels already listed)."""

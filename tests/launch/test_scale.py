@@ -71,6 +71,12 @@ def test_fill_efficiency_and_mfu():
                             "warmup": 4, "dtype": "bf16", "ceiling_tflops": 500.0, "device": "cpu"})
     assert "| fsdp | 2 | 180 | 90 | 85 | 90.0% | 18.0% | 10 | 1.0 | - | - |" in table
     assert "| tp **exit 1** | 2 | - |" in table
+    res.comm = {"nccl_ms_by_kind": {"SendRecv": 19.0}, "nccl_share_of_wall": 0.05, "nccl_exposed_share_of_wall": 0.04,
+                "sendrecv_ms_per_step": {"count": 40.0, "exchange": 8.25, "wait_by_rank": [9.5, 1.25]}}
+    table = scale.markdown([res], {"preset": "tiny", "seq": 64, "micro_batch": 2, "compile": False, "timed": 8,
+                                   "warmup": 4, "dtype": "bf16", "ceiling_tflops": 500.0, "device": "cpu"})
+    assert ("5.0% (SendRecv 19.0 ms); not hidden 4.0%; all-to-alls 8.2 ms moving rows, waits by rank 9.5/1.2 ms"
+            in table), table
 
 
 def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
@@ -296,3 +302,16 @@ def test_the_against_fsdp_line_uses_the_only_fsdp_variant():
         scale.markdown([fsdp_b2, ep_b2], meta)
     failed = row("fsdp", 2, None, ["train.py", "parallel=fsdp"], status="exit 1")
     assert "tokens/s per GPU against" not in scale.markdown([failed, fsdp_b2, ep_b2], meta)
+
+
+def test_pair_waits_split_an_all_to_all_into_the_exchange_and_the_wait_for_later_ranks():
+    from trainer.profile import pair_waits
+
+    # exchange 1: rank 0 waited 3 for rank 1 (2 to move the rows); exchange 2: rank 1 waited 5 (1 to move them)
+    pw = pair_waits([[5.0, 1.0], [2.0, 6.0]])
+    assert pw["count"] == 2 and pw["exchange"] == 3.0 and pw["wait_by_rank"] == [3.0, 5.0]
+    assert pw["total_by_rank"] == [6.0, 8.0] and pw["counts_by_rank"] == [2, 2]
+    # ranks that ran different numbers: only the common prefix is paired, the counts say so
+    pw = pair_waits([[1.0, 4.0, 9.0], [2.0, 2.0]])
+    assert pw["count"] == 2 and pw["counts_by_rank"] == [3, 2] and pw["exchange"] == 3.0
+    assert pw["wait_by_rank"] == [2.0, 1.0] and pw["total_by_rank"] == [5.0, 4.0]
