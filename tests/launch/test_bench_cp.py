@@ -3,11 +3,12 @@ rank, and its profile attributes time to the context-parallel all-to-alls (the h
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.process_tree import run_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -27,7 +28,7 @@ def test_bench_cp_cpu_smoke(tmp_path, mixer):
            "--steps", "2", "--warmup", "1", "--profile", "--json", str(out)]
     if mixer != "mamba1":
         cmd += MAMBA2 + ["--set", f"mamba2_n_groups={mixer[-1]}"]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    r = run_tree(cmd, cwd=tmp_path, env=env, timeout=280)
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(out.read_text())
     assert res["cp"] == 2 and "cp=2" in res["dims"] and len(res["step_ms"]) == 2

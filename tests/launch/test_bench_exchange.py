@@ -3,12 +3,13 @@ batched send/recv) on 2 and 3 gloo ranks, whose rows the script checks before ti
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.process_tree import run_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,10 +32,10 @@ def test_expected_rows_are_each_sources_share_in_rank_order(rows, ep):
 def test_cpu_transports_deliver_the_right_rows(tmp_path, nproc, rows):
     out = tmp_path / "bx.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    r = run_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                         "-m", "launch.bench_exchange", "--device", "cpu",
                         "--rows", str(rows), "--hidden", "16", "--warmup", "1", "--iters", "2", "--json", str(out),
-                        "--label", "test"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+                        "--label", "test"], cwd=ROOT, env=env, timeout=180)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     res = [json.loads(line) for line in out.read_text().splitlines()]
     assert [x["transport"] for x in res] == ["nccl", "nccl_p2p"]  # symmetric memory needs CUDA: left out

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from trainer.jsonl import read_jsonl
+from tests.process_tree import run_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
@@ -111,7 +112,7 @@ def start(cmd, log):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     d = tmp_path_factory.mktemp("reference")
-    r = subprocess.run(torchrun(d), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    r = run_tree(torchrun(d), cwd=ROOT, env=env(), timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     ref = losses(d)
     assert sorted(ref) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in ref.values())

@@ -12,11 +12,12 @@ tokens at all matches one process."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.process_tree import run_tree
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -31,7 +32,7 @@ def test_ep_compiled_graphs_do_not_depend_on_routing(tmp_path, layout):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "ep_compile_worker.py"), f"out={out}", "steps=5", f"layout={layout}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=380)
+    proc = run_tree(cmd, cwd=ROOT, env=env, timeout=380)
     assert proc.returncode == 0, proc.stderr[-6000:]
     r = json.loads(out.read_text())
     per_step = r["compiles_after_step"]

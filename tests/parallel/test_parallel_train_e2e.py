@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.process_tree import run_tree
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 pytest.importorskip("hydra")  # train.py's dependency (absent on some bare GPU images)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -23,7 +25,7 @@ def _train(nproc: int, run_dir: Path, *overrides: str) -> subprocess.CompletedPr
     cmd = [sys.executable, *launcher, "train.py",
            "experiment=debug", "train.max_steps=3", "train.eval_every=0", "checkpoint.every=0",
            f"hydra.run.dir={run_dir}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run_tree(cmd, cwd=ROOT, env=env, timeout=300)
 
 
 def _records(run_dir: Path):

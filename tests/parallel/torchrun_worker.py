@@ -2,12 +2,13 @@
 layout's run with the single-process reference."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
+
+from tests.process_tree import run_tree
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -19,7 +20,7 @@ def run_worker(script: str, nproc: int, out: Path, *args: str, timeout: float) -
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(HERE / script), f"out={out}", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_tree(cmd, cwd=ROOT, env=env, timeout=timeout)  # a timeout takes the ranks down too
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
     return torch.load(out)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from trainer.jsonl import read_jsonl
+from tests.process_tree import run_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
@@ -32,7 +33,7 @@ def _cmd(run_dir, *extra):
 
 
 def _run(args, timeout=300):
-    return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return run_tree(args, cwd=ROOT, env=ENV, timeout=timeout)
 
 
 def _kill_when(args, ready, timeout=120):

@@ -11,6 +11,7 @@ import pytest
 
 from jamba.config import ConfigError
 from trainer.preflight import check_command
+from tests.process_tree import run_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,8 +80,8 @@ def test_good_configs_pass(corpus):
 
 
 def _train(args, cwd, env=None, **kw):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+    return run_tree([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, timeout=300,
+                    env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
 
 
 @pytest.mark.parametrize("args", [["optim.lrr=1"], ["--cfg", "job", "model=smal"], ["-m", "optim.lr=1e-3,abc"],
@@ -119,9 +120,9 @@ def test_preflight_cli_and_launch_script(tmp_path):
 
 @pytest.mark.slow
 def test_under_torchrun_only_rank0_reports(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(REPO / "train.py"), "optim.lrr=1"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run_tree([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  str(REPO / "train.py"), "optim.lrr=1"], cwd=tmp_path, timeout=300,
+                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert out.count("config error") == 1, out[-3000:]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.process_tree import run_tree
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -111,7 +113,7 @@ def test_train_py_validation_with_unequal_splits(tmp_path):
            "experiment=debug", "parallel=fsdp", "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1000",
            "data.validation_fraction=0.005", "checkpoint.every=0", "checkpoint.save_final=false",
            "train.collective_timeout_s=30", f"hydra.run.dir={tmp_path}"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    r = run_tree(cmd, cwd=ROOT, env=env, timeout=170)
     assert r.returncode == 0, r.stderr[-4000:]
     vals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert [v["step"] for v in vals] == [2] and 0 < vals[0]["val_loss"] < 20

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from trainer.jsonl import read_jsonl
+from tests.process_tree import run_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
@@ -27,7 +28,7 @@ def _losses(run_dir):
 
 
 def _run(args, timeout=300):
-    return subprocess.run(args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return run_tree(args, cwd=ROOT, env=ENV, timeout=timeout)
 
 
 def _interrupt(args, run_dir, pick_pid=lambda p: p.pid, after_step=1, timeout=300):
