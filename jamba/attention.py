@@ -17,15 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jamba.config import JambaConfig
+from jamba.log_once import LogOnce
 
 logger = logging.getLogger(__name__)
-_logged = set()
-
-
-def _log_once(key: str, msg: str) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(msg)
+_log_once = LogOnce(logger)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype=torch.float32):

@@ -34,11 +34,12 @@ import torch.nn.functional as F
 
 from jamba.config import JambaConfig
 from jamba.layers import RMSNorm
+from jamba.log_once import LogOnce
 from jamba.ops import kernels
 from jamba.ops.channel_first import channel_first_linear, interleaved_in_proj
 
 logger = logging.getLogger(__name__)
-_doc_ids_logged = False
+_log_once = LogOnce(logger)
 
 
 class GatedRMSNorm(nn.Module):
@@ -82,11 +83,9 @@ def _plain(t: torch.Tensor) -> bool:
 
 
 def _log_doc_ids_once(doc_ids) -> None:
-    global _doc_ids_logged
-    if doc_ids is not None and not _doc_ids_logged:
-        _doc_ids_logged = True
-        logger.info("Mamba mixers ignore doc_ids: document masking applies to attention layers; the Mamba "
-                    "state is carried across packed-document boundaries (as in Jamba / HF JambaForCausalLM)")
+    if doc_ids is not None:
+        _log_once("doc_ids", "Mamba mixers ignore doc_ids: document masking applies to attention layers; "
+                  "the Mamba state is carried across packed-document boundaries (as in Jamba / HF JambaForCausalLM)")
 
 
 class Mamba1Mixer(nn.Module):

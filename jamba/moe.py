@@ -21,17 +21,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from jamba.config import JambaConfig
+from jamba.log_once import LogOnce
 
 logger = logging.getLogger(__name__)
-_logged = set()
+_log_once = LogOnce(logger)
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
-
-
-def _log_once(key: str, msg: str) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(msg)
 
 
 def moe_stats_width(num_experts: int) -> int:

@@ -25,11 +25,13 @@ from typing import Optional
 
 import torch
 
+from jamba.log_once import LogOnce
 from jamba.ops.causal_conv1d import causal_conv1d_ref
 from jamba.ops.selective_scan import kernel_operands, selective_scan_ref
 from jamba.ops.ssd import ssd_chunked_ref
 
 logger = logging.getLogger(__name__)
+_log_once = LogOnce(logger)
 
 try:  # mamba-ssm needs its CUDA build; on CPU-only installs the import fails.
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _selective_scan_fn
@@ -44,8 +46,6 @@ try:
 except Exception as e:  # noqa: BLE001
     _causal_conv1d_fn, _CONV_ERR = None, e
 
-_logged: set = set()
-
 
 def reference_forced() -> bool:
     return os.environ.get("JAMBA_FORCE_REFERENCE", "0").lower() in ("1", "true", "yes")
@@ -53,17 +53,14 @@ def reference_forced() -> bool:
 
 def _use_kernel(op: str, kernel, device: torch.device, force_reference: bool, install_hint: str) -> bool:
     use = kernel is not None and device.type == "cuda" and not force_reference and not reference_forced()
-    key = (op, use)
-    if key not in _logged:
-        _logged.add(key)
-        if use:
-            logger.info("%s: using the CUDA kernel (%s)", op, install_hint.split()[-1])
-        elif device.type == "cuda" and kernel is None:
-            logger.warning("%s: CUDA tensors but the kernel is not importable, using the slow PyTorch reference; "
-                           "install it with `%s`", op, install_hint)
-        else:
-            why = "forced" if (force_reference or reference_forced()) else f"{device.type} tensors"
-            logger.info("%s: using the pure-PyTorch reference (%s)", op, why)
+    if use:
+        _log_once((op, use), "%s: using the CUDA kernel (%s)", op, install_hint.split()[-1])
+    elif device.type == "cuda" and kernel is None:
+        _log_once((op, use), "%s: CUDA tensors but the kernel is not importable, using the slow PyTorch "
+                  "reference; install it with `%s`", op, install_hint, level=logging.WARNING)
+    else:
+        why = "forced" if (force_reference or reference_forced()) else f"{device.type} tensors"
+        _log_once((op, use), "%s: using the pure-PyTorch reference (%s)", op, why)
     return use
 
 
@@ -88,9 +85,9 @@ def _jamba_scan_built() -> bool:
     # Evaluated once when torch.compile traces (not traced itself): the first call compiles the extension.
     from jamba.ops import selective_scan_cuda
     built = selective_scan_cuda.extension() is not None
-    if built and ("selective_scan", "jamba") not in _logged:
-        _logged.add(("selective_scan", "jamba"))
-        logger.info("selective_scan: using jamba's CUDA kernel (jamba/ops/csrc; JAMBA_SCAN_KERNEL=mamba for mamba-ssm's)")
+    if built:
+        _log_once(("selective_scan", "jamba"),
+                  "selective_scan: using jamba's CUDA kernel (jamba/ops/csrc; JAMBA_SCAN_KERNEL=mamba for mamba-ssm's)")
     return built
 
 

@@ -100,7 +100,7 @@ def test_ssd_chunked_ref_final_state_and_per_channel_D():
 
 
 def test_dispatch_uses_reference_on_cpu_and_logs_once(caplog, monkeypatch):
-    monkeypatch.setattr(kernels, "_logged", set())
+    monkeypatch.setattr(kernels._log_once, "seen", set())
     inp = {k: v.detach().float() for k, v in _scan_inputs(L=12).items()}
     with caplog.at_level(logging.INFO, logger="jamba.ops.kernels"):
         y = kernels.selective_scan(**inp, delta_softplus=True)
