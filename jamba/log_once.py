@@ -19,4 +19,4 @@ class LogOnce:
     def __call__(self, key: Hashable, msg: str, *args, level: int = logging.INFO) -> None:
         if key not in self.seen:
             self.seen.add(key)
-            self.logger.log(level, msg, *args)
+            self.logger.log(level, msg, *args, stacklevel=2)  # the caller's file and line

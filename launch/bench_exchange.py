@@ -41,10 +41,13 @@ def splits_for(rows: int, ep: int) -> List[int]:
 
 
 def make_rows(rows: int, hidden: int, dtype: torch.dtype, device: torch.device, rank: int) -> torch.Tensor:
-    """Row i of rank r: r * 1e4 + i in column 0, r + 1 elsewhere (rounded to dtype; the check builds the same)."""
-    x = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
-    x[:, 0] = rank * 10_000 + torch.arange(rows, device=device, dtype=torch.float32)
-    x[:, 1:] = rank + 1
+    """Row i of rank r: i % 256 and i // 256 in columns 0 and 1, r + 1 elsewhere. Integers up to 256 are exact in
+    bf16, so every row of up to 65,536 per rank is told apart from every other, even in bf16 (hidden >= 3)."""
+    if hidden < 3:
+        raise ValueError(f"--hidden {hidden}: at least 3 values per row are needed to tag each row")
+    i = torch.arange(rows, device=device, dtype=torch.float32)
+    x = torch.full((rows, hidden), float(rank + 1), dtype=torch.float32, device=device)
+    x[:, 0], x[:, 1] = i % 256, torch.div(i, 256, rounding_mode="floor")
     return x.to(dtype)
 
 
@@ -108,6 +111,21 @@ def symm_pull(sm_copy: bool) -> Callable:
     return run
 
 
+class WrongRows(RuntimeError):
+    """A transport delivered other rows than it should have (on some rank)."""
+
+
+def check(transport: str, which: str, out: torch.Tensor, want: torch.Tensor, group) -> None:
+    """Every rank learns whether any rank received wrong rows, so that all of them stop together (one rank
+    raising alone would leave the others waiting in the next collective)."""
+    bad = torch.tensor([0 if torch.equal(out, want) else 1], device=out.device)
+    flags = [torch.zeros_like(bad) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(flags, bad, group=group)
+    wrong = [r for r, f in enumerate(flags) if f.item()]
+    if wrong:
+        raise WrongRows(f"{transport}: rank(s) {wrong} received wrong rows ({which} exchange)")
+
+
 def bench(transport: str, args, group, device) -> Dict:
     rank, ep = dist.get_rank(group), dist.get_world_size(group)
     dtype = getattr(torch, args.dtype)
@@ -117,11 +135,14 @@ def bench(transport: str, args, group, device) -> Dict:
     out = x.new_empty(sum(recv), args.hidden)
     fn = {"nccl": nccl_all_to_all, "nccl_p2p": nccl_p2p,
           "symm_ce": symm_pull(False), "symm_sm": symm_pull(True)}[transport]
-    ctx = symm_setup(x, group) if transport.startswith("symm") else {}
-    fn(x, out, send, recv, group, ctx)
+    try:
+        ctx = symm_setup(x, group) if transport.startswith("symm") else {}
+    except Exception as e:  # noqa: BLE001 - no symmetric memory here (no CUDA build, no peer access): not a failure
+        return {"transport": transport, "unavailable": f"{type(e).__name__}: {e}"[:300]}
     want = expected_rows(args.rows, args.hidden, dtype, device, rank, ep)
-    if not torch.equal(out, want):
-        raise RuntimeError(f"{transport}: rank {rank} received wrong rows")
+    out.zero_()
+    fn(x, out, send, recv, group, ctx)
+    check(transport, "first", out, want, group)
     for _ in range(args.warmup):
         fn(x, out, send, recv, group, ctx)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -132,8 +153,9 @@ def bench(transport: str, args, group, device) -> Dict:
         fn(x, out, send, recv, group, ctx)
     sync()
     ms = (time.perf_counter() - t0) * 1e3 / args.iters
+    check(transport, "last timed", out, want, group)  # back-to-back exchanges: e.g. a barrier too few
     remote = sum(n for r, n in enumerate(send) if r != rank) * args.hidden * x.element_size()
-    return {"transport": transport, "ms": round(ms, 4), "remote_MiB": round(remote / 2**20, 2),
+    return {"transport": transport, "ms": round(ms, 4), "remote_bytes": remote, "remote_MiB": round(remote / 2**20, 2),
             "remote_GBps": round(remote / (ms * 1e-3) / 1e9, 1)}
 
 
@@ -169,7 +191,7 @@ def main(argv=None) -> int:
     for t in transports:
         try:
             r = bench(t, args, group, device)
-        except Exception as e:  # noqa: BLE001 - one transport failing (e.g. no symmetric memory) is a result too
+        except Exception as e:  # noqa: BLE001 - a failing transport (wrong rows, an error) is a result; exit code 1
             r = {"transport": t, "error": f"{type(e).__name__}: {e}"[:300]}
         r.update(label=args.label, rows=args.rows, hidden=args.hidden, dtype=args.dtype, ep=dist.get_world_size())
         results.append(r)
@@ -180,7 +202,7 @@ def main(argv=None) -> int:
             for r in results:
                 fh.write(json.dumps(r) + "\n")
     dist.destroy_process_group()
-    return 1 if any("error" in r and not r["transport"].startswith("symm") for r in results) else 0
+    return 1 if any("error" in r for r in results) else 0  # wrong rows or a failed exchange, any transport
 
 
 if __name__ == "__main__":

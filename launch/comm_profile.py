@@ -126,7 +126,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
             result["nccl_exposed_share_of_wall"] = tl["exposed_comm_us"] / tl["wall_us"] if wall_ms else 0.0
             # where the idle time is: gaps grouped by the kernels around them (summed over the profiled steps)
             result["idle_gaps"] = idle_gaps(spans)
-            if world.world_size > 1:  # EP's all-to-alls: moving rows vs waiting for the other ranks
+            dims = layout.dims
+            # EP's all-to-alls: moving rows vs waiting for the other ranks. Paired over all ranks, so only where the
+            # EP group is the whole world and no other collective runs as SendRecv (CP's all-to-alls and rings)
+            if world.world_size > 1 and dims.ep == world.world_size and dims.cp == 1:
                 import torch.distributed as dist
 
                 mine = [(b - a) / 1e3 for name, a, b in sorted(spans, key=lambda k: k[1])

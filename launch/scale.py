@@ -252,7 +252,9 @@ def markdown(results: Sequence[Result], meta: dict) -> str:
             if "nccl_exposed_share_of_wall" in r.comm:  # CUDA: the part no computation hid
                 comm += f"; not hidden {100 * r.comm['nccl_exposed_share_of_wall']:.1f}%"
             sr = r.comm.get("sendrecv_ms_per_step")
-            if sr and sr["count"]:  # EP: the all-to-alls' time moving rows vs each rank waiting for the other
+            if sr and len(set(sr["counts_by_rank"])) > 1:  # paired by position: only equal counts pair up
+                comm += "; all-to-alls: ranks ran different numbers, not split"
+            elif sr and sr["count"]:  # EP: the all-to-alls' time moving rows vs each rank waiting for the other
                 comm += (f"; all-to-alls {sr['exchange']:.1f} ms moving rows, waits by rank "
                          + "/".join(f"{w:.1f}" for w in sr["wait_by_rank"]) + " ms")
         status = "" if r.status == "ok" else f" **{r.status}**"

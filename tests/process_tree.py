@@ -66,7 +66,13 @@ def run_tree(cmd: Sequence[str], *, timeout: float, **popen_kwargs) -> subproces
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_tree(proc.pid)
-            out, err = proc.communicate()
+            try:  # the pipes close once the tree is dead, unless a process outside it (reparented) holds them
+                out, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired as e:
+                out, err = e.output, e.stderr
+                proc.stdout.close()
+                proc.stderr.close()
+                proc.wait()
             raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
         except BaseException:  # e.g. KeyboardInterrupt: take the whole tree down with the test
             kill_tree(proc.pid)

@@ -12,7 +12,7 @@ from tests.process_tree import run_tree
 
 # a parent that starts a child sleeping far past the timeout in a session of its own (as torchrun starts its
 # ranks), reports the child's pid, and waits for it
-PARENT = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+PARENT = ("import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'], "
           "start_new_session=True); print(c.pid, flush=True); c.wait()")
 
 
@@ -29,13 +29,19 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_timeout_kills_the_commands_children_too():
+    t0 = time.time()
     with pytest.raises(subprocess.TimeoutExpired) as e:
         run_tree([sys.executable, "-c", PARENT], timeout=3)
+    # promptly: a child left alive would hold the output pipe open for its hour of sleep
+    assert time.time() - t0 < 30
     child = int(e.value.output.split()[0])  # the output so far comes with the exception
     deadline = time.time() + 10
     while _alive(child) and time.time() < deadline:
         time.sleep(0.1)
-    assert not _alive(child), f"the command's child {child} outlived the timeout"
+    survived = _alive(child)
+    if survived:
+        os.kill(child, 9)
+    assert not survived, f"the command's child {child} outlived the timeout"
 
 
 def test_plain_subprocess_run_leaves_the_child_running():

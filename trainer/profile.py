@@ -95,7 +95,7 @@ def idle_gaps(kernels: Iterable[Tuple[str, float, float]], min_us: float = 20.0,
 def pair_waits(durations_by_rank: List[List[float]]) -> dict:
     """Split the time of a collective every rank runs in the same order (EP's all-to-alls) into moving data and
     waiting for the other ranks. `durations_by_rank[r][i]`: rank r's kernel time of its i-th such collective.
-    A collective's kernel starts when its rank launches it and ends when all ranks are done, so the rank that
+    A collective's kernel starts when its stream reaches it and ends when all ranks are done, so the rank that
     arrives last waits for no one: the shortest of the ranks' times is the exchange itself, and each rank's
     excess over it is time it waited for a peer that came later (a peer with more expert rows to compute, or
     further behind for any other reason). Returns totals in the durations' unit; the first

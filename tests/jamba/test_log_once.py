@@ -18,6 +18,7 @@ def test_each_key_logs_once_at_its_level(caplog):
     got = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
     assert got == [("jamba.test_a", logging.INFO, "a says hello"), ("jamba.test_b", logging.INFO, "b says hello"),
                    ("jamba.test_a", logging.WARNING, "slow path")]
+    assert {r.filename for r in caplog.records} == {"test_log_once.py"}  # the caller's place, not log_once.py's
 
 
 def test_a_logged_key_compiles_to_nothing():

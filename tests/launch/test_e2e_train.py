@@ -17,6 +17,7 @@ import pytest
 
 from launch.slurm import SlurmJob, render_sbatch
 from trainer.jsonl import read_jsonl
+from tests.process_tree import run_tree
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SLURM = Path(__file__).with_name("fake_slurm")
@@ -118,8 +119,8 @@ def assert_same_losses(run_dir: Path, reference: dict[int, list[float]]) -> dict
 def reference(tmp_path_factory) -> dict[int, list[float]]:
     """An uninterrupted 2-process run through launch/single_node.sh."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    res = subprocess.run([str(REPO / "launch/single_node.sh"), "-n", "2", *TRAIN_ARGS, f"hydra.run.dir={run_dir}"],
-                         env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    res = run_tree([str(REPO / "launch/single_node.sh"), "-n", "2", *TRAIN_ARGS, f"hydra.run.dir={run_dir}"],
+                   env=clean_env(), cwd=REPO, timeout=TIMEOUT)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     ref = losses(run_dir)
     assert sorted(ref) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in ref.values())

@@ -2,13 +2,13 @@
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from launch import comm_profile, scale
+from tests.process_tree import run_tree
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,11 +72,16 @@ def test_fill_efficiency_and_mfu():
     assert "| fsdp | 2 | 180 | 90 | 85 | 90.0% | 18.0% | 10 | 1.0 | - | - |" in table
     assert "| tp **exit 1** | 2 | - |" in table
     res.comm = {"nccl_ms_by_kind": {"SendRecv": 19.0}, "nccl_share_of_wall": 0.05, "nccl_exposed_share_of_wall": 0.04,
-                "sendrecv_ms_per_step": {"count": 40.0, "exchange": 8.25, "wait_by_rank": [9.5, 1.25]}}
+                "sendrecv_ms_per_step": {"count": 40.0, "counts_by_rank": [120, 120], "exchange": 8.25,
+                                         "wait_by_rank": [9.5, 1.25]}}
     table = scale.markdown([res], {"preset": "tiny", "seq": 64, "micro_batch": 2, "compile": False, "timed": 8,
                                    "warmup": 4, "dtype": "bf16", "ceiling_tflops": 500.0, "device": "cpu"})
     assert ("5.0% (SendRecv 19.0 ms); not hidden 4.0%; all-to-alls 8.2 ms moving rows, waits by rank 9.5/1.2 ms"
             in table), table
+    res.comm["sendrecv_ms_per_step"]["counts_by_rank"] = [120, 119]  # a rank ran one more: no pairing
+    table = scale.markdown([res], {"preset": "tiny", "seq": 64, "micro_batch": 2, "compile": False, "timed": 8,
+                                   "warmup": 4, "dtype": "bf16", "ceiling_tflops": 500.0, "device": "cpu"})
+    assert "not hidden 4.0%; all-to-alls: ranks ran different numbers, not split |" in table, table
 
 
 def test_repeated_runs_give_the_median_the_spread_and_the_ratio_to_fsdp():
@@ -223,7 +228,7 @@ def test_cpu_run_single_and_fsdp(tmp_path):
            "env:JAMBA_SCALE_TEST=1", "--comm-profile", "none", "--out-dir",
            str(tmp_path / "runs"), "--json", str(out), "--md", str(tmp_path / "scale.md"), "--set",
            "train.num_threads=1", "--timeout", "240"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = run_tree(cmd, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rep = json.loads(out.read_text())
     single, fsdp, variant = rep["results"]

@@ -4,7 +4,6 @@ and a sweep on a fake SLURM (stub sbatch/srun/scontrol/sacct on PATH) with a pre
 import json
 import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from launch.sweep import expand_hostlist, is_preempted_exit, torch_env_from_slurm
+from tests.process_tree import run_tree
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SLURM = Path(__file__).with_name("fake_slurm")
@@ -74,7 +74,7 @@ def test_sweep_on_fake_slurm_one_multi_rank_job_per_point_and_requeue(tmp_path):
                WANDB_MODE="disabled")
     cmd = [sys.executable, str(APP), "-m", "hydra/launcher=slurm_gpu", f"hydra.searchpath=[file://{REPO}/conf]",
            "hydra.launcher.gpus_per_node=2", f"hydra.sweep.dir={sweep_dir}", "lr=0.1,0.2", "preempt_lr=0.2"]
-    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    res = run_tree(cmd, env=env, cwd=tmp_path, timeout=400)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
 
     points = {}

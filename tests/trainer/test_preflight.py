@@ -110,8 +110,7 @@ def test_preflight_cli_and_launch_script(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "WORLD_SIZE(4)" in r.stderr, r.stderr
     # launch/single_node.sh checks before torchrun starts: one line, no torchrun failure report
-    r = subprocess.run([str(REPO / "launch/single_node.sh"), "-n", "2", "optim.lrr=1"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120, env=env)
+    r = run_tree([str(REPO / "launch/single_node.sh"), "-n", "2", "optim.lrr=1"], cwd=tmp_path, timeout=120, env=env)
     assert r.returncode == 2 and "ChildFailedError" not in r.stderr, r.stderr[-2000:]
     assert [line for line in r.stderr.splitlines() if line.strip()] == [
         line for line in r.stderr.splitlines() if "config error: optim.lrr=1" in line]
