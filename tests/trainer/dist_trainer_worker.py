@@ -108,4 +108,6 @@ def main(out_dir: str, scenario: str, timeout_s: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+    from tests.process_tree import exit_without_teardown
+
+    exit_without_teardown(main(sys.argv[1], sys.argv[2], float(sys.argv[3])))  # see there: gloo's exit abort

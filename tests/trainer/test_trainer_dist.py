@@ -36,8 +36,9 @@ def _start(out: Path, scenario: str, timeout_s: float):
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
         log = open(out / f"log{rank}.txt", "w")
         procs.append(subprocess.Popen([sys.executable, str(HERE / "dist_trainer_worker.py"), str(out), scenario,
                                        str(timeout_s)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
