@@ -126,3 +126,13 @@ def expert_split_sizes(counts: torch.Tensor, group, ep: int):
     recv_2d = exchange_expert_counts(counts, group, ep)
     splits: List[int] = torch.cat([counts.view(ep, recv_2d.shape[1]).sum(1), recv_2d.sum(1)]).tolist()
     return recv_2d, splits[:ep], splits[ep:]
+
+
+def local_expert_order(recv_2d: torch.Tensor, rows: int) -> torch.Tensor:
+    """recv_2d (sources, E_local): rows received from each source, each source's grouped by local expert ->
+    the permutation (rows,) that groups all of them by local expert, source order kept. `rows` is the sum of
+    recv_2d, known on the host: given as the output size, it spares a second host sync."""
+    n_src, n_local = recv_2d.shape
+    expert_of_row = torch.repeat_interleave(
+        torch.arange(n_local, device=recv_2d.device).repeat(n_src), recv_2d.reshape(-1), output_size=rows)
+    return torch.argsort(expert_of_row, stable=True)

@@ -45,7 +45,7 @@ from typing import Callable, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from parallel.collectives import expert_split_sizes
+from parallel.collectives import expert_split_sizes, local_expert_order
 
 Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows (T, H), counts (E_local,)) -> (T, H)
 
@@ -126,9 +126,7 @@ class _OverlappedExperts(torch.autograd.Function):
         dispatch.wait()
         n_r = sum(recv_r)
         others = torch.cat([recv_2d[:me], recv_2d[me + 1:]])  # (ep-1, El) rows each other rank sends me
-        expert_of_row = torch.repeat_interleave(  # output_size given: no second sync
-            torch.arange(n_local, device=x.device).repeat(ep - 1), others.reshape(-1), output_size=n_r)
-        order = torch.argsort(expert_of_row, stable=True)  # group the received rows by local expert
+        order = local_expert_order(others, n_r)  # group the received rows by local expert
         lr, yr = _run(fwd, xr_src.index_select(0, order), others.sum(0), grad)
         yr_src = torch.empty_like(yr).index_copy(0, order, yr.detach())  # back to (source, local expert) order
         y_out, combine = _start(yr_src, send_r, recv_r, group)

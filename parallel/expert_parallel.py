@@ -47,7 +47,7 @@ import torch.nn as nn
 from torch.distributed.tensor import Shard
 
 from parallel.collectives import (all_reduce_sum, all_to_all_v, copy_to_group, exchange_expert_counts,
-                                  expert_split_sizes, reduce_from_group, scale_grad)
+                                  expert_split_sizes, local_expert_order, reduce_from_group, scale_grad)
 from parallel.dims import ParallelDims
 from parallel.ep_overlap import overlapped_experts
 from parallel.styles import distribute_param, swap_in_local, swap_out_local
@@ -81,13 +81,10 @@ def apply_moe_stats_reduce(model: nn.Module, dims: ParallelDims) -> None:
 def _exchange(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     """Dispatch rows of x (sorted by global expert) to the ranks holding their experts.
     Returns (rows sorted by local expert, local counts (E_local,), state for `_combine`)."""
-    n_local = counts.shape[0] // ep
     # The exchange's one host sync: rows to send to / receive from each rank, in one copy.
     recv_2d, send_splits, recv_splits = expert_split_sizes(counts, ep_group, ep)  # recv_2d (ep, local experts)
     xr = all_to_all_v(x, recv_splits, send_splits, ep_group)  # (sum recv, H) by source, then local expert
-    expert_of_row = torch.repeat_interleave(  # output_size given: no second sync
-        torch.arange(n_local, device=x.device).repeat(ep), recv_2d.reshape(-1), output_size=sum(recv_splits))
-    order = torch.argsort(expert_of_row, stable=True)  # group rows by local expert (source order kept)
+    order = local_expert_order(recv_2d, sum(recv_splits))  # group rows by local expert (source order kept)
     return xr.index_select(0, order), recv_2d.sum(0), (order, send_splits, recv_splits)
 
 
