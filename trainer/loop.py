@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from jamba.log_once import LogOnce
 from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, set_rng_state
 from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
@@ -31,6 +32,7 @@ from trainer.signals import StopSignal
 from trainer.watchdog import NullWatchdog
 
 log = logging.getLogger(__name__)
+_log_once = LogOnce(log)
 
 
 class NonFiniteError(RuntimeError):
@@ -75,12 +77,10 @@ def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
             # one process would have applied decay and momentum to a zero gradient; EP's exchanges avoid the case
             norm_grads.setdefault(key, []).append(torch.zeros_like(p))
             stand_ins += 1
-    global _stand_ins_logged
-    if stand_ins and not _stand_ins_logged:
-        _stand_ins_logged = True
-        log.warning(f"gradient norm: {stand_ins} sharded parameter(s) have no gradient on this rank; counted as "
-                    "zeros so that every rank runs the same all-reduces (their optimizer update is skipped here, as "
-                    "for any parameter without a gradient)")
+    if stand_ins:
+        _log_once("stand-ins", "gradient norm: %d sharded parameter(s) have no gradient on this rank; counted as "
+                  "zeros so that every rank runs the same all-reduces (their optimizer update is skipped here, as "
+                  "for any parameter without a gradient)", stand_ins, level=logging.WARNING)
     if not norm_grads:
         return torch.zeros(())
     sq = []
@@ -94,9 +94,6 @@ def clip_grad_norm(params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
         for group in clip_params.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(group[0].grad.device), foreach=True)
     return total
-
-
-_stand_ins_logged = False  # clip_grad_norm's warning about missing sharded gradients, once per process
 
 
 def _to(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
