@@ -646,12 +646,19 @@ def environment() -> dict:
         env["our_kernels"] = kernels_available()
     except Exception:  # noqa: BLE001
         pass
-    try:
-        env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        env["git"] = None
+    env["git"] = git_version(Path(__file__).resolve().parents[1])
     return env
+
+
+def git_version(root: Path) -> Optional[str]:
+    """The checkout's commit, with "-dirty" when tracked files differ from it: a figure measured on uncommitted
+    code must not be credited to the commit it started from. None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--match=NO-TAGS"],
+                             capture_output=True, text=True, cwd=root, timeout=10)
+    except Exception:  # noqa: BLE001 - no git
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 # ================================================================================================

@@ -117,3 +117,20 @@ def test_trainer_recipe_runs_train_py_numerics():
     assert report["args"]["dtype"] == "fp32" and report["args"]["trainer_recipe"]
     with pytest.raises(SystemExit):
         bench.parse_args([*TINY, "--trainer-recipe", "--dtype", "bf16"])
+
+
+def test_git_version_marks_uncommitted_changes(tmp_path):
+    """Benchmark JSON records the commit; measured on a modified checkout it must say so ("-dirty")."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a\n")
+    git("add", "f.txt")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert bench.git_version(tmp_path) == head
+    (tmp_path / "f.txt").write_text("b\n")
+    assert bench.git_version(tmp_path) == head + "-dirty"
+    assert bench.git_version(tmp_path / "f.txt") is None  # not a directory: no version, no exception
