@@ -43,6 +43,14 @@ class ParallelConfig:
     "overlap": the "sized" exchange with the all-to-alls running under the experts' own GEMMs (this rank's rows
     for its own experts are computed while the others' rows travel; parallel/ep_overlap.py); same rows, same
     host sync. MoE layers under activation checkpointing fall back to "sized"."""
+    ep_overlap_sms: int = 0
+    """With ep_exchange=overlap: streaming multiprocessors kept for the all-to-alls that run under the experts'
+    GEMMs. The overlap then exchanges over a process group of its own (the same ranks as the EP group) whose NCCL
+    communicator uses at most this many thread blocks (NCCL maxCTAs) on a high-priority stream, and the GEMMs that
+    run beside an all-to-all leave this many SMs free (torch's SM carveout, CUDA only), so that a persistent GEMM
+    never runs its last blocks as a second wave behind the all-to-all's. 0 (default): NCCL's own number of blocks
+    on the EP group, no carveout. On 2 H200s over NVLink 8 and 16 gave no gain for bench-3b (README,
+    Performance); it is meant for links where the all-to-alls take longer, where it is not measured."""
     cp: int = 1
     """Context parallelism: each sequence is split into cp contiguous chunks, one per rank, in every layer
     (Mamba-1 by a sequence <-> channel all-to-all, Mamba-2 by heads, attention by Ulysses heads;
@@ -76,8 +84,15 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.{name}={value!r} must be a positive integer or -1 (fill)")
         if self.dp_replicate == -1 and self.dp_shard == -1:
             raise ConfigError("parallel.dp_replicate and parallel.dp_shard cannot both be -1 (fill); set one")
+        if not isinstance(self.ep_overlap_sms, int) or isinstance(self.ep_overlap_sms, bool) \
+                or self.ep_overlap_sms < 0:
+            raise ConfigError(f"parallel.ep_overlap_sms={self.ep_overlap_sms!r} must be an integer >= 0 "
+                              "(0: no SMs kept for the overlapped all-to-alls)")
         if self.ep_exchange not in EP_EXCHANGES:
             raise ConfigError(f"parallel.ep_exchange={self.ep_exchange!r} must be one of {list(EP_EXCHANGES)}")
+        if self.ep_overlap_sms and self.ep_exchange != "overlap":
+            raise ConfigError(f"parallel.ep_overlap_sms={self.ep_overlap_sms} applies only to "
+                              f"parallel.ep_exchange=overlap (here {self.ep_exchange!r}); set it to 0 or use overlap")
         for name in ("param_dtype", "reduce_dtype"):
             value = getattr(self, name)
             if value not in DTYPES:

@@ -298,6 +298,13 @@ class ParallelDims:
         m["edp"] = expert["dp_replicate", "efsdp"]._flatten("edp")
         return dense
 
+    def ep_rank_groups(self) -> List[List[int]]:
+        """Every EP group's global ranks, as the expert mesh ("dp_replicate", "efsdp", "ep", "tp") lays them out:
+        the ranks that differ only in their "ep" coordinate. No process group needed (for creating more groups
+        over the same ranks: every rank must create all of them, in the same order)."""
+        ranks = torch.arange(self.world_size).reshape(self.dp_replicate, self.efsdp, self.ep, self.tp)
+        return ranks.transpose(2, 3).reshape(-1, self.ep).tolist()
+
     def get_mesh(self, name: str):
         """A named view: dense dims, "dp", "dp_shard_cp", "dp_cp", "ep", "efsdp", "edp", "etp",
         or the whole "dense" / "expert" meshes."""

@@ -32,6 +32,14 @@ The parts' outputs stay alive until the backward runs their graphs (bench-3b on 
 59.3 GiB for "sized", measured while the own halves were still views of x, which kept all of x alive; they are
 copies now, not measured since). On 2 H200s over NVLink it measured 1.5% slower than "sized" (README,
 Performance).
+SMs for the all-to-alls (parallel.ep_overlap_sms = C > 0): the GEMMs of parts S1 and S2 run beside an all-to-all.
+torch's grouped GEMM is a persistent kernel whose grid covers every SM; launched while an all-to-all's blocks hold
+some, its blocks that find no free SM wait and run as a second wave, which could cost about what the overlap hides.
+With C > 0 the overlap exchanges over a group of its own (`overlap_group`: the EP ranks, NCCL at most C blocks, a
+high-priority stream) and those GEMMs leave C SMs free (`sm_carveout`). Measured on 2 H200s (bench-3b, README): the
+overlap's compute did not shrink (338.9 ms per step with C = 0, 337.6 with C = 8) and its all-to-alls got slower
+(moving rows 10.1 -> 29.3 ms per step with C = 8), so the second wave was not what costs it its 15-16 ms of extra
+compute; C = 0 stays the default.
 Under activation checkpointing of the MoE layer (model.activation_checkpointing, model.moe_token_chunk) the
 plain "sized" exchange is used instead (apply_experts decides per layer and says so): the recomputation would
 rerun the exchanges and rebuild nested graphs whose saved tensors checkpointing packs as well. One CPU check of
@@ -40,6 +48,7 @@ that combination gave the right numbers, but nothing tests how it frees memory o
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, List, Sequence, Tuple
 
 import torch
@@ -48,6 +57,44 @@ import torch.distributed as dist
 from parallel.collectives import expert_split_sizes, local_expert_order
 
 Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows (T, H), counts (E_local,)) -> (T, H)
+
+
+def overlap_group(dims, sms: int):
+    """The process group of the overlapped exchange. sms = 0: the EP group itself. sms > 0: a group of its own over
+    the same ranks (every rank creates all of them, in the expert mesh's order); on NCCL its communicator runs at
+    most `sms` thread blocks (maxCTAs) on a high-priority stream, so that an all-to-all never holds more SMs than
+    the GEMMs beside it leave free (`sm_carveout`), and its blocks are scheduled as soon as SMs free up."""
+    ep_group = dims.get_mesh("ep").get_group()
+    if sms == 0:
+        return ep_group
+    options = None
+    if dist.get_backend(ep_group) == "nccl":
+        options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+        options.config.max_ctas = sms
+    group, _ = dist.new_subgroups_by_enumeration(dims.ep_rank_groups(), pg_options=options,
+                                                 group_desc="ep_overlap")
+    mine, expected = dist.get_process_group_ranks(group), dist.get_process_group_ranks(ep_group)
+    if mine != expected:  # the enumeration disagrees with the mesh: exchanging there would pair the wrong ranks
+        raise RuntimeError(f"parallel.ep_overlap_sms: the overlap's group holds ranks {mine}, the EP group {expected}")
+    return group
+
+
+@contextlib.contextmanager
+def sm_carveout(sms: int):
+    """Matmuls launched inside leave `sms` SMs free (torch's SM carveout: cuBLASLt's SM count target and the
+    persistent grid of torch._grouped_mm). A persistent GEMM launched beside a running all-to-all otherwise sizes
+    its grid to every SM, and the blocks that find no free SM can only start when the all-to-all's end (a second
+    wave; on 2 H200s keeping SMs free did not shorten the overlap's compute, see the module docstring). The setting
+    is process-wide and read at launch, so it is restored at once (also on errors); CPU matmuls ignore it."""
+    if not sms:
+        yield
+        return
+    before = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(sms)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(before)
 
 
 def _start(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group):
@@ -101,7 +148,7 @@ def _backward(leaf: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Ten
 
 class _OverlappedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, fwd: Experts, group, ep: int, grad: bool):
+    def forward(ctx, x, counts, fwd: Experts, group, ep: int, grad: bool, sms: int):
         """x (N, H) sorted by global expert, counts (E,) rows per global expert -> (N, H) expert outputs."""
         me = dist.get_rank(group)
         n_local = counts.shape[0] // ep
@@ -121,7 +168,8 @@ class _OverlappedExperts(torch.autograd.Function):
         c1 = (a - start).clamp(min=0).minimum(c_self)
         x1, x2 = x_self[:a].clone(), x_self[a:].clone()
         del x_self
-        l1, y1 = _run(fwd, x1, c1, grad)
+        with sm_carveout(sms):  # beside the dispatch
+            l1, y1 = _run(fwd, x1, c1, grad)
 
         dispatch.wait()
         n_r = sum(recv_r)
@@ -131,12 +179,13 @@ class _OverlappedExperts(torch.autograd.Function):
         yr_src = torch.empty_like(yr).index_copy(0, order, yr.detach())  # back to (source, local expert) order
         y_out, combine = _start(yr_src, send_r, recv_r, group)
 
-        l2, y2 = _run(fwd, x2, c_self - c1, grad)
+        with sm_carveout(sms):  # beside the combine
+            l2, y2 = _run(fwd, x2, c_self - c1, grad)
         combine.wait()
         out = _assemble(torch.cat([y1.detach(), y2.detach()]), y_out, send, me)
 
         ctx.parts = (l1, y1, lr, yr, l2, y2) if grad else None
-        ctx.state = (order, send, recv, send_r, recv_r, me, a, group)
+        ctx.state = (order, send, recv, send_r, recv_r, me, a, group, sms)
         return out
 
     @staticmethod
@@ -147,23 +196,27 @@ class _OverlappedExperts(torch.autograd.Function):
                                "by a backward (retain_graph and a second backward are not supported); use "
                                "parallel.ep_exchange=sized")
         l1, y1, lr, yr, l2, y2 = ctx.parts
-        order, send, recv, send_r, recv_r, me, a, group = ctx.state
+        order, send, recv, send_r, recv_r, me, a, group, sms = ctx.state
         ctx.parts = None  # the nested graphs are freed as they are used
         g_self, g_out = _segments(g, send, me)
         g_src, grad_dispatch = _start(g_out, recv_r, send_r, group)  # the outputs' gradients to the experts
-        d2 = _backward(l2, y2, g_self[a:])
+        with sm_carveout(sms):
+            d2 = _backward(l2, y2, g_self[a:])
         grad_dispatch.wait()
         dr = _backward(lr, yr, g_src.index_select(0, order))
         dr_src = torch.empty_like(dr).index_copy(0, order, dr)
         d_out, grad_return = _start(dr_src, send_r, recv_r, group)  # the inputs' gradients to their sources
-        d1 = _backward(l1, y1, g_self[:a])
+        with sm_carveout(sms):
+            d1 = _backward(l1, y1, g_self[:a])
         grad_return.wait()
-        return _assemble(torch.cat([d1, d2]), d_out, send, me), None, None, None, None, None
+        return _assemble(torch.cat([d1, d2]), d_out, send, me), None, None, None, None, None, None
 
 
-def overlapped_experts(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, group, ep: int) -> torch.Tensor:
+def overlapped_experts(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, group, ep: int,
+                       sms: int = 0) -> torch.Tensor:
     """Expert-parallel experts with the all-to-alls under the GEMMs (module docstring).
     fwd: the local grouped GEMM (its weights already swapped to local views); x (N, H) rows sorted by global
-    expert; counts (E,) rows per global expert. Returns (N, H) in x's order."""
+    expert; counts (E,) rows per global expert; sms: SMs the GEMMs beside an all-to-all leave free
+    (`sm_carveout`; 0: none). Returns (N, H) in x's order."""
     grad = torch.is_grad_enabled()
-    return _OverlappedExperts.apply(x, counts, fwd, group, ep, grad)
+    return _OverlappedExperts.apply(x, counts, fwd, group, ep, grad, sms)

@@ -46,10 +46,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import Shard
 
+from jamba.config import ConfigError
 from parallel.collectives import (all_reduce_sum, all_to_all_v, copy_to_group, exchange_expert_counts,
                                   expert_split_sizes, local_expert_order, reduce_from_group, scale_grad)
 from parallel.dims import ParallelDims
-from parallel.ep_overlap import overlapped_experts
+from parallel.ep_overlap import overlap_group, overlapped_experts
 from parallel.styles import distribute_param, swap_in_local, swap_out_local
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,15 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
     padded = dims.cfg.ep_exchange == "padded"
     overlap = dims.cfg.ep_exchange == "overlap" and ep_group is not None
     plain_layers = []  # overlap asked for, but the layer is recomputed in backward (parallel/ep_overlap.py)
+    if overlap:  # its own group over the EP ranks, fewer NCCL blocks; the GEMMs beside it leave them free (CUDA)
+        sms = dims.cfg.ep_overlap_sms
+        ov_group = overlap_group(dims, sms)
+        ov_sms = sms if dims.get_mesh("ep").device_type == "cuda" else 0
+        if ov_sms:
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            if ov_sms >= total:
+                raise ConfigError(f"parallel.ep_overlap_sms={sms} but this GPU has {total} SMs; keep fewer for the "
+                                  f"all-to-alls (e.g. 16), or 0 for none")
 
     def grad_scale(path, w):  # see the module docstring: FSDP's edp mean * 1/ep = the dp_cp mean
         return scale_grad(w, 1.0 / ep)
@@ -167,7 +177,7 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
                 elif _overlap and (x.requires_grad or not torch.is_grad_enabled()):
                     # (rows that need no gradient: only trainable experts; the overlap's weights are outside
                     # the outer graph, so the sized exchange below gives them their gradients)
-                    return_y = overlapped_experts(_fwd, x, num_tokens_per_expert, ep_group, ep)
+                    return_y = overlapped_experts(_fwd, x, num_tokens_per_expert, ov_group, ep, ov_sms)
                 elif padded:
                     xl, counts_local, state = _exchange_padded(x, num_tokens_per_expert, ep_group, ep)
                     return_y = _combine_padded(_fwd(xl, counts_local, padded=True), state, ep_group, ep)

@@ -4,7 +4,7 @@
 Every rank holds E_local = 2 of E = 2 * ep experts and routes its own tokens; the cases give a rank no rows for
 its own experts, none from or for its peers, or no rows at all, or an odd number of its own rows (uneven halves). Each records, in order,
 every all-to-all it starts or runs synchronously, every wait, and every forward and backward of the expert
-parts (numbered by forward call). Rank 0 saves {case: {"err": {...}, "events": [...]}} for every rank.
+parts (numbered by forward call, with the SM carveout in force when it ran). Rank 0 saves {case: {"err": {...}, "events": [...]}} for every rank.
 autocast=1: fp32 rows and weights under CPU autocast (bf16 matmuls) instead of float64.
 """
 
@@ -31,13 +31,19 @@ class _Tag(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, idx):
         ctx.idx = idx
-        EVENTS.append(f"fwd{idx}")
+        EVENTS.append(f"fwd{idx}{_carveout()}")
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g):
-        EVENTS.append(f"bwd{ctx.idx}")
+        EVENTS.append(f"bwd{ctx.idx}{_carveout()}")
         return g, None
+
+
+def _carveout() -> str:
+    """'/sm<N>' while the SM carveout is set (the GEMMs of this part would leave N SMs to the all-to-all)."""
+    sms = torch._C._get_sm_carveout_experimental()
+    return "" if sms is None else f"/sm{sms}"
 
 
 class _Work:
@@ -105,9 +111,10 @@ def run_case(case: str, ep: int, me: int, experts: GroupedExperts):
     EVENTS.clear()
     x = x0.clone().requires_grad_()
     with AUTOCAST():
-        y = ep_overlap.overlapped_experts(fwd, x, counts, group, ep)
-    EVENTS.append("|")  # end of forward
+        y = ep_overlap.overlapped_experts(fwd, x, counts, group, ep, sms=SMS)
+    EVENTS.append("|" + _carveout())  # end of forward: the carveout is restored
     got = [y.detach()] + grads_of(y, x)
+    EVENTS.append("end" + _carveout())
     names = ["y", "x.grad"] + [n for n, _ in experts.named_parameters()]
     err = {k: ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
            for k, a, b in zip(names, got, ref)}
@@ -117,6 +124,7 @@ def run_case(case: str, ep: int, me: int, experts: GroupedExperts):
 
 DTYPE = torch.float64
 AUTOCAST = contextlib.nullcontext
+SMS = 4  # SMs the parts beside an all-to-all leave free: on CPU only recorded, as matmuls there ignore it
 
 
 def main(argv):

@@ -125,3 +125,27 @@ def test_ep_exchange_is_checked():
     assert ParallelConfig(ep=2, ep_exchange="overlap").ep_exchange == "overlap"
     with pytest.raises(ConfigError, match=r"parallel.ep_exchange='fixed' must be one of \['sized', 'padded', 'overlap'\]"):
         ParallelConfig(ep=2, ep_exchange="fixed")
+
+
+def test_ep_overlap_sms_is_checked():
+    assert ParallelConfig(ep=2, ep_exchange="overlap").ep_overlap_sms == 0
+    assert ParallelConfig(ep=2, ep_exchange="overlap", ep_overlap_sms=16).ep_overlap_sms == 16
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match=rf"parallel.ep_overlap_sms={bad!r} must be an integer >= 0"):
+            ParallelConfig(ep=2, ep_exchange="overlap", ep_overlap_sms=bad)
+    with pytest.raises(ConfigError, match=r"ep_overlap_sms=16 applies only to parallel.ep_exchange=overlap \(here "
+                                          r"'sized'\); set it to 0 or use overlap"):
+        ParallelConfig(ep=2, ep_overlap_sms=16)
+
+
+@pytest.mark.parametrize("kw,world", [(dict(ep=2), 2), (dict(ep=2), 8), (dict(ep=4, tp=2), 16),
+                                      (dict(ep=2, tp=2, dp_replicate=2), 16), (dict(ep=2, cp=2), 8)])
+def test_ep_rank_groups_are_the_expert_meshs_ep_rows(kw, world):
+    """The overlapped exchange creates its own groups over these ranks (parallel/ep_overlap.py): they must be the
+    expert mesh's (dp_replicate, efsdp, ep, tp) rows along "ep", each rank in exactly one, every rank built alike."""
+    d = dims(world, seq_len=64, **kw)
+    R, F, E, T = d.dp_replicate, d.efsdp, d.ep, d.tp
+    expected = [[((r * F + f) * E + e) * T + t for e in range(E)] for r in range(R) for f in range(F)
+                for t in range(T)]
+    assert d.ep_rank_groups() == expected
+    assert sorted(sum(expected, [])) == list(range(world))

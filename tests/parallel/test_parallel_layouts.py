@@ -37,13 +37,14 @@ PADDED = "+ep_exchange=padded"  # EP's fixed-size exchange (no host sync)
 STARVE = "+starve=1"  # fixed expert biases route every token to rank 0's experts: rank 1's compute nothing
 EXPERTS_ONLY = "+train=experts"  # all but the experts frozen: the overlap falls back to the sized exchange
 OVERLAP = "+ep_exchange=overlap"  # EP's all-to-alls under the experts' GEMMs (nested graphs, reentrant backward)
+OWN_GROUP = "+ep_overlap_sms=8"  # the overlap on a group of its own (EP ranks {0,2}, {1,3} with tp=2)
 ROOT_HEAD = "dp_shard=2+fsdp_lm_head_unit=false"  # lm_head in the root FSDP unit, as before the option
 LAYOUTS_2 = ["dp_shard=2", ROOT_HEAD, "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "ep=2" + PADDED, "ep=2" + OVERLAP,
              "ep=2" + OVERLAP + "+ac=moe", "ep=2" + STARVE, "ep=2" + OVERLAP + STARVE,
              "ep=2" + OVERLAP + EXPERTS_ONLY, "tp=2+kv=1",
              "tp=2+kv=1" + SP]
 LAYOUTS_4 = ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+ep=2" + PADDED, "dp_shard=4+ep=2" + OVERLAP,
-             "dp_shard=4+ep=4" + OVERLAP, "tp=2+dp_shard=2", "tp=2+ep=2" + SP,
+             "dp_shard=4+ep=4" + OVERLAP, "tp=2+ep=2" + OVERLAP + OWN_GROUP, "tp=2+dp_shard=2", "tp=2+ep=2" + SP,
              "dp_replicate=2+dp_shard=2+ep=2"]
 INIT = "tp=2+ep=2"  # parallel.init_weights on a meta-built model in this layout
 RESHARD = ["dp_shard=4+ep=2", "dp_shard=4", "tp=2"]  # save in the first, resume step 3 in the others
