@@ -14,7 +14,9 @@ all-reduces sit between the layers' matmuls, so for TP the share is close to the
 in `timeline_ms_per_step` (trainer.profile.timeline): the time under some compute kernel, the NCCL time under none
 (`exposed_comm`: communication nothing hid) and the time under no kernel at all (`idle`: the device waiting on the
 host), and `nccl_exposed_share_of_wall`. On several ranks, `sendrecv_ms_per_step` splits the all-to-alls' kernel
-time (EP) into the exchange itself and each rank's wait for later peers (trainer.profile.pair_waits).
+time (EP) into the exchange itself and each rank's wait for later peers (trainer.profile.pair_waits), and
+`host_bound_idle` says how much of rank 0's idle time the device waited for the host to issue the next operation
+(trainer.profile.host_bound_idle).
 `launch/scale.py --comm-profile tp` runs this after the layout's throughput run.
 """
 
@@ -27,7 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from trainer.profile import device_kernels, idle_gaps, nccl_kind, pair_waits, timeline
+from trainer.profile import device_kernels, host_bound_idle, idle_gaps, nccl_kind, pair_waits, timeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,6 +128,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             result["nccl_exposed_share_of_wall"] = tl["exposed_comm_us"] / tl["wall_us"] if wall_ms else 0.0
             # where the idle time is: gaps grouped by the kernels around them (summed over the profiled steps)
             result["idle_gaps"] = idle_gaps(spans)
+            if world.is_main:  # how much of it waited for the host (needs the trace's launch calls: rank 0 only)
+                result["host_bound_idle"] = _host_bound(prof, args.steps)
             dims = layout.dims
             # EP's all-to-alls: moving rows vs waiting for the other ranks. Paired over all ranks, so only where the
             # EP group is the whole world and no other collective runs as SendRecv (CP's all-to-alls and rings)
@@ -149,6 +153,23 @@ def main(argv: Optional[List[str]] = None) -> dict:
         return result
     finally:
         distributed.destroy_distributed()
+
+
+def _host_bound(prof, steps: int) -> dict:
+    """trainer.profile.host_bound_idle of the profiled steps, from their exported Chrome trace (the public way to
+    the kernels' correlation with the host calls that launched them), in ms per step; the trace is deleted."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    h = host_bound_idle(events)
+    for key in ("idle_us", "host_bound_us", "unattributed_us"):
+        h[key.replace("_us", "_ms_per_step")] = round(h.pop(key) / 1e3 / steps, 3)
+    for row in h["top"]:
+        row["ms_per_step"] = round(row.pop("us") / 1e3 / steps, 3)
+    return h
 
 
 if __name__ == "__main__":

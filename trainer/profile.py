@@ -92,6 +92,55 @@ def idle_gaps(kernels: Iterable[Tuple[str, float, float]], min_us: float = 20.0,
             "top": [{"after": k[0], "before": k[1], "count": c, "us": us} for k, (c, us) in rows[:top]]}
 
 
+_DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+_HOST_CATS = ("cuda_runtime", "cuda_driver")
+
+
+def host_bound_idle(trace_events: Iterable[dict], min_us: float = 20.0, top: int = 10) -> dict:
+    """How much of the device's idle time waited for the host, from a Chrome trace's `traceEvents` (torch.profiler's
+    `export_chrome_trace`, CPU and CUDA activities). A gap (no kernel, copy or memset on any stream for more than
+    `min_us`) is host-bound for as long as the operation that ends it had not been issued yet: from the gap's start
+    until the host call that enqueued it began (matched by its correlation id). That is Python, launch overhead or
+    a host sync draining the queue. The rest of a gap is the device waiting on itself (a stream waiting for an event
+    of another stream, e.g. for an NCCL kernel's peer) or on a host call that had started but not yet enqueued.
+    Operations whose host call is not in the trace make their gaps `unattributed_us`. Host-bound gaps are grouped
+    like `idle_gaps` (the operation before and the one after), largest first."""
+    launched: dict = {}  # correlation id -> start of the host call that enqueued the operation
+    ops = []
+    for e in trace_events:
+        if e.get("ph") != "X":
+            continue
+        corr, cat = (e.get("args") or {}).get("correlation"), e.get("cat", "")
+        if cat in _DEVICE_CATS:
+            ops.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", ""), corr))
+        elif cat in _HOST_CATS and corr is not None:
+            launched[corr] = float(e["ts"])
+    groups: dict = {}
+    idle = host = unknown = 0.0
+    gaps = host_gaps = 0
+    end, last = None, ""
+    for a, b, name, corr in sorted(ops, key=lambda o: (o[0], o[1])):
+        if end is not None and a - end > min_us:
+            idle += a - end
+            gaps += 1
+            issued = launched.get(corr)
+            if issued is None:
+                unknown += a - end
+            elif issued > end:
+                waited = min(issued, a) - end
+                host += waited
+                host_gaps += 1
+                g = groups.setdefault((last[:90], name[:90]), [0, 0.0])
+                g[0] += 1
+                g[1] += waited
+        if end is None or b > end:
+            end, last = b, name
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])
+    return {"min_us": min_us, "gaps": gaps, "idle_us": idle, "host_bound_us": host, "host_bound_gaps": host_gaps,
+            "unattributed_us": unknown,
+            "top": [{"after": k[0], "before": k[1], "count": c, "us": us} for k, (c, us) in rows[:top]]}
+
+
 def pair_waits(durations_by_rank: List[List[float]]) -> dict:
     """Split the time of a collective every rank runs in the same order (EP's all-to-alls) into moving data and
     waiting for the other ranks. `durations_by_rank[r][i]`: rank r's kernel time of its i-th such collective.

@@ -206,6 +206,37 @@ def test_idle_gaps_group_the_stretches_with_no_kernel_by_the_kernels_around_them
     assert idle_gaps(k, min_us=20.0)["gaps"] == 0 and idle_gaps([])["top"] == []
 
 
+def test_host_bound_idle_counts_a_gap_until_the_host_issued_what_ends_it():
+    from trainer.profile import host_bound_idle
+
+    def op(name, ts, dur, corr, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    def call(ts, corr, cat="cuda_runtime"):
+        return {"ph": "X", "cat": cat, "name": "cudaLaunchKernel", "ts": ts, "dur": 4, "args": {"correlation": corr}}
+
+    events = [
+        op("gemm", 0, 100, 1), call(-20, 1),
+        # gap 100-160: issued at 150 (after a host sync, say): 50 us host-bound, 10 us launch to start
+        op("ncclDevKernel_SendRecv", 160, 40, 2), call(150, 2),
+        # gap 200-300: issued at 50, long before: the device waited on itself (another stream, a peer)
+        op("silu", 300, 10, 3), call(50, 3, cat="cuda_driver"),
+        # gap 310-330, a copy issued at 325 by the driver API: 15 us host-bound
+        op("Memcpy DtoD", 330, 5, 4, cat="gpu_memcpy"), call(325, 4, cat="cuda_driver"),
+        # gap 335-400 before an operation whose host call is not in the trace
+        op("gemm", 400, 10, 5),
+        # 5 us to the next: under min_us; CPU ops and annotations are not device time
+        op("tiny", 415, 1, 6), call(405, 6), {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 120, "dur": 500},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "nccl:all_to_all", "ts": 100, "dur": 400},
+    ]
+    h = host_bound_idle(events, min_us=8.0)
+    assert h["gaps"] == 4 and h["idle_us"] == 60 + 100 + 20 + 65
+    assert h["host_bound_us"] == 50 + 15 and h["host_bound_gaps"] == 2 and h["unattributed_us"] == 65
+    top = [(t["after"], t["before"], t["count"], t["us"]) for t in h["top"]]
+    assert top == [("gemm", "ncclDevKernel_SendRecv", 1, 50), ("silu", "Memcpy DtoD", 1, 15)]
+    assert host_bound_idle([])["gaps"] == 0
+
+
 def test_device_kernels_leave_out_gpu_annotations():
     import torch
     from types import SimpleNamespace as NS
@@ -320,3 +351,18 @@ def test_pair_waits_split_an_all_to_all_into_the_exchange_and_the_wait_for_later
     pw = pair_waits([[1.0, 4.0, 9.0], [2.0, 2.0]])
     assert pw["count"] == 2 and pw["counts_by_rank"] == [3, 2] and pw["exchange"] == 3.0
     assert pw["wait_by_rank"] == [2.0, 1.0] and pw["total_by_rank"] == [5.0, 4.0]
+
+
+def test_comm_profile_reads_host_bound_idle_from_a_real_exported_trace():
+    """The export-and-parse path on a real (CPU) profiler run: no device operations there, so no gaps, but the
+    trace is read and the result has its per-step fields (on CUDA the same code sees kernels and launches)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from launch.comm_profile import _host_bound
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    h = _host_bound(prof, steps=2)
+    assert h["gaps"] == 0 and h["idle_ms_per_step"] == 0 and h["host_bound_ms_per_step"] == 0
+    assert h["unattributed_ms_per_step"] == 0 and h["top"] == []
