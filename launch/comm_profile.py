@@ -167,7 +167,7 @@ def _host_bound(prof, steps: int) -> dict:
     h = host_bound_idle(events)
     for key in ("idle_us", "host_bound_us", "unattributed_us"):
         h[key.replace("_us", "_ms_per_step")] = round(h.pop(key) / 1e3 / steps, 3)
-    for row in h["top"]:
+    for row in h["top"] + h["host_ops"]:
         row["ms_per_step"] = round(row.pop("us") / 1e3 / steps, 3)
     return h
 

@@ -94,6 +94,7 @@ def idle_gaps(kernels: Iterable[Tuple[str, float, float]], min_us: float = 20.0,
 
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 _HOST_CATS = ("cuda_runtime", "cuda_driver")
+_HOST_OP_CATS = ("cpu_op", "user_annotation", "python_function")
 
 
 def host_bound_idle(trace_events: Iterable[dict], min_us: float = 20.0, top: int = 10) -> dict:
@@ -104,9 +105,10 @@ def host_bound_idle(trace_events: Iterable[dict], min_us: float = 20.0, top: int
     a host sync draining the queue. The rest of a gap is the device waiting on itself (a stream waiting for an event
     of another stream, e.g. for an NCCL kernel's peer) or on a host call that had started but not yet enqueued.
     Operations whose host call is not in the trace make their gaps `unattributed_us`. Host-bound gaps are grouped
-    like `idle_gaps` (the operation before and the one after), largest first."""
+    like `idle_gaps` (the operation before and the one after), largest first; `host_ops` lists the host operations
+    (aten ops, autograd nodes, compiled regions, annotations) that ran during the host-bound stretches."""
     launched: dict = {}  # correlation id -> start of the host call that enqueued the operation
-    ops = []
+    ops, host_ops = [], []
     for e in trace_events:
         if e.get("ph") != "X":
             continue
@@ -115,6 +117,9 @@ def host_bound_idle(trace_events: Iterable[dict], min_us: float = 20.0, top: int
             ops.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", ""), corr))
         elif cat in _HOST_CATS and corr is not None:
             launched[corr] = float(e["ts"])
+        elif cat in _HOST_OP_CATS and not e.get("name", "").startswith("ProfilerStep"):
+            host_ops.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e.get("name", "")))
+    stretches = []  # (start, end) of the host-bound parts of the gaps, in time order
     groups: dict = {}
     idle = host = unknown = 0.0
     gaps = host_gaps = 0
@@ -130,6 +135,7 @@ def host_bound_idle(trace_events: Iterable[dict], min_us: float = 20.0, top: int
                 waited = min(issued, a) - end
                 host += waited
                 host_gaps += 1
+                stretches.append((end, end + waited))
                 g = groups.setdefault((last[:90], name[:90]), [0, 0.0])
                 g[0] += 1
                 g[1] += waited
@@ -138,7 +144,26 @@ def host_bound_idle(trace_events: Iterable[dict], min_us: float = 20.0, top: int
     rows = sorted(groups.items(), key=lambda kv: -kv[1][1])
     return {"min_us": min_us, "gaps": gaps, "idle_us": idle, "host_bound_us": host, "host_bound_gaps": host_gaps,
             "unattributed_us": unknown,
-            "top": [{"after": k[0], "before": k[1], "count": c, "us": us} for k, (c, us) in rows[:top]]}
+            "top": [{"after": k[0], "before": k[1], "count": c, "us": us} for k, (c, us) in rows[:top]],
+            "host_ops": _ops_during(host_ops, stretches, top)}
+
+
+def _ops_during(host_ops: List[Tuple[float, float, str]], stretches: List[Tuple[float, float]], top: int) -> list:
+    """What the host was running while the device waited for it: for each host operation name, its time inside the
+    host-bound stretches (inclusive: a parent and its children each count their own overlap, as in a flame graph;
+    on every host thread), largest first."""
+    import bisect
+
+    starts = [a for a, _ in stretches]
+    inside: dict = collections.defaultdict(float)
+    for a, b, name in host_ops:
+        i = max(bisect.bisect_right(starts, a) - 1, 0)
+        while i < len(stretches) and stretches[i][0] < b:
+            lo, hi = max(a, stretches[i][0]), min(b, stretches[i][1])
+            if hi > lo:
+                inside[name[:90]] += hi - lo
+            i += 1
+    return [{"op": k, "us": v} for k, v in sorted(inside.items(), key=lambda kv: -kv[1])[:top]]
 
 
 def pair_waits(durations_by_rank: List[List[float]]) -> dict:

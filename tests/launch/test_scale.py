@@ -235,6 +235,13 @@ def test_host_bound_idle_counts_a_gap_until_the_host_issued_what_ends_it():
     top = [(t["after"], t["before"], t["count"], t["us"]) for t in h["top"]]
     assert top == [("gemm", "ncclDevKernel_SendRecv", 1, 50), ("silu", "Memcpy DtoD", 1, 15)]
     assert host_bound_idle([])["gaps"] == 0
+    # what the host ran meanwhile: the item() copy covers 100-140 of the first stretch (100-150), aten::mm (120-620)
+    # 120-150 of it and all of the second (310-325), the compiled region both; ProfilerStep is left out
+    events += [{"ph": "X", "cat": "cpu_op", "name": "aten::item", "ts": 90, "dur": 50},
+               {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#3", "ts": 0, "dur": 1000},
+               {"ph": "X", "cat": "python_function", "name": "Torch-Compiled Region", "ts": 95, "dur": 400}]
+    ops = {o["op"]: o["us"] for o in host_bound_idle(events, min_us=8.0)["host_ops"]}
+    assert ops == {"aten::mm": 30 + 15, "aten::item": 40, "Torch-Compiled Region": 50 + 15}, ops
 
 
 def test_device_kernels_leave_out_gpu_annotations():
