@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -128,8 +129,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
             result["nccl_exposed_share_of_wall"] = tl["exposed_comm_us"] / tl["wall_us"] if wall_ms else 0.0
             # where the idle time is: gaps grouped by the kernels around them (summed over the profiled steps)
             result["idle_gaps"] = idle_gaps(spans)
-            if world.is_main:  # how much of it waited for the host (needs the trace's launch calls: rank 0 only)
-                result["host_bound_idle"] = _host_bound(prof, args.steps)
             dims = layout.dims
             # EP's all-to-alls: moving rows vs waiting for the other ranks. Paired over all ranks, so only where the
             # EP group is the whole world and no other collective runs as SendRecv (CP's all-to-alls and rings)
@@ -145,6 +144,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                     "count": pw["count"] / args.steps, "counts_by_rank": pw["counts_by_rank"],
                     "exchange": per_step(pw["exchange"]), "wait_by_rank": [per_step(w) for w in pw["wait_by_rank"]],
                     "total_by_rank": [per_step(t) for t in pw["total_by_rank"]]}
+            if world.is_main:  # how much idle waited for the host (the trace's launch calls; rank 0 only, after
+                # every collective of the profile, so no rank waits in one while rank 0 exports and parses its trace)
+                result["host_bound_idle"] = _host_bound(prof, args.steps)
         result.update(world_size=world.world_size, layout=str(layout.dims), rank=world.rank)
         if world.is_main:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -158,8 +160,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
 def _host_bound(prof, steps: int) -> dict:
     """trainer.profile.host_bound_idle of the profiled steps, from their exported Chrome trace (the public way to
     the kernels' correlation with the host calls that launched them), in ms per step; the trace is deleted."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))

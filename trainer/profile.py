@@ -10,6 +10,7 @@ An environment variable rather than a config key: it is a diagnosis, not part of
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import logging
@@ -102,8 +103,9 @@ def host_bound_idle(trace_events: Iterable[dict], min_us: float = 20.0, top: int
     `export_chrome_trace`, CPU and CUDA activities). A gap (no kernel, copy or memset on any stream for more than
     `min_us`) is host-bound for as long as the operation that ends it had not been issued yet: from the gap's start
     until the host call that enqueued it began (matched by its correlation id). That is Python, launch overhead or
-    a host sync draining the queue. The rest of a gap is the device waiting on itself (a stream waiting for an event
-    of another stream, e.g. for an NCCL kernel's peer) or on a host call that had started but not yet enqueued.
+    a host sync draining the queue. It is a lower bound: the rest of a gap is not attributed by this rule (the device
+    waiting on itself, e.g. a stream waiting for an event of another stream or an NCCL kernel for its peer, but also
+    an operation issued early behind a wait on an event the host recorded late).
     Operations whose host call is not in the trace make their gaps `unattributed_us`. Host-bound gaps are grouped
     like `idle_gaps` (the operation before and the one after), largest first; `host_ops` lists the host operations
     (aten ops, autograd nodes, compiled regions, annotations) that ran during the host-bound stretches."""
@@ -152,8 +154,6 @@ def _ops_during(host_ops: List[Tuple[float, float, str]], stretches: List[Tuple[
     """What the host was running while the device waited for it: for each host operation name, its time inside the
     host-bound stretches (inclusive: a parent and its children each count their own overlap, as in a flame graph;
     on every host thread), largest first."""
-    import bisect
-
     starts = [a for a, _ in stretches]
     inside: dict = collections.defaultdict(float)
     for a, b, name in host_ops:

@@ -360,7 +360,7 @@ def test_pair_waits_split_an_all_to_all_into_the_exchange_and_the_wait_for_later
     assert pw["wait_by_rank"] == [2.0, 1.0] and pw["total_by_rank"] == [5.0, 4.0]
 
 
-def test_comm_profile_reads_host_bound_idle_from_a_real_exported_trace():
+def test_comm_profile_reads_host_bound_idle_from_a_real_exported_trace(tmp_path):
     """The export-and-parse path on a real (CPU) profiler run: no device operations there, so no gaps, but the
     trace is read and the result has its per-step fields (on CUDA the same code sees kernels and launches)."""
     import torch
@@ -372,4 +372,13 @@ def test_comm_profile_reads_host_bound_idle_from_a_real_exported_trace():
         torch.randn(64, 64) @ torch.randn(64, 64)
     h = _host_bound(prof, steps=2)
     assert h["gaps"] == 0 and h["idle_ms_per_step"] == 0 and h["host_bound_ms_per_step"] == 0
-    assert h["unattributed_ms_per_step"] == 0 and h["top"] == []
+    assert h["unattributed_ms_per_step"] == 0 and h["top"] == [] and h["host_ops"] == []
+    # the host operations are found under the category the parser reads (no gaps here, so none is listed above)
+    from trainer.profile import _HOST_OP_CATS
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # a trace is exported once: profile again
+        torch.randn(64, 64) @ torch.randn(64, 64)
+    trace = tmp_path / "t.json"
+    prof.export_chrome_trace(str(trace))
+    cats = {e.get("cat") for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "aten::mm"}
+    assert cats & set(_HOST_OP_CATS), cats
