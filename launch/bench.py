@@ -654,7 +654,7 @@ def git_version(root: Path) -> Optional[str]:
     """The checkout's commit, with "-dirty" when tracked files differ from it: a figure measured on uncommitted
     code must not be credited to the commit it started from. None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--match=NO-TAGS"],
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],  # no tags
                              capture_output=True, text=True, cwd=root, timeout=10)
     except Exception:  # noqa: BLE001 - no git
         return None

@@ -122,7 +122,8 @@ def test_trainer_recipe_runs_train_py_numerics():
 def test_git_version_marks_uncommitted_changes(tmp_path):
     """Benchmark JSON records the commit; measured on a modified checkout it must say so ("-dirty")."""
     def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+                       cwd=tmp_path, check=True,
                        capture_output=True)
     git("init", "-q")
     (tmp_path / "f.txt").write_text("a\n")
