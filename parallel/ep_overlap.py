@@ -37,9 +37,10 @@ torch's grouped GEMM is a persistent kernel whose grid covers every SM; launched
 some, its blocks that find no free SM wait and run as a second wave, which could cost about what the overlap hides.
 With C > 0 the overlap exchanges over a group of its own (`overlap_group`: the EP ranks, NCCL at most C blocks, a
 high-priority stream) and those GEMMs leave C SMs free (`sm_carveout`). Measured on 2 H200s (bench-3b, README): the
-overlap's compute did not shrink (338.9 ms per step with C = 0, 337.6 with C = 8) and its all-to-alls got slower
-(moving rows 10.1 -> 29.3 ms per step with C = 8), so the second wave was not what costs it its 15-16 ms of extra
-compute; C = 0 stays the default.
+overlap's compute did not shrink (338.9 ms per step with C = 0, 337.6 with C = 8), its all-to-alls got slower
+(moving rows 10.1 -> 29.3 ms per step with C = 8), and train.py ran at the same speed (45,361 and 45,369 tokens/s
+per GPU in one round), so the second wave is not what costs it its 15-16 ms of extra compute; C = 0 stays the
+default.
 Under activation checkpointing of the MoE layer (model.activation_checkpointing, model.moe_token_chunk) the
 plain "sized" exchange is used instead (apply_experts decides per layer and says so): the recomputation would
 rerun the exchanges and rebuild nested graphs whose saved tensors checkpointing packs as well. One CPU check of

@@ -127,6 +127,11 @@ def _combine_padded(y: torch.Tensor, state, ep_group, ep: int) -> torch.Tensor:
     return back.index_select(0, slot)  # (N, H) my rows, in x's order
 
 
+def _recomputed(layer: nn.Module) -> bool:
+    """Whether the layer's MoE block is recomputed in backward (the overlap then falls back to "sized")."""
+    return bool(getattr(layer, "activation_checkpointing", False) or getattr(layer.feed_forward, "token_chunk", None))
+
+
 def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
     """Shard every MoE layer's experts over ("ep", "tp") of the expert mesh and wrap their forward."""
     mesh = dims.get_mesh("expert")["ep", "tp"]
@@ -138,15 +143,17 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
     padded = dims.cfg.ep_exchange == "padded"
     overlap = dims.cfg.ep_exchange == "overlap" and ep_group is not None
     plain_layers = []  # overlap asked for, but the layer is recomputed in backward (parallel/ep_overlap.py)
-    if overlap:  # its own group over the EP ranks, fewer NCCL blocks; the GEMMs beside it leave them free (CUDA)
+    if overlap:  # with ep_overlap_sms: a group of its own over the EP ranks, the GEMMs beside it leave SMs free
         sms = dims.cfg.ep_overlap_sms
-        ov_group = overlap_group(dims, sms)
         ov_sms = sms if dims.get_mesh("ep").device_type == "cuda" else 0
         if ov_sms:
             total = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
             if ov_sms >= total:
                 raise ConfigError(f"parallel.ep_overlap_sms={sms} but this GPU has {total} SMs; keep fewer for the "
-                                  f"all-to-alls (e.g. 16), or 0 for none")
+                                  f"all-to-alls (e.g. 8), or 0 for none")
+        moe_layers = [la for la in model.model.layers if getattr(la.feed_forward, "experts", None) is not None]
+        # (every rank has the same layers, so all create the group or none does)
+        ov_group = None if all(_recomputed(la) for la in moe_layers) else overlap_group(dims, sms)
 
     def grad_scale(path, w):  # see the module docstring: FSDP's edp mean * 1/ep = the dp_cp mean
         return scale_grad(w, 1.0 / ep)
@@ -159,8 +166,7 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
             distribute_param(experts, name, mesh, placements)
         local_forward = experts.forward  # the model's grouped GEMM, bound to this module
         names = list(EXPERT_PLACEMENTS)
-        recomputed = bool(getattr(layer, "activation_checkpointing", False)
-                          or getattr(layer.feed_forward, "token_chunk", None))
+        recomputed = _recomputed(layer)
         if overlap and recomputed:
             plain_layers.append(layer.layer_idx)
 

@@ -139,6 +139,7 @@ def step(model, dims, opt, i: int):
 
 
 EXCHANGES = {"sized": 0, "padded": 0, "overlap": 0}  # EP exchanges run, by kind (which one a layout really used)
+OVERLAP_GROUPS = set()  # names of the process groups the overlapped exchanges ran on
 
 
 def _count_exchanges() -> None:
@@ -147,12 +148,15 @@ def _count_exchanges() -> None:
     for kind, name in (("sized", "_exchange"), ("padded", "_exchange_padded"), ("overlap", "overlapped_experts")):
         def counted(*a, _fn=getattr(epm, name), _kind=kind, **k):
             EXCHANGES[_kind] += 1
+            if _kind == "overlap":  # overlapped_experts(fwd, x, counts, group, ep, sms)
+                OVERLAP_GROUPS.add(a[3].group_name)
             return _fn(*a, **k)
         setattr(epm, name, counted)
 
 
 def run_layout(spec: str, result: dict) -> None:
     EXCHANGES.update(sized=0, padded=0, overlap=0)
+    OVERLAP_GROUPS.clear()
     model, dims = build(spec)
     opt = make_optimizer(model)
     losses, grads = [], None
@@ -170,7 +174,10 @@ def run_layout(spec: str, result: dict) -> None:
 
     units = [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]  # "" is the root
     result[spec] = dict(losses=losses, grads=grads, params=params, expert_counts=counts, dims=str(dims),
-                        exchanges=dict(EXCHANGES), fsdp_units=units)
+                        exchanges=dict(EXCHANGES), fsdp_units=units,
+                        # whether the overlap ran on the EP mesh's own group (parallel.ep_overlap_sms=0) or another
+                        overlap_on_mesh_group=sorted(g == dims.get_mesh("ep").get_group().group_name
+                                                     for g in OVERLAP_GROUPS) if dims.ep > 1 else [])
 
 
 def run_reshard(specs, ckpt_dir: str, result: dict) -> None:

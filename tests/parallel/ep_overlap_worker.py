@@ -2,9 +2,10 @@
 "sized" exchange, and the order in which it starts, waits for and computes things (gloo, float64).
 
 Every rank holds E_local = 2 of E = 2 * ep experts and routes its own tokens; the cases give a rank no rows for
-its own experts, none from or for its peers, or no rows at all, or an odd number of its own rows (uneven halves). Each records, in order,
-every all-to-all it starts or runs synchronously, every wait, and every forward and backward of the expert
-parts (numbered by forward call, with the SM carveout in force when it ran). Rank 0 saves {case: {"err": {...}, "events": [...]}} for every rank.
+its own experts, none from or for its peers, or no rows at all, or an odd number of its own rows (uneven
+halves). Each records, in order, every all-to-all it starts or runs synchronously, every wait, and every forward
+and backward of the expert parts (numbered by forward call, with the SM carveout in force when it ran).
+Rank 0 saves {case: {"err": {...}, "events": [...]}} for every rank.
 autocast=1: fp32 rows and weights under CPU autocast (bf16 matmuls) instead of float64.
 """
 

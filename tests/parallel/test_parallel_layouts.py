@@ -112,6 +112,8 @@ def test_each_ep_layout_ran_its_exchange(runs):
             expected = "sized"
         for kind, n in ex.items():
             assert (n >= 6) if kind == expected else (n == 0), (spec, expected, ex)
+        if expected == "overlap":  # parallel.ep_overlap_sms > 0: a group of its own over the same ranks
+            assert results[spec]["overlap_on_mesh_group"] == [OWN_GROUP not in spec], spec
 
 
 def test_lm_head_is_its_own_fsdp_unit_unless_turned_off(runs):
