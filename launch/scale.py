@@ -469,7 +469,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "about 12 steps at this rate too; the EP rank load column shows the balance each figure was "
                         "measured at")
     p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--profile-warmup", type=int, default=3)
+    p.add_argument("--profile-warmup", type=int, default=None,
+                   help="steps before a comm profile's profiled ones (default: --warmup, so the profile sees the "
+                        "routing the timed steps saw; expert biases move at every step)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=BASE;OVERRIDE;...",
                    help="an extra layout: a built-in one plus train.py overrides and env:VAR=value settings, "
                         "separated by ';' (list NAME in --layouts)")
@@ -493,6 +495,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.comm_profile = [] if args.comm_profile in ("", "none") else [s.strip() for s in args.comm_profile.split(",")]
     if args.ceiling_size is None:
         args.ceiling_size = 8192 if args.device == "cuda" else 0
+    if args.profile_warmup is None:
+        args.profile_warmup = args.warmup
     try:
         parsed = [parse_variant(v) for v in args.variant]
         args.variants = {v[0]: v for v in parsed}

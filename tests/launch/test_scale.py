@@ -136,6 +136,9 @@ def test_layouts_and_arguments():
     cmds = scale.main(["--dry-run", "--layouts", "single,ep"])["commands"]
     assert [c[4] for c in cmds] == ["--nproc_per_node=1", "--nproc_per_node=2"] and "parallel.ep=2" in cmds[1]
     assert scale.parse_args(["--repeat", "3"]).repeat == 3
+    # a comm profile warms up as long as the timed runs (expert biases move every step), unless told otherwise
+    assert scale.parse_args(["--warmup", "32", "--steps", "48"]).profile_warmup == 32
+    assert scale.parse_args(["--warmup", "32", "--steps", "48", "--profile-warmup", "3"]).profile_warmup == 3
     for bad in (["--log-every", "3"], ["--warmup", "12"], ["--layouts", "single,zero"], ["--gpus", "3"],
                 ["--repeat", "0"], ["--variant", "fsdp;x=1"], ["--variant", "v=fsdp;nokey"],
                 ["--variant", "ep=fsdp;x=1"], ["--variant", "v=bogus", "--layouts", "v"],
