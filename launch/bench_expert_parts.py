@@ -24,20 +24,13 @@ import argparse
 import json
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 
 from jamba.moe import GroupedExperts
-from parallel.ep_overlap import _backward, _run
-
-
-def split_counts(counts: torch.Tensor, a: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-expert counts of rows grouped by expert -> the counts of the first `a` rows and of the rest
-    (an expert's rows may straddle the cut), as the overlap splits a rank's own rows."""
-    start = torch.cumsum(counts, 0) - counts
-    first = (a - start).clamp(min=0).minimum(counts)
-    return first, counts - first
+from launch.bench_exchange import splits_for
+from parallel.ep_overlap import _backward, _run, split_counts
 
 
 def make_case(rows: int, experts: int, own_share: float, hidden: int, dtype, device, seed: int = 0):
@@ -45,8 +38,7 @@ def make_case(rows: int, experts: int, own_share: float, hidden: int, dtype, dev
     by local expert), balanced over the experts. Returns (own rows, own counts, other rows, other counts, output
     gradient for all rows in that order)."""
     own = int(rows * own_share)
-    per = lambda n: torch.tensor([n // experts + (1 if e < n % experts else 0) for e in range(experts)],  # noqa: E731
-                                 device=device)
+    per = lambda n: torch.tensor(splits_for(n, experts), device=device)  # noqa: E731 - balanced over the experts
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype)
     gy = torch.randn(rows, hidden, generator=g).to(device=device, dtype=dtype)

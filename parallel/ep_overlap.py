@@ -127,6 +127,14 @@ def _assemble(mine: torch.Tensor, others: torch.Tensor, splits: Sequence[int], m
     return torch.cat([others[:before], mine, others[before:]])
 
 
+def split_counts(counts: torch.Tensor, a: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """counts (El,) of rows grouped by local expert -> the counts of the first `a` rows and of the rest (an expert's
+    rows may straddle the cut), on the device: no host sync."""
+    start = torch.cumsum(counts, 0) - counts
+    first = (a - start).clamp(min=0).minimum(counts)
+    return first, counts - first
+
+
 def _run(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, grad: bool):
     """Run the experts on one part, recording a graph from a detached leaf when grad is needed.
     Returns (leaf or None, output). Every part runs, even with no rows (the experts then take their slow path,
@@ -164,9 +172,7 @@ class _OverlappedExperts(torch.autograd.Function):
         # The halves are copies, so that x's storage (mostly rows for the other ranks) is freed once they are sent.
         s = send[me]
         a = s // 2
-        c_self = counts.view(ep, n_local)[me]  # (El,)
-        start = torch.cumsum(c_self, 0) - c_self
-        c1 = (a - start).clamp(min=0).minimum(c_self)
+        c1, c2 = split_counts(counts.view(ep, n_local)[me], a)  # (El,) each
         x1, x2 = x_self[:a].clone(), x_self[a:].clone()
         del x_self
         with sm_carveout(sms):  # beside the dispatch
@@ -181,7 +187,7 @@ class _OverlappedExperts(torch.autograd.Function):
         y_out, combine = _start(yr_src, send_r, recv_r, group)
 
         with sm_carveout(sms):  # beside the combine
-            l2, y2 = _run(fwd, x2, c_self - c1, grad)
+            l2, y2 = _run(fwd, x2, c2, grad)
         combine.wait()
         out = _assemble(torch.cat([y1.detach(), y2.detach()]), y_out, send, me)
 

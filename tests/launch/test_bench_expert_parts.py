@@ -11,7 +11,7 @@ from launch import bench_expert_parts as bep
 TINY = ["--device", "cpu", "--rows", "256", "--hidden", "32", "--intermediate", "64", "--iters", "1", "--warmup", "1"]
 
 
-def test_split_counts_cuts_the_rows_where_the_overlap_does():
+def test_split_counts_cuts_the_rows_where_the_overlap_does():  # parallel.ep_overlap.split_counts, which both use
     first, rest = bep.split_counts(torch.tensor([3, 2, 4]), 4)  # rows 0-2 expert 0, 3-4 expert 1, 5-8 expert 2
     assert first.tolist() == [3, 1, 0] and rest.tolist() == [0, 1, 4]
 
