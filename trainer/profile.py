@@ -79,18 +79,35 @@ def idle_gaps(kernels: Iterable[Tuple[str, float, float]], min_us: float = 20.0,
     device runs it leaves many short gaps between the same pairs). Idle time before the first kernel and
     after the last one is not a gap here."""
     groups: dict = {}
+    gaps = 0
+    idle = 0.0
+    for start, end, last, name, _ in _gaps(sorted((a, b, name, None) for name, a, b in kernels), min_us):
+        gaps += 1
+        idle += end - start
+        _add(groups, last, name, end - start)
+    return {"min_us": min_us, "gaps": gaps, "idle_us": idle, "top": _top(groups, top)}
+
+
+def _gaps(ops: Iterable[Tuple[float, float, str, object]], min_us: float):
+    """ops (start, end, name, tag) on any streams, sorted by start -> (gap start, gap end, name of the op that ended
+    last before it, name and tag of the op that ends it) for every stretch longer than `min_us` with no op running."""
     end, last = None, ""
-    for a, b, name in sorted((a, b, name) for name, a, b in kernels):
+    for a, b, name, tag in ops:
         if end is not None and a - end > min_us:
-            g = groups.setdefault((last[:90], name[:90]), [0, 0.0])
-            g[0] += 1
-            g[1] += a - end
+            yield end, a, last, name, tag
         if end is None or b > end:
             end, last = b, name
+
+
+def _add(groups: dict, after: str, before: str, us: float) -> None:
+    g = groups.setdefault((after[:90], before[:90]), [0, 0.0])
+    g[0] += 1
+    g[1] += us
+
+
+def _top(groups: dict, top: int) -> list:
     rows = sorted(groups.items(), key=lambda kv: -kv[1][1])
-    return {"min_us": min_us, "gaps": sum(c for c, _ in groups.values()),
-            "idle_us": sum(us for _, us in groups.values()),
-            "top": [{"after": k[0], "before": k[1], "count": c, "us": us} for k, (c, us) in rows[:top]]}
+    return [{"after": k[0], "before": k[1], "count": c, "us": us} for k, (c, us) in rows[:top]]
 
 
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -124,30 +141,20 @@ def host_bound_idle(trace_events: Iterable[dict], min_us: float = 20.0, top: int
     stretches = []  # (start, end) of the host-bound parts of the gaps, in time order
     groups: dict = {}
     idle = host = unknown = 0.0
-    gaps = host_gaps = 0
-    end, last = None, ""
-    for a, b, name, corr in sorted(ops, key=lambda o: (o[0], o[1])):
-        if end is not None and a - end > min_us:
-            idle += a - end
-            gaps += 1
-            issued = launched.get(corr)
-            if issued is None:
-                unknown += a - end
-            elif issued > end:
-                waited = min(issued, a) - end
-                host += waited
-                host_gaps += 1
-                stretches.append((end, end + waited))
-                g = groups.setdefault((last[:90], name[:90]), [0, 0.0])
-                g[0] += 1
-                g[1] += waited
-        if end is None or b > end:
-            end, last = b, name
-    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])
-    return {"min_us": min_us, "gaps": gaps, "idle_us": idle, "host_bound_us": host, "host_bound_gaps": host_gaps,
-            "unattributed_us": unknown,
-            "top": [{"after": k[0], "before": k[1], "count": c, "us": us} for k, (c, us) in rows[:top]],
-            "host_ops": _ops_during(host_ops, stretches, top)}
+    gaps = 0
+    for start, end, last, name, corr in _gaps(sorted(ops, key=lambda o: (o[0], o[1])), min_us):
+        idle += end - start
+        gaps += 1
+        issued = launched.get(corr)
+        if issued is None:
+            unknown += end - start
+        elif issued > start:
+            waited = min(issued, end) - start
+            host += waited
+            stretches.append((start, start + waited))
+            _add(groups, last, name, waited)
+    return {"min_us": min_us, "gaps": gaps, "idle_us": idle, "host_bound_us": host, "host_bound_gaps": len(stretches),
+            "unattributed_us": unknown, "top": _top(groups, top), "host_ops": _ops_during(host_ops, stretches, top)}
 
 
 def _ops_during(host_ops: List[Tuple[float, float, str]], stretches: List[Tuple[float, float]], top: int) -> list:
