@@ -17,21 +17,23 @@ split in two halves, S1 and S2, and the rows from the other ranks form one part,
 Each all-to-all has a GEMM of about its own length under it, on the compute stream, while NCCL moves the rows
 on its own stream (`async_op=True`; `work.wait()` makes the compute stream, not the host, wait). Nothing else
 changes: the same single host sync for the split sizes, the same rows, the same experts and weights, so the
-result equals the "sized" exchange's up to the summation order of the weight gradients (three partial sums
-instead of one).
+result equals the "sized" exchange's up to the summation order of the weight gradients (two partial sums, my rows'
+and the received rows', instead of one).
 
-Why one autograd Function with nested graphs: autograd's engine orders the backward by its own rules (the most
+Why one autograd Function with its own backward: autograd's engine orders the backward by its own rules (the most
 recently created node first), which would run R's backward, waiting for its gradients, before S1's. So the
-forward builds a small graph per part (under `enable_grad`, on detached leaves) and the backward runs them
-itself, in the order above, with `torch.autograd.backward`; parameter gradients accumulate into the experts'
-weights as usual (a reentrant backward, as in reentrant activation checkpointing). As there, the experts'
-weights are not inputs of the outer graph: `torch.autograd.grad(loss, inputs=[expert weights])` does not see
-them (`.backward()` does), and a second backward through the same graph is refused. apply_experts uses the
-overlap only when the rows need a gradient (or none is recorded), since otherwise the weights would get none.
-The parts' outputs stay alive until the backward runs their graphs (bench-3b on 2 H200s: peak 59.8 against
-59.3 GiB for "sized", measured while the own halves were still views of x, which kept all of x alive; they are
-copies now, not measured since). On 2 H200s over NVLink it measured 1.5% slower than "sized" (README,
-Performance).
+Function runs the experts' math itself (jamba/experts_split.py, GroupedExperts' SwiGLU with its backward split in
+two): each part's input gradient in the order above, then the weight gradients, beside the last all-to-all. The
+weight gradients run once over all my rows (S1 and S2 write their activations into one buffer of my rows) and
+once over R's, then are summed: through autograd, each part paid a weight-gradient GEMM over few rows and an
+accumulation of the whole gradient (on one H200, bench-3b's experts at ep=2: 12.5-13.1 ms per layer for the three
+parts through autograd, 12.3-12.4 split, 11.8 as one part; launch/bench_expert_parts.py). The weights are inputs
+of the Function, so their gradients reach FSDP as from any other op (also `torch.autograd.grad`, and when the rows
+need no gradient, e.g. only the experts train). A second backward through the same graph is refused (the
+activations are freed as the backward uses them). The own halves are one copy of my rows, so that x's storage
+(mostly rows for the other ranks) is freed once they are sent. End to end on 2 H200s, before this split, the
+overlap ran 1.5% slower than "sized" (README, Performance).
+
 SMs for the all-to-alls (parallel.ep_overlap_sms = C > 0): the GEMMs of parts S1 and S2 run beside an all-to-all.
 torch's grouped GEMM is a persistent kernel whose grid covers every SM; launched while an all-to-all's blocks hold
 some, its blocks that find no free SM wait and run as a second wave, which could cost about what the overlap hides.
@@ -39,26 +41,25 @@ With C > 0 the overlap exchanges over a group of its own (`overlap_group`: the E
 high-priority stream) and those GEMMs leave C SMs free (`sm_carveout`). Measured on 2 H200s (bench-3b, README): the
 overlap's compute did not shrink (338.9 ms per step with C = 0, 337.6 with C = 8), its all-to-alls got slower
 (moving rows 10.1 -> 29.3 ms per step with C = 8), and train.py ran at the same speed (45,361 and 45,369 tokens/s
-per GPU in one round), so the second wave is not what costs it its 15-16 ms of extra compute; C = 0 stays the
-default.
+per GPU in one round), so the second wave is not what cost it its extra compute (13-17 ms per step then, before
+the weight-gradient split); C = 0 stays the default.
+
 Under activation checkpointing of the MoE layer (model.activation_checkpointing, model.moe_token_chunk) the
-plain "sized" exchange is used instead (apply_experts decides per layer and says so): the recomputation would
-rerun the exchanges and rebuild nested graphs whose saved tensors checkpointing packs as well. One CPU check of
-that combination gave the right numbers, but nothing tests how it frees memory or where it stops recomputing.
+plain "sized" exchange is used instead (apply_experts decides per layer and says so): the Function keeps its
+activations itself, out of checkpointing's reach, so the recomputation would rerun the exchanges and still hold
+everything.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
+from jamba import experts_split as experts
 from parallel.collectives import expert_split_sizes, local_expert_order
-
-Experts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (rows (T, H), counts (E_local,)) -> (T, H)
-
 
 def overlap_group(dims, sms: int):
     """The process group of the overlapped exchange. sms = 0: the EP group itself. sms > 0: a group of its own over
@@ -135,32 +136,14 @@ def split_counts(counts: torch.Tensor, a: int) -> Tuple[torch.Tensor, torch.Tens
     return first, counts - first
 
 
-def _run(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, grad: bool):
-    """Run the experts on one part, recording a graph from a detached leaf when grad is needed.
-    Returns (leaf or None, output). Every part runs, even with no rows (the experts then take their slow path,
-    which reads the counts on the host): skipping one would leave its output's dtype to us, and under autocast
-    (fp32 rows, bf16 experts) a guessed dtype made ranks exchange buffers of different sizes; it would also
-    leave a rank whose experts received nothing without weight gradients, and the gradient norm's all-reduces
-    would then differ between ranks."""
-    if not grad:
-        return None, fwd(x, counts)
-    leaf = x.detach().requires_grad_()
-    with torch.enable_grad():
-        return leaf, fwd(leaf, counts)
-
-
-def _backward(leaf: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Back-propagate g through one part's graph (accumulating the weight gradients); the part's input grad."""
-    torch.autograd.backward(y, g)
-    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-
-
 class _OverlappedExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, fwd: Experts, group, ep: int, grad: bool, sms: int):
-        """x (N, H) sorted by global expert, counts (E,) rows per global expert -> (N, H) expert outputs."""
+    def forward(ctx, x, counts, wg, wu, wd, group, ep: int, sms: int, grad: bool):
+        """x (N, H) sorted by global expert, counts (E,) rows per global expert, the local experts' weights (in x's
+        dtype) -> (N, H) expert outputs."""
         me = dist.get_rank(group)
         n_local = counts.shape[0] // ep
+        w = (wg, wu, wd)
         # The one host sync, as in the "sized" exchange: rows to send to / receive from each rank.
         recv_2d, send, recv = expert_split_sizes(counts, group, ep)  # recv_2d (ep, local experts) on the device
         send_r, recv_r = _without(send, me), _without(recv, me)
@@ -168,30 +151,33 @@ class _OverlappedExperts(torch.autograd.Function):
         x_self, x_out = _segments(x, send, me)  # my rows for my experts; the rows for the other ranks
         xr_src, dispatch = _start(x_out, recv_r, send_r, group)  # by source rank, then local expert
 
-        # my rows split in two halves of rows (an expert's rows may straddle the cut); counts stay on the device.
-        # The halves are copies, so that x's storage (mostly rows for the other ranks) is freed once they are sent.
+        # My rows, split in two halves (an expert's rows may straddle the cut; counts stay on the device), in one
+        # copy (x's storage, mostly rows for the other ranks, is freed once they are sent). Both halves write their
+        # activations into one buffer, so that the weight gradient runs once over all my rows.
         s = send[me]
         a = s // 2
-        c1, c2 = split_counts(counts.view(ep, n_local)[me], a)  # (El,) each
-        x1, x2 = x_self[:a].clone(), x_self[a:].clone()
+        c_self = counts.view(ep, n_local)[me]
+        c1, c2 = split_counts(c_self, a)  # (El,) each
+        x_own = x_self.clone()
         del x_self
+        h_own = x.new_empty(s, wg.shape[1])
         with sm_carveout(sms):  # beside the dispatch
-            l1, y1 = _run(fwd, x1, c1, grad)
+            y1, p1 = experts.forward(x_own[:a], c1, w, h_out=h_own[:a])
 
         dispatch.wait()
-        n_r = sum(recv_r)
         others = torch.cat([recv_2d[:me], recv_2d[me + 1:]])  # (ep-1, El) rows each other rank sends me
-        order = local_expert_order(others, n_r)  # group the received rows by local expert
-        lr, yr = _run(fwd, xr_src.index_select(0, order), others.sum(0), grad)
-        yr_src = torch.empty_like(yr).index_copy(0, order, yr.detach())  # back to (source, local expert) order
+        order = local_expert_order(others, sum(recv_r))  # group the received rows by local expert
+        c_r = others.sum(0)
+        yr, pr = experts.forward(xr_src.index_select(0, order), c_r, w)
+        yr_src = torch.empty_like(yr).index_copy(0, order, yr)  # back to (source, local expert) order
         y_out, combine = _start(yr_src, send_r, recv_r, group)
 
         with sm_carveout(sms):  # beside the combine
-            l2, y2 = _run(fwd, x2, c2, grad)
+            y2, p2 = experts.forward(x_own[a:], c2, w, h_out=h_own[a:])
         combine.wait()
-        out = _assemble(torch.cat([y1.detach(), y2.detach()]), y_out, send, me)
+        out = _assemble(torch.cat([y1, y2]), y_out, send, me)
 
-        ctx.parts = (l1, y1, lr, yr, l2, y2) if grad else None
+        ctx.parts = (p1, pr, p2, x_own, h_own, c_self, c_r, w) if grad else None
         ctx.state = (order, send, recv, send_r, recv_r, me, a, group, sms)
         return out
 
@@ -199,31 +185,43 @@ class _OverlappedExperts(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         if ctx.parts is None:
-            raise RuntimeError("parallel.ep_exchange=overlap: the experts' graph of this MoE layer was already used "
-                               "by a backward (retain_graph and a second backward are not supported); use "
-                               "parallel.ep_exchange=sized")
-        l1, y1, lr, yr, l2, y2 = ctx.parts
+            raise RuntimeError("parallel.ep_exchange=overlap: the experts' saved activations of this MoE layer were "
+                               "already used by a backward (retain_graph and a second backward are not supported); "
+                               "use parallel.ep_exchange=sized")
+        p1, pr, p2, x_own, h_own, c_self, c_r, w = ctx.parts
         order, send, recv, send_r, recv_r, me, a, group, sms = ctx.state
-        ctx.parts = None  # the nested graphs are freed as they are used
-        g_self, g_out = _segments(g, send, me)
+        ctx.parts = None  # the activations are freed as they are used
+        g_self, g_out = _segments(g.contiguous(), send, me)
         g_src, grad_dispatch = _start(g_out, recv_r, send_r, group)  # the outputs' gradients to the experts
+        dg_own, du_own = h_own.new_empty(h_own.shape), h_own.new_empty(h_own.shape)
         with sm_carveout(sms):
-            d2 = _backward(l2, y2, g_self[a:])
+            d2, _, _ = experts.input_grad(p2, g_self[a:], w, dg_out=dg_own[a:], du_out=du_own[a:])
+        del p2
         grad_dispatch.wait()
-        dr = _backward(lr, yr, g_src.index_select(0, order))
+        g_r = g_src.index_select(0, order)
+        dr, dg_r, du_r = experts.input_grad(pr, g_r, w)
         dr_src = torch.empty_like(dr).index_copy(0, order, dr)
         d_out, grad_return = _start(dr_src, send_r, recv_r, group)  # the inputs' gradients to their sources
-        with sm_carveout(sms):
-            d1 = _backward(l1, y1, g_self[:a])
+        with sm_carveout(sms):  # beside the return: my first half's input gradient, then every weight gradient
+            d1, _, _ = experts.input_grad(p1, g_self[:a], w, dg_out=dg_own[:a], du_out=du_own[:a])
+            dw = None
+            if any(ctx.needs_input_grad[2:5]):
+                dw = experts.weight_grad(x_own, h_own, g_self, dg_own, du_own, c_self)  # all my rows at once
+                for acc, t in zip(dw, experts.weight_grad(pr.x, pr.h, g_r, dg_r, du_r, c_r)):
+                    acc.add_(t)
         grad_return.wait()
-        return _assemble(torch.cat([d1, d2]), d_out, send, me), None, None, None, None, None, None
+        dx = _assemble(torch.cat([d1, d2]), d_out, send, me)
+        return (dx, None, *(dw if dw is not None else (None,) * 3), None, None, None, None)
 
 
-def overlapped_experts(fwd: Experts, x: torch.Tensor, counts: torch.Tensor, group, ep: int,
-                       sms: int = 0) -> torch.Tensor:
+def overlapped_experts(mod, x: torch.Tensor, counts: torch.Tensor, group, ep: int, sms: int = 0) -> torch.Tensor:
     """Expert-parallel experts with the all-to-alls under the GEMMs (module docstring).
-    fwd: the local grouped GEMM (its weights already swapped to local views); x (N, H) rows sorted by global
+    mod: the layer's GroupedExperts, its weights already swapped to local views; x (N, H) rows sorted by global
     expert; counts (E,) rows per global expert; sms: SMs the GEMMs beside an all-to-all leave free
     (`sm_carveout`; 0: none). Returns (N, H) in x's order."""
-    grad = torch.is_grad_enabled()
-    return _OverlappedExperts.apply(x, counts, fwd, group, ep, grad, sms)
+    # the dtype GroupedExperts computes in: autocast's for the rows and the weights, if on; else the rows'
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    w = [p.to(x.dtype) for p in (mod.gate_proj, mod.up_proj, mod.down_proj)]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in [x] + w)  # else keep no activations
+    return _OverlappedExperts.apply(x, counts, *w, group, ep, sms, grad)

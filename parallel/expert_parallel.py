@@ -180,10 +180,8 @@ def apply_experts(model: nn.Module, dims: ParallelDims) -> None:
             try:
                 if ep_group is None:
                     return_y = _fwd(x, num_tokens_per_expert)
-                elif _overlap and (x.requires_grad or not torch.is_grad_enabled()):
-                    # (rows that need no gradient: only trainable experts; the overlap's weights are outside
-                    # the outer graph, so the sized exchange below gives them their gradients)
-                    return_y = overlapped_experts(_fwd, x, num_tokens_per_expert, ov_group, ep, ov_sms)
+                elif _overlap:
+                    return_y = overlapped_experts(_mod, x, num_tokens_per_expert, ov_group, ep, ov_sms)
                 elif padded:
                     xl, counts_local, state = _exchange_padded(x, num_tokens_per_expert, ep_group, ep)
                     return_y = _combine_padded(_fwd(xl, counts_local, padded=True), state, ep_group, ep)

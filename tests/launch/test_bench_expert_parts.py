@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from jamba.moe import GroupedExperts
 from launch import bench_expert_parts as bep
 
 TINY = ["--device", "cpu", "--rows", "256", "--hidden", "32", "--intermediate", "64", "--iters", "1", "--warmup", "1"]
@@ -21,20 +22,33 @@ def test_grouped_order_puts_each_experts_own_rows_before_the_others():
     assert bep.grouped_order(torch.tensor([2, 1]), torch.tensor([1, 2])).tolist() == [0, 1, 3, 2, 4, 5]
 
 
-def test_the_benchmark_checks_and_times_both_variants(tmp_path):
+def test_the_benchmark_checks_and_times_the_variants(tmp_path):
     out = tmp_path / "r.json"
     r = bep.main(TINY + ["--json", str(out)])
     assert json.loads(out.read_text())["ms_per_layer"] == r["ms_per_layer"]
-    assert r["ms_per_layer"]["one"] > 0 and r["ms_per_layer"]["parts"] > 0
-    assert max(r["check_rel_err"].values()) < 1e-5 and set(r["check_rel_err"]) == {
-        "y", "x.grad", "gate_proj.grad", "up_proj.grad", "down_proj.grad"}
+    assert set(r["ms_per_layer"]) == {"one", "autograd", "split", "split_one"}
+    assert all(v > 0 for v in r["ms_per_layer"].values())
+    assert set(r["forward_ms_per_layer"]) == {"one", "split"}
+    assert set(r["breakdown_ms"]["split_one"]) == {"forward", "input grad", "weight grad"}
+    assert len(r["breakdown_ms"]["split"]) == 9 and all(v >= 0 for v in r["breakdown_ms"]["split"].values())
+    for variant in ("autograd", "split", "split_one"):
+        errs = r["check_rel_err"][variant]
+        assert set(errs) == {"y", "x.grad", "gate_proj.grad", "up_proj.grad", "down_proj.grad"}
+        assert max(errs.values()) < 1e-5
 
 
-def test_the_check_fails_when_the_parts_compute_something_else(monkeypatch):
+@pytest.mark.parametrize("variant", ["autograd", "split"])
+def test_the_check_fails_when_the_parts_compute_something_else(monkeypatch, variant):
     real = bep.split_counts
     monkeypatch.setattr(bep, "split_counts", lambda c, a: (real(c, a)[0].roll(1), real(c, a)[1]))  # wrong experts
-    with pytest.raises(AssertionError, match="the three parts differ from one part"):
-        bep.main(TINY)
+    with pytest.raises(AssertionError, match=f"run_{variant} differs from one part"):
+        torch.manual_seed(0)
+        mod = GroupedExperts(4, 32, 64)
+        with torch.no_grad():
+            for w in mod.parameters():
+                w.normal_(0, 0.02)
+        perm, one, parts = bep.prepare(bep.make_case(256, 4, 0.5, 32, torch.float32, torch.device("cpu")))
+        bep.check(mod, perm, one, getattr(bep, f"run_{variant}"), parts, 1e-5)
 
 
 def test_bad_arguments_are_refused():

@@ -4,7 +4,8 @@
 Every rank holds E_local = 2 of E = 2 * ep experts and routes its own tokens; the cases give a rank no rows for
 its own experts, none from or for its peers, or no rows at all, or an odd number of its own rows (uneven
 halves). Each records, in order, every all-to-all it starts or runs synchronously, every wait, and every forward
-and backward of the expert parts (numbered by forward call, with the SM carveout in force when it ran).
+and input gradient of the expert parts (numbered by forward call) and every weight gradient, with the SM carveout
+in force when it ran.
 Rank 0 saves {case: {"err": {...}, "events": [...]}} for every rank.
 autocast=1: fp32 rows and weights under CPU autocast (bf16 matmuls) instead of float64.
 """
@@ -18,27 +19,38 @@ import torch.distributed as dist
 
 from torchrun_worker import finish_worker, init_worker
 
+from jamba import experts_split as xs
 from jamba.moe import GroupedExperts
 from parallel import ep_overlap
 from parallel.expert_parallel import _combine, _exchange
 
 H, I, EL = 8, 16, 2
 EVENTS = []
+PARTS = {}  # id of a part's saved activations -> its index in the layer's forward
 
 
-class _Tag(torch.autograd.Function):
-    """Identity that records the forward and the backward of expert part `idx`."""
+def _trace_parts() -> None:
+    """Record every call of the experts' part functions that parallel/ep_overlap.py makes: fwd<k> for the k-th
+    forward of a layer, bwd<k> for the input gradient of that part, wgrad for a weight gradient."""
+    real_forward, real_input_grad, real_weight_grad = xs.forward, xs.input_grad, xs.weight_grad
+    part_of = PARTS
 
-    @staticmethod
-    def forward(ctx, y, idx):
-        ctx.idx = idx
-        EVENTS.append(f"fwd{idx}{_carveout()}")
-        return y.view_as(y)
+    def forward(*a, **k):
+        k_ = len(part_of) % 3
+        EVENTS.append(f"fwd{k_}{_carveout()}")
+        y, saved = real_forward(*a, **k)
+        part_of[id(saved)] = k_
+        return y, saved
 
-    @staticmethod
-    def backward(ctx, g):
-        EVENTS.append(f"bwd{ctx.idx}{_carveout()}")
-        return g, None
+    def input_grad(saved, *a, **k):
+        EVENTS.append(f"bwd{part_of[id(saved)]}{_carveout()}")
+        return real_input_grad(saved, *a, **k)
+
+    def weight_grad(*a, **k):
+        EVENTS.append(f"wgrad{_carveout()}")
+        return real_weight_grad(*a, **k)
+
+    xs.forward, xs.input_grad, xs.weight_grad = forward, input_grad, weight_grad
 
 
 def _carveout() -> str:
@@ -104,15 +116,11 @@ def run_case(case: str, ep: int, me: int, experts: GroupedExperts):
     ref = [y_ref.detach()] + grads_of(y_ref, x)
 
     # the overlapped one, traced
-    calls = iter(range(3))
-
-    def fwd(rows, c):
-        return _Tag.apply(experts(rows, c), next(calls))
-
     EVENTS.clear()
+    PARTS.clear()
     x = x0.clone().requires_grad_()
     with AUTOCAST():
-        y = ep_overlap.overlapped_experts(fwd, x, counts, group, ep, sms=SMS)
+        y = ep_overlap.overlapped_experts(experts, x, counts, group, ep, sms=SMS)
     EVENTS.append("|" + _carveout())  # end of forward: the carveout is restored
     got = [y.detach()] + grads_of(y, x)
     EVENTS.append("end" + _carveout())
@@ -136,6 +144,7 @@ def main(argv):
         AUTOCAST = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
     ep, me = dist.get_world_size(), dist.get_rank()
     dist.all_to_all_single = _traced_all_to_all(dist.all_to_all_single)
+    _trace_parts()
     torch.manual_seed(0)
     experts = GroupedExperts(EL, H, I).to(DTYPE)
     with torch.no_grad():

@@ -22,8 +22,9 @@ CASES = "odd,one_own,none_for_me,isolated,starved"
 # part 0 = the first half of my own rows, 1 = the rows from the other ranks, 2 = the second half of my own rows
 # "/sm4": run under the SM carveout (the parts beside an all-to-all leave it 4 SMs; the worker passes sms=4)
 FORWARD = ["sync", "start", "fwd0/sm4", "wait", "fwd1", "start", "fwd2/sm4", "wait"]
-BACKWARD = ["start", "bwd2/sm4", "wait", "bwd1", "start", "bwd0/sm4", "wait"]
-TOL = 1e-12  # float64; the weight gradients are summed in three parts instead of one
+# the weight gradients run last, beside the input gradients' return: my rows' at once, then the received rows'
+BACKWARD = ["start", "bwd2/sm4", "wait", "bwd1", "start", "bwd0/sm4", "wgrad/sm4", "wgrad/sm4", "wait"]
+TOL = 1e-12  # float64; the weight gradients are summed in two parts instead of one
 TOL_BF16 = 2e-2  # autocast: bf16 GEMMs over other row groupings
 
 pytestmark = pytest.mark.timeout(180)

@@ -35,8 +35,8 @@ SP = "+sequence_parallel=true"
 BROKEN = "dp_shard=2+fault=1e-6"  # rank 0 scales its loss by 1 + 1e-6: must fail the checks
 PADDED = "+ep_exchange=padded"  # EP's fixed-size exchange (no host sync)
 STARVE = "+starve=1"  # fixed expert biases route every token to rank 0's experts: rank 1's compute nothing
-EXPERTS_ONLY = "+train=experts"  # all but the experts frozen: the overlap falls back to the sized exchange
-OVERLAP = "+ep_exchange=overlap"  # EP's all-to-alls under the experts' GEMMs (nested graphs, reentrant backward)
+EXPERTS_ONLY = "+train=experts"  # all but the experts frozen: the first MoE layer's rows need no gradient
+OVERLAP = "+ep_exchange=overlap"  # EP's all-to-alls under the experts' GEMMs (own backward, split weight gradient)
 OWN_GROUP = "+ep_overlap_sms=8"  # the overlap on a group of its own (EP ranks {0,2}, {1,3} with tp=2)
 ROOT_HEAD = "dp_shard=2+fsdp_lm_head_unit=false"  # lm_head in the root FSDP unit, as before the option
 LAYOUTS_2 = ["dp_shard=2", ROOT_HEAD, "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", "ep=2" + PADDED, "ep=2" + OVERLAP,
@@ -92,9 +92,9 @@ def test_layout_matches_single_process(runs, spec):
 
 def test_each_ep_layout_ran_its_exchange(runs):
     """The padded layouts went through the padded exchange, every step's MoE layers (2 per forward, 3 steps), the
-    overlapped ones through the overlap (but for MoE layers under activation checkpointing, and rows that need no
-    gradient, which fall back to the sized exchange), and the others through the sized one: equal results above
-    are not one path tested twice."""
+    overlapped ones through the overlap (also the experts-only layout, whose first MoE layer's rows need no
+    gradient; but not MoE layers under activation checkpointing, which fall back to the sized exchange), and the
+    others through the sized one: equal results above are not one path tested twice."""
     results, _ = runs
     for spec in LAYOUTS_2 + LAYOUTS_4:
         ex = results[spec]["exchanges"]
@@ -102,10 +102,6 @@ def test_each_ep_layout_ran_its_exchange(runs):
             expected = "none"
         elif PADDED in spec:
             expected = "padded"
-        elif OVERLAP in spec and EXPERTS_ONLY in spec:  # the first MoE layer's rows need no gradient, the
-            # second's do (they come through the first layer's trained experts): sized once, then overlap, per step
-            assert ex["padded"] == 0 and ex["sized"] == ex["overlap"] >= 3, (spec, ex)
-            continue
         elif OVERLAP in spec and "ac=moe" not in spec:
             expected = "overlap"
         else:
