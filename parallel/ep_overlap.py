@@ -128,6 +128,16 @@ def _assemble(mine: torch.Tensor, others: torch.Tensor, splits: Sequence[int], m
     return torch.cat([others[:before], mine, others[before:]])
 
 
+def _gather(t: torch.Tensor, order) -> torch.Tensor:
+    """Rows by (source rank, local expert) -> by local expert (order None: already so)."""
+    return t if order is None else t.index_select(0, order)
+
+
+def _scatter(t: torch.Tensor, order) -> torch.Tensor:
+    """Inverse of `_gather`."""
+    return t if order is None else torch.empty_like(t).index_copy(0, order, t)
+
+
 def split_counts(counts: torch.Tensor, a: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """counts (El,) of rows grouped by local expert -> the counts of the first `a` rows and of the rest (an expert's
     rows may straddle the cut), on the device: no host sync."""
@@ -166,10 +176,11 @@ class _OverlappedExperts(torch.autograd.Function):
 
         dispatch.wait()
         others = torch.cat([recv_2d[:me], recv_2d[me + 1:]])  # (ep-1, El) rows each other rank sends me
-        order = local_expert_order(others, sum(recv_r))  # group the received rows by local expert
+        # group the received rows by local expert; from one other rank (ep=2) they arrive grouped already
+        order = local_expert_order(others, sum(recv_r)) if ep > 2 else None
         c_r = others.sum(0)
-        yr, pr = experts.forward(xr_src.index_select(0, order), c_r, w)
-        yr_src = torch.empty_like(yr).index_copy(0, order, yr)  # back to (source, local expert) order
+        yr, pr = experts.forward(_gather(xr_src, order), c_r, w)
+        yr_src = _scatter(yr, order)  # back to (source, local expert) order
         y_out, combine = _start(yr_src, send_r, recv_r, group)
 
         with sm_carveout(sms):  # beside the combine
@@ -198,9 +209,9 @@ class _OverlappedExperts(torch.autograd.Function):
             d2, _, _ = experts.input_grad(p2, g_self[a:], w, dg_out=dg_own[a:], du_out=du_own[a:])
         del p2
         grad_dispatch.wait()
-        g_r = g_src.index_select(0, order)
+        g_r = _gather(g_src, order)
         dr, dg_r, du_r = experts.input_grad(pr, g_r, w)
-        dr_src = torch.empty_like(dr).index_copy(0, order, dr)
+        dr_src = _scatter(dr, order)
         d_out, grad_return = _start(dr_src, send_r, recv_r, group)  # the inputs' gradients to their sources
         with sm_carveout(sms):  # beside the return: my first half's input gradient, then every weight gradient
             d1, _, _ = experts.input_grad(p1, g_self[:a], w, dg_out=dg_own[:a], du_out=du_own[:a])
