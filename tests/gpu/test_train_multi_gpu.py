@@ -107,7 +107,7 @@ LAYOUTS = {
     # auxiliary-loss-free MoE balancing: the expert biases move after every step, and a resume restores them
     # (from the model's state dict) or the routing, hence the losses, differ
     "ep_balanced": (("parallel=ep", "model.moe_router_bias_update_rate=0.01"), 2, 1),
-    # the all-to-alls under the experts' GEMMs; its own backward splits off the weight gradients (parallel/ep_overlap.py)
+    # the all-to-alls under the experts' GEMMs; its backward splits off the weight gradients (parallel/ep_overlap.py)
     "ep_overlap": (("parallel=ep", "parallel.ep_exchange=overlap"), 2, 1),
 }
 # seconds added to a layout's budget: mamba-ssm's Triton SSD kernels autotune on a fresh machine (93 s before
