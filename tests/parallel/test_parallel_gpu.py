@@ -2,7 +2,8 @@
 
 fp32 layouts (param_dtype=float32, TF32 off) must match a single-GPU reference computed by rank 0 within
 1e-5 relative; the bf16 layouts (param_dtype=auto: bf16 params, fp32 reduce, torch._grouped_mm experts; on 2
-GPUs EP's padded and overlapped exchanges, on 4 tp=2 x ep=2) must train and stay within bf16 noise of the fp32 reference loss.
+GPUs EP's padded and overlapped exchanges, the latter also with SMs kept for its all-to-alls; on 4 tp=2 x ep=2)
+must train and stay within bf16 noise of the fp32 reference loss.
 On 2 GPUs the host syncs of one EP step are counted: the sized exchange has one per MoE layer, the padded
 exchange none.
 """
@@ -19,6 +20,7 @@ from torchrun_worker import run_worker  # noqa: E402
 FP32 = "+param_dtype=float32"
 PADDED = "ep=2+ep_exchange=padded"
 OVERLAP = "ep=2+ep_exchange=overlap"  # the all-to-alls under the experts' GEMMs (NCCL's own stream)
+OWN_GROUP = "+ep_overlap_sms=8"  # the overlap on a group of its own (NCCL at most 8 blocks), GEMMs beside it on 124 SMs
 LAYOUTS = {2: ["dp_shard=2", "dp_replicate=2+dp_shard=1", "tp=2", "ep=2", PADDED, OVERLAP, "tp=2+sequence_parallel=true"],
            4: ["dp_shard=4+ep=2", "tp=2+ep=2", "tp=2+dp_shard=2", "tp=2+ep=2+sequence_parallel=true"]}
 
@@ -34,7 +36,8 @@ def test_layouts_on_gpus(tmp_path, nproc):
     if torch.cuda.device_count() < nproc:
         pytest.skip(f"needs {nproc} GPUs")
     # bf16 layouts (no FP32 suffix) run the experts through torch._grouped_mm, the padded exchange's too
-    specs = [s + FP32 for s in LAYOUTS[nproc]] + (["tp=2+ep=2"] if nproc == 4 else [PADDED, OVERLAP])
+    specs = [s + FP32 for s in LAYOUTS[nproc]] + (["tp=2+ep=2"] if nproc == 4 else [PADDED, OVERLAP,
+                                                                                    OVERLAP + OWN_GROUP])
     args = [f"layouts={','.join(specs)}"]
     if nproc == 2:
         args.append(f"syncs=ep=2,{PADDED}")
