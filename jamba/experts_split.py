@@ -14,7 +14,8 @@ write a part's activations into a slice of a buffer shared with another part).
 
 The functions record no autograd graph; they run on the tensors given (the caller casts rows and weights to one
 dtype). torch._grouped_mm runs the GEMMs where it can (CUDA bf16; CPU in 16 or 32 bits when rows are whole 16 bytes);
-otherwise a per-expert loop does, which reads the counts on the host. Tests: tests/jamba/test_experts_split.py
+otherwise a per-expert loop does, which reads the counts on the host (once per forward part, reused by its
+backward; once per weight_grad call unless given). Tests: tests/jamba/test_experts_split.py
 (against autograd through GroupedExperts).
 """
 
@@ -37,7 +38,8 @@ class Saved:
     g: torch.Tensor       # (T, I) gate pre-activation
     s: torch.Tensor       # (T, I) silu(g)
     u: torch.Tensor       # (T, I) up projection
-    h: torch.Tensor       # (T, I) s * u, the down projection's input
+    h: Optional[torch.Tensor]  # (T, I) s * u, the down projection's input (for the weight gradient)
+    ends: Optional[List[int]] = None  # offs on the host, for the per-expert loop (None: torch._grouped_mm runs)
 
 
 def _grouped_ok(*ts: torch.Tensor) -> bool:
@@ -50,25 +52,29 @@ def _grouped_ok(*ts: torch.Tensor) -> bool:
                and t.shape[-1] * t.element_size() % 16 == 0 for t in ts)
 
 
-def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _ends(offs: torch.Tensor, ends: Optional[List[int]]) -> List[int]:
+    return offs.tolist() if ends is None else ends  # the loop's one host sync, unless the caller has the ends
+
+
+def _rows_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, ends: Optional[List[int]] = None) -> torch.Tensor:
     """a (T, K) grouped by expert, b (E, K, N) -> (T, N): each expert's rows times its matrix."""
     if _grouped_ok(a, b):
         return torch._grouped_mm(a, b, offs=offs)
-    ends = offs.tolist()
-    starts = [0] + ends[:-1]
+    ends = _ends(offs, ends)
     out = a.new_empty(a.shape[0], b.shape[-1])
-    for e, (s0, s1) in enumerate(zip(starts, ends)):
+    for e, (s0, s1) in enumerate(zip([0] + ends[:-1], ends)):
         torch.mm(a[s0:s1], b[e], out=out[s0:s1])
     return out
 
 
-def _sum_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _sum_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, ends: Optional[List[int]] = None) -> torch.Tensor:
     """a (T, K), b (T, N) grouped by expert -> (E, K, N): per expert, a's rows transposed times b's rows."""
-    if _grouped_ok(a, b) and a.shape[0] > 0:
+    if a.shape[0] == 0:  # no rows: zero (no host sync, and _grouped_mm's CUDA kernels want rows)
+        return a.new_zeros(offs.shape[0], a.shape[1], b.shape[1])
+    if _grouped_ok(a, b):
         return torch._grouped_mm(a.t(), b, offs=offs)
-    ends = offs.tolist()
-    starts = [0] + ends[:-1]
-    return torch.stack([a[s0:s1].t() @ b[s0:s1] for s0, s1 in zip(starts, ends)])
+    ends = _ends(offs, ends)
+    return torch.stack([a[s0:s1].t() @ b[s0:s1] for s0, s1 in zip([0] + ends[:-1], ends)])
 
 
 def forward(x: torch.Tensor, counts: torch.Tensor, w: Weights,
@@ -79,12 +85,13 @@ def forward(x: torch.Tensor, counts: torch.Tensor, w: Weights,
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     if x.shape[0] == 0:  # no rows: nothing to compute (and _grouped_mm's CUDA kernels want some)
         empty = x.new_empty(0, wg.shape[1])
-        return x.new_empty(0, wd.shape[1]), Saved(x, offs, empty, empty, empty, empty)
-    g = _rows_mm(x, wg.transpose(-2, -1), offs)
-    u = _rows_mm(x, wu.transpose(-2, -1), offs)
+        return x.new_empty(0, wd.shape[1]), Saved(x, offs, empty, empty, empty, empty, [0] * offs.shape[0])
+    ends = None if _grouped_ok(x, wg) else offs.tolist()  # the loop's host sync: once for the part
+    g = _rows_mm(x, wg.transpose(-2, -1), offs, ends)
+    u = _rows_mm(x, wu.transpose(-2, -1), offs, ends)
     s = F.silu(g)
     h = torch.mul(s, u, out=h_out) if h_out is not None else s * u
-    return _rows_mm(h, wd.transpose(-2, -1), offs), Saved(x, offs, g, s, u, h)
+    return _rows_mm(h, wd.transpose(-2, -1), offs, ends), Saved(x, offs, g, s, u, h, ends)
 
 
 def input_grad(saved: Saved, dy: torch.Tensor, w: Weights, dg_out: Optional[torch.Tensor] = None,
@@ -94,21 +101,24 @@ def input_grad(saved: Saved, dy: torch.Tensor, w: Weights, dg_out: Optional[torc
     wg, wu, wd = w
     if saved.x.shape[0] == 0:
         return torch.zeros_like(saved.x), saved.g, saved.g
-    dh = _rows_mm(dy, wd, saved.offs)
+    dh = _rows_mm(dy, wd, saved.offs, saved.ends)
     du = torch.mul(dh, saved.s, out=du_out) if du_out is not None else dh * saved.s
     dh.mul_(saved.u)  # d(loss)/ds, in dh's memory
     if dg_out is not None:
         dg = torch.ops.aten.silu_backward.grad_input(dh, saved.g, grad_input=dg_out)
     else:
         dg = torch.ops.aten.silu_backward(dh, saved.g)
-    dx = _rows_mm(dg, wg, saved.offs)
-    dx.add_(_rows_mm(du, wu, saved.offs))
+    dx = _rows_mm(dg, wg, saved.offs, saved.ends)
+    dx.add_(_rows_mm(du, wu, saved.offs, saved.ends))
     return dx, dg, du
 
 
 def weight_grad(x: torch.Tensor, h: torch.Tensor, dy: torch.Tensor, dg: torch.Tensor, du: torch.Tensor,
-                counts: torch.Tensor) -> List[torch.Tensor]:
+                counts: torch.Tensor, ends: Optional[List[int]] = None) -> List[torch.Tensor]:
     """The weights' gradients (gate (E, I, H), up (E, I, H), down (E, H, I)) from rows grouped by expert (counts
-    (E,)): the inputs x, the activations h and the output gradients dy of the forward, dg and du of input_grad."""
+    (E,)): the inputs x, the activations h and the output gradients dy of the forward, dg and du of input_grad.
+    ends: the counts' running sums on the host, if known (spares the per-expert loop a host sync)."""
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    return [_sum_mm(dg, x, offs), _sum_mm(du, x, offs), _sum_mm(dy, h, offs)]
+    if ends is None and x.shape[0] and not _grouped_ok(x, dg):
+        ends = offs.tolist()  # one host sync for the three
+    return [_sum_mm(dg, x, offs, ends), _sum_mm(du, x, offs, ends), _sum_mm(dy, h, offs, ends)]

@@ -16,9 +16,12 @@ split in two halves, S1 and S2, and the rows from the other ranks form one part,
 
 Each all-to-all has a GEMM of about its own length under it, on the compute stream, while NCCL moves the rows
 on its own stream (`async_op=True`; `work.wait()` makes the compute stream, not the host, wait). Nothing else
-changes: the same single host sync for the split sizes, the same rows, the same experts and weights, so the
-result equals the "sized" exchange's up to the summation order of the weight gradients (two partial sums, my rows'
-and the received rows', instead of one).
+changes: the same single host sync for the split sizes (on CUDA in bf16; the per-expert loop of other dtypes reads
+each part's counts, as GroupedExperts' does), the same rows, the same experts and weights. On one H200 in bf16 the
+outputs and input gradients equalled one grouped call's bit for bit, and the weight gradients up to their
+summation order (two partial sums, my rows' and the received rows', instead of one; launch/bench_expert_parts.py
+checks it); on CPU the GEMMs may differ (torch._grouped_mm here in fp32, GroupedExperts' per-expert loop there);
+tests/parallel/test_ep_overlap.py holds float64 to 1e-12 of "sized".
 
 Why one autograd Function with its own backward: autograd's engine orders the backward by its own rules (the most
 recently created node first), which would run R's backward, waiting for its gradients, before S1's. So the
@@ -188,6 +191,8 @@ class _OverlappedExperts(torch.autograd.Function):
         combine.wait()
         out = _assemble(torch.cat([y1, y2]), y_out, send, me)
 
+        if grad and not any(ctx.needs_input_grad[2:5]):  # frozen experts: no weight gradient, no h to keep
+            p1.h = pr.h = p2.h = h_own = None
         ctx.parts = (p1, pr, p2, x_own, h_own, c_self, c_r, w) if grad else None
         ctx.state = (order, send, recv, send_r, recv_r, me, a, group, sms)
         return out
@@ -204,25 +209,34 @@ class _OverlappedExperts(torch.autograd.Function):
         ctx.parts = None  # the activations are freed as they are used
         g_self, g_out = _segments(g.contiguous(), send, me)
         g_src, grad_dispatch = _start(g_out, recv_r, send_r, group)  # the outputs' gradients to the experts
-        dg_own, du_own = h_own.new_empty(h_own.shape), h_own.new_empty(h_own.shape)
+        # dg, du of my rows, in one buffer each for the weight gradient (frozen experts: none)
+        dg_own, du_own = (x_own.new_empty(x_own.shape[0], w[0].shape[1]) if h_own is not None else None
+                          for _ in range(2))
+        own = lambda t, part: None if t is None else t[part]  # noqa: E731 - a half of a buffer, or None
         with sm_carveout(sms):
-            d2, _, _ = experts.input_grad(p2, g_self[a:], w, dg_out=dg_own[a:], du_out=du_own[a:])
+            d2, _, _ = experts.input_grad(p2, g_self[a:], w, dg_out=own(dg_own, slice(a, None)),
+                                          du_out=own(du_own, slice(a, None)))
         del p2
         grad_dispatch.wait()
         g_r = _gather(g_src, order)
         dr, dg_r, du_r = experts.input_grad(pr, g_r, w)
+        xr, hr, ends_r = pr.x, pr.h, pr.ends
+        del pr  # its g, s, u
         dr_src = _scatter(dr, order)
         d_out, grad_return = _start(dr_src, send_r, recv_r, group)  # the inputs' gradients to their sources
         with sm_carveout(sms):  # beside the return: my first half's input gradient, then every weight gradient
-            d1, _, _ = experts.input_grad(p1, g_self[:a], w, dg_out=dg_own[:a], du_out=du_own[:a])
+            d1, _, _ = experts.input_grad(p1, g_self[:a], w, dg_out=own(dg_own, slice(a)),
+                                          du_out=own(du_own, slice(a)))
+            del p1
             dw = None
-            if any(ctx.needs_input_grad[2:5]):
+            if h_own is not None:  # the experts need weight gradients
                 dw = experts.weight_grad(x_own, h_own, g_self, dg_own, du_own, c_self)  # all my rows at once
-                for acc, t in zip(dw, experts.weight_grad(pr.x, pr.h, g_r, dg_r, du_r, c_r)):
+                for acc, t in zip(dw, experts.weight_grad(xr, hr, g_r, dg_r, du_r, c_r, ends_r)):
                     acc.add_(t)
         grad_return.wait()
         dx = _assemble(torch.cat([d1, d2]), d_out, send, me)
-        return (dx, None, *(dw if dw is not None else (None,) * 3), None, None, None, None)
+        dw = [None] * 3 if dw is None else [t if need else None for t, need in zip(dw, ctx.needs_input_grad[2:5])]
+        return (dx, None, *dw, None, None, None, None)
 
 
 def overlapped_experts(mod, x: torch.Tensor, counts: torch.Tensor, group, ep: int, sms: int = 0) -> torch.Tensor:

@@ -90,3 +90,21 @@ def test_a_part_without_rows():
     assert y.shape == (0, 16) and dx.shape == (0, 16)
     dw = xs.weight_grad(x, saved.h, dy, dg, du, c)
     assert [t.shape for t in dw] == [p.shape for p in mod.parameters()] and all(t.abs().max() == 0 for t in dw)
+
+
+def test_the_loop_reads_the_counts_once_per_part(monkeypatch):
+    """The per-expert loop (float64 here) reads the counts on the host in the forward only; the part's input
+    gradient and, given the ends, its weight gradient reuse them; a weight gradient over no rows reads nothing."""
+    mod, c, x, dy = _case(torch.float64)
+    w = _weights(mod)
+    _, saved = xs.forward(x, c, w)
+    assert saved.ends == torch.cumsum(c, 0).tolist()
+
+    def no_sync(self):
+        raise AssertionError("a host read of the counts")
+    monkeypatch.setattr(torch.Tensor, "tolist", no_sync)
+    dx, dg, du = xs.input_grad(saved, dy, w)
+    xs.weight_grad(x, saved.h, dy, dg, du, c, saved.ends)
+    empty = x[:0]
+    dw = xs.weight_grad(empty, empty.new_empty(0, 32), empty, dg[:0], du[:0], torch.zeros_like(c))
+    assert all(t.abs().max() == 0 for t in dw)

@@ -92,24 +92,37 @@ def _routing(case: str, rank: int, ep: int, n: int):
     return e.sort().values
 
 
+# cases that change what needs a gradient (on the "odd" routing): frozen weights, rows that need none, and a loss
+# whose output gradient is an expanded (stride-0) tensor
+GRAD_CASES = {"frozen_down": dict(frozen=("down_proj",)), "frozen": dict(frozen=("gate_proj", "up_proj", "down_proj")),
+              "x_no_grad": dict(x_grad=False), "sum_loss": dict(loss="sum")}
+
+
 def run_case(case: str, ep: int, me: int, experts: GroupedExperts):
-    n = {"odd": 13, "none_for_me": 12, "isolated": 12, "starved": 12, "one_own": 12}[case]
-    e = _routing(case, me, ep, n)
+    opts = GRAD_CASES.get(case, {})
+    routing = "odd" if case in GRAD_CASES else case
+    n = {"odd": 13, "none_for_me": 12, "isolated": 12, "starved": 12, "one_own": 12}[routing]
+    e = _routing(routing, me, ep, n)
     counts = torch.bincount(e, minlength=EL * ep)
     x0 = torch.randn(n, H, dtype=DTYPE, generator=torch.Generator().manual_seed(7 + me))
     gy = torch.randn(n, H, dtype=DTYPE, generator=torch.Generator().manual_seed(9 + me))
     group = dist.group.WORLD
+    for name, p in experts.named_parameters():
+        p.requires_grad_(name not in opts.get("frozen", ()))
 
     def grads_of(y, x):
-        experts.zero_grad()
-        (y * gy).sum().backward()
-        missing = [n for n, p in experts.named_parameters() if p.grad is None]
+        experts.zero_grad(set_to_none=True)
+        (y.sum() if opts.get("loss") == "sum" else (y * gy).sum()).backward()
+        missing = [n for n, p in experts.named_parameters() if p.requires_grad and p.grad is None]
         # a rank whose weights got no gradient leaves them out of the gradient norm's all-reduce: ranks disagree
         assert not missing, f"rank {me}, {case}: no gradient for {missing}"
-        return [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
+        return [x.grad] + [p.grad for p in experts.parameters()]
+
+    def leaf():
+        return x0.clone().requires_grad_(opts.get("x_grad", True))
 
     # the plain "sized" exchange
-    x = x0.clone().requires_grad_()
+    x = leaf()
     with AUTOCAST():
         xl, c_local, state = _exchange(x, counts, group, ep)
         y_ref = _combine(experts(xl, c_local), state, group)
@@ -118,17 +131,22 @@ def run_case(case: str, ep: int, me: int, experts: GroupedExperts):
     # the overlapped one, traced
     EVENTS.clear()
     PARTS.clear()
-    x = x0.clone().requires_grad_()
+    x = leaf()
     with AUTOCAST():
         y = ep_overlap.overlapped_experts(experts, x, counts, group, ep, sms=SMS)
     EVENTS.append("|" + _carveout())  # end of forward: the carveout is restored
     got = [y.detach()] + grads_of(y, x)
     EVENTS.append("end" + _carveout())
+    for p in experts.parameters():
+        p.requires_grad_(True)
     names = ["y", "x.grad"] + [n for n, _ in experts.named_parameters()]
-    err = {k: ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    # a gradient that one path gives and the other does not is an error of 1
+    err = {k: 1.0 if (a is None) != (b is None) else 0.0 if a is None else
+           ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
            for k, a, b in zip(names, got, ref)}
-    dtypes = {k: (str(a.dtype), str(b.dtype)) for k, a, b in zip(names, got, ref)}
-    return {"err": err, "events": list(EVENTS), "rows": n, "dtypes": dtypes}
+    dtypes = {k: (str(a.dtype), str(b.dtype)) for k, a, b in zip(names, got, ref) if a is not None and b is not None}
+    return {"err": err, "events": list(EVENTS), "rows": n, "dtypes": dtypes,
+            "none": [k for k, a in zip(names, got) if a is None]}
 
 
 DTYPE = torch.float64

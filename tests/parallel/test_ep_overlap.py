@@ -19,6 +19,9 @@ from torchrun_worker import run_worker  # noqa: E402
 # odd: an odd number of own rows (uneven halves); one_own: rank 0's first half is empty; none_for_me: rank 0 keeps
 # no row; isolated: rank 1 neither sends nor receives; starved: rank 1's experts get no row at all
 CASES = "odd,one_own,none_for_me,isolated,starved"
+# on the odd routing: down_proj frozen; every expert weight frozen (no weight gradient is computed); rows that need
+# no gradient (only the experts train); loss y.sum() (an expanded output gradient)
+GRAD_CASES = "frozen_down,frozen,x_no_grad,sum_loss"
 # part 0 = the first half of my own rows, 1 = the rows from the other ranks, 2 = the second half of my own rows
 # "/sm4": run under the SM carveout (the parts beside an all-to-all leave it 4 SMs; the worker passes sms=4)
 FORWARD = ["sync", "start", "fwd0/sm4", "wait", "fwd1", "start", "fwd2/sm4", "wait"]
@@ -33,7 +36,7 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module", params=[2, 3], ids=["ep=2", "ep=3"])
 def runs(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("ep_overlap") / "r.pt"
-    return run_worker("ep_overlap_worker.py", request.param, out, f"cases={CASES}", timeout=150)
+    return run_worker("ep_overlap_worker.py", request.param, out, f"cases={CASES},{GRAD_CASES}", timeout=150)
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +45,30 @@ def autocast_runs(tmp_path_factory):
     return run_worker("ep_overlap_worker.py", 2, out, f"cases={CASES}", "autocast=1", timeout=150)
 
 
-@pytest.mark.parametrize("case", CASES.split(","))
+@pytest.mark.parametrize("case", CASES.split(",") + GRAD_CASES.split(","))
 def test_overlap_matches_the_sized_exchange(runs, case):
+    """Equal outputs and gradients, and the same gradients missing: x's when it needs none, frozen weights'."""
+    expected_none = {"frozen_down": ["down_proj"], "frozen": ["gate_proj", "up_proj", "down_proj"],
+                     "x_no_grad": ["x.grad"]}.get(case, [])
     for rank, r in enumerate(runs[case]):
+        assert r["none"] == expected_none, (case, rank, r["none"])
         for name, err in r["err"].items():
             assert err <= TOL, f"{case}, rank {rank}: {name} differs from the sized exchange by {err:.2e}"
 
 
-@pytest.mark.parametrize("case", CASES.split(","))
+@pytest.mark.parametrize("case", CASES.split(",") + GRAD_CASES.split(","))
 def test_every_exchange_runs_under_a_gemm(runs, case):
     """Forward: the dispatch travels during part 0, the combine during part 2; backward: the outputs' gradients
-    during part 2's backward, the inputs' gradients during part 0's. Only the split-size exchange is synchronous.
-    Exactly the parts beside an all-to-all (0 and 2, forward and backward) run under the SM carveout, which is
-    restored after each (no carveout after the forward and after the backward).
+    during part 2's input gradient, the inputs' gradients during part 0's and the weight gradients. Only the
+    split-size exchange is synchronous. Exactly the computations beside an all-to-all (parts 0 and 2, forward and
+    backward, and the weight gradients) run under the SM carveout, which is restored after each (no carveout after
+    the forward and after the backward).
     Every rank runs every part, even one with no rows, so every rank issues the same exchanges in the same order
-    (and a rank whose experts get nothing still gives their weights gradients, the worker checks)."""
+    (and a rank whose experts get nothing still gives their weights gradients, the worker checks). With every
+    expert weight frozen no weight gradient is computed."""
+    backward = [e for e in BACKWARD if not e.startswith("wgrad")] if case == "frozen" else BACKWARD
     for rank, r in enumerate(runs[case]):
-        assert r["events"] == FORWARD + ["|"] + BACKWARD + ["end"], f"{case}, rank {rank}: {r['events']}"
+        assert r["events"] == FORWARD + ["|"] + backward + ["end"], f"{case}, rank {rank}: {r['events']}"
 
 
 @pytest.mark.parametrize("case", CASES.split(","))
