@@ -7,7 +7,7 @@ two backward) during which the GPU computes nothing. On 2 H200s they are ~19 ms 
 Here the rows this rank keeps for its own experts ("self" rows: 1/ep of them on average, half with ep=2) are
 split in two halves, S1 and S2, and the rows from the other ranks form one part, R:
 
-    forward:   start dispatch(R)  | experts(S1)       (the dispatch travels while S1 computes)
+    forward:   experts(S1) | start dispatch(R)        (the dispatch travels while S1 computes)
                wait; experts(R); start combine(R) | experts(S2)
                wait; output in x's order
     backward:  start grad dispatch(R) | backward(S2)
@@ -162,7 +162,6 @@ class _OverlappedExperts(torch.autograd.Function):
         send_r, recv_r = _without(send, me), _without(recv, me)
 
         x_self, x_out = _segments(x, send, me)  # my rows for my experts; the rows for the other ranks
-        xr_src, dispatch = _start(x_out, recv_r, send_r, group)  # by source rank, then local expert
 
         # My rows, split in two halves (an expert's rows may straddle the cut; counts stay on the device), in one
         # copy (x's storage, mostly rows for the other ranks, is freed once they are sent). Both halves write their
@@ -174,8 +173,13 @@ class _OverlappedExperts(torch.autograd.Function):
         x_own = x_self.clone()
         del x_self
         h_own = x.new_empty(s, wg.shape[1])
+        # S1 is queued before the dispatch: after the host sync the GPU is idle until the host launches something,
+        # and the all-to-all's launch takes the host longer than these kernels'. The dispatch still travels beside
+        # S1, whose GEMMs run for far longer than the host needs to queue them (in bf16; the fp32 per-expert loop
+        # reads S1's counts on the host first, so there the dispatch starts after S1).
         with sm_carveout(sms):  # beside the dispatch
             y1, p1 = experts.forward(x_own[:a], c1, w, h_out=h_own[:a])
+        xr_src, dispatch = _start(x_out, recv_r, send_r, group)  # by source rank, then local expert
 
         dispatch.wait()
         others = torch.cat([recv_2d[:me], recv_2d[me + 1:]])  # (ep-1, El) rows each other rank sends me
