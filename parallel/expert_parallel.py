@@ -84,9 +84,13 @@ def _exchange(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     Returns (rows sorted by local expert, local counts (E_local,), state for `_combine`)."""
     # The exchange's one host sync: rows to send to / receive from each rank, in one copy.
     recv_2d, send_splits, recv_splits = expert_split_sizes(counts, ep_group, ep)  # recv_2d (ep, local experts)
+    # the permutation that groups the received rows by local expert (source order kept), queued before the
+    # all-to-all: after the host sync the GPU idles until the host launches something, and the all-to-all's
+    # launch takes the host longer than these small kernels'
+    order = local_expert_order(recv_2d, sum(recv_splits))
+    counts_local = recv_2d.sum(0)
     xr = all_to_all_v(x, recv_splits, send_splits, ep_group)  # (sum recv, H) by source, then local expert
-    order = local_expert_order(recv_2d, sum(recv_splits))  # group rows by local expert (source order kept)
-    return xr.index_select(0, order), recv_2d.sum(0), (order, send_splits, recv_splits)
+    return xr.index_select(0, order), counts_local, (order, send_splits, recv_splits)
 
 
 def _combine(y: torch.Tensor, state, ep_group) -> torch.Tensor:
