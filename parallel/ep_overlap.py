@@ -102,10 +102,10 @@ def sm_carveout(sms: int):
         torch._C._set_sm_carveout_experimental(before)
 
 
-def _start(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group):
-    """Start an all-to-all of x's rows: send in_splits[r] rows to rank r, receive out_splits[r] from it.
-    Returns (output buffer, work); the buffer is valid after work.wait()."""
-    y = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+def _start(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, out=None):
+    """Start an all-to-all of x's rows: send in_splits[r] rows to rank r, receive out_splits[r] from it (into
+    `out` if given). Returns (output buffer, work); the buffer is valid after work.wait()."""
+    y = out if out is not None else x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     work = dist.all_to_all_single(y, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
     return y, work
 
@@ -123,6 +123,17 @@ def _segments(t: torch.Tensor, splits: Sequence[int], me: int) -> Tuple[torch.Te
     if start == 0 or end == t.shape[0]:  # with ep=2 the others' rows are one slice: no copy
         return mine, t[end:] if start == 0 else t[:start]
     return mine, torch.cat([t[:start], t[end:]])
+
+
+def _result(like: torch.Tensor, splits: Sequence[int], me: int):
+    """A buffer (sum splits, H) in rank order for a result like `like`'s rows: (buffer, my segment, the others'
+    segment when it is one slice (ep=2), else None). The all-to-all then receives straight into the buffer, and
+    my rows are written into theirs: no `_assemble` copy of every row."""
+    out = like.new_empty((sum(splits),) + tuple(like.shape[1:]))
+    start = sum(splits[:me])
+    end = start + splits[me]
+    others = out[end:] if start == 0 else out[:start] if end == out.shape[0] else None
+    return out, out[start:end], others
 
 
 def _assemble(mine: torch.Tensor, others: torch.Tensor, splits: Sequence[int], me: int) -> torch.Tensor:
@@ -188,12 +199,16 @@ class _OverlappedExperts(torch.autograd.Function):
         c_r = others.sum(0)
         yr, pr = experts.forward(_gather(xr_src, order), c_r, w)
         yr_src = _scatter(yr, order)  # back to (source, local expert) order
-        y_out, combine = _start(yr_src, send_r, recv_r, group)
+        out, out_mine, out_others = _result(yr, send, me)
+        y_out, combine = _start(yr_src, send_r, recv_r, group, out=out_others)
 
         with sm_carveout(sms):  # beside the combine
             y2, p2 = experts.forward(x_own[a:], c2, w, h_out=h_own[a:])
         combine.wait()
-        out = _assemble(torch.cat([y1, y2]), y_out, send, me)
+        if out_others is not None:
+            torch.cat([y1, y2], out=out_mine)
+        else:  # ep > 2 with my rows in the middle
+            out = _assemble(torch.cat([y1, y2]), y_out, send, me)
 
         if grad and not any(ctx.needs_input_grad[2:5]):  # frozen experts: no weight gradient, no h to keep
             p1.h = pr.h = p2.h = h_own = None
@@ -227,7 +242,8 @@ class _OverlappedExperts(torch.autograd.Function):
         xr, hr, ends_r = pr.x, pr.h, pr.ends
         del pr  # its g, s, u
         dr_src = _scatter(dr, order)
-        d_out, grad_return = _start(dr_src, send_r, recv_r, group)  # the inputs' gradients to their sources
+        dx, dx_mine, dx_others = _result(dr, send, me)
+        d_out, grad_return = _start(dr_src, send_r, recv_r, group, out=dx_others)  # the inputs' grads to their sources
         with sm_carveout(sms):  # beside the return: my first half's input gradient, then every weight gradient
             d1, _, _ = experts.input_grad(p1, g_self[:a], w, dg_out=own(dg_own, slice(a)),
                                           du_out=own(du_own, slice(a)))
@@ -238,7 +254,10 @@ class _OverlappedExperts(torch.autograd.Function):
                 for acc, t in zip(dw, experts.weight_grad(xr, hr, g_r, dg_r, du_r, c_r, ends_r)):
                     acc.add_(t)
         grad_return.wait()
-        dx = _assemble(torch.cat([d1, d2]), d_out, send, me)
+        if dx_others is not None:
+            torch.cat([d1, d2], out=dx_mine)
+        else:
+            dx = _assemble(torch.cat([d1, d2]), d_out, send, me)
         dw = [None] * 3 if dw is None else [t if need else None for t, need in zip(dw, ctx.needs_input_grad[2:5])]
         return (dx, None, *dw, None, None, None, None)
 
