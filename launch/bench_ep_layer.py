@@ -107,6 +107,30 @@ def time_layer(moe, x: torch.Tensor, g: torch.Tensor, iters: int, warmup: int) -
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def profile_layer(moe, x: torch.Tensor, g: torch.Tensor, iters: int = 3) -> dict:
+    """Where the layer's time goes (CUDA): compute, idle, and the longest idle gaps by the kernels around them
+    (trainer/profile.py's timeline and idle_gaps), per forward + backward."""
+    from trainer.profile import device_kernels, idle_gaps, timeline
+
+    for _ in range(2):
+        moe.zero_grad(set_to_none=True)
+        moe(x)[0].backward(g)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            moe.zero_grad(set_to_none=True)
+            moe(x)[0].backward(g)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e6
+    kernels = device_kernels(prof)
+    t = timeline(kernels, wall)
+    gaps = idle_gaps(kernels, top=5)
+    return {"ms": {k[:-3]: round(v / iters / 1e3, 3) for k, v in t.items() if k.endswith("_us")},
+            "top_gaps": [{"after": d["after"][:60], "before": d["before"][:60], "count": d["count"] / iters,
+                          "ms": round(d["us"] / iters / 1e3, 3)} for d in gaps["top"]]}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m launch.bench_ep_layer", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="bench-3b")
@@ -117,6 +141,7 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", action="store_true", help="CUDA: also profile each variant (compute, idle, gaps)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     variants = args.variants.split(",")
@@ -128,14 +153,19 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available; use --device cpu with --preset tiny")
+    if args.profile and device.type != "cuda":
+        p.error("--profile needs --device cuda (it reads the GPU's kernels)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ms: Dict[str, float] = {}
+    profiles: Dict[str, dict] = {}
     for v in variants:
         moe, cfg = build_layer(args.preset, v, args.ep, device, dtype)
         g = torch.Generator(device="cpu").manual_seed(1)
         x = torch.randn(args.batch, args.seq, cfg.hidden_size, generator=g).to(device, dtype).requires_grad_()
         dy = torch.randn(args.batch, args.seq, cfg.hidden_size, generator=g).to(device, dtype)
         ms[v] = time_layer(moe, x, dy, args.iters, args.warmup)
+        if args.profile:
+            profiles[v] = profile_layer(moe, x, dy)
         del moe
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -146,10 +176,16 @@ def main(argv=None) -> dict:
               "ms_per_layer": {k: round(v, 3) for k, v in ms.items()}, "moe_layers": full,
               "above_plain_ms_per_step": {k: round((v - base) * full, 2) for k, v in ms.items()
                                           if base is not None and k != "plain"}}
+    if profiles:
+        result["profile"] = profiles
     print("ms per MoE layer, forward+backward: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
           + (f"; above plain, x {full} MoE layers: " + ", ".join(
               f"{k} {v:+.2f} ms per step" for k, v in result["above_plain_ms_per_step"].items()) if base else ""),
           flush=True)
+    for v, prof in profiles.items():
+        print(f"{v}: " + ", ".join(f"{k} {x:.3f}" for k, x in prof["ms"].items()) + " ms; gaps: " + "; ".join(
+            f"{d['after'][:40]} -> {d['before'][:40]} x{d['count']:g} {d['ms']:.3f}" for d in prof["top_gaps"]),
+            flush=True)
     print(json.dumps(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:

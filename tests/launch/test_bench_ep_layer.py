@@ -27,10 +27,12 @@ def test_every_variant_runs_on_the_fake_group(tmp_path):
     assert set(res["above_plain_ms_per_step"]) == {"sized", "overlap", "padded"} and res["moe_layers"] == 2
 
 
-@pytest.mark.parametrize("bad", [["--variants", "sized,fixed"], ["--ep", "1"]])
-def test_bad_arguments_are_refused(tmp_path, bad):
+@pytest.mark.parametrize("bad,message", [(["--variants", "sized,fixed"], "unknown ['fixed']"),
+                                         (["--ep", "1"], "at least 2 ranks"),
+                                         (["--profile"], "--profile needs --device cuda")])
+def test_bad_arguments_are_refused(tmp_path, bad, message):
     r = _run(TINY + bad, tmp_path)
-    assert r.returncode == 2 and ("unknown ['fixed']" in r.stderr or "at least 2 ranks" in r.stderr), r.stderr
+    assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
 def test_counts_come_back_as_sent_and_rows_are_left_alone(monkeypatch):
