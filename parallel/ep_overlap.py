@@ -7,7 +7,7 @@ two backward) during which the GPU computes nothing. On 2 H200s they are ~19 ms 
 Here the rows this rank keeps for its own experts ("self" rows: 1/ep of them on average, half with ep=2) are
 split in two halves, S1 and S2, and the rows from the other ranks form one part, R:
 
-    forward:   experts(S1) | start dispatch(R)        (the dispatch travels while S1 computes)
+    forward:   start dispatch(R)  | experts(S1)       (the dispatch travels while S1 computes)
                wait; experts(R); start combine(R) | experts(S2)
                wait; output in x's order
     backward:  start grad dispatch(R) | backward(S2)
@@ -177,20 +177,20 @@ class _OverlappedExperts(torch.autograd.Function):
         # My rows, split in two halves (an expert's rows may straddle the cut; counts stay on the device), in one
         # copy (x's storage, mostly rows for the other ranks, is freed once they are sent). Both halves write their
         # activations into one buffer, so that the weight gradient runs once over all my rows.
+        x_own = x_self.clone()  # the GPU's first work after the host sync
+        del x_self
         s = send[me]
         a = s // 2
         c_self = counts.view(ep, n_local)[me]
         c1, c2 = split_counts(c_self, a)  # (El,) each
-        x_own = x_self.clone()
-        del x_self
         h_own = x.new_empty(s, wg.shape[1])
-        # S1 is queued before the dispatch: after the host sync the GPU is idle until the host launches something,
-        # and the all-to-all's launch takes the host longer than these kernels'. The dispatch still travels beside
-        # S1, whose GEMMs run for far longer than the host needs to queue them (in bf16; the fp32 per-expert loop
-        # reads S1's counts on the host first, so there the dispatch starts after S1).
+        # The copy and the counts above are queued before the dispatch: after the host sync the GPU idles until
+        # the host launches something, and the all-to-all's launch takes the host longer than these kernels'.
+        # S1's GEMMs come after it, so that the all-to-all's blocks are resident before the GEMMs' persistent
+        # grids take every SM (queued the other way round, the dispatch could wait for SMs until S1 ended).
+        xr_src, dispatch = _start(x_out, recv_r, send_r, group)  # by source rank, then local expert
         with sm_carveout(sms):  # beside the dispatch
             y1, p1 = experts.forward(x_own[:a], c1, w, h_out=h_own[:a])
-        xr_src, dispatch = _start(x_out, recv_r, send_r, group)  # by source rank, then local expert
 
         dispatch.wait()
         others = torch.cat([recv_2d[:me], recv_2d[me + 1:]])  # (ep-1, El) rows each other rank sends me

@@ -24,7 +24,7 @@ CASES = "odd,one_own,none_for_me,isolated,starved"
 GRAD_CASES = "frozen_down,frozen,x_no_grad,sum_loss"
 # part 0 = the first half of my own rows, 1 = the rows from the other ranks, 2 = the second half of my own rows
 # "/sm4": run under the SM carveout (the parts beside an all-to-all leave it 4 SMs; the worker passes sms=4)
-FORWARD = ["sync", "fwd0/sm4", "start", "wait", "fwd1", "start", "fwd2/sm4", "wait"]
+FORWARD = ["sync", "start", "fwd0/sm4", "wait", "fwd1", "start", "fwd2/sm4", "wait"]
 # the weight gradients run last, beside the input gradients' return: my rows' at once, then the received rows'
 BACKWARD = ["start", "bwd2/sm4", "wait", "bwd1", "start", "bwd0/sm4", "wgrad/sm4", "wgrad/sm4", "wait"]
 TOL = 1e-12  # float64; the weight gradients are summed in two parts instead of one
@@ -58,8 +58,8 @@ def test_overlap_matches_the_sized_exchange(runs, case):
 
 @pytest.mark.parametrize("case", CASES.split(",") + GRAD_CASES.split(","))
 def test_every_exchange_runs_under_a_gemm(runs, case):
-    """Forward: the dispatch starts right after part 0 is queued (first, so that the GPU gets work as soon as the
-    host sync is over) and travels during its GEMMs, the combine during part 2; backward: the outputs' gradients
+    """Forward: the dispatch travels during part 0 (started before its GEMMs, after the copy of my rows, which
+    gives the GPU work as soon as the host sync is over), the combine during part 2; backward: the outputs' gradients
     during part 2's input gradient, the inputs' gradients during part 0's and the weight gradients. Only the
     split-size exchange is synchronous. Exactly the computations beside an all-to-all (parts 0 and 2, forward and
     backward, and the weight gradients) run under the SM carveout, which is restored after each (no carveout after
