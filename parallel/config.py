@@ -44,7 +44,7 @@ class ParallelConfig:
     for its own experts are computed while the others' rows travel; parallel/ep_overlap.py); same rows, same
     host sync. MoE layers under activation checkpointing fall back to "sized". It measured 1.5% slower than
     "sized" on 2 H200s before its weight gradients were computed once per kind of rows; since then, without the
-    wire (one H200, launch/bench_ep_layer.py) it costs a rank 2.8-3.9 ms per bench-3b step less than "sized";
+    wire (one H200, launch/bench_ep_layer.py) it cost a rank 0.6-3.9 ms per bench-3b step less than "sized";
     not yet measured end to end on 2 GPUs, so "sized" stays the default."""
     ep_overlap_sms: int = 0
     """With ep_exchange=overlap: streaming multiprocessors kept for the all-to-alls that run under the experts'
