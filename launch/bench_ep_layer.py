@@ -126,9 +126,13 @@ def profile_layer(moe, x: torch.Tensor, g: torch.Tensor, iters: int = 3) -> dict
     kernels = device_kernels(prof)
     t = timeline(kernels, wall)
     gaps = idle_gaps(kernels, top=5)
+    by_name: Dict[str, float] = {}
+    for name, a, b in kernels:
+        by_name[name[:60]] = by_name.get(name[:60], 0.0) + (b - a)
     return {"ms": {k[:-3]: round(v / iters / 1e3, 3) for k, v in t.items() if k.endswith("_us")},
             "top_gaps": [{"after": d["after"][:60], "before": d["before"][:60], "count": d["count"] / iters,
-                          "ms": round(d["us"] / iters / 1e3, 3)} for d in gaps["top"]]}
+                          "ms": round(d["us"] / iters / 1e3, 3)} for d in gaps["top"]],
+            "kernels_ms": {k: round(v / iters / 1e3, 3) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])}}
 
 
 def main(argv=None) -> dict:

@@ -47,8 +47,10 @@ import torch.nn as nn
 from torch.distributed.tensor import Shard
 
 from jamba.config import ConfigError
+from jamba.moe import gather_rows
 from parallel.collectives import (all_reduce_sum, all_to_all_v, copy_to_group, exchange_expert_counts,
-                                  expert_split_sizes, local_expert_order, reduce_from_group, scale_grad)
+                                  expert_split_sizes, inverse_permutation, local_expert_order, reduce_from_group,
+                                  scale_grad)
 from parallel.dims import ParallelDims
 from parallel.ep_overlap import overlap_group, overlapped_experts
 from parallel.styles import distribute_param, swap_in_local, swap_out_local
@@ -88,14 +90,16 @@ def _exchange(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     # all-to-all: after the host sync the GPU idles until the host launches something, and the all-to-all's
     # launch takes the host longer than these small kernels'
     order = local_expert_order(recv_2d, sum(recv_splits))
+    inv = inverse_permutation(order)
     counts_local = recv_2d.sum(0)
     xr = all_to_all_v(x, recv_splits, send_splits, ep_group)  # (sum recv, H) by source, then local expert
-    return xr.index_select(0, order), counts_local, (order, send_splits, recv_splits)
+    # gathers both ways (and in both backwards): index_copy / index_add were the slow part of this exchange
+    return gather_rows(xr, order, inv), counts_local, (order, inv, send_splits, recv_splits)
 
 
 def _combine(y: torch.Tensor, state, ep_group) -> torch.Tensor:
-    order, send_splits, recv_splits = state
-    y_src = torch.empty_like(y).index_copy(0, order, y)  # back to (source rank, local expert) order
+    order, inv, send_splits, recv_splits = state
+    y_src = gather_rows(y, inv, order)  # back to (source rank, local expert) order
     return all_to_all_v(y_src, send_splits, recv_splits, ep_group)  # reverse exchange
 
 
