@@ -43,9 +43,10 @@ class ParallelConfig:
     "overlap": the "sized" exchange with the all-to-alls running under the experts' own GEMMs (this rank's rows
     for its own experts are computed while the others' rows travel; parallel/ep_overlap.py); same rows, same
     host sync. MoE layers under activation checkpointing fall back to "sized". It measured 1.5% slower than
-    "sized" on 2 H200s before its weight gradients were computed once per kind of rows; since then, without the
-    wire (one H200, launch/bench_ep_layer.py) it cost a rank 0.6-3.9 ms per bench-3b step less than "sized";
-    not yet measured end to end on 2 GPUs, so "sized" stays the default."""
+    "sized" on 2 H200s before its weight gradients were computed once per kind of rows and "sized" reordered
+    with gathers; without the wire (one H200, launch/bench_ep_layer.py) it now costs a rank 0.2 ms per bench-3b
+    MoE layer more than "sized", and hides most of the wire. Not yet measured end to end on 2 GPUs, so "sized"
+    stays the default."""
     ep_overlap_sms: int = 0
     """With ep_exchange=overlap: streaming multiprocessors kept for the all-to-alls that run under the experts'
     GEMMs. The overlap then exchanges over a process group of its own (the same ranks as the EP group) whose NCCL
