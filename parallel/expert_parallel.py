@@ -125,12 +125,13 @@ def _exchange_padded(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     pos = torch.arange(n, device=dev).expand(ep, n).contiguous()  # (ep, C)
     expert_of_row = torch.searchsorted(ends, pos, right=True).reshape(-1)  # (ep*C,) in [0, E_local]
     order = torch.argsort(expert_of_row, stable=True)
-    return xr.index_select(0, order), recv_2d.sum(0), (order, slot, n)
+    inv = inverse_permutation(order)
+    return gather_rows(xr, order, inv), recv_2d.sum(0), (order, inv, slot, n)  # gathers both ways, as `_exchange`
 
 
 def _combine_padded(y: torch.Tensor, state, ep_group, ep: int) -> torch.Tensor:
-    order, slot, n = state
-    y_src = torch.empty_like(y).index_copy(0, order, y)  # back to (source rank, row) blocks
+    order, inv, slot, n = state
+    y_src = gather_rows(y, inv, order)  # back to (source rank, row) blocks
     back = all_to_all_v(y_src, [n] * ep, [n] * ep, ep_group)  # (ep*C, H): block d from destination rank d
     return back.index_select(0, slot)  # (N, H) my rows, in x's order
 
