@@ -56,6 +56,14 @@ class _GatherRows(torch.autograd.Function):
         return g, None, None, None
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """A permutation (n,) -> its inverse (inv[order[j]] = j), on the device: the back_index with which
+    `gather_rows` reorders rows back by a gather. On GPUs that is several times faster than `index_copy` by `order`
+    (and than index_select's backward, an index_add): on one H200 the sized EP exchange's two such copies took
+    0.58 ms per bench-3b MoE layer (launch/bench_ep_layer.py --profile)."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
 def gather_rows(src: torch.Tensor, index: torch.Tensor, back_index: torch.Tensor, fold: int = 1) -> torch.Tensor:
     """`src.index_select(0, index)` (src (S, H), index (S * fold,)) where every source row is picked exactly
     `fold` times, with a backward that gathers instead of scatter-adding (index_select's backward is an
@@ -213,7 +221,7 @@ class MoE(nn.Module):
         order = torch.argsort(flat_e, stable=True)  # token copies sorted by expert
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(
             0, flat_e, torch.ones_like(flat_e))  # (E,) no host sync
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        inverse = inverse_permutation(order)
         x_sorted = gather_rows(x, order // k, inverse, fold=k)  # (N*k, H)
         y_sorted = self.experts(x_sorted, counts)  # (N*k, H)
         y = gather_rows(y_sorted, inverse, order).view(N, k, -1)  # (N, k, H) back in token order

@@ -113,10 +113,14 @@ def _weights(mod: GroupedExperts):
 def fwd_split(mod: GroupedExperts, x_own, a, c1, c2, cs, xr, cr, g_own, g_r):
     """The overlap's forward (parallel/ep_overlap.py): the halves write h into one buffer of the own rows."""
     w = _weights(mod)
+    _mark("start")
     h_own = x_own.new_empty(x_own.shape[0], w[0].shape[1])
     y1, p1 = experts.forward(x_own[:a], c1, w, h_out=h_own[:a])
+    _mark("forward own 1st half")
     yr, pr = experts.forward(xr, cr, w)
+    _mark("forward received")
     y2, p2 = experts.forward(x_own[a:], c2, w, h_out=h_own[a:])
+    _mark("forward own 2nd half")
     return (y1, yr, y2), (p1, pr, p2, h_own)
 
 
@@ -139,14 +143,7 @@ def run_split(mod: GroupedExperts, x_own, a, c1, c2, cs, xr, cr, g_own, g_r):
     the weight gradients of the own rows at once and of the received rows, summed into the weights' .grad.
     Returns (output, input gradient) in the (own rows, others' rows) order."""
     w = _weights(mod)
-    _mark("start")
-    h_own = x_own.new_empty(x_own.shape[0], w[0].shape[1])
-    y1, p1 = experts.forward(x_own[:a], c1, w, h_out=h_own[:a])
-    _mark("forward own 1st half")
-    yr, pr = experts.forward(xr, cr, w)
-    _mark("forward received")
-    y2, p2 = experts.forward(x_own[a:], c2, w, h_out=h_own[a:])
-    _mark("forward own 2nd half")
+    (y1, yr, y2), (p1, pr, p2, h_own) = fwd_split(mod, x_own, a, c1, c2, cs, xr, cr, g_own, g_r)
     dg_own, du_own = h_own.new_empty(h_own.shape), h_own.new_empty(h_own.shape)
     d2, _, _ = experts.input_grad(p2, g_own[a:], w, dg_out=dg_own[a:], du_out=du_own[a:])
     _mark("input grad own 2nd half")

@@ -128,14 +128,6 @@ def expert_split_sizes(counts: torch.Tensor, group, ep: int):
     return recv_2d, splits[:ep], splits[ep:]
 
 
-def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    """A permutation (n,) -> its inverse (inv[order[j]] = j), on the device. Reordering rows back with a gather by
-    the inverse is several times faster on GPUs than `index_copy` by `order` (and than index_select's backward,
-    an index_add): on one H200 the sized exchange's two such copies took 0.58 ms per bench-3b MoE layer
-    (launch/bench_ep_layer.py --profile)."""
-    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-
-
 def local_expert_order(recv_2d: torch.Tensor, rows: int) -> torch.Tensor:
     """recv_2d (sources, E_local): rows received from each source, each source's grouped by local expert ->
     the permutation (rows,) that groups all of them by local expert, source order kept. `rows` is the sum of

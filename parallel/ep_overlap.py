@@ -62,7 +62,9 @@ import torch
 import torch.distributed as dist
 
 from jamba import experts_split as experts
-from parallel.collectives import expert_split_sizes, inverse_permutation, local_expert_order
+from jamba.moe import inverse_permutation
+from parallel.collectives import expert_split_sizes, local_expert_order
+
 
 def overlap_group(dims, sms: int):
     """The process group of the overlapped exchange. sms = 0: the EP group itself. sms > 0: a group of its own over

@@ -47,10 +47,9 @@ import torch.nn as nn
 from torch.distributed.tensor import Shard
 
 from jamba.config import ConfigError
-from jamba.moe import gather_rows
+from jamba.moe import gather_rows, inverse_permutation
 from parallel.collectives import (all_reduce_sum, all_to_all_v, copy_to_group, exchange_expert_counts,
-                                  expert_split_sizes, inverse_permutation, local_expert_order, reduce_from_group,
-                                  scale_grad)
+                                  expert_split_sizes, local_expert_order, reduce_from_group, scale_grad)
 from parallel.dims import ParallelDims
 from parallel.ep_overlap import overlap_group, overlapped_experts
 from parallel.styles import distribute_param, swap_in_local, swap_out_local

@@ -1,9 +1,11 @@
-"""parallel/collectives.py's row orders for expert parallelism: the permutation that groups received rows by local
-expert (source order kept) and its inverse, with which the exchanges gather rows back instead of index_copy."""
+"""The row orders of expert parallelism: parallel/collectives.py's permutation that groups received rows by local
+expert (source order kept), and jamba/moe.py's inverse of a permutation, with which the MoE block and the
+exchanges gather rows back instead of index_copy."""
 
 import torch
 
-from parallel.collectives import inverse_permutation, local_expert_order
+from jamba.moe import inverse_permutation
+from parallel.collectives import local_expert_order
 
 
 def test_local_expert_order_groups_rows_by_expert_keeping_the_source_order():
