@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -63,22 +63,24 @@ def _counts_pass_through() -> None:
     dist.all_to_all_single = all_to_all_single
 
 
+def moe_layers(preset: str) -> List[int]:
+    """Indices of the full preset's MoE layers."""
+    from jamba.config import get_preset
+
+    return [i for i, spec in enumerate(get_preset(preset).layer_specs()) if spec.ffn == "moe"]
+
+
 def build_layer(preset: str, variant: str, ep: int, device: torch.device, dtype: torch.dtype):
     """The preset's first MoE layer (its feed-forward block), with `variant`'s expert parallelism applied."""
     from jamba.config import get_preset
-    from jamba.model import JambaForCausalLM
+    from launch.bench import build_ours
     from parallel.config import ParallelConfig
     from parallel.dims import ParallelDims
     from parallel.expert_parallel import apply_experts
 
-    cfg = get_preset(preset, moe_force_balance=True)
-    first_moe = next(i for i, spec in enumerate(cfg.layer_specs()) if spec.ffn == "moe")
+    first_moe = moe_layers(preset)[0]
     cfg = get_preset(preset, moe_force_balance=True, num_hidden_layers=first_moe + 1)
-    with torch.device("meta"):
-        model = JambaForCausalLM(cfg)
-    model.to_empty(device=device)
-    model.init_weights(seed=0)
-    model.to(dtype).train()
+    model = build_ours(cfg, device, dtype, seed=0)
     if variant != "plain":
         _fake_group(ep)
         _counts_pass_through()
@@ -173,7 +175,7 @@ def main(argv=None) -> dict:
         del moe
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    full = get_layers(args.preset)
+    full = len(moe_layers(args.preset))
     base = ms.get("plain")
     result = {"preset": args.preset, "seq": args.seq, "batch": args.batch, "ep": args.ep, "dtype": str(dtype),
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
@@ -195,13 +197,6 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return result
-
-
-def get_layers(preset: str) -> int:
-    """MoE layers in the full preset."""
-    from jamba.config import get_preset
-
-    return sum(1 for spec in get_preset(preset).layer_specs() if spec.ffn == "moe")
 
 
 if __name__ == "__main__":
