@@ -52,6 +52,11 @@ def _grouped_ok(*ts: torch.Tensor) -> bool:
                and t.shape[-1] * t.element_size() % 16 == 0 for t in ts)
 
 
+def _host_ends(offs: torch.Tensor, *ts: torch.Tensor) -> Optional[List[int]]:
+    """offs on the host if the per-expert loop will run for these tensors (one host sync), else None."""
+    return None if _grouped_ok(*ts) else offs.tolist()
+
+
 def _ends(offs: torch.Tensor, ends: Optional[List[int]]) -> List[int]:
     return offs.tolist() if ends is None else ends  # the loop's one host sync, unless the caller has the ends
 
@@ -86,7 +91,7 @@ def forward(x: torch.Tensor, counts: torch.Tensor, w: Weights,
     if x.shape[0] == 0:  # no rows: nothing to compute (and _grouped_mm's CUDA kernels want some)
         empty = x.new_empty(0, wg.shape[1])
         return x.new_empty(0, wd.shape[1]), Saved(x, offs, empty, empty, empty, empty, [0] * offs.shape[0])
-    ends = None if _grouped_ok(x, wg) else offs.tolist()  # the loop's host sync: once for the part
+    ends = _host_ends(offs, x, wg)  # once for the part, forward and backward
     g = _rows_mm(x, wg.transpose(-2, -1), offs, ends)
     u = _rows_mm(x, wu.transpose(-2, -1), offs, ends)
     s = F.silu(g)
@@ -119,6 +124,6 @@ def weight_grad(x: torch.Tensor, h: torch.Tensor, dy: torch.Tensor, dg: torch.Te
     (E,)): the inputs x, the activations h and the output gradients dy of the forward, dg and du of input_grad.
     ends: the counts' running sums on the host, if known (spares the per-expert loop a host sync)."""
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    if ends is None and x.shape[0] and not _grouped_ok(x, dg):
-        ends = offs.tolist()  # one host sync for the three
+    if ends is None and x.shape[0]:
+        ends = _host_ends(offs, x, dg)  # once for the three
     return [_sum_mm(dg, x, offs, ends), _sum_mm(du, x, offs, ends), _sum_mm(dy, h, offs, ends)]

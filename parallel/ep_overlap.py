@@ -56,7 +56,7 @@ everything.
 from __future__ import annotations
 
 import contextlib
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -117,25 +117,31 @@ def _without(values: Sequence[int], me: int) -> List[int]:
     return [0 if r == me else v for r, v in enumerate(values)]
 
 
-def _segments(t: torch.Tensor, splits: Sequence[int], me: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """t (sum splits, H) in rank order -> (my segment, the others' rows concatenated in rank order)."""
+def _split(t: torch.Tensor, splits: Sequence[int], me: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """t (sum splits, H) in rank order -> (my segment, the others' rows when they are one slice, i.e. mine come
+    first or last, as always with ep=2; else None)."""
     start = sum(splits[:me])
     end = start + splits[me]
-    mine = t[start:end]
-    if start == 0 or end == t.shape[0]:  # with ep=2 the others' rows are one slice: no copy
-        return mine, t[end:] if start == 0 else t[:start]
-    return mine, torch.cat([t[:start], t[end:]])
+    others = t[end:] if start == 0 else t[:start] if end == t.shape[0] else None
+    return t[start:end], others
+
+
+def _segments(t: torch.Tensor, splits: Sequence[int], me: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """t (sum splits, H) in rank order -> (my segment, the others' rows concatenated in rank order; a view, no
+    copy, when they are one slice)."""
+    mine, others = _split(t, splits, me)
+    if others is None:
+        start = sum(splits[:me])
+        others = torch.cat([t[:start], t[start + splits[me]:]])
+    return mine, others
 
 
 def _result(like: torch.Tensor, splits: Sequence[int], me: int):
     """A buffer (sum splits, H) in rank order for a result like `like`'s rows: (buffer, my segment, the others'
-    segment when it is one slice (ep=2), else None). The all-to-all then receives straight into the buffer, and
-    my rows are written into theirs: no `_assemble` copy of every row."""
+    segment when it is one slice, else None). The all-to-all then receives straight into the buffer, and my rows
+    are written into theirs: no `_assemble` copy of every row."""
     out = like.new_empty((sum(splits),) + tuple(like.shape[1:]))
-    start = sum(splits[:me])
-    end = start + splits[me]
-    others = out[end:] if start == 0 else out[:start] if end == out.shape[0] else None
-    return out, out[start:end], others
+    return (out, *_split(out, splits, me))
 
 
 def _assemble(mine: torch.Tensor, others: torch.Tensor, splits: Sequence[int], me: int) -> torch.Tensor:
