@@ -102,6 +102,46 @@ def _combine(y: torch.Tensor, state, ep_group) -> torch.Tensor:
     return all_to_all_v(y_src, send_splits, recv_splits, ep_group)  # reverse exchange
 
 
+def slot_sources(slot: torch.Tensor, size: int) -> torch.Tensor:
+    """slot (N,) distinct rows of a (size, H) buffer -> src (size,): src[slot[i]] = i, and N (the index of
+    a zero row appended to the N rows) where no row goes: `to_slots`'s fill as a gather."""
+    return torch.full((size,), slot.numel(), dtype=slot.dtype, device=slot.device).scatter_(
+        0, slot, torch.arange(slot.numel(), device=slot.device))
+
+
+def to_slots(x: torch.Tensor, slot: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """x (N, H) -> (size, H) with row i at slot[i] and zeros elsewhere (src = slot_sources(slot, size)).
+    Gathers both ways, as `from_slots`, its adjoint: index_copy, and index_select's backward (an atomic
+    index_add), were several times slower on GPUs (jamba.moe.inverse_permutation)."""
+    return _ToSlots.apply(x, slot, src)
+
+
+def from_slots(buf: torch.Tensor, slot: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """buf (size, H) -> its rows slot (N, H): `buf.index_select(0, slot)` with a gather as backward."""
+    return _ToSlots.apply(buf, src, slot, True)
+
+
+class _ToSlots(torch.autograd.Function):
+    """to_slots (pick=False): forward gathers rows `index` (= src) of x with a zero row appended, backward
+    gathers rows `back` (= slot) of the gradient. from_slots (pick=True), its adjoint: forward gathers rows
+    `index` (= slot), backward gathers rows `back` (= src) of the gradient with a zero row appended."""
+
+    @staticmethod
+    def forward(ctx, x, back, index, pick: bool = False):
+        ctx.save_for_backward(back)
+        ctx.pick = pick
+        return (x if pick else _with_zero_row(x)).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        return (_with_zero_row(grad) if ctx.pick else grad).index_select(0, back), None, None, None
+
+
+def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(1, x.shape[1])])
+
+
 def _exchange_padded(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     """`_exchange` without a host sync (parallel.ep_exchange=padded): every rank sends each peer a block of
     C = N rows (N = its routed rows, the most it could send one peer), its rows for that peer first, zeros
@@ -117,7 +157,8 @@ def _exchange_padded(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     dest_start = torch.cumsum(per_dest, 0) - per_dest  # (ep,) first row of each destination in x
     dest = torch.repeat_interleave(torch.arange(ep, device=dev), per_dest, output_size=n)  # (N,) no sync
     slot = dest * n + torch.arange(n, device=dev) - dest_start[dest]  # (N,) row of the send buffer
-    send = x.new_zeros(ep * n, x.shape[1]).index_copy(0, slot, x)  # (ep*C, H)
+    src = slot_sources(slot, ep * n)
+    send = to_slots(x, slot, src)  # (ep*C, H)
     xr = all_to_all_v(send, [n] * ep, [n] * ep, ep_group)  # (ep*C, H): block s from rank s
     # local expert of every received row (n_local for padding), then grouped by local expert, padding last
     ends = torch.cumsum(recv_2d, 1)  # (ep, E_local) end of each local expert's rows in its source's block
@@ -125,14 +166,14 @@ def _exchange_padded(x: torch.Tensor, counts: torch.Tensor, ep_group, ep: int):
     expert_of_row = torch.searchsorted(ends, pos, right=True).reshape(-1)  # (ep*C,) in [0, E_local]
     order = torch.argsort(expert_of_row, stable=True)
     inv = inverse_permutation(order)
-    return gather_rows(xr, order, inv), recv_2d.sum(0), (order, inv, slot, n)  # gathers both ways, as `_exchange`
+    return gather_rows(xr, order, inv), recv_2d.sum(0), (order, inv, slot, src, n)  # gathers, as `_exchange`
 
 
 def _combine_padded(y: torch.Tensor, state, ep_group, ep: int) -> torch.Tensor:
-    order, inv, slot, n = state
+    order, inv, slot, src, n = state
     y_src = gather_rows(y, inv, order)  # back to (source rank, row) blocks
     back = all_to_all_v(y_src, [n] * ep, [n] * ep, ep_group)  # (ep*C, H): block d from destination rank d
-    return back.index_select(0, slot)  # (N, H) my rows, in x's order
+    return from_slots(back, slot, src)  # (N, H) my rows, in x's order
 
 
 def _recomputed(layer: nn.Module) -> bool:
