@@ -139,4 +139,11 @@ if __name__ == "__main__":
     from trainer.preflight import preflight_or_exit
 
     preflight_or_exit(sys.argv[1:])  # one line and exit 2 on a config problem, before Hydra starts the job
-    main()
+    try:
+        main()
+        exit_code = 0
+    except SystemExit as e:  # ours (75, 2, 1) and Hydra's (1 after printing an exception)
+        exit_code = e.code
+    from trainer.distributed import exit_process
+
+    exit_process(exit_code)  # after gloo: skips the teardown where its worker threads can abort the process

@@ -81,16 +81,9 @@ def run_tree(cmd: Sequence[str], *, timeout: float, **popen_kwargs) -> subproces
 
 
 def exit_without_teardown(code: int = 0) -> None:
-    """End a multi-process test worker whose results are written (files, its exit code): flush the logs and
-    standard streams, then `os._exit`, skipping the interpreter's teardown. There, after all the work was done and
-    the process group destroyed, a gloo rank occasionally aborted ("terminate called without an active
-    exception", SIGABRT: a C++ thread object destroyed while its thread still ran), failing a test that had
-    passed: on CI in tests/parallel/test_ep_compile.py and tests/trainer/test_trainer_dist.py, and 1 in 60 runs of
-    the latter's worker here. Only for test workers: train.py exits normally."""
-    import logging
-    import sys
+    """End a multi-process test worker whose results are written (files, its exit code) without the
+    interpreter's teardown, where a gloo rank occasionally aborted after all its work was done (SIGABRT:
+    trainer.distributed.exit_process says why); train.py ends through that function."""
+    from trainer.distributed import exit_now
 
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)

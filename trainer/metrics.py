@@ -275,6 +275,12 @@ class MetricsLogger:
         if self.wandb is not None:
             try:
                 self.wandb.finish()
+                # finish() only tells wandb's service process the run is over; the service writes the rest of
+                # the run's log when it closes the stream, which teardown waits for. Its atexit handler would
+                # too, but after a gloo run train.py skips atexit (trainer.distributed.exit_process).
+                import wandb
+
+                wandb.teardown()
             except Exception as e:  # pragma: no cover
                 log.warning("wandb.finish failed: %s", e)
             self.wandb = None
