@@ -144,6 +144,11 @@ if __name__ == "__main__":
         exit_code = 0
     except SystemExit as e:  # ours (75, 2, 1) and Hydra's (1 after printing an exception)
         exit_code = e.code
+    except BaseException as e:  # HYDRA_FULL_ERROR=1, or a Ctrl-C outside the trainer's signal handling
+        import traceback
+
+        traceback.print_exc()
+        exit_code = 130 if isinstance(e, KeyboardInterrupt) else 1
     from trainer.distributed import exit_process
 
     exit_process(exit_code)  # after gloo: skips the teardown where its worker threads can abort the process

@@ -106,7 +106,7 @@ def slot_sources(slot: torch.Tensor, size: int) -> torch.Tensor:
     """slot (N,) distinct rows of a (size, H) buffer -> src (size,): src[slot[i]] = i, and N (the index of
     a zero row appended to the N rows) where no row goes: `to_slots`'s fill as a gather."""
     return torch.full((size,), slot.numel(), dtype=slot.dtype, device=slot.device).scatter_(
-        0, slot, torch.arange(slot.numel(), device=slot.device))
+        0, slot, torch.arange(slot.numel(), dtype=slot.dtype, device=slot.device))
 
 
 def to_slots(x: torch.Tensor, slot: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

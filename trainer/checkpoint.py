@@ -50,7 +50,7 @@ from trainer import checkpoint_integrity as integ
 from trainer.checkpoint_integrity import CheckpointDiskFull
 from trainer.config import CheckpointConfig
 from trainer.data_fingerprint import describe_change
-from trainer.distributed import World, all_reduce_scalars, barrier, broadcast_object, is_dist
+from trainer.distributed import World, all_reduce_scalars, barrier, broadcast_object, is_dist, new_gloo_group
 from trainer.metrics import REPLAYED, finish_interrupted_set_aside
 from trainer.run_lock import RunLock
 
@@ -143,7 +143,7 @@ class CheckpointManager:
         self.last_save: Dict[str, float] = {}
         _rank0_for_all(world, self._prepare_run_dir)
         if self.async_save and is_dist():
-            self._group = dist.new_group(backend="gloo")
+            self._group = new_gloo_group()
         barrier()
 
     # ---- the run directory ---------------------------------------------------------------------

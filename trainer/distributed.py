@@ -19,7 +19,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 _gloo_created = False
-"""Whether this process created a gloo process group (see `exit_process`)."""
+"""Whether this process created a gloo process group, the default one or `new_gloo_group`'s (`exit_process`)."""
 
 
 @dataclass(frozen=True)
@@ -93,20 +93,30 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def new_gloo_group(**kwargs):
+    """`dist.new_group(backend="gloo", **kwargs)`, noted for `exit_process` (e.g. the asynchronous checkpoint
+    writer's group, which CUDA runs have beside NCCL's)."""
+    global _gloo_created
+    _gloo_created = True
+    return dist.new_group(backend="gloo", **kwargs)
+
+
 def exit_process(code) -> NoReturn:
     """End train.py with `code` (a `SystemExit.code`: None, an int or a message) once the run is over and its
     outputs are closed (metrics, wandb, checkpoints, the process group).
 
-    After a gloo process group (CPU) this skips the interpreter's teardown (`exit_now`). gloo's worker threads
-    outlive `destroy_process_group`: gloo has no shutdown, and once a device mesh was built (every layout
-    builds one) the group stays referenced past it, so it is destroyed only as the interpreter finalizes. A
-    worker that drops the last reference to a finished collective then needs the GIL to free its tensors;
-    Python ends such a thread, and that aborts the process: "terminate called without an active exception",
-    SIGABRT, exit code 134, after a run that had finished. Two-rank CPU runs of tests/trainer's worker here:
-    3 aborts in about 310 runs ending normally (a core dump: ProcessGroupGloo::runLoop destroying an
-    AsyncAllgatherCoalescedWork, in take_gil, while the main thread ran the finalizing gc), none in 300 runs
-    ending through here. torchrun reports such an abort as a failure, and restarts the job under
-    --max-restarts. `destroy_process_group` shuts NCCL groups down, so CUDA runs exit normally."""
+    After a gloo process group (CPU runs; CUDA runs with asynchronous checkpoints have one too) it runs the
+    atexit handlers and then ends the process without the interpreter's finalization (`exit_now`). gloo's
+    worker threads outlive `destroy_process_group`: gloo has no shutdown, and once a device mesh was built
+    (every layout builds one) the group stays referenced past it, so it is destroyed only as the interpreter
+    finalizes. A worker that drops the last reference to a finished collective then needs the GIL to free
+    its tensors; a finalizing Python ends such a thread, and that aborts the process: "terminate called
+    without an active exception", SIGABRT, exit code 134, after a run that had finished. Two-rank CPU runs of
+    tests/trainer's worker here: 3 aborts in about 310 runs ending normally (a core dump: ProcessGroupGloo::
+    runLoop destroying an AsyncAllgatherCoalescedWork, in take_gil, while the main thread ran the finalizing
+    gc), none in 450 runs ending through here. torchrun reports such an abort as a failure, and restarts the
+    job under --max-restarts. Without gloo (single process; NCCL only, which `destroy_process_group` shuts
+    down) this is `sys.exit`."""
     if code is None:
         code = 0
     elif not isinstance(code, int):  # sys.exit("message"): printed, exit status 1, as the interpreter does
@@ -118,15 +128,22 @@ def exit_process(code) -> NoReturn:
 
 
 def exit_now(code: int) -> NoReturn:
-    """Flush the logs and standard streams, then `os._exit(code)`: no atexit handlers, no interpreter
-    teardown. Only for a process whose work and outputs are finished and closed."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # closed or broken pipe: nothing left to save
-            pass
-    os._exit(code)
+    """Run the atexit handlers (the run directory's lock, wandb, logging.shutdown, ...) while the interpreter
+    is fully alive, flush the logs and standard streams, then `os._exit(code)`: everything a normal exit does
+    except the finalization (module teardown, the last garbage collection, threads ended). Only for a
+    process whose work is finished."""
+    import atexit
+
+    try:
+        atexit._run_exitfuncs()  # what Py_Finalize runs first; errors in a handler are printed, not raised
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed or broken pipe: nothing left to save
+                pass
+        os._exit(code)
 
 
 def is_dist() -> bool:
