@@ -112,10 +112,11 @@ def exit_process(code) -> NoReturn:
     and `gc.collect()`, so it is destroyed only as the interpreter finalizes. A worker that drops the last
     reference to a finished collective then needs the GIL to free its tensors; a finalizing Python ends such
     a thread, and that aborts the process: "terminate called without an active exception", SIGABRT, exit
-    code 134, after a run that had finished. Two-rank CPU runs of tests/trainer's worker here: 3 aborts in about 310 runs ending normally (a core dump: ProcessGroupGloo::
-    runLoop destroying an AsyncAllgatherCoalescedWork, in take_gil, while the main thread ran the finalizing
-    gc), none in 450 runs ending through here. torchrun reports such an abort as a failure, and restarts the
-    job under --max-restarts. Without gloo (single process; NCCL only, which `destroy_process_group` shuts
+    code 134, after a run that had finished. Two-rank CPU runs of tests/trainer's worker here: 3 aborts in
+    about 310 runs ending normally (a core dump: ProcessGroupGloo::runLoop destroying an
+    AsyncAllgatherCoalescedWork, in take_gil, while the main thread ran the finalizing gc), none in 450 runs
+    ending through here. torchrun reports such an abort as a failure, and restarts the job under
+    --max-restarts. Without gloo (single process; NCCL only, which `destroy_process_group` shuts
     down) this is `sys.exit`."""
     if code is None:
         code = 0
