@@ -107,16 +107,17 @@ def exit_process(code) -> NoReturn:
 
     After a gloo process group (CPU runs; CUDA runs with asynchronous checkpoints have one too) it runs the atexit
     handlers and then ends the process without the interpreter's finalization (`exit_now`). gloo's worker threads
-    outlive `destroy_process_group`: gloo has no shutdown, and once torch.distributed._shard is imported
-    (torch._dynamo and FSDP import it) something keeps the group referenced past `destroy_process_group` and
-    `gc.collect()`, so it is destroyed only as the interpreter finalizes. A worker that drops the last reference to
-    a finished collective then needs the GIL to free its tensors; a finalizing Python ends such a thread, and that
-    aborts the process: "terminate called without an active exception", SIGABRT, exit code 134, after a run that had
-    finished. Two-rank CPU runs of tests/trainer's worker here: 3 aborts in about 310 runs ending normally (a core
-    dump: ProcessGroupGloo::runLoop destroying an AsyncAllgatherCoalescedWork, in take_gil, while the main thread
-    ran the finalizing gc), none in 450 runs ending through here. torchrun reports such an abort as a failure, and
-    restarts the job under --max-restarts. Without gloo (single process; NCCL only, which `destroy_process_group`
-    shuts down) this is `sys.exit`."""
+    outlive `destroy_process_group`: gloo has no shutdown, and references inside torch keep the group alive past it
+    and `gc.collect()` (DTensor sharding-propagation results hold the device mesh, whose registry holds the group;
+    torch.distributed.nn.functional, when first imported after `init_process_group`, holds the default group as a
+    default argument), so it is destroyed only as the interpreter finalizes. A worker that drops the last reference
+    to a finished collective then needs the GIL to free its tensors; a finalizing Python ends such a thread, and
+    that aborts the process: "terminate called without an active exception", SIGABRT, exit code 134, after a run
+    that had finished. Two-rank CPU runs of tests/trainer's worker here: 3 aborts in about 310 runs ending normally
+    (a core dump: ProcessGroupGloo::runLoop destroying an AsyncAllgatherCoalescedWork, in take_gil, while the main
+    thread ran the finalizing gc), none in 450 runs ending through here. torchrun reports such an abort as a
+    failure, and restarts the job under --max-restarts. Without gloo (single process; NCCL only, which
+    `destroy_process_group` shuts down) this is `sys.exit`."""
     if code is None:
         code = 0
     elif not isinstance(code, int):  # sys.exit("message"): printed, exit status 1, as the interpreter does
