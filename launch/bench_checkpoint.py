@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from launch.results import report_json
+
 _SAVE = re.compile(r"checkpoint step (\d+): (?:staged in ([\d.]+) s, written in ([\d.]+) s in the background"
                    r"|written in ([\d.]+) s, training waited)")
 _WAIT = re.compile(r"checkpoint step (\d+): waited ([\d.]+) s for the previous")
@@ -89,8 +91,7 @@ def main(argv=None) -> int:
                   f"background write {s['write_s']:7.2f} s")
         print(f"{mode:5s} tokens/s: step after a save {r['tokens_per_s_after_save']}, "
               f"other steps {r['tokens_per_s_other']} (medians)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    report_json(results, args.json, echo=False)
     return 0
 
 

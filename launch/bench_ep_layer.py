@@ -24,13 +24,14 @@ The per-step estimate multiplies by the MoE layers of the preset (8 in bench-3b)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
+
+from launch.results import report_json
 
 VARIANTS = ("plain", "sized", "overlap", "padded")
 
@@ -192,10 +193,7 @@ def main(argv=None) -> dict:
         print(f"{v}: " + ", ".join(f"{k} {x:.3f}" for k, x in prof["ms"].items()) + " ms; gaps: " + "; ".join(
             f"{d['after'][:40]} -> {d['before'][:40]} x{d['count']:g} {d['ms']:.3f}" for d in prof["top_gaps"]),
             flush=True)
-    print(json.dumps(result), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report_json(result, args.json)
     return result
 
 

@@ -26,7 +26,6 @@ estimate multiplies by the number of MoE layers (`--layers`, 8 in bench-3b).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Dict, List
@@ -35,6 +34,7 @@ import torch
 
 from jamba.moe import GroupedExperts
 from launch.bench_exchange import splits_for
+from launch.results import report_json
 from jamba import experts_split as experts
 from parallel.ep_overlap import split_counts
 
@@ -299,10 +299,7 @@ def main(argv=None) -> dict:
           f"functions {ms['split_one']:.3f}", flush=True)
     for name, parts in result["breakdown_ms"].items():
         print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()), flush=True)
-    print(json.dumps(result), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    report_json(result, args.json)
     return result
 
 

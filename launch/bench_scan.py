@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -31,6 +30,7 @@ if __package__ in (None, ""):
 import torch
 
 from launch.bench_ops import median_ms
+from launch.results import report_json
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -125,8 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         rows.append(row)
         del inputs, dout
         torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    report_json(rows, args.json, echo=False)
     return rows
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
 from typing import Dict, List
 
 import torch
+
+from launch.results import report_json
 
 
 def make_state(preset: str, device: torch.device) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -109,9 +110,7 @@ def main(argv=None) -> int:
         later = ", ".join(f"{s:.2f}" for s in secs[1:])
         print(f"{method:6s} first stage {secs[0]:7.2f} s ({size / secs[0] / 1e9:5.1f} GB/s), later {later} s",
               flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    report_json(results, args.json, echo=False)
     dist.destroy_process_group()
     return 0
 
