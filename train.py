@@ -85,7 +85,8 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
             pass
         trainer = Trainer(cfg, model, optimizer, curriculum, make_loader, make_eval, ckpt, None, world, device,
                           layout.dp_size, flops_per_token=flops,
-                          peak_tflops=gpu_peak_tflops(device, cfg.logging.peak_tflops), watchdog=watchdog)
+                          peak_tflops=gpu_peak_tflops(device, cfg.logging.peak_tflops), watchdog=watchdog,
+                          dp_rank=layout.dp_rank)
         trainer.stop = stop
         resumed = trainer.restore()
         if world.is_main:

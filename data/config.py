@@ -77,6 +77,12 @@ class DataConfig:
     """Cache of the default tokenizer; None = $JAMBA_CACHE_DIR or ~/.cache/jamba-train."""
     num_workers: int = 1
     """DataLoader worker processes per rank that tokenise and pack (0 = in the training process)."""
+    readers: int = 0
+    """Independent streams the training corpus is cut into, fixed for the whole run: a resume on another number
+    of ranks or workers continues every one where it stopped (at most this many data-parallel ranks can then
+    read it). 0 = data-parallel size x max(1, num_workers) when the run starts; raise it (e.g. 64) for a run
+    that may grow. A worker with several readers hands out their batches in turn; each has its own shuffle
+    buffer."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead (num_workers > 0)."""
     shuffle_buffer: int = 64
@@ -105,7 +111,8 @@ class DataConfig:
             s.validate(f"data.validation_sources[{i}]")
         if self.tokenizer is None and not (260 <= self.vocab_size <= 1_000_000):
             raise _err("data.vocab_size", self.vocab_size, "use 260..1000000 (256 byte pieces + specials)")
-        for key, lo in (("num_workers", 0), ("prefetch_factor", 1), ("shuffle_buffer", 1), ("max_doc_chars", 1000)):
+        for key, lo in (("num_workers", 0), ("readers", 0), ("prefetch_factor", 1), ("shuffle_buffer", 1),
+                        ("max_doc_chars", 1000)):
             v = getattr(self, key)
             if not isinstance(v, int) or v < lo:
                 raise _err(f"data.{key}", v, f"use an integer >= {lo}")

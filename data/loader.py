@@ -6,11 +6,14 @@
     loader = build_dataloader(...); loader.load_state_dict(state)   # continues the identical token stream
     loader.set_shape(seq_len=1024, micro_batch_size=2)              # curriculum: position and remainder kept
 
-Readers: rank r with W workers owns readers r*W .. r*W+W-1 of dp_world_size*W (W=0 counts as one reader in
-the training process). PyTorch's DataLoader hands out batches from its workers round-robin, in order; each
-batch carries its worker's state after it (pickled bytes), and the loader keeps the latest per worker plus
-which worker is next. On resume the DataLoader's worker j plays logical worker (j + next) % W, so the
-round-robin continues where it stopped.
+Readers (data/readers.py): the stream is cut into R logical readers, R fixed for the whole run (default
+dp_world_size x max(1, W), one per worker: rank r with W workers owns readers r*W .. r*W+W-1). PyTorch's
+DataLoader hands out batches from its workers round-robin, in order; each batch carries its worker's state
+after it (pickled bytes), and the loader keeps the latest per worker plus which worker is next. On resume
+the DataLoader's worker j plays logical worker (j + next) % W, so the round-robin continues where it stopped.
+A resume on another number of ranks or workers takes the readers' states instead (`merge_loader_states` of
+the saved ranks' states, given to `load_state_dict`): every reader continues where it stopped, in another
+rank's batches.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Dict, List, Optional
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
+from data.readers import ReaderGroup, group_state, rank_readers, worker_readers
 from data.sources import expand_path, make_source
 from data.stream import COUNTERS, ReaderStream
 from data.workers import fork_shielded, init_worker, kill_workers
@@ -81,8 +85,15 @@ def build_stream(cfg: DataConfig, tokenizer, *, reader: int, n_readers: int, see
     return stream
 
 
+def build_group(cfg: DataConfig, tokenizer, *, readers: List[int], n_readers: int, seed: int, split: str,
+                state: Any = None) -> ReaderGroup:
+    """The streams of one worker's readers (state: a group state, pickled or not, or None)."""
+    return ReaderGroup(lambda j, st: build_stream(cfg, tokenizer, reader=j, n_readers=n_readers, seed=seed,
+                                                  split=split, state=st), readers, _unpickled(state))
+
+
 class _Workers(IterableDataset):
-    """What each DataLoader worker runs: its logical reader's stream, batches tagged with the state after.
+    """What each DataLoader worker runs: its logical readers' streams, batches tagged with the state after.
     Holds plain parameters, not the loader (no reference cycle keeps finished workers alive)."""
 
     def __init__(self, cfg, tokenizer, params: Dict[str, Any], states: List[Any], offset: int):
@@ -90,12 +101,9 @@ class _Workers(IterableDataset):
 
     def __iter__(self):
         p, info = self.p, get_worker_info()
-        W = p["num_workers"]
-        w = (info.id + self.offset) % W
-        st = self.states[w]
-        stream = build_stream(self.cfg, self.tokenizer, reader=p["dp_rank"] * W + w,
-                              n_readers=p["dp_world_size"] * W, seed=p["seed"], split=p["split"],
-                              state=pickle.loads(st) if isinstance(st, bytes) else st)
+        w = (info.id + self.offset) % p["num_workers"]
+        stream = build_group(self.cfg, self.tokenizer, readers=p["worker_readers"][w], n_readers=p["n_readers"],
+                             seed=p["seed"], split=p["split"], state=self.states[w])
         for batch in stream.batches(p["seq_len"], p["micro_batch_size"], self.cfg.doc_ids):
             batch["_worker"] = w
             batch["_state"] = pickle.dumps(stream.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)
@@ -107,25 +115,44 @@ class PackedLoader:
     """Iterable of packed batches for one data-parallel rank, with state_dict()/load_state_dict()."""
 
     def __init__(self, cfg: DataConfig, tokenizer, *, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_world_size: int = 1, seed: int = 0, split: str = "train"):
+                 dp_world_size: int = 1, seed: int = 0, split: str = "train", n_readers: Optional[int] = None):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}: allowed {SPLITS}")
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_world_size={dp_world_size})")
         self.cfg, self.tokenizer, self.split = cfg, tokenizer, split
         self.dp_rank, self.dp_world_size, self.seed = int(dp_rank), int(dp_world_size), int(seed)
-        self.num_workers = cfg.num_workers if split == "train" else 0  # validation: a short in-process pass
         self.set_shape(seq_len, micro_batch_size)
         for i, spec in enumerate(cfg.sources if split == "train" else (cfg.validation_sources or cfg.sources)):
             if spec.path and not expand_path(spec.path):  # fail now, not in a worker at the first batch
                 raise ValueError(f"data.sources[{i}].path={spec.path!r} matches no file; fix: give an existing "
                                  f"file, directory or glob (e.g. 'corpus/**/*.jsonl')")
-        n = max(1, self.num_workers)
+        if split == "train":
+            self._set_readers(n_readers or cfg.readers or dp_world_size * max(1, cfg.num_workers))
+        else:  # validation: a short in-process pass, one reader per rank, never resumed
+            self._set_readers(dp_world_size, num_workers=0)
+        self._gen = None  # weakref to the live iterator
+
+    def _set_readers(self, n_readers: int, num_workers: Optional[int] = None) -> None:
+        """Lay out n_readers over the ranks and this rank's workers; every position starts afresh."""
+        W = self.cfg.num_workers if num_workers is None else num_workers
+        if n_readers < self.dp_world_size:
+            raise ValueError(f"the training data has {n_readers} readers (data.readers, or the checkpoint's) but "
+                             f"{self.dp_world_size} data-parallel ranks each need one; fix: data.readers >= "
+                             f"{self.dp_world_size} for a new run")
+        self.n_readers = int(n_readers)
+        mine = rank_readers(self.n_readers, self.dp_world_size, self.dp_rank)
+        if W > len(mine):
+            log.warning("data-parallel rank %d reads %d of the %d readers: %d DataLoader workers instead of "
+                        "data.num_workers=%d", self.dp_rank, len(mine), self.n_readers, len(mine), W)
+            W = len(mine)
+        self.num_workers = W
+        self.worker_readers = worker_readers(mine, W)  # per logical worker
+        n = max(1, W)
         self._states: List[Any] = [None] * n  # latest state per logical worker (dict, bytes or None)
         self._stats: List[Dict[str, int]] = [{} for _ in range(n)]
         self._next = 0  # logical worker of the next batch
-        self._live: Optional[ReaderStream] = None  # num_workers == 0: the stream being iterated
-        self._gen = None  # weakref to the live iterator
+        self._live: Optional[ReaderGroup] = None  # num_workers == 0: the readers being iterated
 
     def set_shape(self, seq_len: int, micro_batch_size: int) -> None:
         """New row length / rows per batch for the next iter(); position and packing remainder carry over."""
@@ -142,16 +169,14 @@ class PackedLoader:
         return gen
 
     def _iter_inline(self):
-        st = self._states[0]
-        self._live = build_stream(self.cfg, self.tokenizer, reader=self.dp_rank, n_readers=self.dp_world_size,
-                                  seed=self.seed, split=self.split,
-                                  state=pickle.loads(st) if isinstance(st, bytes) else st)
+        self._live = build_group(self.cfg, self.tokenizer, readers=self.worker_readers[0], n_readers=self.n_readers,
+                                 seed=self.seed, split=self.split, state=self._states[0])
         self._states[0] = None
         yield from self._live.batches(self.seq_len, self.micro_batch_size, self.cfg.doc_ids)
 
     def _iter_workers(self):
         W = self.num_workers
-        params = dict(num_workers=W, dp_rank=self.dp_rank, dp_world_size=self.dp_world_size, seed=self.seed,
+        params = dict(num_workers=W, worker_readers=self.worker_readers, n_readers=self.n_readers, seed=self.seed,
                       split=self.split, seq_len=self.seq_len, micro_batch_size=self.micro_batch_size)
         ds = _Workers(self.cfg, self.tokenizer, params, list(self._states), self._next)
         # fork: workers start in milliseconds (spawn/forkserver re-import torch in each), and data/workers.py
@@ -193,20 +218,44 @@ class PackedLoader:
         else:
             workers = [pickle.loads(s) if isinstance(s, bytes) else s for s in self._states]
         return {"dp_rank": self.dp_rank, "dp_world_size": self.dp_world_size, "num_workers": self.num_workers,
-                "seed": self.seed, "split": self.split, "next_worker": self._next, "workers": workers}
+                "n_readers": self.n_readers, "seed": self.seed, "split": self.split, "next_worker": self._next,
+                "workers": workers}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for key in ("dp_rank", "dp_world_size", "num_workers", "seed", "split"):
+        """A state of this loader's layout (same ranks, workers and readers) continues exactly, batch for batch.
+        Otherwise the state must hold every reader of this rank: a `merge_loader_states` of the saved ranks'
+        states (or one rank's, when only data.num_workers changed); each reader then continues where it
+        stopped, and this rank's batches take them in turn from the first."""
+        for key in ("seed", "split"):
             if state[key] != getattr(self, key):
-                raise ValueError(
-                    f"data loader state has {key}={state[key]!r} but this loader has {key}={getattr(self, key)!r}; "
-                    f"fix: resume with the same data-parallel size, data.num_workers and seed (changing them "
-                    f"would skip or repeat documents)")
+                raise ValueError(f"data loader state has {key}={state[key]!r} but this loader has {key}="
+                                 f"{getattr(self, key)!r}; fix: resume with the same train.seed")
         self._close()
+        if state.get("kind") != "readers":
+            same = all(_layout(state)[k] == getattr(self, k) for k in _layout(state))
+            if not same:
+                return self.load_state_dict(merge_loader_states([state]))
+            self._live = None
+            self._states = [group_state(_unpickled(s), r[0]) for s, r in zip(state["workers"], self.worker_readers)]
+            self._stats = [_stats(s) for s in self._states]
+            self._next = int(state["next_worker"])
+            return None
+        if self.cfg.readers and self.cfg.readers != state["n_readers"] and self.split == "train":
+            log.warning("data.readers=%d, but the saved stream has %d readers: resuming keeps %d", self.cfg.readers,
+                        state["n_readers"], state["n_readers"])
+        if state["n_readers"] != self.n_readers:
+            self._set_readers(state["n_readers"])
+        saved = state["readers"]
+        missing = [j for w in self.worker_readers for j in w if j not in saved]
+        if missing:
+            raise ValueError(f"data loader state lacks readers {_span(missing)} of data-parallel rank {self.dp_rank} "
+                             f"of {self.dp_world_size} ({self.n_readers} readers): merge the states of every saved "
+                             f"rank that read them (merge_loader_states)")
         self._live = None
-        self._states = list(state["workers"])
-        self._stats = [dict(s["stats"]) if s else {} for s in self._states]
-        self._next = int(state["next_worker"])
+        self._states = [{"readers": [[j, saved[j]] for j in w], "next": 0} for w in self.worker_readers]
+        self._stats = [_stats(s) for s in self._states]
+        self._next = 0
+        return None
 
     def stats(self) -> Dict[str, int]:
         """Counters summed over this rank's readers: docs, tokens, sequences, split_docs, skipped_*."""
@@ -214,9 +263,54 @@ class PackedLoader:
         return {k: sum(int(s.get(k, 0)) for s in per) for k in COUNTERS}
 
 
+def _layout(state: Dict[str, Any]) -> Dict[str, int]:
+    """What a saved rank state's exact resume needs equal; states from before `n_readers` had one reader per
+    worker."""
+    W = state["num_workers"]
+    return {"dp_rank": state["dp_rank"], "dp_world_size": state["dp_world_size"], "num_workers": W,
+            "n_readers": state.get("n_readers", state["dp_world_size"] * max(1, W))}
+
+
+def _unpickled(state: Any) -> Any:
+    return pickle.loads(state) if isinstance(state, bytes) else state
+
+
+def _stats(group: Optional[Dict[str, Any]]) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for _, st in (group or {}).get("readers", []):
+        for k, v in (st or {}).get("stats", {}).items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+def _span(ids: List[int]) -> str:
+    return f"{ids[0]}..{ids[-1]}" if len(ids) > 2 else str(ids)
+
+
+def merge_loader_states(states: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The readers' positions in saved per-rank loader states, for a loader of another layout:
+    {"kind": "readers", "n_readers", "seed", "split", "readers": {reader id: state or None (at its start)}}.
+    Ranks of one data-parallel rank (tensor / context parallel) hold equal states: give each once or not."""
+    out: Dict[str, Any] = {"kind": "readers", "readers": {}}
+    for st in states:
+        lay = _layout(st)
+        for key, val in (("n_readers", lay["n_readers"]), ("seed", st["seed"]), ("split", st["split"])):
+            if out.setdefault(key, val) != val:
+                raise ValueError(f"data loader states disagree on {key}: {out[key]!r} and {val!r} (states of "
+                                 f"different runs?)")
+        mine = rank_readers(lay["n_readers"], lay["dp_world_size"], lay["dp_rank"])
+        for ids, group in zip(worker_readers(mine, lay["num_workers"]), st["workers"]):
+            group = group_state(_unpickled(group), ids[0])
+            for j, rs in (group["readers"] if group is not None else [[j, None] for j in ids]):
+                out["readers"][int(j)] = rs
+    return out
+
+
 def build_dataloader(cfg: Optional[DataConfig], tokenizer, *, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                     dp_world_size: int = 1, seed: int = 0, split: str = "train") -> PackedLoader:
-    """The loader for one data-parallel rank (see module docstring). cfg=None: DataConfig() defaults."""
+                     dp_world_size: int = 1, seed: int = 0, split: str = "train",
+                     n_readers: Optional[int] = None) -> PackedLoader:
+    """The loader for one data-parallel rank (see module docstring). cfg=None: DataConfig() defaults;
+    n_readers: the training stream's readers (default data.readers, or dp_world_size x max(1, workers))."""
     cfg = cfg if cfg is not None else DataConfig()
     if not isinstance(cfg, DataConfig):  # an OmegaConf node or a dict
         cfg = DataConfig(**{k: v for k, v in dict(cfg).items()})
@@ -224,7 +318,7 @@ def build_dataloader(cfg: Optional[DataConfig], tokenizer, *, seq_len: int, micr
         from data.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(cfg)
     return PackedLoader(cfg, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
-                        dp_world_size=dp_world_size, seed=seed, split=split)
+                        dp_world_size=dp_world_size, seed=seed, split=split, n_readers=n_readers)
 
 
 def main(argv=None) -> int:

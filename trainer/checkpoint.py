@@ -6,7 +6,9 @@ Layout of `<run_dir>/checkpoints/`:
         .metadata, __*.distcp   DCP shards: {"model": ..., "optim": ...} from get_state_dict (plain, FSDP2
                                 and DTensor models alike; reshardable to another layout by DCP)
         rank00000.pt ...        per-rank state: data-loader position, RNG states (torch, cuda, python, numpy)
-        trainer.json            step, tokens seen, curriculum stage, skipped steps, world size, data fingerprint
+        trainer.json            step, tokens seen, curriculum stage, skipped steps, world size, data fingerprint,
+                                data layout (readers, ranks, and which rank file holds each data-parallel rank's
+                                loader: trainer/data_resume.py moves them to another number of ranks)
         MANIFEST.json           every file's size and CRC32 (trainer/checkpoint_integrity.py)
         COMPLETE                written last (holds the manifest's CRC), before the rename
     .tmp-step_000000300/       a save in progress (or one that crashed): removed at the next start
@@ -425,11 +427,7 @@ class CheckpointManager:
         return trainer_state, rank_state
 
     def _check_data(self, path: Path, trainer_state: Dict[str, Any]) -> None:
-        changes = []
-        saved_ws = trainer_state.get("world_size")
-        if saved_ws != self.world.world_size:
-            changes.append(f"ranks: {saved_ws} -> {self.world.world_size} (the per-rank loader positions and RNG "
-                           f"states cannot be mapped; the loaders would start over)")
+        changes = []  # another number of ranks is not one: the loaders' readers move (trainer/data_resume.py)
         saved_fp = trainer_state.get("data_fingerprint")
         if saved_fp is not None and self.data_fingerprint is not None:
             changes += describe_change(saved_fp, self.data_fingerprint)

@@ -246,6 +246,10 @@ def validate_run(cfg: RunConfig, dp_size: int) -> None:
     _need(ck.keep_last >= 1, f"checkpoint.keep_last={ck.keep_last} must be >= 1")
     for s in ck.signals:
         _one_of("checkpoint.signals[]", s, SIGNALS)
+    readers = getattr(cfg.data, "readers", 0) or 0
+    _need(readers == 0 or readers >= dp_size,
+          f"data.readers={readers} but the {dp_size} data-parallel ranks need one reader each; fix: data.readers >= "
+          f"{dp_size}, or 0 (data-parallel ranks x data.num_workers)")
     validate_curriculum(cfg.curriculum, t.global_batch_tokens, t.max_steps, dp_size)
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, Dict, List, Optional
 
 # Loader settings that change which tokens a position refers to (prefetch, doc_ids, the cache dir do not;
-# data.num_workers and the data-parallel size are checked by the loader's own load_state_dict).
+# data.num_workers and the data-parallel size do not either: the saved readers are dealt to the new layout).
 _STREAM_KEYS = ("shuffle_buffer", "max_doc_chars", "validation_fraction")
 
 

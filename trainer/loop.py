@@ -23,6 +23,7 @@ from jamba.log_once import LogOnce
 from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, set_rng_state
 from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
+from trainer.data_resume import data_layout, resume_loader_state
 from trainer.distributed import World, all_reduce_scalars
 from trainer.metrics import (DATA_COUNTERS, GCPauses, MetricsLogger, Throughput, alloc_retries, memory_gb,
                              moe_balance)
@@ -134,11 +135,15 @@ class Trainer:
                  ckpt: CheckpointManager, metrics: MetricsLogger, world: World, device: torch.device,
                  dp_size: int, grad_sync: Optional[Callable] = None,
                  flops_per_token: Optional[Callable[[int], float]] = None, peak_tflops: Optional[float] = None,
-                 watchdog: Optional[NullWatchdog] = None):
+                 watchdog: Optional[NullWatchdog] = None, dp_rank: Optional[int] = None):
         self.cfg, self.model, self.optimizer = cfg, model, optimizer
         self.curriculum, self.make_loader, self.make_eval_loader = curriculum, make_loader, make_eval_loader
         self.ckpt, self.metrics, self.world, self.device = ckpt, metrics, world, device
         self.dp_size, self.grad_sync = dp_size, grad_sync
+        if dp_rank is None and dp_size != world.world_size:
+            raise ValueError(f"dp_rank is needed: dp_size={dp_size} differs from the world size {world.world_size}")
+        self.dp_rank = world.rank if dp_rank is None else dp_rank
+        self._data_layout: Optional[Dict[str, Any]] = None  # trainer.json's data_layout (trainer/data_resume.py)
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.state = TrainState()
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -168,13 +173,14 @@ class Trainer:
         if expected != self.state.stage:
             log.warning("checkpoint says curriculum stage %d at step %d, the current config says stage %d; "
                         "following the config", self.state.stage, self.state.step, expected)
-        if rank_state is not None:
+        if rank_state is not None:  # same number of ranks
             set_rng_state(rank_state["rng"])
-            data = rank_state["data"]
-            # the loader's position does not depend on the row shape: a checkpoint taken at a stage switch (its
-            # loader still in the previous stage) resumes at the same position with the next stage's shape
-            if data is not None and data.get("loader") is not None:
-                self._open_loader(self.curriculum.stage_at(self.state.step), data.get("loader"))
+        loader_state = resume_loader_state(path, trainer_state, rank_state, self.dp_rank, self.dp_size,
+                                           self.cfg.checkpoint.allow_data_change)
+        # the loader's position does not depend on the row shape: a checkpoint taken at a stage switch (its
+        # loader still in the previous stage) resumes at the same position with the next stage's shape
+        if loader_state is not None:
+            self._open_loader(self.curriculum.stage_at(self.state.step), loader_state)
         return True
 
     # ---- data ---------------------------------------------------------------------------------
@@ -433,5 +439,7 @@ class Trainer:
                       self.state.step, self.state.nonfinite_in_a_row, self.ckpt.latest())
             return None
         with self.watch.phase("checkpoint save", self.state.step):
-            return self.ckpt.save(self.state.step, self.model, self.optimizer, asdict(self.state),
-                                  self.data_state())
+            if self._data_layout is None and hasattr(self.loader, "n_readers"):  # once: a collective
+                self._data_layout = data_layout(self.loader, self.world.rank, self.device)
+            return self.ckpt.save(self.state.step, self.model, self.optimizer,
+                                  dict(asdict(self.state), data_layout=self._data_layout), self.data_state())

@@ -29,3 +29,13 @@ def tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     text = make_docs(400, seed=123) + ["".join(chr(c) for c in range(32, 127))]
     return train_tokenizer(text, 320, str(d / "tiny.model"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small corpus in two formats: several epochs fit in a few dozen batches."""
+    write_jsonl(tmp_path / "a.jsonl", make_docs(25, seed=1, prefix="a"))
+    write_jsonl(tmp_path / "b.jsonl", make_docs(15, seed=2, prefix="b"))
+    for i, d in enumerate(make_docs(6, seed=3, prefix="t")):
+        (tmp_path / f"t{i}.txt").write_text(d)
+    return tmp_path

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from data import DataConfig, SourceConfig, build_dataloader
-from tests.data.conftest import make_docs, write_jsonl
 
 
 def take(loader, n):
@@ -30,16 +29,6 @@ def assert_same(ref, got):
             assert torch.equal(a[k], b[k]), f"batch {i} differs in {k}"
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    """A small corpus in two formats: several epochs fit in a few dozen batches."""
-    write_jsonl(tmp_path / "a.jsonl", make_docs(25, seed=1, prefix="a"))
-    write_jsonl(tmp_path / "b.jsonl", make_docs(15, seed=2, prefix="b"))
-    for i, d in enumerate(make_docs(6, seed=3, prefix="t")):
-        (tmp_path / f"t{i}.txt").write_text(d)
-    return tmp_path
-
-
 def make_cfg(corpus, tok, workers, mixture):
     sources = [SourceConfig(path=str(corpus / "*.jsonl"), weight=3.0)]
     if mixture:
@@ -56,7 +45,7 @@ def test_resume_equals_uninterrupted(corpus, tok, workers, mixture):
     ref = take(build_dataloader(cfg, tok, **kw), n)
     full = build_dataloader(cfg, tok, **kw)
     take(full, n)
-    epochs = [s["epoch"] for w in full.state_dict()["workers"] for s in w["sources"]]
+    epochs = [s["epoch"] for g in full.state_dict()["workers"] for _, w in g["readers"] for s in w["sources"]]
     assert max(epochs) >= 1, f"the run should cross an epoch boundary, epochs {epochs}"
     for stop in (1, 17, 41):
         first = build_dataloader(cfg, tok, **kw)
@@ -133,5 +122,5 @@ def test_state_mismatch_is_refused(corpus, tok):
     a = build_dataloader(cfg, tok, seq_len=16, micro_batch_size=2, dp_rank=0, dp_world_size=2, seed=0)
     take(a, 1)
     b = build_dataloader(cfg, tok, seq_len=16, micro_batch_size=2, dp_rank=1, dp_world_size=2, seed=0)
-    with pytest.raises(ValueError, match="dp_rank"):
+    with pytest.raises(ValueError, match=r"lacks readers \[1\] of data-parallel rank 1 of 2"):
         b.load_state_dict(a.state_dict())

@@ -47,7 +47,8 @@ def test_state_small_and_resume_exact_with_a_huge_document(corpus, tok, workers)
         a = take(first, stop)
         state = first.state_dict()
         size = len(pickle.dumps(state))
-        pieces = sum(1 for w in state["workers"] for e in w["buffer"] + [p[0] for p in w["pending"]]
+        pieces = sum(1 for g in state["workers"] for _, w in g["readers"]
+                     for e in w["buffer"] + [p[0] for p in w["pending"]]
                      if e[0] == "at" and e[2][3] > 0)  # entries inside the huge document
         assert size < MAX_STATE, f"{size:,} bytes of loader state after batch {stop}"
         second = build_dataloader(cfg, tok, **kw)

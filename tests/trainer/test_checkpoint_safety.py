@@ -185,14 +185,16 @@ def test_changed_data_is_refused_unless_allowed(tmp_path, reference):
     assert build_trainer(cfg2, d, data_fingerprint=changed).state.step == 2
 
 
-def test_other_world_size_is_refused(tmp_path, reference):
+def test_other_world_size_is_refused_for_a_loader_without_readers(tmp_path, reference):
+    """The stand-in loader's per-rank states cannot move to other ranks (data/loader.py's readers can)."""
     cfg, ref, crashed = reference
     d = _copy(crashed, tmp_path / "run")
     meta = d / "checkpoints" / "step_000000006" / "trainer.json"
     state = json.loads(meta.read_text())
     state["world_size"] = 2  # as if written by 2 ranks (the manifest's CRC is rewritten to match)
     _rewrite(meta.parent, "trainer.json", json.dumps(state).encode())
-    with pytest.raises(ConfigError, match=r"ranks: 2 -> 1 .*loaders would start over"):
+    with pytest.raises(ConfigError, match=r"ranks: 2 -> this run's \(its data-loader states cannot be moved .*"
+                                          r"loaders would start over\)\. Pass checkpoint.allow_data_change=true"):
         build_trainer(cfg, d)
 
 

@@ -176,7 +176,7 @@ def test_bad_data_counters_reach_metrics_and_the_log_once_per_line(tmp_path):
     assert "bad data skipped: json 15" in out, out[-3000:]
     import torch
     rank = torch.load(run / "checkpoints" / "step_000000012" / "rank00000.pt", weights_only=False)
-    epoch = rank["data"]["loader"]["workers"][0]["sources"][0]["epoch"]
+    epoch = rank["data"]["loader"]["workers"][0]["readers"][0][1]["sources"][0]["epoch"]
     assert epoch >= 3, f"the corpus should have been read several times (epoch {epoch})"
     assert "further skipped_json warnings suppressed" in out
 

@@ -59,6 +59,8 @@ def test_schema_errors_name_the_key(overrides, needle):
     ([], 3, "train.global_batch_tokens=4096 is not a multiple of seq_len(128) * micro_batch_size(8) * dp(3) = 3072"),
     (["logging.wandb.mode=sometimes"], 1, "logging.wandb.mode='sometimes' is not allowed"),
     (["checkpoint.signals=[SIGKILL]"], 1, "checkpoint.signals[]='SIGKILL' is not allowed"),
+    (["data.readers=2", "train.global_batch_tokens=4096"], 4,
+     "data.readers=2 but the 4 data-parallel ranks need one reader each; fix: data.readers >= 4"),
 ])
 def test_impossible_combinations(overrides, dp, needle):
     with pytest.raises(ConfigError) as info:
