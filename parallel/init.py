@@ -48,8 +48,12 @@ def _restore(slots) -> None:
         m._parameters[n] = p
 
 
+FULL_INIT_BYTES = 8 << 30
+"""The largest fp32 model initialised whole ("full" mode here; train.sharded_init=null's threshold)."""
+
+
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int, mode: str = "auto", full_budget_bytes: int = 8 << 30) -> str:
+def init_weights(model: nn.Module, seed: int, mode: str = "auto", full_budget_bytes: int = FULL_INIT_BYTES) -> str:
     """Run `model.init_weights(seed)` on a (possibly) parallelised model; returns the mode used."""
     slots = _dtensor_slots(model)
     if not slots:

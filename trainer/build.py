@@ -52,19 +52,22 @@ class Layout:
     def dp_rank(self) -> int:
         return self.dims.dp_rank
 
-    def build_model(self, model_cfg: JambaConfig, device: torch.device, seed: int, sharded_init: bool = False
-                    ) -> nn.Module:
+    def build_model(self, model_cfg: JambaConfig, device: torch.device, seed: int,
+                    sharded_init: Optional[bool] = None) -> nn.Module:
         """Build on the meta device (nothing allocated), then either
 
-        - default: materialise the whole model on `device`, run its init table (`init_weights(seed)`, same
-          seed on every rank), then apply the parallel layout (TP/EP/FSDP2 shard the initialised tensors):
-          every layout starts from exactly the weights of a single-process run;
+        - not sharded_init: materialise the whole model on `device`, run its init table (`init_weights(seed)`,
+          same seed on every rank), then apply the parallel layout (TP/EP/FSDP2 shard the initialised
+          tensors): every layout starts from exactly the weights of a single-process run;
         - sharded_init: apply the layout on meta, then `to_empty` + `init_weights` per shard (for models too
-          large for one device; needs an init table that works on DTensors)."""
+          large for one device; needs an init table that works on DTensors; parallel/init.py).
+        None: `auto_sharded_init`."""
         from jamba.model import JambaForCausalLM
 
         with torch.device("meta"):
             model = JambaForCausalLM(model_cfg)
+        if sharded_init is None:
+            sharded_init = self.world_size > 1 and auto_sharded_init(model, device)
         if sharded_init:
             model = self._parallelize(model, device)
         model.to_empty(device=device)
@@ -87,6 +90,23 @@ class Layout:
         model = parallelize(model, self.dims, device.type) or model
         log.info("parallel layout: %s", self.dims)
         return model
+
+
+def auto_sharded_init(model: nn.Module, device: torch.device) -> bool:
+    """train.sharded_init=null on several ranks: initialise after sharding when one fp32 copy of the model
+    would take over a quarter of a GPU's memory (and over parallel.init's 8 GiB; on CPU: over 8 GiB), so a
+    large model never materialises whole. Below that every rank initialises it whole: the exact
+    single-process weights for every layout (sharded init keeps them only up to 8 GiB)."""
+    from parallel.init import FULL_INIT_BYTES
+
+    nbytes = 4 * sum(p.numel() for p in model.parameters())
+    limit = FULL_INIT_BYTES
+    if device.type == "cuda":
+        limit = max(limit, torch.cuda.get_device_properties(device).total_memory // 4)
+    if nbytes > limit:
+        log.info("train.sharded_init=null: the fp32 model is %.1f GiB (over %.1f GiB), so it is initialised after "
+                 "sharding, never whole on one device", nbytes / 2**30, limit / 2**30)
+    return nbytes > limit
 
 
 # ---- data ---------------------------------------------------------------------------------------

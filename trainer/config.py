@@ -103,10 +103,13 @@ class TrainConfig:
     num_threads: Optional[int] = None
     """CPU threads per process for intra-op parallelism (torch.set_num_threads); None = torch's default
     (OMP_NUM_THREADS, else the core count). Small models on CPU run fastest with 1."""
-    sharded_init: bool = False
+    sharded_init: Optional[bool] = None
     """Initialise the weights after sharding (meta -> parallelize -> to_empty -> init_weights) instead of
     before (every rank initialises the full model, then it is sharded). Needed when the model does not fit
-    on one device; the default gives every layout exactly the single-process initial weights."""
+    on one device. Both give every layout exactly the single-process initial weights while one fp32 copy of
+    the model is at most 8 GiB (parallel/init.py); beyond that sharded init draws each shard with its own seed.
+    null (default) = sharded when there are several ranks and one fp32 copy of the model would take over a
+    quarter of a GPU's memory (over 8 GiB on CPU): jamba-v0.1 (208 GiB) is, bench-3b (12 GiB) is not."""
     compile: Optional[bool] = None
     """torch.compile each decoder layer and the loss chunks (parallel/compile.py). null (default) = on for
     CUDA, off on CPU. On GPUs it fuses the element-wise work between the kernels (bench-3b on one H100: about
