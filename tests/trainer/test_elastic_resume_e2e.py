@@ -58,7 +58,7 @@ def assert_continues(ref: Path, got: Path) -> None:
     for s in b:
         assert b[s]["tokens"] == a[s]["tokens"]
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-4), (s, a[s]["loss"], b[s]["loss"])
-    ra, rb = readers_at_8(ref), readers_at_8(got)
+    ra, rb = readers_at_8(ref), readers_at_8(got)  # (of every rank file: tensor-parallel ranks hold equal ones)
     assert sorted(ra) == sorted(rb) == [0, 1]
     assert ra == rb  # every reader's whole position: sources, shuffle buffer, packing remainder, counters
 
@@ -79,6 +79,20 @@ def test_two_ranks_resume_on_one_and_one_on_two(tmp_path):
     # the same training on 1 and on 2 ranks: data.readers=2 makes one rank read what two would
     a, b = metrics(ref1), metrics(ref2)
     assert [b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-4) for s in a] == [True] * 8
+
+
+def test_tensor_parallel_to_one_rank(tmp_path):
+    """2 ranks of one data-parallel rank (tp=2) resumed on 1 rank: the data-parallel size is the same, so the
+    saved data-parallel rank's own file (found through trainer.json's data layout) continues batch for batch."""
+    ref = tmp_path / "tp"
+    train(ref, 2, "parallel=tp")
+    layout = json.loads((ref / "checkpoints" / "step_000000004" / "trainer.json").read_text())["data_layout"]
+    assert layout == {"n_readers": 1, "dp_world_size": 1, "num_workers": 1, "files": [0]}
+    one = resumed_copy(ref, tmp_path / "tp_then_one")
+    train(one, 1)
+    a, b = metrics(ref), metrics(one)
+    assert [b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-4) for s in b] == [True] * 4
+    assert readers_at_8(ref) == readers_at_8(one)
 
 
 def test_growing_past_the_readers_is_refused_then_allowed(tmp_path):
