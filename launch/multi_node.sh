@@ -6,7 +6,9 @@
 #                        [--hosts h1,h2,...] [--rdzv-id ID] [-r MAX_RESTARTS] [--dry-run]
 #                        [--] [train.py overrides ...]
 #
-#   -N, --nnodes N        nodes (or MIN:MAX for an elastic range); default $NNODES, else the number of --hosts
+#   -N, --nnodes N        nodes (or MIN:MAX for an elastic range: a restart after a lost node continues on the
+#                         nodes left, the checkpoint and the data readers moved to them); default $NNODES, else
+#                         the number of --hosts
 #   -n, --nproc-per-node  processes per node (default: GPUs that nvidia-smi lists, else 1)
 #   --master-addr HOST    rendezvous host; default $MASTER_ADDR, else the first of --hosts / $HOSTS
 #   --master-port PORT    rendezvous port; default $MASTER_PORT, else 29500
@@ -48,7 +50,7 @@ while (( $# )); do
     -r|--max-restarts) max_restarts="${2:?$1 needs a value}"; shift 2 ;;
     --max-restarts=*) max_restarts="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -103,8 +105,14 @@ if (( dry_run )); then
 fi
 # Check the training config for this world size before torchrun starts: a bad override is one line and exit
 # code 2 here, instead of an error per rank plus torchrun's failure report (trainer/preflight.py).
+# An elastic range (MIN:MAX) is checked for every node count in it: torchrun may (re)start with any of them.
 if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
+  worlds="$(( ${nnodes##*:} * nproc ))"
+  if [[ "$nnodes" == *:* ]]; then
+    worlds=""
+    for (( n = ${nnodes%%:*}; n <= ${nnodes##*:}; n++ )); do worlds+="${worlds:+,}$(( n * nproc ))"; done
+  fi
   PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
-    --world-size "$(( ${nnodes##*:} * nproc ))" -- "$@" || exit $?
+    --world-size "$worlds" -- "$@" || exit $?
 fi
 exec "${cmd[@]}"

@@ -29,7 +29,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 from jamba.config import ConfigError
 
@@ -275,9 +275,10 @@ def _launcher_world(dcfg) -> Optional[int]:
     return None
 
 
-def check_command(overrides: Sequence[str], world_size: int = 1, multirun: bool = False,
+def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]] = 1, multirun: bool = False,
                   config_name: str = "config", data: bool = True) -> None:
-    """Raise ConfigError (one-line message) if this train.py command line cannot run."""
+    """Raise ConfigError (one-line message) if this train.py command line cannot run. world_size: the number of
+    processes, or every number an elastic launch may start it with (each is checked)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = list(overrides)
@@ -289,8 +290,16 @@ def check_command(overrides: Sequence[str], world_size: int = 1, multirun: bool 
     for point in points:
         try:
             dcfg = compose(point, config_name)
-            world = (_launcher_world(dcfg) if multirun else None) or world_size
-            check_config(dcfg, world, data=data)
+            worlds = [int(w) for w in ([world_size] if isinstance(world_size, int) else world_size)]
+            worlds = [_launcher_world(dcfg)] if multirun and _launcher_world(dcfg) else worlds
+            for i, world in enumerate(worlds):
+                try:
+                    check_config(dcfg, world, data=data and i == 0)
+                except ConfigError as e:
+                    if len(worlds) == 1:
+                        raise
+                    raise ConfigError(f"with {world} processes (the elastic range allows {worlds}): {one_line(e)}"
+                                      ) from None
         except ConfigError as e:
             raise ConfigError(one_line(e)) from None
         except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors
@@ -328,6 +337,13 @@ def preflight_or_exit(argv: Sequence[str]) -> None:
         sys.exit(EXIT_CONFIG_ERROR)
 
 
+def _worlds(text: str) -> List[int]:
+    worlds = [int(w) for w in text.split(",")]
+    if not worlds or min(worlds) < 1:
+        raise ValueError(text)
+    return worlds
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
@@ -337,7 +353,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cut = argv.index("--")
         argv, train_args = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(prog="python -m trainer.preflight", description=__doc__.splitlines()[0])
-    p.add_argument("--world-size", type=int, default=1, help="processes of the run (nodes x processes per node)")
+    p.add_argument("--world-size", type=_worlds, default=[1],
+                   help="processes of the run (nodes x processes per node); a comma-separated list for an elastic "
+                        "node range (every one is checked)")
     p.add_argument("--multirun", "-m", action="store_true", help="the overrides are a sweep (train.py -m)")
     p.add_argument("--no-data", action="store_true", help="skip the data checks (inputs on another machine)")
     p.add_argument("overrides", nargs="*")

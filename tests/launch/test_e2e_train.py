@@ -1,5 +1,6 @@
 """End to end with the real train.py (tiny model, CPU, gloo): the launchers' preemption, requeue, elastic
-restart and multi-node paths must reproduce the losses of an uninterrupted run exactly.
+restart and multi-node paths must reproduce the losses of an uninterrupted run exactly (a restart on fewer nodes
+of an elastic range: within 1e-4, its gradient accumulation summing in another order than data parallelism).
 
 All runs: 2 ranks (DDP), 12 steps of 2 x 64 tokens per rank, a checkpoint every 4 steps. Losses come from
 metrics.jsonl in each run directory.
@@ -213,3 +214,32 @@ def test_two_nodes_by_two_processes_train(tmp_path, reap):
     assert sorted(got) == [1, 2, 3] and all(len(v) == 1 for v in got.values())
     log = (run_dir / "train.log").read_text()
     assert "process group: gloo, rank 3 of 4" in log and "world=4" in log
+
+
+def test_elastic_range_continues_on_the_surviving_node(tmp_path, reference, reap):
+    """launch/multi_node.sh -N 1:2 -r 1 on two "nodes" of 1 process: the second node (agent and worker) is
+    SIGKILLed after the first checkpoint; the first node's agent restarts its worker in a 1-node world, which
+    resumes the 2-rank checkpoint on 1 rank (its data-loader readers moved to the one rank) and finishes with
+    the uninterrupted 2-rank run's losses (fp32: within 1e-4; gradient accumulation sums in another order)."""
+    run_dir, port = tmp_path / "run", free_port()
+    args = [str(REPO / "launch/multi_node.sh"), "-N", "1:2", "-n", "1", "-r", "1", "--master-addr", "127.0.0.1",
+            "--master-port", str(port), "--rdzv-id", "elastic", *TRAIN_ARGS, "train.collective_timeout_s=20",
+            f"hydra.run.dir={run_dir}"]
+    env = clean_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
+    host = start(args, tmp_path / "node0.log", env=env, cwd=REPO)  # first: it hosts the rendezvous store
+    time.sleep(3)
+    other = start(args, tmp_path / "node1.log", env=env, cwd=REPO)
+    wait_for(lambda: complete_checkpoints(run_dir) and max(losses(run_dir)) > complete_checkpoints(run_dir)[-1],
+             host, "a step after the first checkpoint")
+    killed_after = max(losses(run_dir))
+    for pid in worker_pids(other.pid) + [other.pid]:
+        os.kill(pid, signal.SIGKILL)
+    out = finish(host)
+    assert host.returncode == 0, out[-4000:]
+    assert killed_after < STEPS, "the kill came too late to interrupt the run"
+    log = (run_dir / "train.log").read_text()
+    assert "rank 0 of 2" in log and "data: 2 readers saved by 2 data-parallel ranks continue on 1" in log, log[-3000:]
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1)), sorted(got)
+    for step, values in got.items():
+        assert values[-1] == pytest.approx(reference[step][0], rel=1e-4), (step, values, reference[step])

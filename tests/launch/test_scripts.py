@@ -72,6 +72,15 @@ def test_multi_node_errors_say_how_to_fix(args, message):
     assert res.returncode == 2 and message in res.stderr
 
 
+def test_multi_node_checks_every_size_of_an_elastic_range():
+    """-N 1:3 -n 2 may run with 2, 4 or 6 processes: a global batch that 6 cannot split fails before torchrun."""
+    res = subprocess.run([str(REPO / "launch/multi_node.sh"), "-N", "1:3", "-n", "2", "--master-addr", "127.0.0.1",
+                          "experiment=debug", "parallel=ddp", "train.global_batch_tokens=512"], env=script_env(),
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "with 6 processes (the elastic range allows [2, 4, 6]): curriculum.stages[0]" in res.stderr
+
+
 def test_torchrun_wrapper_sets_the_shutdown_timeout():
     """launch.torchrun (used by train.sbatch on torch < 2.12) makes torchrun wait this long before SIGKILL."""
     code = ("import os; os.environ['TORCH_ELASTIC_SHUTDOWN_TIMEOUT'] = '240'\n"
