@@ -232,6 +232,8 @@ class PackedLoader:
                                  f"{getattr(self, key)!r}; fix: resume with the same train.seed")
         self._close()
         if state.get("kind") != "readers":
+            if _layout(state)["n_readers"] != self.n_readers:  # the run's count, not this config's default
+                self._set_readers(_layout(state)["n_readers"])
             same = all(_layout(state)[k] == getattr(self, k) for k in _layout(state))
             if not same:
                 return self.load_state_dict(merge_loader_states([state]))

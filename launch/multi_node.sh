@@ -71,6 +71,7 @@ if [[ -z "$nnodes" ]]; then
   nnodes="${#host_list[@]}"
 fi
 [[ "$nnodes" =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || fail "--nnodes must be N or MIN:MAX, got '$nnodes'"
+(( ${nnodes%%:*} <= ${nnodes##*:} )) || fail "--nnodes MIN:MAX needs MIN <= MAX, got '$nnodes'"
 [[ "$master_port" =~ ^[0-9]+$ ]] || fail "--master-port must be a port number, got '$master_port'"
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || fail "--max-restarts must be a non-negative integer, got '$max_restarts'"
 if [[ -z "$nproc" ]]; then

@@ -60,13 +60,7 @@ def resume_loader_state(path: Path, trainer_state: Dict[str, Any], rank_state: O
         return own  # the same ranks (or a loader without readers: its state as it is)
     layout = trainer_state.get("data_layout") or _layout_from_files(path)  # older checkpoints: the rank files say
     if layout is None:
-        change = (f"ranks: {trainer_state.get('world_size')} -> this run's (its data-loader states cannot be moved "
-                  f"to other ranks; the loaders would start over)")
-        if not allow_change:
-            raise ConfigError(f"resuming {path} would not continue its data stream: {change}. Pass "
-                              f"checkpoint.allow_data_change=true to resume anyway, or use another run directory")
-        log.warning("resuming %s with changed data (checkpoint.allow_data_change=true): %s", path, change)
-        return None
+        return _cannot_move(path, trainer_state, allow_change)
     R, D = layout["n_readers"], layout["dp_world_size"]
     if D == dp_size:  # another tensor / context / expert layout over the same data-parallel ranks: exact
         return _loader_of(path / f"rank{layout['files'][dp_rank]:05d}.pt")
@@ -84,8 +78,8 @@ def resume_loader_state(path: Path, trainer_state: Dict[str, Any], rank_state: O
     states: List[Dict[str, Any]] = []
     for d in owners:
         st = _loader_of(path / f"rank{layout['files'][d]:05d}.pt")
-        if st is None:
-            return None
+        if st is None or not _ours(st):  # (every rank sees the same files, so all decide alike)
+            return _cannot_move(path, trainer_state, allow_change)
         states.append(st)
     if dp_rank == 0:
         log.info("data: %d readers saved by %d data-parallel ranks continue on %d (rank 0 takes readers from saved "
@@ -93,8 +87,19 @@ def resume_loader_state(path: Path, trainer_state: Dict[str, Any], rank_state: O
     return merge_loader_states(states)
 
 
+def _cannot_move(path: Path, trainer_state: Dict[str, Any], allow_change: bool) -> None:
+    change = (f"ranks: {trainer_state.get('world_size')} -> this run's (its data-loader states cannot be moved to "
+              f"other ranks; the loaders would start over)")
+    if not allow_change:
+        raise ConfigError(f"resuming {path} would not continue its data stream: {change}. Pass "
+                          f"checkpoint.allow_data_change=true to resume anyway, or use another run directory")
+    log.warning("resuming %s with changed data (checkpoint.allow_data_change=true): %s", path, change)
+    return None
+
+
 def _layout_from_files(path: Path) -> Optional[Dict[str, Any]]:
-    """Layout of a checkpoint without `data_layout` in trainer.json: every rank file read once."""
+    """Layout of a checkpoint without `data_layout` in trainer.json (saved before it had one), from its rank
+    files, read until every data-parallel rank has one."""
     files: Dict[int, int] = {}
     layout = None
     for f in sorted(path.glob("rank*.pt")):
@@ -105,7 +110,9 @@ def _layout_from_files(path: Path) -> Optional[Dict[str, Any]]:
         layout = {"n_readers": st.get("n_readers", st["dp_world_size"] * max(1, W)),
                   "dp_world_size": st["dp_world_size"], "num_workers": W}
         files.setdefault(st["dp_rank"], int(f.stem[len("rank"):]))
-    if layout is None:
+        if len(files) == layout["dp_world_size"]:
+            break
+    if layout is None or len(files) < layout["dp_world_size"]:
         return None
     layout["files"] = [files[d] for d in range(layout["dp_world_size"])]
     return layout

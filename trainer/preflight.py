@@ -187,6 +187,25 @@ def check_config(dcfg, world_size: int, data: bool = True):
     return cfg
 
 
+def check_elastic_readers(cfg, worlds: Sequence[int]) -> None:
+    """An elastic range may restart the run with more data-parallel ranks than it started with; each needs one of
+    the data readers, whose number is fixed when the run starts (data/readers.py)."""
+    from parallel.config import ParallelConfig
+    from parallel.dims import ParallelDims
+
+    pcfg = cfg.parallel if isinstance(cfg.parallel, ParallelConfig) else ParallelConfig(**dict(cfg.parallel))
+    seq_len = max(s.seq_len for s in cfg.curriculum.stages) if cfg.curriculum.stages else None
+    dp = [ParallelDims(pcfg, w, model=cfg.model, seq_len=seq_len).dp_size for w in worlds]
+    workers, readers = max(1, cfg.data.num_workers), cfg.data.readers
+    fewest = readers or min(dp) * workers  # data.readers=0: data-parallel ranks x workers when the run starts
+    if fewest < max(dp):
+        got = (f"data.readers={readers}" if readers else f"data.readers=0 gives {fewest} (data-parallel ranks x "
+               f"data.num_workers) when it starts with {min(worlds)} processes")
+        raise ConfigError(f"the elastic range of {list(worlds)} processes may restart with {max(dp)} data-parallel "
+                          f"ranks, each needing one of the data readers fixed when the run starts, but {got}; fix: "
+                          f"data.readers={max(dp) * workers}")
+
+
 def check_data(cfg) -> None:
     """Local inputs exist and are usable; the tokenizer fits the model. Reads at most a few files."""
     from data.sources import expand_path
@@ -294,12 +313,14 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             worlds = [_launcher_world(dcfg)] if multirun and _launcher_world(dcfg) else worlds
             for i, world in enumerate(worlds):
                 try:
-                    check_config(dcfg, world, data=data and i == 0)
+                    cfg = check_config(dcfg, world, data=data and i == 0)
                 except ConfigError as e:
                     if len(worlds) == 1:
                         raise
                     raise ConfigError(f"with {world} processes (the elastic range allows {worlds}): {one_line(e)}"
                                       ) from None
+            if len(worlds) > 1:
+                check_elastic_readers(cfg, worlds)
         except ConfigError as e:
             raise ConfigError(one_line(e)) from None
         except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors

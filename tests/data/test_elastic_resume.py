@@ -70,6 +70,29 @@ def test_shrink_two_ranks_to_one(corpus, tok, new_workers):
     assert one.stats()["sequences"] == 2 * (7 + 6) * 2
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_after_a_move(corpus, tok, workers):
+    """After 2 ranks -> 1, the run has 2 readers while a fresh loader of this config would have 1 x workers:
+    a later resume on the same layout must still continue batch for batch (reader and worker turn kept)."""
+    cfg = make_cfg(corpus, tok, 1, True)
+    streams = reader_streams(cfg, tok, 2, 20)
+    states = []
+    for r in range(2):
+        loader = build_dataloader(cfg, tok, dp_rank=r, dp_world_size=2, **KW)
+        take(loader, 4)
+        states.append(checkpoint_roundtrip(loader.state_dict()))
+    cfg1 = make_cfg_like(cfg, workers)
+    one = build_dataloader(cfg1, tok, **KW)
+    one.load_state_dict(merge_loader_states(states))
+    expected = in_turn(streams, [0, 1], {0: 4, 1: 4})
+    assert_same(expected[:3], take(one, 3))  # the next batch is reader 1's: not the start of a turn
+    again = build_dataloader(cfg1, tok, **KW)
+    assert again.n_readers == max(1, workers)
+    again.load_state_dict(checkpoint_roundtrip(one.state_dict()))
+    assert again.n_readers == 2
+    assert_same(expected[3:9], take(again, 6))
+
+
 @pytest.mark.parametrize("new_workers", [0, 1, 2])
 def test_grow_one_rank_to_two(corpus, tok, new_workers):
     """1 rank with data.readers=4 in one process (its batches from readers 0, 1, 2, 3, 0, ...) stops after 6
@@ -161,3 +184,44 @@ def test_more_workers_than_readers(corpus, tok, caplog):
     assert "2 DataLoader workers instead of data.num_workers=3" in caplog.text
     assert torch.equal(take(loader, 1)[0]["input_ids"],
                        reader_streams(cfg, tok, 4, 1)[2][0]["input_ids"])
+
+
+def _rank_files(tmp_path, states, world_ranks=None):
+    """Rank files as trainer/checkpoint.py writes them: {"rank", "world_size", "data": {"loader": ...}, "rng"}."""
+    ranks = world_ranks or list(range(len(states)))
+    for r, st in zip(ranks, states):
+        torch.save({"rank": r, "world_size": len(ranks), "data": {"stage": 0, "loader": st}, "rng": None},
+                   tmp_path / f"rank{r:05d}.pt")
+    return tmp_path
+
+
+def test_trainer_picks_the_saved_states(corpus, tok, tmp_path):
+    """trainer/data_resume.py on rank files: the layout from trainer.json or, for checkpoints saved before it
+    had one, from the rank files; refusals unless checkpoint.allow_data_change."""
+    from jamba.config import ConfigError
+    from trainer.data_resume import resume_loader_state
+
+    cfg = make_cfg(corpus, tok, 0, False)
+    streams = reader_streams(cfg, tok, 2, 10)
+    states = []
+    for r in range(2):
+        loader = build_dataloader(cfg, tok, dp_rank=r, dp_world_size=2, **KW)
+        take(loader, 3)
+        states.append(loader.state_dict())
+    ckpt = _rank_files(tmp_path, states)
+    layout = {"n_readers": 2, "dp_world_size": 2, "num_workers": 0, "files": [0, 1]}
+    for trainer_state in ({"world_size": 2, "data_layout": layout}, {"world_size": 2}):  # the second: legacy
+        got = resume_loader_state(ckpt, trainer_state, None, dp_rank=0, dp_size=1, allow_change=False)
+        one = build_dataloader(cfg, tok, **KW)
+        one.load_state_dict(got)
+        assert_same(in_turn(streams, [0, 1], {0: 3, 1: 3})[:4], take(one, 4))
+    # the same data-parallel size (e.g. another tensor-parallel degree): the saved rank's own state
+    assert resume_loader_state(ckpt, {"world_size": 4, "data_layout": layout}, None, 1, 2, False) == states[1]
+    # more data-parallel ranks than readers
+    with pytest.raises(ConfigError, match=r"has 2 readers .* 3 data-parallel ranks.*Resume on at most 2"):
+        resume_loader_state(ckpt, {"world_size": 2, "data_layout": layout}, None, 0, 3, False)
+    assert resume_loader_state(ckpt, {"world_size": 2, "data_layout": layout}, None, 0, 3, True) is None
+    # a saved rank without a loader state cannot hand its readers over
+    _rank_files(tmp_path, [states[0], None])
+    with pytest.raises(ConfigError, match="cannot be moved to other ranks"):
+        resume_loader_state(ckpt, {"world_size": 2, "data_layout": layout}, None, 0, 1, False)

@@ -224,6 +224,7 @@ def test_elastic_range_continues_on_the_surviving_node(tmp_path, reference, reap
     run_dir, port = tmp_path / "run", free_port()
     args = [str(REPO / "launch/multi_node.sh"), "-N", "1:2", "-n", "1", "-r", "1", "--master-addr", "127.0.0.1",
             "--master-port", str(port), "--rdzv-id", "elastic", *TRAIN_ARGS, "train.collective_timeout_s=20",
+            "data.readers=2",  # the range may grow to 2 ranks: it needs 2 readers even when started on one node
             f"hydra.run.dir={run_dir}"]
     env = clean_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")
     host = start(args, tmp_path / "node0.log", env=env, cwd=REPO)  # first: it hosts the rendezvous store

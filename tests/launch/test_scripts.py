@@ -65,6 +65,7 @@ def test_multi_node_dry_run_takes_master_from_hosts_and_env():
     (["--master-addr", "h", "-n", "2"], "number of nodes unknown"),
     (["--hosts", "a,b", "-n", "0"], "--nproc-per-node must be a positive integer"),
     (["--hosts", "a,b", "-N", "x"], "--nnodes must be N or MIN:MAX"),
+    (["--hosts", "a,b", "-N", "3:1"], "--nnodes MIN:MAX needs MIN <= MAX, got '3:1'"),
 ])
 def test_multi_node_errors_say_how_to_fix(args, message):
     res = subprocess.run([str(REPO / "launch/multi_node.sh"), *args, "--dry-run"], env=script_env(),
@@ -79,6 +80,14 @@ def test_multi_node_checks_every_size_of_an_elastic_range():
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert res.returncode == 2, res.stderr
     assert "with 6 processes (the elastic range allows [2, 4, 6]): curriculum.stages[0]" in res.stderr
+    # a range that may grow needs as many data readers as its largest data-parallel size
+    res = subprocess.run([str(REPO / "launch/multi_node.sh"), "-N", "1:2", "-n", "2", "--master-addr", "127.0.0.1",
+                          "experiment=debug", "parallel=ddp", "train.global_batch_tokens=512"], env=script_env(),
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert ("may restart with 4 data-parallel ranks, each needing one of the data readers fixed when the run starts, "
+            "but data.readers=0 gives 2 (data-parallel ranks x data.num_workers) when it starts with 2 processes; "
+            "fix: data.readers=4") in res.stderr
 
 
 def test_torchrun_wrapper_sets_the_shutdown_timeout():

@@ -25,12 +25,15 @@ def test_auto_sharded_init_picks_large_models():
 
 
 def _losses(run_dir: Path, layout: str, sharded: str) -> list:
+    """Losses of a 3-step 2-rank run; checks that parallel.init_weights ran exactly when sharded_init=true."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "experiment=debug", f"parallel={layout}", "train.max_steps=3", "train.eval_every=0", "checkpoint.every=0",
            "checkpoint.save_final=false", f"train.sharded_init={sharded}", f"hydra.run.dir={run_dir}"]
     r = run_tree(cmd, cwd=ROOT, env=env, timeout=150)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    sharded_log = "sharded parameters" in (run_dir / "train.log").read_text()  # parallel/init.py's line
+    assert sharded_log == (sharded == "true"), f"train.sharded_init={sharded}: parallel.init_weights ran: {sharded_log}"
     return [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
@@ -40,3 +43,4 @@ def _losses(run_dir: Path, layout: str, sharded: str) -> list:
 def test_sharded_init_trains_as_the_whole_model_init(tmp_path, layout):
     whole, sharded = _losses(tmp_path / "whole", layout, "false"), _losses(tmp_path / "sharded", layout, "true")
     assert len(whole) == 3 and sharded == whole
+    assert _losses(tmp_path / "default", layout, "null") == whole  # the tiny model: initialised whole
