@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from launch.bench import StepTimer, _override, parse_ac, peak_gib, reset_peak
+from trainer.distributed import exit_process, init_process_group
 
 log = logging.getLogger("launch.bench_cp")
 
@@ -134,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         cfg, dims, model, opt = build(args, device)
@@ -206,3 +207,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # after gloo: without the interpreter's finalization (trainer/distributed.py)

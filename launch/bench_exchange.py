@@ -25,12 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
+
+from trainer.distributed import exit_process, init_process_group
 
 TRANSPORTS = ("nccl", "nccl_p2p", "symm_ce", "symm_sm")
 
@@ -179,12 +180,12 @@ def main(argv=None) -> int:
         p.error("run under torchrun, e.g. torchrun --standalone --nproc_per_node 2 -m launch.bench_exchange")
     if args.device == "cpu":
         transports = [t for t in transports if not t.startswith("symm")]  # symmetric memory is CUDA-only
-        dist.init_process_group("gloo")
+        init_process_group("gloo")
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        init_process_group("nccl", device_id=device)
     group = dist.group.WORLD
     rank = dist.get_rank()
     results = []
@@ -206,4 +207,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # after gloo: without the interpreter's finalization (trainer/distributed.py)

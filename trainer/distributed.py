@@ -93,6 +93,15 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def init_process_group(backend: str, **kwargs) -> None:
+    """`dist.init_process_group(backend, **kwargs)`, noted for `exit_process` when it is gloo (scripts that set
+    up their own default group, e.g. launch/bench_exchange.py, launch/bench_cp.py)."""
+    global _gloo_created
+    dist.init_process_group(backend, **kwargs)
+    if backend == "gloo":
+        _gloo_created = True
+
+
 def new_gloo_group(**kwargs):
     """`dist.new_group(backend="gloo", **kwargs)`, noted for `exit_process` (e.g. the asynchronous checkpoint
     writer's group, which CUDA runs have beside NCCL's)."""

@@ -51,6 +51,10 @@ else:
         torch.distributed.init_process_group("gloo", rank=0, world_size=1)
         distributed.new_gloo_group()
         torch.distributed.destroy_process_group()
+    elif gloo == "script":  # a script's own default group (launch/bench_exchange.py, bench_cp.py)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        distributed.init_process_group("gloo", rank=0, world_size=1)
+        torch.distributed.destroy_process_group()
     logging.getLogger("x").info("single process")
 print("stdout line", end="")  # no newline: flushed only by an explicit flush
 distributed.exit_process(code)
@@ -88,8 +92,10 @@ def test_after_gloo_finalization_is_skipped_and_logs_code_and_atexit_survive(tmp
         assert _marks(tmp_path, rank) == (True, False)  # atexit handlers ran; the finalization did not
 
 
-def test_a_gloo_group_beside_the_default_one_counts(tmp_path):
-    [(rc, out, err)] = _run(tmp_path, 1, "0", gloo="side")
+@pytest.mark.parametrize("gloo", ["side", "script"])
+def test_a_gloo_group_made_elsewhere_counts(tmp_path, gloo):
+    """new_gloo_group beside the default group, or a script's own default group (init_process_group)."""
+    [(rc, out, err)] = _run(tmp_path, 1, "0", gloo=gloo)
     assert rc == 0 and out == "stdout line", err[-2000:]
     assert _marks(tmp_path, 0) == (True, False)
 
