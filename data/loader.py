@@ -330,6 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", type=int, default=100)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--readers", type=int, default=0, help="data.readers (0: one per worker)")
     p.add_argument("--path", default=None, help="a file/glob instead of the embedded corpus")
     p.add_argument("--tokenizer", default=None)
     args = p.parse_args(argv)
@@ -337,19 +338,21 @@ def main(argv=None) -> int:
     from data.config import SourceConfig
     from data.tokenizer import load_tokenizer
 
-    cfg = DataConfig(num_workers=args.workers, tokenizer=args.tokenizer,
+    cfg = DataConfig(num_workers=args.workers, readers=args.readers, tokenizer=args.tokenizer,
                      sources=[SourceConfig(path=args.path)] if args.path else [SourceConfig(builtin="python_stdlib")])
     tok = load_tokenizer(cfg)
     loader = build_dataloader(cfg, tok, seq_len=args.seq_len, micro_batch_size=args.batch)
     it = iter(loader)
-    next(it)  # startup (workers, first buffer fill) not timed
+    for _ in range(max(1, loader.n_readers)):  # startup (workers, each reader's first buffer fill) not timed
+        next(it)
     t0 = time.perf_counter()
     for _ in range(args.batches):
         next(it)
     dt = time.perf_counter() - t0
     n = args.batches * args.batch * args.seq_len
+    state = len(pickle.dumps(loader.state_dict(), protocol=pickle.HIGHEST_PROTOCOL))
     print(f"{n / dt:,.0f} tokens/s ({args.batches} batches of {args.batch}x{args.seq_len}, workers={args.workers}, "
-          f"vocab={tok.vocab_size}); stats {loader.stats()}")
+          f"readers={loader.n_readers}, vocab={tok.vocab_size}); state {state:,} bytes; stats {loader.stats()}")
     return 0
 
 
