@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
-from data.readers import ReaderGroup, group_state, rank_readers, worker_readers
+from data.readers import ReaderGroup, default_readers, group_state, rank_readers, sum_stats, worker_readers
 from data.sources import expand_path, make_source
 from data.stream import COUNTERS, ReaderStream
 from data.workers import fork_shielded, init_worker, kill_workers
@@ -128,7 +128,7 @@ class PackedLoader:
                 raise ValueError(f"data.sources[{i}].path={spec.path!r} matches no file; fix: give an existing "
                                  f"file, directory or glob (e.g. 'corpus/**/*.jsonl')")
         if split == "train":
-            self._set_readers(n_readers or cfg.readers or dp_world_size * max(1, cfg.num_workers))
+            self._set_readers(n_readers or cfg.readers or default_readers(dp_world_size, cfg.num_workers))
         else:  # validation: a short in-process pass, one reader per rank, never resumed
             self._set_readers(dp_world_size, num_workers=0)
         self._gen = None  # weakref to the live iterator
@@ -232,10 +232,10 @@ class PackedLoader:
                                  f"{getattr(self, key)!r}; fix: resume with the same train.seed")
         self._close()
         if state.get("kind") != "readers":
-            if _layout(state)["n_readers"] != self.n_readers:  # the run's count, not this config's default
-                self._set_readers(_layout(state)["n_readers"])
-            same = all(_layout(state)[k] == getattr(self, k) for k in _layout(state))
-            if not same:
+            lay = saved_layout(state)
+            if lay["n_readers"] != self.n_readers:  # the run's count, not this config's default
+                self._set_readers(lay["n_readers"])
+            if any(lay[k] != getattr(self, k) for k in lay):
                 return self.load_state_dict(merge_loader_states([state]))
             self._live = None
             self._states = [group_state(_unpickled(s), r[0]) for s, r in zip(state["workers"], self.worker_readers)]
@@ -265,12 +265,12 @@ class PackedLoader:
         return {k: sum(int(s.get(k, 0)) for s in per) for k in COUNTERS}
 
 
-def _layout(state: Dict[str, Any]) -> Dict[str, int]:
-    """What a saved rank state's exact resume needs equal; states from before `n_readers` had one reader per
-    worker."""
-    W = state["num_workers"]
-    return {"dp_rank": state["dp_rank"], "dp_world_size": state["dp_world_size"], "num_workers": W,
-            "n_readers": state.get("n_readers", state["dp_world_size"] * max(1, W))}
+def saved_layout(state: Dict[str, Any]) -> Dict[str, int]:
+    """What a saved rank state's exact resume needs equal: dp_rank, dp_world_size, num_workers, n_readers
+    (states from before `n_readers` had one reader per worker)."""
+    dp, W = state["dp_world_size"], state["num_workers"]
+    return {"dp_rank": state["dp_rank"], "dp_world_size": dp, "num_workers": W,
+            "n_readers": state.get("n_readers", default_readers(dp, W))}
 
 
 def _unpickled(state: Any) -> Any:
@@ -278,11 +278,7 @@ def _unpickled(state: Any) -> Any:
 
 
 def _stats(group: Optional[Dict[str, Any]]) -> Dict[str, int]:
-    out: Dict[str, int] = {}
-    for _, st in (group or {}).get("readers", []):
-        for k, v in (st or {}).get("stats", {}).items():
-            out[k] = out.get(k, 0) + int(v)
-    return out
+    return sum_stats((st or {}).get("stats", {}) for _, st in (group or {}).get("readers", []))
 
 
 def _span(ids: List[int]) -> str:
@@ -295,7 +291,7 @@ def merge_loader_states(states: List[Dict[str, Any]]) -> Dict[str, Any]:
     Ranks of one data-parallel rank (tensor / context parallel) hold equal states: give each once or not."""
     out: Dict[str, Any] = {"kind": "readers", "readers": {}}
     for st in states:
-        lay = _layout(st)
+        lay = saved_layout(st)
         for key, val in (("n_readers", lay["n_readers"]), ("seed", st["seed"]), ("split", st["split"])):
             if out.setdefault(key, val) != val:
                 raise ValueError(f"data loader states disagree on {key}: {out[key]!r} and {val!r} (states of "

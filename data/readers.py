@@ -17,9 +17,23 @@ holding several readers hands out their batches in turn (`ReaderGroup`), one bat
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
+
+
+def default_readers(dp_world_size: int, num_workers: int) -> int:
+    """R when data.readers=0 (and in loader states saved before R was recorded): one reader per worker."""
+    return dp_world_size * max(1, num_workers)
+
+
+def sum_stats(stats: Iterable[Dict[str, int]]) -> Dict[str, int]:
+    """Counters (docs, tokens, ...) summed over readers."""
+    out: Dict[str, int] = {}
+    for st in stats:
+        for k, v in st.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
 
 
 def rank_readers(n_readers: int, dp_world_size: int, dp_rank: int) -> List[int]:
@@ -59,11 +73,7 @@ class ReaderGroup:
 
     @property
     def stats(self) -> Dict[str, int]:
-        out: Dict[str, int] = {}
-        for s in self.streams:
-            for k, v in s.stats.items():
-                out[k] = out.get(k, 0) + int(v)
-        return out
+        return sum_stats(s.stats for s in self.streams)
 
     def batches(self, seq_len: int, micro_batch_size: int, doc_ids: bool = True) -> Iterator[Dict[str, torch.Tensor]]:
         """Until one reader's (finite) stream ends: a training stream only ends to start its next epoch."""

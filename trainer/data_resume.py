@@ -100,16 +100,16 @@ def _cannot_move(path: Path, trainer_state: Dict[str, Any], allow_change: bool) 
 def _layout_from_files(path: Path) -> Optional[Dict[str, Any]]:
     """Layout of a checkpoint without `data_layout` in trainer.json (saved before it had one), from its rank
     files, read until every data-parallel rank has one."""
+    from data.loader import saved_layout
+
     files: Dict[int, int] = {}
     layout = None
     for f in sorted(path.glob("rank*.pt")):
         st = _loader_of(f)
         if st is None or not _ours(st):
             return None
-        W = st["num_workers"]
-        layout = {"n_readers": st.get("n_readers", st["dp_world_size"] * max(1, W)),
-                  "dp_world_size": st["dp_world_size"], "num_workers": W}
-        files.setdefault(st["dp_rank"], int(f.stem[len("rank"):]))
+        layout = saved_layout(st)
+        files.setdefault(layout.pop("dp_rank"), int(f.stem[len("rank"):]))
         if len(files) == layout["dp_world_size"]:
             break
     if layout is None or len(files) < layout["dp_world_size"]:

@@ -68,10 +68,7 @@ def init_distributed(world: World, device: torch.device, timeout_s: float = 600.
         kwargs.update(store=store, rank=world.rank, world_size=world.world_size)
     if device.type == "cuda":
         kwargs["device_id"] = device
-    dist.init_process_group(**kwargs)
-    if backend == "gloo":
-        global _gloo_created
-        _gloo_created = True
+    init_process_group(**kwargs)
     log.info("process group: %s, rank %d of %d, collective timeout %g s", backend, world.rank, world.world_size,
              timeout_s)
     return True

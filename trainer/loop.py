@@ -439,7 +439,7 @@ class Trainer:
                       self.state.step, self.state.nonfinite_in_a_row, self.ckpt.latest())
             return None
         with self.watch.phase("checkpoint save", self.state.step):
-            if self._data_layout is None and hasattr(self.loader, "n_readers"):  # once: a collective
+            if self._data_layout is None:  # once (a collective), for a loader with readers
                 self._data_layout = data_layout(self.loader, self.world.rank, self.device)
             return self.ckpt.save(self.state.step, self.model, self.optimizer,
                                   dict(asdict(self.state), data_layout=self._data_layout), self.data_state())

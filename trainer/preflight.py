@@ -148,7 +148,8 @@ def _syntax_error(override: str) -> bool:
 
 # ---- checks --------------------------------------------------------------------------------------
 def check_config(dcfg, world_size: int, data: bool = True):
-    """Schema, values, parallel layout (for `world_size` processes) and data inputs. Returns the RunConfig."""
+    """Schema, values, parallel layout (for `world_size` processes) and data inputs. Returns the RunConfig and
+    its data-parallel size on `world_size` processes."""
     from omegaconf import OmegaConf, open_dict
 
     from trainer.config import to_object, validate_run
@@ -184,20 +185,17 @@ def check_config(dcfg, world_size: int, data: bool = True):
     validate_run(cfg, dims.dp_size)
     if data:
         check_data(cfg)
-    return cfg
+    return cfg, dims.dp_size
 
 
-def check_elastic_readers(cfg, worlds: Sequence[int]) -> None:
+def check_elastic_readers(cfg, worlds: Sequence[int], dp: Sequence[int]) -> None:
     """An elastic range may restart the run with more data-parallel ranks than it started with; each needs one of
-    the data readers, whose number is fixed when the run starts (data/readers.py)."""
-    from parallel.config import ParallelConfig
-    from parallel.dims import ParallelDims
+    the data readers, whose number is fixed when the run starts (data/readers.py). dp[i]: the data-parallel size
+    on worlds[i] processes."""
+    from data.readers import default_readers
 
-    pcfg = cfg.parallel if isinstance(cfg.parallel, ParallelConfig) else ParallelConfig(**dict(cfg.parallel))
-    seq_len = max(s.seq_len for s in cfg.curriculum.stages) if cfg.curriculum.stages else None
-    dp = [ParallelDims(pcfg, w, model=cfg.model, seq_len=seq_len).dp_size for w in worlds]
     workers, readers = max(1, cfg.data.num_workers), cfg.data.readers
-    fewest = readers or min(dp) * workers  # data.readers=0: data-parallel ranks x workers when the run starts
+    fewest = readers or default_readers(min(dp), workers)  # data.readers=0: fixed by the size the run starts at
     if fewest < max(dp):
         got = (f"data.readers={readers}" if readers else f"data.readers=0 gives {fewest} (data-parallel ranks x "
                f"data.num_workers) when it starts with {min(worlds)} processes")
@@ -309,18 +307,21 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
     for point in points:
         try:
             dcfg = compose(point, config_name)
-            worlds = [int(w) for w in ([world_size] if isinstance(world_size, int) else world_size)]
-            worlds = [_launcher_world(dcfg)] if multirun and _launcher_world(dcfg) else worlds
+            launcher = _launcher_world(dcfg) if multirun else None
+            worlds = [launcher] if launcher else [int(w) for w in ([world_size] if isinstance(world_size, int)
+                                                                   else world_size)]
+            dp = []
             for i, world in enumerate(worlds):
                 try:
-                    cfg = check_config(dcfg, world, data=data and i == 0)
+                    cfg, dp_size = check_config(dcfg, world, data=data and i == 0)
                 except ConfigError as e:
                     if len(worlds) == 1:
                         raise
                     raise ConfigError(f"with {world} processes (the elastic range allows {worlds}): {one_line(e)}"
                                       ) from None
+                dp.append(dp_size)
             if len(worlds) > 1:
-                check_elastic_readers(cfg, worlds)
+                check_elastic_readers(cfg, worlds, dp)
         except ConfigError as e:
             raise ConfigError(one_line(e)) from None
         except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors

@@ -28,6 +28,16 @@ def make_cfg_like(cfg, workers, readers=0):
     return dataclasses.replace(cfg, num_workers=workers, readers=readers)
 
 
+def saved_states(cfg, tok, dp, n):
+    """Each of `dp` ranks takes n batches; their states as a checkpoint holds them."""
+    states = []
+    for r in range(dp):
+        loader = build_dataloader(cfg, tok, dp_rank=r, dp_world_size=dp, **KW)
+        take(loader, n)
+        states.append(checkpoint_roundtrip(loader.state_dict()))
+    return states
+
+
 def in_turn(streams, readers, start):
     """The batches a rank holding `readers` (one group) hands out, starting at each reader's batch start[j]."""
     out, pos = [], dict(start)
@@ -76,11 +86,7 @@ def test_exact_resume_after_a_move(corpus, tok, workers):
     a later resume on the same layout must still continue batch for batch (reader and worker turn kept)."""
     cfg = make_cfg(corpus, tok, 1, True)
     streams = reader_streams(cfg, tok, 2, 20)
-    states = []
-    for r in range(2):
-        loader = build_dataloader(cfg, tok, dp_rank=r, dp_world_size=2, **KW)
-        take(loader, 4)
-        states.append(checkpoint_roundtrip(loader.state_dict()))
+    states = saved_states(cfg, tok, 2, 4)
     cfg1 = make_cfg_like(cfg, workers)
     one = build_dataloader(cfg1, tok, **KW)
     one.load_state_dict(merge_loader_states(states))
@@ -203,11 +209,7 @@ def test_trainer_picks_the_saved_states(corpus, tok, tmp_path):
 
     cfg = make_cfg(corpus, tok, 0, False)
     streams = reader_streams(cfg, tok, 2, 10)
-    states = []
-    for r in range(2):
-        loader = build_dataloader(cfg, tok, dp_rank=r, dp_world_size=2, **KW)
-        take(loader, 3)
-        states.append(loader.state_dict())
+    states = saved_states(cfg, tok, 2, 3)
     ckpt = _rank_files(tmp_path, states)
     layout = {"n_readers": 2, "dp_world_size": 2, "num_workers": 0, "files": [0, 1]}
     for trainer_state in ({"world_size": 2, "data_layout": layout}, {"world_size": 2}):  # the second: legacy
