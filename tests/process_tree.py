@@ -78,12 +78,3 @@ def run_tree(cmd: Sequence[str], *, timeout: float, **popen_kwargs) -> subproces
             kill_tree(proc.pid)
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
-def exit_without_teardown(code: int = 0) -> None:
-    """End a multi-process test worker whose results are written (files, its exit code) without the
-    interpreter's finalization, where a gloo rank occasionally aborted after all its work was done (SIGABRT:
-    trainer.distributed.exit_process says why; train.py ends through that function)."""
-    from trainer.distributed import exit_now
-
-    exit_now(code)
