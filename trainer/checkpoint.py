@@ -27,6 +27,7 @@ streak), or a save that would not fit on the disk. The run directory is locked (
 from __future__ import annotations
 
 import atexit
+import hashlib
 import io
 import json
 import logging
@@ -84,6 +85,18 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def reseed_after_move(seed: int, step: int, rank: int) -> int:
+    """Seed Python, NumPy and torch (every device) for a rank resumed on another number of ranks, where no saved
+    RNG state is this rank's own. The seed is a hash of (train.seed, step, rank): the streams differ per rank, do
+    not replay the first steps' (train.seed + rank), and two resumes at different steps get different ones."""
+    digest = hashlib.sha256(f"jamba-rng/{seed}/{step}/{rank}".encode()).digest()
+    derived = int.from_bytes(digest[:8], "little") % 2**63
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived)
+    return derived
 
 
 def _all_gather(obj: Any, group=None) -> List[Any]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from jamba.log_once import LogOnce
-from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, set_rng_state
+from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, reseed_after_move, set_rng_state
 from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
 from trainer.data_resume import data_layout, resume_loader_state
@@ -175,6 +175,11 @@ class Trainer:
                         "following the config", self.state.stage, self.state.step, expected)
         if rank_state is not None:  # same number of ranks
             set_rng_state(rank_state["rng"])
+        else:  # another number of ranks: no saved stream is this rank's; fresh ones, not the first steps' again
+            reseed_after_move(self.cfg.train.seed, self.state.step, self.world.rank)
+            if self.world.is_main:
+                log.info("resumed on %d ranks (saved with %s): RNG streams seeded from (train.seed, step %d, rank)",
+                         self.world.world_size, trainer_state.get("world_size"), self.state.step)
         loader_state = resume_loader_state(path, trainer_state, rank_state, self.dp_rank, self.dp_size,
                                            self.cfg.checkpoint.allow_data_change)
         # the loader's position does not depend on the row shape: a checkpoint taken at a stage switch (its

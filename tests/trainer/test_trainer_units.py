@@ -148,3 +148,29 @@ def test_wandb_mode_resolution(monkeypatch):
     assert _wandb_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert _wandb_mode("auto") == "disabled" and _wandb_mode("offline") == "offline"
+
+
+def test_reseed_after_move_gives_fresh_per_rank_streams():
+    """A rank resumed on another number of ranks has no saved RNG state of its own: its streams come from
+    (seed, step, rank), the same for the same resume, and neither another rank's, another step's, nor the first
+    steps' (seed + rank) again."""
+    import random
+
+    import numpy as np
+
+    from trainer.build import seed_everything
+    from trainer.checkpoint import reseed_after_move
+
+    def draws():
+        return (torch.rand(4).tolist(), random.random(), float(np.random.rand()))
+
+    def after_move(step, rank):
+        reseed_after_move(1234, step, rank)
+        return draws()
+
+    assert after_move(8, 1) == after_move(8, 1)
+    seed_everything(1234 + 1)
+    first_steps = draws()
+    others = [first_steps, after_move(8, 0), after_move(16, 1)]
+    for other in others:
+        assert all(a != b for a, b in zip(after_move(8, 1), other))
