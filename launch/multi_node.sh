@@ -3,7 +3,7 @@
 # master address joins them (no node ranks to hand out; a restarted node rejoins by itself).
 #
 #   launch/multi_node.sh [-N NNODES] [-n NPROC] [--master-addr HOST] [--master-port PORT]
-#                        [--hosts h1,h2,...] [--rdzv-id ID] [-r MAX_RESTARTS] [--dry-run]
+#                        [--hosts h1,h2,...] [--rdzv-id ID] [--rdzv-conf K=V,...] [-r MAX_RESTARTS] [--dry-run]
 #                        [--] [train.py overrides ...]
 #
 #   -N, --nnodes N        nodes (or MIN:MAX for an elastic range: a restart after a lost node continues on the
@@ -14,6 +14,9 @@
 #   --master-port PORT    rendezvous port; default $MASTER_PORT, else 29500
 #   --hosts h1,h2,...     the job's hosts (default $HOSTS); the first one hosts the rendezvous
 #   --rdzv-id ID          the same on every node of one job; default $RDZV_ID, else "jamba"
+#   --rdzv-conf K=V,...   torchrun's rendezvous settings (default $RDZV_CONF), e.g. last_call_timeout=10: with
+#                         -N MIN:MAX, once MIN nodes joined torchrun waits this long (default 30 s) for more,
+#                         at the start and at every restart; join_timeout=SECONDS bounds the wait for MIN nodes
 #   -r, --max-restarts N  restart failed workers up to N times; they resume from the newest checkpoint
 #   --dry-run             print the environment and the command, start nothing
 #
@@ -31,6 +34,7 @@ master_addr="${MASTER_ADDR:-}"
 master_port="${MASTER_PORT:-29500}"
 hosts="${HOSTS:-}"
 rdzv_id="${RDZV_ID:-jamba}"
+rdzv_conf="${RDZV_CONF:-}"
 max_restarts=0
 dry_run=0
 while (( $# )); do
@@ -47,6 +51,8 @@ while (( $# )); do
     --hosts=*) hosts="${1#*=}"; shift ;;
     --rdzv-id) rdzv_id="${2:?$1 needs a value}"; shift 2 ;;
     --rdzv-id=*) rdzv_id="${1#*=}"; shift ;;
+    --rdzv-conf) rdzv_conf="${2:?$1 needs a value}"; shift 2 ;;
+    --rdzv-conf=*) rdzv_conf="${1#*=}"; shift ;;
     -r|--max-restarts) max_restarts="${2:?$1 needs a value}"; shift 2 ;;
     --max-restarts=*) max_restarts="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
@@ -73,6 +79,8 @@ fi
 [[ "$nnodes" =~ ^[1-9][0-9]*(:[1-9][0-9]*)?$ ]] || fail "--nnodes must be N or MIN:MAX, got '$nnodes'"
 (( ${nnodes%%:*} <= ${nnodes##*:} )) || fail "--nnodes MIN:MAX needs MIN <= MAX, got '$nnodes'"
 [[ "$master_port" =~ ^[0-9]+$ ]] || fail "--master-port must be a port number, got '$master_port'"
+[[ -z "$rdzv_conf" || "$rdzv_conf" =~ ^[A-Za-z_]+=[^,=[:space:]]+(,[A-Za-z_]+=[^,=[:space:]]+)*$ ]] ||
+  fail "--rdzv-conf must be KEY=VALUE[,KEY=VALUE...] (e.g. last_call_timeout=10), got '$rdzv_conf'"
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || fail "--max-restarts must be a non-negative integer, got '$max_restarts'"
 if [[ -z "$nproc" ]]; then
   nproc=1
@@ -93,6 +101,7 @@ cmd=("${PYTHON:-python}" -m launch.torchrun
   --rdzv-backend=c10d
   --rdzv-endpoint="$master_addr:$master_port"
   --rdzv-id="$rdzv_id"
+  ${rdzv_conf:+--rdzv-conf="$rdzv_conf"}
   --max-restarts="$max_restarts"
   "${TRAIN_SCRIPT:-$repo_dir/train.py}" "$@")
 

@@ -58,6 +58,7 @@ def test_multi_node_dry_run_takes_master_from_hosts_and_env():
     cmd = subprocess.run([str(REPO / "launch/multi_node.sh"), "-n", "2", "--dry-run"], env=env,
                          capture_output=True, text=True, check=True).stdout.splitlines()[-1]
     assert "--nnodes=2:4 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.7:1234 --rdzv-id=exp7" in cmd
+    assert "--rdzv-conf" not in cmd  # torchrun's own rendezvous settings unless asked for
 
 
 @pytest.mark.parametrize("args,message", [
@@ -66,6 +67,7 @@ def test_multi_node_dry_run_takes_master_from_hosts_and_env():
     (["--hosts", "a,b", "-n", "0"], "--nproc-per-node must be a positive integer"),
     (["--hosts", "a,b", "-N", "x"], "--nnodes must be N or MIN:MAX"),
     (["--hosts", "a,b", "-N", "3:1"], "--nnodes MIN:MAX needs MIN <= MAX, got '3:1'"),
+    (["--hosts", "a,b", "--rdzv-conf", "last_call_timeout"], "--rdzv-conf must be KEY=VALUE[,KEY=VALUE...]"),
 ])
 def test_multi_node_errors_say_how_to_fix(args, message):
     res = subprocess.run([str(REPO / "launch/multi_node.sh"), *args, "--dry-run"], env=script_env(),
