@@ -1,7 +1,8 @@
 """Metrics: metrics.jsonl, log lines, the tqdm progress bar and wandb (all on rank 0), MFU and memory.
 
 metrics.jsonl holds one JSON object per logged step: step, tokens, loss, lr, grad_norm, tokens_per_s, plus
-aux_loss, z_loss, skipped (steps), stage, seq_len, mfu (GPU), moe_load_max / moe_load_min, mem_gb,
+aux_loss, z_loss, skipped (steps), stage, seq_len, mfu (GPU), moe_load_max / moe_load_min and moe_counts (routed
+token copies per MoE layer and expert; metrics.jsonl only, for `python -m launch.ep_balance`), mem_gb,
 alloc_retries (CUDA caching-allocator retries: a run near its memory limit), gc_ms / gc_full (rank 0's time in
 Python's garbage collector since the previous record, and its full collections), and when
 non-zero the data counters skipped_json / skipped_utf8 / skipped_field / skipped_empty / skipped_file (bad
@@ -62,6 +63,11 @@ def memory_gb(device: torch.device) -> float:
     return kb / 2**20
 
 
+NOT_TO_WANDB = frozenset({"step", "moe_counts"})
+"""Record keys kept out of wandb: the step is its own argument; the per-layer expert counts are a table for
+`launch.ep_balance`, not a series to plot."""
+
+
 def alloc_retries(device: torch.device) -> Dict[str, int]:
     """CUDA caching-allocator retries so far (each frees cached blocks and synchronises the device: a run
     near its memory limit slows down without failing); {} elsewhere."""
@@ -72,7 +78,8 @@ def alloc_retries(device: torch.device) -> Dict[str, int]:
 
 def moe_balance(counts: Optional[torch.Tensor], ep: int = 1) -> Dict[str, float]:
     """Expert load relative to the mean, worst over MoE layers: max (>= 1) and min (<= 1); 1/1 = balanced.
-    counts: (MoE layers, experts), global over the data-parallel ranks.
+    counts: (MoE layers, experts), global over the data-parallel ranks; logged as they are too (`moe_counts`), from
+    which `python -m launch.ep_balance` tells how evenly any EP size would split the experts' work.
 
     With expert parallelism (ep > 1; rank r holds experts [r E/ep, (r+1) E/ep)) also `moe_rank_load_max`: the
     busiest ep rank's routed tokens over the mean, worst layer. Every all-to-all waits for that rank's grouped
@@ -82,7 +89,8 @@ def moe_balance(counts: Optional[torch.Tensor], ep: int = 1) -> Dict[str, float]
     c = counts.double()
     mean = c.mean(dim=-1, keepdim=True).clamp_min(1e-9)
     rel = c / mean
-    out = {"moe_load_max": rel.max().item(), "moe_load_min": rel.min().item()}
+    out = {"moe_load_max": rel.max().item(), "moe_load_min": rel.min().item(),
+           "moe_counts": counts.round().long().tolist()}  # per layer and expert: python -m launch.ep_balance
     if ep > 1 and c.shape[-1] % ep == 0:
         per_rank = c.view(*c.shape[:-1], ep, c.shape[-1] // ep).sum(-1)  # (layers, ep)
         out["moe_rank_load_max"] = (per_rank / per_rank.mean(-1, keepdim=True).clamp_min(1e-9)).max().item()
@@ -216,7 +224,7 @@ class MetricsLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._fh.write(json.dumps(clean) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None},
+            self.wandb.log({k: v for k, v in record.items() if k not in NOT_TO_WANDB and v is not None},
                            step=record["step"])
 
     def log(self, record: Dict[str, Any]) -> None:

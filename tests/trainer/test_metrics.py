@@ -11,6 +11,7 @@ def test_moe_balance_rank_load_groups_experts_by_ep_rank():
     out = moe_balance(counts, ep=2)
     assert out["moe_load_max"] == 3.0 and out["moe_load_min"] == 0.0
     assert out["moe_rank_load_max"] == 2.0  # 40 over the mean of (40, 0)
+    assert out["moe_counts"] == [[10, 10, 10, 10], [30, 10, 0, 0]]  # as they are, for launch.ep_balance
     assert "moe_rank_load_max" not in moe_balance(counts, ep=1)
     # experts 0 and 2 busy: balanced over ep ranks although the experts are not
     assert moe_balance(torch.tensor([[20.0, 0.0, 20.0, 0.0]]), ep=2)["moe_rank_load_max"] == 1.0

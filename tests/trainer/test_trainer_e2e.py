@@ -66,9 +66,18 @@ def test_default_run_first_steps(default_run):
     for r in train:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0
         assert {"lr", "aux_loss", "moe_load_max", "moe_load_min", "mem_gb"} <= set(r)
+        # the step's routed token copies per MoE layer (2) and expert (4): 4096 tokens x top-2 in each layer
+        assert [sum(layer) for layer in r["moe_counts"]] == [4096 * 2] * 2 and len(r["moe_counts"][0]) == 4
     assert abs(train[0]["loss"] - math.log(2048)) < 0.3  # starts at ~ln(vocab)
     assert train[-1]["loss"] < train[0]["loss"] - 0.2  # and falls
     assert [r["step"] for r in recs if "val_loss" in r] == [3, 6]
+    # what EP=2 / EP=4 would make of this routing, from the run directory (launch/ep_balance.py)
+    from launch.ep_balance import busiest_rank_loads, read_counts, summarise
+
+    rows = summarise(read_counts(default_run, skip=0), [2, 4])
+    assert [(row["ep"], row["experts_per_rank"], row["records"]) for row in rows] == [(2, 2, 6), (4, 1, 6)]
+    last = train[-1]["moe_counts"]
+    assert max(busiest_rank_loads(last, 4)) == pytest.approx(train[-1]["moe_load_max"])  # one expert per rank
     for name in ("config.yaml", "tokenizer.model", "checkpoints/step_000000006/COMPLETE"):
         assert (default_run / name).is_file(), name
 

@@ -1,0 +1,106 @@
+"""How evenly expert parallelism would split a run's MoE work, from the expert counts in its metrics.jsonl.
+
+    python -m launch.ep_balance runs/bench-3b/base --ep 2,4,8 --skip 32
+
+With expert parallelism every MoE layer's all-to-alls wait for the busiest EP rank's grouped GEMMs, so a step
+spends on expert work what the busiest rank does, layer by layer: sum over layers of max over ranks, where a
+balanced split would spend the mean. The trainer logs each logged step's routed token copies per layer and
+expert (`moe_counts`, summed over the step's micro-batches and data-parallel ranks); for each EP size this
+reports the busiest rank's load over the mean (1.00 = balanced; rank r holds experts [r E/ep, (r+1) E/ep), as
+parallel/expert_parallel.py places them), averaged over the MoE layers (what the step's expert time grows by)
+and at the worst layer. Any run works, also one on a single GPU, so it tells before a multi-GPU job how much
+EP=N would lose to the routing the model has learnt. The counts are a whole step's: with several micro-batches
+per step, each micro-batch's own exchange is less balanced than they show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+from launch.results import report_json
+
+
+def busiest_rank_loads(counts: Sequence[Sequence[float]], ep: int) -> List[float]:
+    """counts (MoE layers, experts) -> per layer, the busiest of `ep` ranks' token copies over the ranks' mean
+    (layers that routed nothing are left out)."""
+    loads = []
+    for row in counts:
+        if len(row) % ep:
+            raise ValueError(f"--ep {ep} must divide the number of experts ({len(row)})")
+        per = len(row) // ep
+        ranks = [sum(row[r * per:(r + 1) * per]) for r in range(ep)]
+        mean = sum(ranks) / ep
+        if mean > 0:
+            loads.append(max(ranks) / mean)
+    return loads
+
+
+def read_counts(path: Path, skip: int) -> List[Dict]:
+    """The records of metrics.jsonl (a file or a run directory) after step `skip` that carry `moe_counts`."""
+    f = path / "metrics.jsonl" if path.is_dir() else path
+    if not f.is_file():
+        raise SystemExit(f"ep_balance: no metrics file at {f} (give a run directory or its metrics.jsonl)")
+    records = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return [r for r in records if "moe_counts" in r and r.get("step", 0) > skip]
+
+
+def summarise(records: List[Dict], eps: Sequence[int]) -> List[Dict]:
+    rows = []
+    for ep in eps:
+        per_record = [busiest_rank_loads(r["moe_counts"], ep) for r in records]
+        per_record = [loads for loads in per_record if loads]
+        if not per_record:
+            continue
+        means = [sum(loads) / len(loads) for loads in per_record]
+        rows.append({"ep": ep, "experts_per_rank": len(records[0]["moe_counts"][0]) // ep, "records": len(means),
+                     "mean_load_median": statistics.median(means), "mean_load_mean": sum(means) / len(means),
+                     "mean_load_worst": max(means), "worst_layer": max(max(loads) for loads in per_record)})
+    return rows
+
+
+def markdown(rows: List[Dict]) -> str:
+    lines = ["| ep | experts per rank | busiest rank's load, mean over layers: median / mean / worst record | "
+             "worst layer | records |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['ep']} | {r['experts_per_rank']} | {r['mean_load_median']:.3f} / "
+                     f"{r['mean_load_mean']:.3f} / {r['mean_load_worst']:.3f} | {r['worst_layer']:.2f} | "
+                     f"{r['records']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a run directory or its metrics.jsonl")
+    ap.add_argument("--ep", default="2,4,8", help="comma-separated EP sizes (each must divide the experts)")
+    ap.add_argument("--skip", type=int, default=0, help="leave out records up to this step (the routing's start)")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    try:
+        eps = [int(x) for x in args.ep.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--ep must be comma-separated integers, got {args.ep!r}")
+    if not eps or min(eps) < 1:
+        ap.error(f"--ep must list EP sizes >= 1, got {args.ep!r}")
+    records = read_counts(args.run, args.skip)
+    if not records:
+        print(f"ep_balance: no record after step {args.skip} in {args.run} has expert counts (`moe_counts`: a model "
+              f"with MoE layers, trained by this version of train.py)", file=sys.stderr)
+        return 2
+    experts = len(records[0]["moe_counts"][0])
+    bad = [ep for ep in eps if experts % ep]
+    if bad:
+        print(f"ep_balance: --ep {bad} must divide the number of experts ({experts})", file=sys.stderr)
+        return 2
+    rows = summarise(records, eps)
+    print(markdown(rows))
+    report_json({"run": str(args.run), "skip": args.skip, "experts": experts, "rows": rows}, args.json, echo=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

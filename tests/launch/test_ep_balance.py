@@ -1,0 +1,54 @@
+"""launch/ep_balance.py: what each EP size would make of a run's routing, from metrics.jsonl's `moe_counts`
+(hand-computed cases; the trainer's real records are checked in tests/trainer/test_trainer_e2e.py)."""
+
+import json
+
+import pytest
+
+from launch.ep_balance import busiest_rank_loads, main, read_counts, summarise
+
+
+def write_metrics(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_busiest_rank_over_the_mean_per_layer():
+    counts = [[10, 10, 10, 10],   # balanced at any ep
+              [30, 10, 0, 0],     # ep=2: ranks (40, 0) -> 2.0; ep=4: 30 over 10 -> 3.0
+              [20, 0, 20, 0],     # ep=2: (20, 20) -> 1.0 although the experts are not balanced
+              [0, 0, 0, 0]]       # routed nothing: left out
+    assert busiest_rank_loads(counts, 2) == [1.0, 2.0, 1.0]
+    assert busiest_rank_loads(counts, 4) == [1.0, 3.0, 2.0]
+    assert busiest_rank_loads(counts, 1) == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="--ep 3 must divide the number of experts"):
+        busiest_rank_loads(counts, 3)
+
+
+def test_summary_over_the_records_after_skip(tmp_path):
+    f = write_metrics(tmp_path / "metrics.jsonl", [
+        {"step": 4, "moe_counts": [[40, 0, 0, 0]]},                  # the routing's start: skipped
+        {"step": 8, "moe_counts": [[10, 10, 10, 10], [30, 10, 0, 0]]},  # ep=2: layers 1.0, 2.0 -> mean 1.5
+        {"step": 8, "val_loss": 3.0},                                 # validation records carry no counts
+        {"step": 12, "moe_counts": [[12, 8, 10, 10], [10, 10, 10, 10]]},  # ep=2: 1.0, 1.0 -> 1.0
+    ])
+    records = read_counts(tmp_path, skip=4)  # a run directory or the file itself
+    assert [r["step"] for r in records] == [8, 12] == [r["step"] for r in read_counts(f, skip=4)]
+    (row,) = summarise(records, [2])
+    assert row == {"ep": 2, "experts_per_rank": 2, "records": 2, "mean_load_median": 1.25, "mean_load_mean": 1.25,
+                   "mean_load_worst": 1.5, "worst_layer": 2.0}
+
+
+def test_cli_prints_a_table_and_names_bad_input(tmp_path, capsys):
+    write_metrics(tmp_path / "metrics.jsonl", [{"step": 1, "moe_counts": [[3, 1, 2, 2]]}])
+    out_json = tmp_path / "balance.json"
+    assert main([str(tmp_path), "--ep", "2,4", "--json", str(out_json)]) == 0
+    table = capsys.readouterr().out
+    assert "| 2 | 2 | 1.000 / 1.000 / 1.000 | 1.00 | 1 |" in table and "| 4 | 1 | 1.500" in table
+    assert [r["ep"] for r in json.loads(out_json.read_text())["rows"]] == [2, 4]
+    assert main([str(tmp_path), "--ep", "3"]) == 2
+    assert "--ep [3] must divide the number of experts (4)" in capsys.readouterr().err
+    assert main([str(tmp_path), "--skip", "5"]) == 2
+    assert "no record after step 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no metrics file"):
+        main([str(tmp_path / "nowhere")])
