@@ -263,7 +263,7 @@ PRESETS = {
     "small": dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, intermediate_size=1408, attn_layer_period=8, attn_layer_offset=4,
                   expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2),
-    # The H100 benchmark shape of the README's Performance section (3.0B total, ~1.3B active).
+    # The H100 benchmark shape of the README's Performance section and docs/performance.md (3.0B total, ~1.3B active).
     "bench-3b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
                      num_key_value_heads=4, intermediate_size=5632, attn_layer_period=8, attn_layer_offset=4,
                      expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2),

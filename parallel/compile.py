@@ -10,7 +10,7 @@ element-wise work between the kernels (norms, residual adds, SwiGLU, MoE routing
 
 On one H100 (bench-3b, bf16, `python -m launch.bench --preset bench-3b --points 4096x4,16384x1 [--compile]`):
 45,193 -> 48,474 tokens/s at 4K x 4 and 42,753 -> 45,860 at 16K x 1 (two consecutive runs on one machine);
-the README's performance section has the profile. CUDA graphs (`mode="reduce-overhead"`) were slower
+docs/performance.md has the profile. CUDA graphs (`mode="reduce-overhead"`) were slower
 (48,663 against 49,342 in one run): the step is GPU-bound, the GPU idles under 2% of it.
 """
 

@@ -35,13 +35,13 @@ of the Function, so their gradients reach FSDP as from any other op (also `torch
 need no gradient, e.g. only the experts train). A second backward through the same graph is refused (the
 activations are freed as the backward uses them). The own halves are one copy of my rows, so that x's storage
 (mostly rows for the other ranks) is freed once they are sent. End to end on 2 H200s, before this split, the
-overlap ran 1.5% slower than "sized" (README, Performance).
+overlap ran 1.5% slower than "sized" (docs/performance.md).
 
 SMs for the all-to-alls (parallel.ep_overlap_sms = C > 0): the GEMMs of parts S1 and S2 run beside an all-to-all.
 torch's grouped GEMM is a persistent kernel whose grid covers every SM; launched while an all-to-all's blocks hold
 some, its blocks that find no free SM wait and run as a second wave, which could cost about what the overlap hides.
 With C > 0 the overlap exchanges over a group of its own (`overlap_group`: the EP ranks, NCCL at most C blocks, a
-high-priority stream) and those GEMMs leave C SMs free (`sm_carveout`). Measured on 2 H200s (bench-3b, README): the
+high-priority stream) and those GEMMs leave C SMs free (`sm_carveout`). Measured on 2 H200s (bench-3b, docs/performance.md): the
 overlap's compute did not shrink (338.9 ms per step with C = 0, 337.6 with C = 8), its all-to-alls got slower
 (moving rows 10.1 -> 29.3 ms per step with C = 8), and train.py ran at the same speed (45,361 and 45,369 tokens/s
 per GPU in one round), so the second wave is not what cost it its extra compute (13-17 ms per step then, before

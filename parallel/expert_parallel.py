@@ -15,7 +15,7 @@ intermediate size over tp), and wraps the experts' forward:
 Host syncs and compilation: NCCL's variable all-to-all needs the split sizes on the host, so each exchange
 has exactly one device-to-host copy (send and receive sizes together; the row bookkeeping after it is
 told its output size and does not sync again); the backward reuses the forward's sizes. On 2 H200s that
-sync is part of EP=2's 24-38 ms of device idle time per bench-3b step (8 MoE layers; README, Performance):
+sync is part of EP=2's 24-38 ms of device idle time per bench-3b step (8 MoE layers; docs/performance.md):
 the GPU runs dry at each one and waits while Python issues the next kernels. `parallel.ep_exchange=padded`
 (`_exchange_padded`) removes it: each rank sends every peer a fixed block with room for all its routed rows,
 so every size is static; it moves ep x the bytes and holds about ep x the experts' activations. Measured on

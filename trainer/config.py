@@ -113,7 +113,7 @@ class TrainConfig:
     compile: Optional[bool] = None
     """torch.compile each decoder layer and the loss chunks (parallel/compile.py). null (default) = on for
     CUDA, off on CPU. On GPUs it fuses the element-wise work between the kernels (bench-3b on one H100: about
-    7% more tokens/s, see the README's performance section); the first step pays the compilation (about a
+    7% more tokens/s, see docs/performance.md); the first step pays the compilation (about a
     minute). On CPU the tiny models gain little for the compile time and Inductor needs a C++ compiler."""
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True) (CPU runs are deterministic anyway)."""
