@@ -86,11 +86,11 @@ def moe_balance(counts: Optional[torch.Tensor], ep: int = 1) -> Dict[str, float]
     GEMM, so EP's step time grows with it (1.25: a quarter more expert work than a balanced split)."""
     if counts is None or counts.numel() == 0:
         return {}
-    c = counts.double()
+    c = counts.detach().to("cpu", torch.float64)  # one small copy from the device (a logging step)
     mean = c.mean(dim=-1, keepdim=True).clamp_min(1e-9)
     rel = c / mean
     out = {"moe_load_max": rel.max().item(), "moe_load_min": rel.min().item(),
-           "moe_counts": counts.round().long().tolist()}  # per layer and expert: python -m launch.ep_balance
+           "moe_counts": c.round().long().tolist()}  # per layer and expert: python -m launch.ep_balance
     if ep > 1 and c.shape[-1] % ep == 0:
         per_rank = c.view(*c.shape[:-1], ep, c.shape[-1] // ep).sum(-1)  # (layers, ep)
         out["moe_rank_load_max"] = (per_rank / per_rank.mean(-1, keepdim=True).clamp_min(1e-9)).max().item()
