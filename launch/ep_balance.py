@@ -1,28 +1,30 @@
 """How evenly expert parallelism would split a run's MoE work, from the expert counts in its metrics.jsonl.
 
-    python -m launch.ep_balance runs/bench-3b/base --ep 2,4,8 --skip 32
+    python -m launch.ep_balance runs/bench-3b/base --skip 32          # every EP size that divides the experts
+    python -m launch.ep_balance runs/bench-3b/base --ep 2,8 --skip 32
 
 With expert parallelism every MoE layer's all-to-alls wait for the busiest EP rank's grouped GEMMs, so a step
 spends on expert work what the busiest rank does, layer by layer: sum over layers of max over ranks, where a
 balanced split would spend the mean. The trainer logs each logged step's routed token copies per layer and
 expert (`moe_counts`, summed over the step's micro-batches and data-parallel ranks); for each EP size this
 reports the busiest rank's load over the mean (1.00 = balanced; rank r holds experts [r E/ep, (r+1) E/ep), as
-parallel/expert_parallel.py places them), averaged over the MoE layers (what the step's expert time grows by)
-and at the worst layer. Any run works, also one on a single GPU, so it tells before a multi-GPU job how much
-EP=N would lose to the routing the model has learnt. The counts are a whole step's: with several micro-batches
-per step, each micro-batch's own exchange is less balanced than they show.
+parallel/expert_parallel.py places them), averaged over the MoE layers (every layer routes the same number of
+token copies, so that mean is what the step's expert time grows by) and at the worst layer of any record. Any
+run works, also one on a single GPU, so it tells before a multi-GPU job how much EP=N would lose to the routing
+the model has learnt. The figures are lower bounds: the counts are a whole step's, summed over its micro-batches
+and over all data-parallel ranks, while each exchange sees one micro-batch of one EP group's ranks.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 from launch.results import report_json
+from trainer.jsonl import read_jsonl
 
 
 def busiest_rank_loads(counts: Sequence[Sequence[float]], ep: int) -> List[float]:
@@ -45,8 +47,17 @@ def read_counts(path: Path, skip: int) -> List[Dict]:
     f = path / "metrics.jsonl" if path.is_dir() else path
     if not f.is_file():
         raise SystemExit(f"ep_balance: no metrics file at {f} (give a run directory or its metrics.jsonl)")
-    records = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-    return [r for r in records if "moe_counts" in r and r.get("step", 0) > skip]
+    records = read_jsonl(f, torn_anywhere=True)  # a run still writing, or killed mid-line
+    return [r for r in records if isinstance(r, dict) and r.get("moe_counts") and r.get("step", 0) > skip]
+
+
+def experts_of(records: List[Dict]) -> int:
+    """The number of experts every record's counts have (one model per file), else an error naming both."""
+    shapes = {len(layer) for r in records for layer in r["moe_counts"]}
+    if len(shapes) != 1:
+        raise SystemExit(f"ep_balance: the records count {sorted(shapes)} experts per layer: give the metrics of one "
+                         f"model (--skip past the records of another)")
+    return shapes.pop()
 
 
 def summarise(records: List[Dict], eps: Sequence[int]) -> List[Dict]:
@@ -65,7 +76,7 @@ def summarise(records: List[Dict], eps: Sequence[int]) -> List[Dict]:
 
 def markdown(rows: List[Dict]) -> str:
     lines = ["| ep | experts per rank | busiest rank's load, mean over layers: median / mean / worst record | "
-             "worst layer | records |", "|---|---|---|---|---|"]
+             "worst layer (any record) | records |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['ep']} | {r['experts_per_rank']} | {r['mean_load_median']:.3f} / "
                      f"{r['mean_load_mean']:.3f} / {r['mean_load_worst']:.3f} | {r['worst_layer']:.2f} | "
@@ -76,27 +87,35 @@ def markdown(rows: List[Dict]) -> str:
 def main(argv: Sequence[str] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a run directory or its metrics.jsonl")
-    ap.add_argument("--ep", default="2,4,8", help="comma-separated EP sizes (each must divide the experts)")
+    ap.add_argument("--ep", default=None, help="comma-separated EP sizes, each dividing the number of experts "
+                    "(default: every such size above 1)")
     ap.add_argument("--skip", type=int, default=0, help="leave out records up to this step (the routing's start)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    try:
-        eps = [int(x) for x in args.ep.split(",") if x.strip()]
-    except ValueError:
-        ap.error(f"--ep must be comma-separated integers, got {args.ep!r}")
-    if not eps or min(eps) < 1:
-        ap.error(f"--ep must list EP sizes >= 1, got {args.ep!r}")
+    eps = None
+    if args.ep is not None:
+        try:
+            eps = sorted({int(x) for x in args.ep.split(",") if x.strip()})
+        except ValueError:
+            ap.error(f"--ep must be comma-separated integers, got {args.ep!r}")
+        if not eps or min(eps) < 1:
+            ap.error(f"--ep must list EP sizes >= 1, got {args.ep!r}")
     records = read_counts(args.run, args.skip)
     if not records:
         print(f"ep_balance: no record after step {args.skip} in {args.run} has expert counts (`moe_counts`: a model "
               f"with MoE layers, trained by this version of train.py)", file=sys.stderr)
         return 2
-    experts = len(records[0]["moe_counts"][0])
+    experts = experts_of(records)
+    if eps is None:
+        eps = [ep for ep in range(2, experts + 1) if experts % ep == 0]
     bad = [ep for ep in eps if experts % ep]
     if bad:
         print(f"ep_balance: --ep {bad} must divide the number of experts ({experts})", file=sys.stderr)
         return 2
     rows = summarise(records, eps)
+    if not rows:
+        print(f"ep_balance: the records after step {args.skip} routed no tokens", file=sys.stderr)
+        return 2
     print(markdown(rows))
     report_json({"run": str(args.run), "skip": args.skip, "experts": experts, "rows": rows}, args.json, echo=False)
     return 0

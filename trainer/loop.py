@@ -178,8 +178,9 @@ class Trainer:
         else:  # another number of ranks: no saved stream is this rank's; fresh ones, not the first steps' again
             reseed_after_move(self.cfg.train.seed, self.state.step, self.world.rank)
             if self.world.is_main:
-                log.info("resumed on %d ranks (saved with %s): RNG streams seeded from (train.seed, step %d, rank)",
-                         self.world.world_size, trainer_state.get("world_size"), self.state.step)
+                log.info("resumed on a world of %d (the checkpoint's: %s): RNG streams seeded from (train.seed, "
+                         "step %d, rank)", self.world.world_size, trainer_state.get("world_size", "not recorded"),
+                         self.state.step)
         loader_state = resume_loader_state(path, trainer_state, rank_state, self.dp_rank, self.dp_size,
                                            self.cfg.checkpoint.allow_data_change)
         # the loader's position does not depend on the row shape: a checkpoint taken at a stage switch (its

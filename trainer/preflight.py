@@ -322,10 +322,31 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
                 dp.append(dp_size)
             if len(worlds) > 1:
                 check_elastic_readers(cfg, worlds, dp)
+            note = cpu_on_gpu_machine(cfg, max(worlds), point)
+            if note and _is_rank0():
+                print(f"train.py: warning: {note}", file=sys.stderr, flush=True)
         except ConfigError as e:
             raise ConfigError(one_line(e)) from None
         except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors
             raise ConfigError(explain(e, point)) from None
+
+
+def cpu_on_gpu_machine(cfg, world: int, overrides: Sequence[str]) -> Optional[str]:
+    """A warning when several processes would train on CPU on a machine with GPUs: the default recipe
+    (experiment=cpu_demo) and experiment=debug set train.device=cpu, so `launch/single_node.sh -n 8 model=small`
+    on a GPU node would run 8 CPU processes over gloo. None when that is not the case."""
+    if world < 2 or cfg.train.device != "cpu":
+        return None
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        return None
+    where = ("train.device=cpu on the command line" if _find_override(overrides, "train.device")
+             else "train.device=cpu from the recipe (experiment=cpu_demo, the default, and experiment=debug set it)")
+    return (f"{where}: these {world} processes train on CPU over gloo, although this machine has {gpus} GPU(s); "
+            f"for the GPUs pass train.device=cuda with a GPU batch shape, or a GPU recipe such as "
+            f"experiment=gpu_small")
 
 
 def report(msg: str, prog: str = "train.py") -> None:

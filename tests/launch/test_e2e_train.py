@@ -225,8 +225,8 @@ def test_elastic_range_continues_on_the_surviving_node(tmp_path, reference, reap
     args = [str(REPO / "launch/multi_node.sh"), "-N", "1:2", "-n", "1", "-r", "1", "--master-addr", "127.0.0.1",
             "--master-port", str(port), "--rdzv-id", "elastic",
             # the restart on one node waits this long for a second one (torchrun's default: 30 s); the first
-            # round still gathers both nodes, started 3 s apart
-            "--rdzv-conf", "last_call_timeout=10", *TRAIN_ARGS, "train.collective_timeout_s=20",
+            # round still gathers both nodes, started 3 s apart, each after its own config check
+            "--rdzv-conf", "last_call_timeout=15", *TRAIN_ARGS, "train.collective_timeout_s=20",
             "data.readers=2",  # the range may grow to 2 ranks: it needs 2 readers even when started on one node
             f"hydra.run.dir={run_dir}"]
     env = clean_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")

@@ -40,15 +40,29 @@ def test_summary_over_the_records_after_skip(tmp_path):
 
 
 def test_cli_prints_a_table_and_names_bad_input(tmp_path, capsys):
-    write_metrics(tmp_path / "metrics.jsonl", [{"step": 1, "moe_counts": [[3, 1, 2, 2]]}])
+    f = write_metrics(tmp_path / "metrics.jsonl", [{"step": 1, "moe_counts": [[3, 1, 2, 2]]}])
+    with f.open("a") as fh:
+        fh.write('{"step": 2, "moe_counts": [[1, 1')  # torn by a kill: left out, as trainer.plot does
     out_json = tmp_path / "balance.json"
-    assert main([str(tmp_path), "--ep", "2,4", "--json", str(out_json)]) == 0
+    assert main([str(tmp_path), "--json", str(out_json)]) == 0  # every EP size dividing the 4 experts
     table = capsys.readouterr().out
     assert "| 2 | 2 | 1.000 / 1.000 / 1.000 | 1.00 | 1 |" in table and "| 4 | 1 | 1.500" in table
     assert [r["ep"] for r in json.loads(out_json.read_text())["rows"]] == [2, 4]
+    assert main([str(tmp_path), "--ep", "4,2,4"]) == 0 and capsys.readouterr().out.count("\n| ") == 2  # 2 and 4, once each
     assert main([str(tmp_path), "--ep", "3"]) == 2
     assert "--ep [3] must divide the number of experts (4)" in capsys.readouterr().err
     assert main([str(tmp_path), "--skip", "5"]) == 2
     assert "no record after step 5" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no metrics file"):
         main([str(tmp_path / "nowhere")])
+
+
+def test_cli_refuses_mixed_models_and_empty_routing(tmp_path, capsys):
+    write_metrics(tmp_path / "metrics.jsonl", [{"step": 1, "moe_counts": [[3, 1, 2, 2]]},
+                                               {"step": 2, "moe_counts": [[3, 1]]}])
+    with pytest.raises(SystemExit, match=r"count \[2, 4\] experts per layer"):
+        main([str(tmp_path)])
+    assert main([str(tmp_path), "--skip", "1"]) == 0  # past the other model's records
+    write_metrics(tmp_path / "metrics.jsonl", [{"step": 1, "moe_counts": [[0, 0, 0, 0]]}])
+    capsys.readouterr()
+    assert main([str(tmp_path)]) == 2 and "routed no tokens" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Shell launchers: syntax, shellcheck, dry-run output and argument errors (runs with train.py: test_e2e_train.py)."""
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,8 @@ SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/slurm/*.sbatch")
 
 
 def script_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMP_", "MASTER_", "NNODES"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMP_", "MASTER_", "NNODES", "RDZV_", "HOSTS"))}
     env.update(PYTHON=sys.executable, **extra)
     return env
 
@@ -59,6 +61,17 @@ def test_multi_node_dry_run_takes_master_from_hosts_and_env():
                          capture_output=True, text=True, check=True).stdout.splitlines()[-1]
     assert "--nnodes=2:4 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=10.0.0.7:1234 --rdzv-id=exp7" in cmd
     assert "--rdzv-conf" not in cmd  # torchrun's own rendezvous settings unless asked for
+
+
+@pytest.mark.parametrize("args,env,expect", [
+    (["--rdzv-conf", "last_call_timeout=5,join_timeout=900"], {}, "--rdzv-conf=last_call_timeout=5,join_timeout=900"),
+    ([], {"RDZV_CONF": "last_call_timeout=5"}, "--rdzv-conf=last_call_timeout=5"),
+    ([], {"RDZV_CONF": ""}, None),
+])
+def test_multi_node_forwards_rendezvous_settings(args, env, expect):
+    run = [str(REPO / "launch/multi_node.sh"), "-N", "1:2", "-n", "1", "--master-addr", "h", *args, "--dry-run"]
+    cmd = subprocess.run(run, env=script_env(**env), capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    assert (expect in shlex.split(cmd)) if expect else "--rdzv-conf" not in cmd, cmd  # (printed with %q)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -77,7 +77,7 @@ def test_two_ranks_resume_on_one_and_one_on_two(tmp_path, device):
     one = resumed_copy(ref2, tmp_path / "two_then_one")
     log = train(one, 1, *dev, launcher="torchrun")
     assert "data: 2 readers saved by 2 data-parallel ranks continue on 1" in log, log[-3000:]
-    assert "resumed on 1 ranks (saved with 2): RNG streams seeded from (train.seed, step" in log, log[-3000:]
+    assert "resumed on a world of 1 (the checkpoint's: 2): RNG streams seeded from (train.seed, step" in log, log[-3000:]
     assert_continues(ref2, one, rel)
 
     ref1 = tmp_path / "one"  # one rank with two readers (data.readers=2): it can grow to two ranks

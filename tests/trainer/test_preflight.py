@@ -147,3 +147,22 @@ def test_slurm_submit_checks_the_training_config(tmp_path, monkeypatch, capsys):
     assert slurm(["submit", "nodes=1", "gpus_per_node=1", "--", "model=tiny"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sbatch not found" in err and "--dry-run" in err
+
+
+def test_warns_when_several_processes_would_train_on_cpu_beside_gpus(monkeypatch, capsys):
+    """The default and debug recipes set train.device=cpu: on a GPU node, a launch of several processes with them
+    trains on CPU. The check names where the setting came from and the fix; it never fails the run."""
+    import torch
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    check_command(["experiment=debug", "parallel=ddp"], 2)
+    err = capsys.readouterr().err
+    assert "warning: train.device=cpu from the recipe" in err and "these 2 processes train on CPU" in err, err
+    assert "experiment=gpu_small" in err
+    check_command(["experiment=debug", "parallel=ddp", "train.device=cpu"], 2)
+    assert "train.device=cpu on the command line" in capsys.readouterr().err
+    check_command(["experiment=debug"], 1)  # one process: the CPU demo on a GPU laptop is fine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    check_command(["experiment=debug", "parallel=ddp"], 2)  # no GPUs: CPU is the only choice
+    assert "warning" not in capsys.readouterr().err

@@ -77,6 +77,7 @@ def test_model_presets_match_jamba_presets():
     ([], 1), (["experiment=debug"], 1), (["experiment=bench_3b"], 8), (["curriculum=long_context", "model=jamba-v0.1", "parallel=fsdp", "parallel.tp=8"], 32),
     (["optim=adamw_wsd", "logging=quiet"], 1),
     (["experiment=long_context_2gpu"], 2),
+    (["experiment=gpu_small"], 1), (["experiment=gpu_small"], 8), (["experiment=gpu_small"], 16),
 ])
 def test_shipped_recipes_validate(overrides, world):
     from trainer.build import Layout
