@@ -39,22 +39,23 @@ class ParallelConfig:
     once. "padded": every rank sends each EP peer a buffer with room for all its N routed rows (the most it
     could send one peer), so sizes are static and nothing waits on the host; exact (dropless) like "sized",
     at ep x the bytes on the wire and about ep x the experts' activation memory. Slower than "sized" for
-    bench-3b on 2 H200s (84-87% against 91-95% of FSDP's tokens/s; parallel/expert_parallel.py, README).
+    bench-3b on 2 H200s (84-87% against 91-95% of FSDP's tokens/s; parallel/expert_parallel.py, docs/performance.md).
     "overlap": the "sized" exchange with the all-to-alls running under the experts' own GEMMs (this rank's rows
     for its own experts are computed while the others' rows travel; parallel/ep_overlap.py); same rows, same
     host sync. MoE layers under activation checkpointing fall back to "sized". It measured 1.5% slower than
     "sized" on 2 H200s before its weight gradients were computed once per kind of rows and "sized" reordered
     with gathers; without the wire (one H200, launch/bench_ep_layer.py) it now costs a rank 0.2 ms per bench-3b
-    MoE layer more than "sized", and hides most of the wire. Not yet measured end to end on 2 GPUs, so "sized"
-    stays the default."""
+    MoE layer more than "sized", and hides most of the wire. Measured since on 2 H200s (bench-3b, compiled,
+    expert biases 0.01, medians of two rounds): both 95.5% of one GPU's tokens/s per GPU, so "sized" stays the
+    default."""
     ep_overlap_sms: int = 0
     """With ep_exchange=overlap: streaming multiprocessors kept for the all-to-alls that run under the experts'
     GEMMs. The overlap then exchanges over a process group of its own (the same ranks as the EP group) whose NCCL
     communicator uses at most this many thread blocks (NCCL maxCTAs) on a high-priority stream, and the GEMMs that
     run beside an all-to-all leave this many SMs free (torch's SM carveout, CUDA only), so that a persistent GEMM
     never runs its last blocks as a second wave behind the all-to-all's. 0 (default): NCCL's own number of blocks
-    on the EP group, no carveout. On 2 H200s over NVLink 8 and 16 gave no gain for bench-3b (README,
-    Performance); it is meant for links where the all-to-alls take longer, where it is not measured."""
+    on the EP group, no carveout. On 2 H200s over NVLink 8 and 16 gave no gain for bench-3b
+    (docs/performance.md); it is meant for links where the all-to-alls take longer, where it is not measured."""
     cp: int = 1
     """Context parallelism: each sequence is split into cp contiguous chunks, one per rank, in every layer
     (Mamba-1 by a sequence <-> channel all-to-all, Mamba-2 by heads, attention by Ulysses heads;
