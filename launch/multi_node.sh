@@ -124,5 +124,6 @@ if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
   fi
   PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
     --world-size "$worlds" -- "$@" || exit $?
+  export JAMBA_PREFLIGHT_DONE=1  # train.py checks again, without repeating the warnings printed here
 fi
 exec "${cmd[@]}"

@@ -74,5 +74,6 @@ fi
 if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
   PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
     --world-size "$nproc" -- "$@" || exit $?
+  export JAMBA_PREFLIGHT_DONE=1  # train.py checks again, without repeating the warnings printed here
 fi
 exec "${cmd[@]}"

@@ -323,7 +323,7 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             if len(worlds) > 1:
                 check_elastic_readers(cfg, worlds, dp)
             note = cpu_on_gpu_machine(cfg, max(worlds), point)
-            if note and _is_rank0():
+            if note and _is_rank0() and not os.environ.get("JAMBA_PREFLIGHT_DONE"):  # the launcher printed it
                 print(f"train.py: warning: {note}", file=sys.stderr, flush=True)
         except ConfigError as e:
             raise ConfigError(one_line(e)) from None
