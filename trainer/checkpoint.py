@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from jamba.config import ConfigError
 from trainer import checkpoint_integrity as integ
+from trainer.build import seed_everything
 from trainer.checkpoint_integrity import CheckpointDiskFull
 from trainer.config import CheckpointConfig
 from trainer.data_fingerprint import describe_change
@@ -93,9 +94,7 @@ def reseed_after_move(seed: int, step: int, rank: int) -> int:
     not replay the first steps' (train.seed + rank), and two resumes at different steps get different ones."""
     digest = hashlib.sha256(f"jamba-rng/{seed}/{step}/{rank}".encode()).digest()
     derived = int.from_bytes(digest[:8], "little") % 2**63
-    random.seed(derived)
-    np.random.seed(derived % 2**32)
-    torch.manual_seed(derived)
+    seed_everything(derived)
     return derived
 
 
