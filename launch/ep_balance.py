@@ -13,11 +13,18 @@ token copies, so that mean is what the step's expert time grows by) and at the w
 run works, also one on a single GPU, so it tells before a multi-GPU job how much EP=N would lose to the routing
 the model has learnt. The figures are lower bounds: the counts are a whole step's, summed over its micro-batches
 and over all data-parallel ranks, while each exchange sees one micro-batch of one EP group's ranks.
+
+Two more columns say where the imbalance comes from. "pooled" is the same load of the counts summed over all
+the records: what stays uneven over the whole run, which better expert biases or another placement of the
+experts could remove. "chance" is what routing each copy to an expert uniformly at random would leave (the
+normal approximation of the multinomial: 1 + E[max of ep standard normals] / sqrt(copies per rank)). What a
+step shows above both is its batch's content, which no bias set from earlier steps can foresee.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -42,6 +49,25 @@ def busiest_rank_loads(counts: Sequence[Sequence[float]], ep: int) -> List[float
     return loads
 
 
+def expected_max_normal(k: int) -> float:
+    """E[max of k independent standard normals] (0 for k=1; 1/sqrt(pi) for 2), by quadrature of
+    x k phi(x) Phi(x)^(k-1) over [-10, 10]."""
+    if k < 2:
+        return 0.0
+    h, total = 1e-3, 0.0
+    for i in range(-10_000, 10_001):
+        x = i * h
+        phi = math.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        total += x * k * phi * (0.5 * (1 + math.erf(x / math.sqrt(2)))) ** (k - 1)
+    return total * h
+
+
+def chance_loads(counts: Sequence[Sequence[float]], ep: int, emax: float) -> List[float]:
+    """Per layer that routed anything, the busiest rank's expected load over the mean had its copies picked
+    experts uniformly at random: 1 + emax / sqrt(copies / ep), emax = expected_max_normal(ep)."""
+    return [1 + emax / math.sqrt(sum(row) / ep) for row in counts if sum(row) > 0]
+
+
 def read_counts(path: Path, skip: int) -> List[Dict]:
     """The records of metrics.jsonl (a file or a run directory) after step `skip` that carry `moe_counts`."""
     f = path / "metrics.jsonl" if path.is_dir() else path
@@ -60,27 +86,40 @@ def experts_of(records: List[Dict]) -> int:
     return shapes.pop()
 
 
+def mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def summarise(records: List[Dict], eps: Sequence[int]) -> List[Dict]:
     rows = []
+    layers = max(len(r["moe_counts"]) for r in records)
+    pooled = [[0.0] * len(records[0]["moe_counts"][0]) for _ in range(layers)]
+    for r in records:
+        for layer, row in enumerate(r["moe_counts"]):
+            pooled[layer] = [a + b for a, b in zip(pooled[layer], row)]
     for ep in eps:
         per_record = [busiest_rank_loads(r["moe_counts"], ep) for r in records]
         per_record = [loads for loads in per_record if loads]
         if not per_record:
             continue
-        means = [sum(loads) / len(loads) for loads in per_record]
+        means = [mean(loads) for loads in per_record]
+        emax = expected_max_normal(ep)
+        chance = [mean(c) for c in (chance_loads(r["moe_counts"], ep, emax) for r in records) if c]
         rows.append({"ep": ep, "experts_per_rank": len(records[0]["moe_counts"][0]) // ep, "records": len(means),
-                     "mean_load_median": statistics.median(means), "mean_load_mean": sum(means) / len(means),
-                     "mean_load_worst": max(means), "worst_layer": max(max(loads) for loads in per_record)})
+                     "mean_load_median": statistics.median(means), "mean_load_mean": mean(means),
+                     "mean_load_worst": max(means), "worst_layer": max(max(loads) for loads in per_record),
+                     "pooled_load": mean(busiest_rank_loads(pooled, ep)), "chance_load": mean(chance)})
     return rows
 
 
 def markdown(rows: List[Dict]) -> str:
     lines = ["| ep | experts per rank | busiest rank's load, mean over layers: median / mean / worst record | "
-             "worst layer (any record) | records |", "|---|---|---|---|---|"]
+             "worst layer (any record) | pooled over the records | chance | records |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['ep']} | {r['experts_per_rank']} | {r['mean_load_median']:.3f} / "
                      f"{r['mean_load_mean']:.3f} / {r['mean_load_worst']:.3f} | {r['worst_layer']:.2f} | "
-                     f"{r['records']} |")
+                     f"{r['pooled_load']:.3f} | {r['chance_load']:.3f} | {r['records']} |")
     return "\n".join(lines)
 
 

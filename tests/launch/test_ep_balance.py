@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from launch.ep_balance import busiest_rank_loads, main, read_counts, summarise
+import math
+
+from launch.ep_balance import busiest_rank_loads, chance_loads, expected_max_normal, main, read_counts, summarise
 
 
 def write_metrics(path, records):
@@ -35,8 +37,30 @@ def test_summary_over_the_records_after_skip(tmp_path):
     records = read_counts(tmp_path, skip=4)  # a run directory or the file itself
     assert [r["step"] for r in records] == [8, 12] == [r["step"] for r in read_counts(f, skip=4)]
     (row,) = summarise(records, [2])
+    chance = row.pop("chance_load")  # every layer routed 40 copies: 20 per rank
+    assert chance == pytest.approx(1 + 1 / math.sqrt(math.pi) / math.sqrt(20), rel=1e-6)
+    # pooled: layer 0 sums to [22, 18, 20, 20] -> ranks (40, 40) -> 1.0; layer 1 [40, 20, 10, 10] -> (60, 20) -> 1.5
     assert row == {"ep": 2, "experts_per_rank": 2, "records": 2, "mean_load_median": 1.25, "mean_load_mean": 1.25,
-                   "mean_load_worst": 1.5, "worst_layer": 2.0}
+                   "mean_load_worst": 1.5, "worst_layer": 2.0, "pooled_load": 1.25}
+
+
+def test_chance_floor_matches_uniform_routing():
+    """The closed form against known values and against simulated uniform routing (a seeded generator)."""
+    assert expected_max_normal(1) == 0.0
+    assert expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-6)
+    assert expected_max_normal(4) == pytest.approx(1.029375, rel=1e-5)  # tabulated order-statistic means
+    assert expected_max_normal(8) == pytest.approx(1.423600, rel=1e-5)
+    import random
+    rng = random.Random(0)
+    copies, experts, draws = 4096, 8, 1500
+    for ep in (2, 4, 8):
+        simulated = []
+        for _ in range(draws):
+            picks = rng.choices(range(experts), k=copies)
+            simulated += busiest_rank_loads([[picks.count(e) for e in range(experts)]], ep)
+        (predicted,) = chance_loads([[copies / experts] * experts], ep, expected_max_normal(ep))
+        # the simulation's standard error is under 3% of the excess over 1 at these sizes
+        assert sum(simulated) / draws - 1 == pytest.approx(predicted - 1, rel=0.1)
 
 
 def test_cli_prints_a_table_and_names_bad_input(tmp_path, capsys):
@@ -46,7 +70,7 @@ def test_cli_prints_a_table_and_names_bad_input(tmp_path, capsys):
     out_json = tmp_path / "balance.json"
     assert main([str(tmp_path), "--json", str(out_json)]) == 0  # every EP size dividing the 4 experts
     table = capsys.readouterr().out
-    assert "| 2 | 2 | 1.000 / 1.000 / 1.000 | 1.00 | 1 |" in table and "| 4 | 1 | 1.500" in table
+    assert "| 2 | 2 | 1.000 / 1.000 / 1.000 | 1.00 | 1.000 | 1.282 | 1 |" in table and "| 4 | 1 | 1.500" in table
     assert [r["ep"] for r in json.loads(out_json.read_text())["rows"]] == [2, 4]
     assert main([str(tmp_path), "--ep", "4,2,4"]) == 0 and capsys.readouterr().out.count("\n| ") == 2  # 2 and 4, once each
     assert main([str(tmp_path), "--ep", "3"]) == 2
