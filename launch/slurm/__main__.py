@@ -13,7 +13,7 @@ gpus_per_node) with trainer/preflight.py, as train.py would: a bad override is o
 and nothing is submitted. `--no-check` skips that (e.g. data paths that only the compute nodes see).
 
 Keys (see launch/slurm/render.py SlurmJob): job_name nodes gpus_per_node cpus_per_task mem time partition
-account qos constraint exclusive signal_lead_s shutdown_timeout_s max_restarts max_requeues rdzv_port run_dir
+account qos constraint exclusive signal_lead_s shutdown_timeout_s max_restarts max_requeues rdzv_port rdzv_conf run_dir
 runs_root log_dir repo_dir python setup env extra_sbatch train_args, e.g. env.NCCL_SOCKET_IFNAME=ib0
 'extra_sbatch=[--mail-type=END,--reservation=big]' 'setup=[source .venv/bin/activate]'.
 """

@@ -57,6 +57,9 @@ class SlurmJob:
     """The batch script stops requeueing itself after this many requeues."""
     rdzv_port: Optional[int] = None
     """c10d rendezvous port on the first node; None = 29500 + job id % 1000 (jobs sharing a node differ)."""
+    rdzv_conf: Optional[str] = None
+    """torchrun's rendezvous settings, KEY=VALUE[,KEY=VALUE...] (`--rdzv-conf`), e.g. "join_timeout=1800" when
+    nodes take longer than torchrun's 600 s to start; None = torchrun's defaults."""
     run_dir: Optional[str] = None
     """Run directory (checkpoints, metrics, wandb id); None = <runs_root>/<job_name>."""
     runs_root: str = "runs"
@@ -79,6 +82,7 @@ class SlurmJob:
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RDZV_CONF_RE = re.compile(r"^[A-Za-z_]+=[^,=\s]+(,[A-Za-z_]+=[^,=\s]+)*$")  # as launch/multi_node.sh checks it
 
 
 def time_limit_seconds(value: str) -> int:
@@ -122,6 +126,9 @@ def validate(job: SlurmJob) -> None:
                          "(the requeue must happen before the time limit)")
     if job.rdzv_port is not None and not 1024 <= job.rdzv_port <= 65535:
         raise ValueError(f"rdzv_port={job.rdzv_port} must be in 1024..65535 (or null: 29500 + job id % 1000)")
+    if job.rdzv_conf is not None and not _RDZV_CONF_RE.match(job.rdzv_conf):
+        raise ValueError(f"rdzv_conf={job.rdzv_conf!r} must be KEY=VALUE[,KEY=VALUE...] (e.g. join_timeout=1800) "
+                         "or null")
     for opt in job.extra_sbatch:
         if not opt.startswith("-"):
             raise ValueError(f"extra_sbatch item {opt!r} must be an sbatch option such as '--mail-type=END'")
@@ -196,6 +203,8 @@ def render_sbatch(job: SlurmJob, cwd: Path | None = None) -> str:
     }
     if job.rdzv_port is not None:
         params["RDZV_PORT"] = str(job.rdzv_port)
+    if job.rdzv_conf is not None:
+        params["RDZV_CONF"] = job.rdzv_conf
     lines += [f"{k}={q(v)}" for k, v in params.items()]
     lines += [f"export {k}={q(str(v))}" for k, v in job.env.items()]
     if job.setup:

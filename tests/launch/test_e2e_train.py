@@ -135,8 +135,9 @@ def test_fake_slurm_sigusr1_checkpoints_requeues_and_resumes(tmp_path, reference
     directory and ends with exactly the uninterrupted run's losses."""
     run_dir, slurm_log = tmp_path / "runs" / "e2e", tmp_path / "slurm.log"
     job = SlurmJob(job_name="e2e", nodes=1, gpus_per_node=2, time="1:00:00", signal_lead_s=120,
-                   rdzv_port=free_port(), runs_root=str(tmp_path / "runs"), log_dir=str(tmp_path / "logs"),
-                   python=sys.executable, train_args=TRAIN_ARGS)
+                   rdzv_port=free_port(), rdzv_conf="join_timeout=300",  # torchrun must accept what we pass
+                   runs_root=str(tmp_path / "runs"), log_dir=str(tmp_path / "logs"), python=sys.executable,
+                   train_args=TRAIN_ARGS)
     script = tmp_path / "job.sbatch"
     script.write_text(render_sbatch(job))
     env = clean_env(PATH=f"{FAKE_SLURM}:{os.environ['PATH']}", FAKE_SLURM_LOG=str(slurm_log),

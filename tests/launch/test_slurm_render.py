@@ -54,7 +54,7 @@ def test_multi_node_job_with_every_option():
     job = SlurmJob(job_name="jamba-3b.sweep_1", nodes=4, gpus_per_node=8, cpus_per_task=96, mem="0",
                    time="2-00:00:00", partition="gpu", account="proj-42", qos="high", constraint="h100",
                    exclusive=True, signal_lead_s=600, shutdown_timeout_s=420, max_restarts=2, max_requeues=5,
-                   rdzv_port=29400, run_dir="/scratch/runs/3b", log_dir="/scratch/logs", repo_dir="/opt/jamba",
+                   rdzv_port=29400, rdzv_conf="join_timeout=1800,read_timeout=120", run_dir="/scratch/runs/3b", log_dir="/scratch/logs", repo_dir="/opt/jamba",
                    python="/opt/venv/bin/python", setup=["module load cuda/12.8"],
                    env={"NCCL_SOCKET_IFNAME": "ib0", "WANDB_PROJECT": "jamba 3b"},
                    extra_sbatch=["--mail-type=END", "--reservation=big"],
@@ -89,6 +89,7 @@ def test_multi_node_job_with_every_option():
         "SHUTDOWN_TIMEOUT=420",
         "PYTHON=/opt/venv/bin/python",
         "RDZV_PORT=29400",
+        "RDZV_CONF=join_timeout=1800,read_timeout=120",
         "export NCCL_SOCKET_IFNAME=ib0",
         "export WANDB_PROJECT='jamba 3b'",
         "cd /opt/jamba",
@@ -122,6 +123,8 @@ def test_time_limit_formats(text, seconds):
     (["extra_sbatch=[mail-type=END]"], "extra_sbatch"),
     (["nodez=2"], "nodez"),
     (["nodes=two"], "nodes"),
+    (["rdzv_conf=join_timeout"], "rdzv_conf='join_timeout' must be KEY=VALUE"),
+    (["rdzv_conf=a=1 b=2"], "rdzv_conf"),
 ])
 def test_bad_settings_name_the_key(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -161,6 +164,10 @@ def test_dry_run_prints_script_commands_and_environment(capsys, monkeypatch):
                   "--rdzv-id=1234-0", "train.py", "model=tiny", "hydra.run.dir=" + str(Path.cwd() / "runs/dry")]:
         assert piece in srun_line
     assert "scontrol requeue 1234" in out
+    assert "--rdzv-conf" not in srun_line  # torchrun's own rendezvous settings unless asked for
+    assert cli(["submit", "--dry-run", "--no-check", "rdzv_conf=join_timeout=1800", "--", "model=tiny"]) == 0
+    srun_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("srun "))
+    assert "--rdzv-conf=join_timeout=1800" in srun_line.split()
 
 
 def test_submit_writes_script_and_calls_sbatch(tmp_path, monkeypatch, capsys):
@@ -180,7 +187,7 @@ def test_submit_writes_script_and_calls_sbatch(tmp_path, monkeypatch, capsys):
 @pytest.mark.skipif(shutil.which("shellcheck") is None,
                     reason="shellcheck not installed (apt-get install -y shellcheck; .ci/run installs it)")
 def test_rendered_scripts_pass_shellcheck(tmp_path):
-    for i, job in enumerate([SlurmJob(), SlurmJob(nodes=8, cpus_per_task=64, env={"A": "b c"},
+    for i, job in enumerate([SlurmJob(), SlurmJob(nodes=8, cpus_per_task=64, env={"A": "b c"}, rdzv_conf="join_timeout=900",
                                                   train_args=["model=small", "x='y z'"])]):
         path = tmp_path / f"job{i}.sbatch"
         path.write_text(render_sbatch(job))
