@@ -16,9 +16,11 @@ and over all data-parallel ranks, while each exchange sees one micro-batch of on
 
 Two more columns say where the imbalance comes from. "pooled" is the same load of the counts summed over all
 the records: what stays uneven over the whole run, which better expert biases or another placement of the
-experts could remove. "chance" is what routing each copy to an expert uniformly at random would leave (the
-normal approximation of the multinomial: 1 + E[max of ep standard normals] / sqrt(copies per rank)). What a
-step shows above both is its batch's content, which no bias set from earlier steps can foresee.
+experts could remove. "chance" is what routing every token to top-k distinct experts uniformly at random would
+leave (normal approximation: 1 + E[max of ep standard normals] / sqrt(copies per rank), the excess shrunk by
+sqrt((E - k) / (E - 1)) because one token's k copies never share an expert; k is read from the run's
+config.yaml, or --top-k). What a step shows above both is its batch's content, which no bias set from earlier
+steps can foresee.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from launch.results import report_json
 from trainer.jsonl import read_jsonl
@@ -62,10 +64,25 @@ def expected_max_normal(k: int) -> float:
     return total * h
 
 
-def chance_loads(counts: Sequence[Sequence[float]], ep: int, emax: float) -> List[float]:
-    """Per layer that routed anything, the busiest rank's expected load over the mean had its copies picked
-    experts uniformly at random: 1 + emax / sqrt(copies / ep), emax = expected_max_normal(ep)."""
-    return [1 + emax / math.sqrt(sum(row) / ep) for row in counts if sum(row) > 0]
+def chance_loads(counts: Sequence[Sequence[float]], ep: int, emax: float, top_k: int = 1) -> List[float]:
+    """Per layer that routed anything, the busiest rank's expected load over the mean had each token picked
+    `top_k` distinct experts uniformly at random: 1 + emax sqrt((E - k) / (E - 1)) / sqrt(copies / ep),
+    emax = expected_max_normal(ep) (a rank's count is hypergeometric per token: its variance is the
+    independent copies' times (E - k) / (E - 1))."""
+    experts = len(counts[0]) if counts else 1
+    shrink = math.sqrt((experts - top_k) / (experts - 1)) if experts > 1 else 0.0
+    return [1 + emax * shrink / math.sqrt(sum(row) / ep) for row in counts if sum(row) > 0]
+
+
+def top_k_of(run: Path) -> Optional[int]:
+    """model.num_experts_per_tok from the run directory's config.yaml (train.py writes it), if there is one."""
+    cfg = (run if run.is_dir() else run.parent) / "config.yaml"
+    if not cfg.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    k = OmegaConf.select(OmegaConf.load(cfg), "model.num_experts_per_tok")
+    return int(k) if k is not None else None
 
 
 def read_counts(path: Path, skip: int) -> List[Dict]:
@@ -80,9 +97,11 @@ def read_counts(path: Path, skip: int) -> List[Dict]:
 def experts_of(records: List[Dict]) -> int:
     """The number of experts every record's counts have (one model per file), else an error naming both."""
     shapes = {len(layer) for r in records for layer in r["moe_counts"]}
-    if len(shapes) != 1:
-        raise SystemExit(f"ep_balance: the records count {sorted(shapes)} experts per layer: give the metrics of one "
-                         f"model (--skip past the records of another)")
+    layers = {len(r["moe_counts"]) for r in records}
+    if len(shapes) != 1 or len(layers) != 1:
+        what = (f"{sorted(shapes)} experts per layer" if len(shapes) != 1 else f"{sorted(layers)} MoE layers")
+        raise SystemExit(f"ep_balance: the records count {what}: give the metrics of one model (--skip past the "
+                         f"records of another)")
     return shapes.pop()
 
 
@@ -90,10 +109,9 @@ def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def summarise(records: List[Dict], eps: Sequence[int]) -> List[Dict]:
+def summarise(records: List[Dict], eps: Sequence[int], top_k: int = 1) -> List[Dict]:
     rows = []
-    layers = max(len(r["moe_counts"]) for r in records)
-    pooled = [[0.0] * len(records[0]["moe_counts"][0]) for _ in range(layers)]
+    pooled = [[0.0] * len(records[0]["moe_counts"][0]) for _ in records[0]["moe_counts"]]
     for r in records:
         for layer, row in enumerate(r["moe_counts"]):
             pooled[layer] = [a + b for a, b in zip(pooled[layer], row)]
@@ -104,7 +122,7 @@ def summarise(records: List[Dict], eps: Sequence[int]) -> List[Dict]:
             continue
         means = [mean(loads) for loads in per_record]
         emax = expected_max_normal(ep)
-        chance = [mean(c) for c in (chance_loads(r["moe_counts"], ep, emax) for r in records) if c]
+        chance = [mean(c) for c in (chance_loads(r["moe_counts"], ep, emax, top_k) for r in records) if c]
         rows.append({"ep": ep, "experts_per_rank": len(records[0]["moe_counts"][0]) // ep, "records": len(means),
                      "mean_load_median": statistics.median(means), "mean_load_mean": mean(means),
                      "mean_load_worst": max(means), "worst_layer": max(max(loads) for loads in per_record),
@@ -129,6 +147,8 @@ def main(argv: Sequence[str] = None) -> int:
     ap.add_argument("--ep", default=None, help="comma-separated EP sizes, each dividing the number of experts "
                     "(default: every such size above 1)")
     ap.add_argument("--skip", type=int, default=0, help="leave out records up to this step (the routing's start)")
+    ap.add_argument("--top-k", type=int, default=None, help="experts per token, for the chance column (default: "
+                    "the run's config.yaml; 1, independent copies, without one)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     eps = None
@@ -148,15 +168,22 @@ def main(argv: Sequence[str] = None) -> int:
     if eps is None:
         eps = [ep for ep in range(2, experts + 1) if experts % ep == 0]
     bad = [ep for ep in eps if experts % ep]
+    eps = [ep for ep in eps if not experts % ep]
     if bad:
-        print(f"ep_balance: --ep {bad} must divide the number of experts ({experts})", file=sys.stderr)
+        print(f"ep_balance: leaving out --ep {bad}: an EP size must divide the number of experts ({experts})",
+              file=sys.stderr)
+    if not eps:
         return 2
-    rows = summarise(records, eps)
+    top_k = args.top_k if args.top_k is not None else (top_k_of(args.run) or 1)
+    if not 1 <= top_k <= experts:
+        ap.error(f"--top-k {top_k} must be between 1 and the number of experts ({experts})")
+    rows = summarise(records, eps, top_k)
     if not rows:
         print(f"ep_balance: the records after step {args.skip} routed no tokens", file=sys.stderr)
         return 2
     print(markdown(rows))
-    report_json({"run": str(args.run), "skip": args.skip, "experts": experts, "rows": rows}, args.json, echo=False)
+    report_json({"run": str(args.run), "skip": args.skip, "experts": experts, "top_k": top_k, "rows": rows}, args.json,
+                echo=False)
     return 0
 
 

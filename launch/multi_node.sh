@@ -14,14 +14,14 @@
 #   --master-port PORT    rendezvous port; default $MASTER_PORT, else 29500
 #   --hosts h1,h2,...     the job's hosts (default $HOSTS); the first one hosts the rendezvous
 #   --rdzv-id ID          the same on every node of one job; default $RDZV_ID, else "jamba"
-#   --rdzv-conf K=V,...   torchrun's rendezvous settings (default $RDZV_CONF), e.g. last_call_timeout=10: with
+#   --rdzv-conf K=V,...   torchrun's rendezvous settings (default $RDZV_CONF; '' for torchrun's own), e.g. last_call_timeout=10: with
 #                         -N MIN:MAX, once MIN nodes joined torchrun waits this long (default 30 s) for more,
 #                         at the start and at every restart; join_timeout=SECONDS bounds the wait for MIN nodes
 #   -r, --max-restarts N  restart failed workers up to N times; they resume from the newest checkpoint
 #   --dry-run             print the environment and the command, start nothing
 #
 # Example (2 nodes x 8 GPUs; run on both):
-#   launch/multi_node.sh --hosts node01,node02 -n 8 model=small hydra.run.dir=/shared/runs/small
+#   launch/multi_node.sh --hosts node01,node02 -n 8 experiment=gpu_small hydra.run.dir=/shared/runs/small
 set -euo pipefail
 
 repo_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,7 +51,7 @@ while (( $# )); do
     --hosts=*) hosts="${1#*=}"; shift ;;
     --rdzv-id) rdzv_id="${2:?$1 needs a value}"; shift 2 ;;
     --rdzv-id=*) rdzv_id="${1#*=}"; shift ;;
-    --rdzv-conf) rdzv_conf="${2:?$1 needs a value}"; shift 2 ;;
+    --rdzv-conf) rdzv_conf="${2?$1 needs a value (an empty one: the torchrun defaults)}"; shift 2 ;;
     --rdzv-conf=*) rdzv_conf="${1#*=}"; shift ;;
     -r|--max-restarts) max_restarts="${2:?$1 needs a value}"; shift 2 ;;
     --max-restarts=*) max_restarts="${1#*=}"; shift ;;
@@ -123,7 +123,7 @@ if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
     for (( n = ${nnodes%%:*}; n <= ${nnodes##*:}; n++ )); do worlds+="${worlds:+,}$(( n * nproc ))"; done
   fi
   PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
-    --world-size "$worlds" -- "$@" || exit $?
+    --world-size "$worlds" --local-procs "$nproc" -- "$@" || exit $?
   export JAMBA_PREFLIGHT_DONE=1  # train.py checks again, without repeating the warnings printed here
 fi
 exec "${cmd[@]}"

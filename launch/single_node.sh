@@ -9,7 +9,7 @@
 #   --dry-run                print the environment and the command, start nothing
 #
 # Everything else goes to train.py, e.g.
-#   launch/single_node.sh -n 8 model=small hydra.run.dir=runs/small-8gpu
+#   launch/single_node.sh -n 8 experiment=gpu_small hydra.run.dir=runs/small-8gpu
 # Environment: PYTHON (default python), TRAIN_SCRIPT (default <repo>/train.py), and the defaults of
 # launch/env.sh (OMP_NUM_THREADS, NCCL_*), which a value already set in the environment overrides.
 set -euo pipefail
@@ -28,7 +28,7 @@ while (( $# )); do
     -r|--max-restarts) max_restarts="${2:?$1 needs a value}"; shift 2 ;;
     --max-restarts=*) max_restarts="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -73,7 +73,7 @@ fi
 # code 2 here, instead of an error per rank plus torchrun's failure report (trainer/preflight.py).
 if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
   PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
-    --world-size "$nproc" -- "$@" || exit $?
+    --world-size "$nproc" --local-procs "$nproc" -- "$@" || exit $?
   export JAMBA_PREFLIGHT_DONE=1  # train.py checks again, without repeating the warnings printed here
 fi
 exec "${cmd[@]}"

@@ -110,17 +110,20 @@ class ParallelDims:
         product = self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != ws:
             # Advise only what fixes it: dp_shard=-1 fills WORLD_SIZE only if the other degrees divide it.
-            fix = (f"set parallel.dp_shard=-1 (fills to {ws // others})" if ws % others == 0 else
-                   f"choose degrees among the divisors of {ws}: {_divisors(ws)}")
+            fix = (f"set parallel.dp_shard=-1 (fills to {ws // others}; the parallel=fsdp preset does that)"
+                   if ws % others == 0 else f"choose degrees among the divisors of {ws}: {_divisors(ws)}")
             raise ConfigError(
                 f"dp_replicate({self.dp_replicate}) * dp_shard({self.dp_shard}) * cp({self.cp}) * tp({self.tp}) "
-                f"= {product} != WORLD_SIZE({ws}); {fix}, or launch {product} processes (e.g. "
-                f"launch/single_node.sh -n {product})")
+                f"= {product} != WORLD_SIZE({ws}); {fix}, or launch {product} process{'es' if product > 1 else ''} "
+                f"(e.g. launch/single_node.sh -n {product})")
         if (self.dp_shard * self.cp) % self.ep:
+            # suggest only sizes that also divide the experts (when the model is known), so the fix is one step
+            valid = [e for e in _divisors(self.dp_shard * self.cp)
+                     if self.model is None or self.model.num_experts % e == 0]
             raise ConfigError(
                 f"parallel.ep={self.ep} must divide dp_shard({self.dp_shard}) * cp({self.cp}) = "
                 f"{self.dp_shard * self.cp} (experts are sharded over data-parallel ranks); choose ep in "
-                f"{_divisors(self.dp_shard * self.cp)} or raise dp_shard")
+                f"{valid} or raise dp_shard")
         if c.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards over the TP group)")
         if c.sequence_parallel and self.cp > 1:

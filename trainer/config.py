@@ -89,7 +89,8 @@ class TrainConfig:
     global_batch_tokens: int = 4096
     """Tokens per optimizer step over all data-parallel ranks and micro-batches (constant across stages)."""
     seed: int = 1234
-    """Seeds weights, data order and every RNG (per rank: seed + rank for dropout-like randomness)."""
+    """Seeds weights, data order and every RNG (per rank: seed + rank for dropout-like randomness; a resume on
+    another number of ranks seeds each rank's streams from (seed, step, rank), trainer/checkpoint.py)."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     precision: str = "auto"

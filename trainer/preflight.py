@@ -293,9 +293,11 @@ def _launcher_world(dcfg) -> Optional[int]:
 
 
 def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]] = 1, multirun: bool = False,
-                  config_name: str = "config", data: bool = True) -> None:
+                  config_name: str = "config", data: bool = True, local_procs: Optional[int] = None) -> None:
     """Raise ConfigError (one-line message) if this train.py command line cannot run. world_size: the number of
-    processes, or every number an elastic launch may start it with (each is checked)."""
+    processes, or every number an elastic launch may start it with (each is checked). local_procs: the processes
+    that will train on this machine, when it is the one that trains (train.py, the launchers; not a SLURM login
+    node): then train.device=cuda needs that many visible GPUs here."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = list(overrides)
@@ -322,6 +324,8 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
                 dp.append(dp_size)
             if len(worlds) > 1:
                 check_elastic_readers(cfg, worlds, dp)
+            if local_procs is not None:
+                check_devices(cfg, local_procs)
             note = cpu_on_gpu_machine(cfg, max(worlds), point)
             if note and _is_rank0() and not os.environ.get("JAMBA_PREFLIGHT_DONE"):  # the launcher printed it
                 print(f"train.py: warning: {note}", file=sys.stderr, flush=True)
@@ -329,6 +333,30 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             raise ConfigError(one_line(e)) from None
         except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors
             raise ConfigError(explain(e, point)) from None
+
+
+def visible_gpus() -> str:
+    """How the GPUs were chosen, for messages: CUDA_VISIBLE_DEVICES when it is set."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f" (CUDA_VISIBLE_DEVICES={cvd!r})" if cvd is not None else ""
+
+
+def check_devices(cfg, local_procs: int) -> None:
+    """train.device=cuda on this machine: CUDA must work here and give each of its processes a GPU (torchrun
+    binds local rank r to GPU r). Otherwise every rank fails after the launch, with a traceback each."""
+    if cfg.train.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device=cuda but this machine has no usable CUDA GPU (torch {torch.__version__}, "
+                          f"built for CUDA {torch.version.cuda or 'none'}){visible_gpus()}: run it on a GPU "
+                          f"machine, or train on CPU with train.device=cpu and a CPU batch (e.g. experiment=debug)")
+    gpus = torch.cuda.device_count()
+    if local_procs > gpus:
+        raise ConfigError(f"{local_procs} processes on this machine with train.device=cuda, but it has {gpus} "
+                          f"GPU(s){visible_gpus()}: start at most {gpus} per machine (launch/single_node.sh -n "
+                          f"{gpus})")
 
 
 def cpu_on_gpu_machine(cfg, world: int, overrides: Sequence[str]) -> Optional[str]:
@@ -368,8 +396,11 @@ def preflight_or_exit(argv: Sequence[str]) -> None:
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
         return  # nothing to train, or a config tree other than conf/: Hydra's own checks apply
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # a sweep's points may run elsewhere (a SLURM launcher); a plain run trains here, LOCAL_WORLD_SIZE of them
+    local = None if args.multirun else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     try:
-        check_command(args.overrides, world, multirun=bool(args.multirun), config_name=args.config_name or "config")
+        check_command(args.overrides, world, multirun=bool(args.multirun), config_name=args.config_name or "config",
+                      local_procs=local)
     except ConfigError as e:
         if not _is_rank0():
             # Let rank 0 print the one line: torchrun ends all workers when the first one exits, so a quiet rank
@@ -401,13 +432,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "node range (every one is checked)")
     p.add_argument("--multirun", "-m", action="store_true", help="the overrides are a sweep (train.py -m)")
     p.add_argument("--no-data", action="store_true", help="skip the data checks (inputs on another machine)")
+    p.add_argument("--local-procs", type=int, default=None,
+                   help="processes that will train on this machine (the launchers pass it): with train.device=cuda, "
+                        "checks that this machine has that many GPUs")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
-        check_command(args.overrides + train_args, args.world_size, args.multirun, data=not args.no_data)
+        check_command(args.overrides + train_args, args.world_size, args.multirun, data=not args.no_data,
+                      local_procs=args.local_procs)
     except ConfigError as e:
         report(str(e))
         return EXIT_CONFIG_ERROR
+    worlds = ",".join(map(str, args.world_size))
+    print(f"python -m trainer.preflight: the command can run on {worlds} process(es)", file=sys.stderr)
     return 0
 
 

@@ -2,11 +2,11 @@
 
     # 2 nodes x 8 GPUs, 24 h; requeues itself at the time limit and resumes in runs/small-2n
     python -m launch.slurm submit job_name=small-2n nodes=2 gpus_per_node=8 partition=gpu account=abc \\
-        time=24:00:00 -- model=small
+        time=24:00:00 -- experiment=gpu_small
     # print the script, the sbatch command, the environment and the per-node torchrun command
-    python -m launch.slurm submit --dry-run nodes=4 gpus_per_node=8 -- model=small
+    python -m launch.slurm submit --dry-run nodes=4 gpus_per_node=8 -- experiment=gpu_small
     # just the script
-    python -m launch.slurm render nodes=2 -- model=small > job.sbatch
+    python -m launch.slurm render nodes=2 -- experiment=gpu_small > job.sbatch
 
 `submit` (also with --dry-run) first checks the training config for the job's world size (nodes x
 gpus_per_node) with trainer/preflight.py, as train.py would: a bad override is one line and exit code 2,

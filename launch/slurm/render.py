@@ -8,7 +8,7 @@ the renderer writes the `#SBATCH` header and the parameter block above it:
     ...
     # ---- end of sbatch header ----
     REPO_DIR=... RUN_DIR=... ...      <- parameters the body reads
-    set -- model=small ...            <- train.py overrides
+    set -- experiment=gpu_small ...   <- train.py overrides
     <template body>
 """
 
@@ -76,7 +76,7 @@ class SlurmJob:
     extra_sbatch: List[str] = field(default_factory=list)
     """More sbatch options, each written as an #SBATCH line, e.g. ["--mail-type=END", "--reservation=big"]."""
     train_args: List[str] = field(default_factory=list)
-    """train.py Hydra overrides, e.g. ["model=small", "optim.lr=3e-4"]."""
+    """train.py Hydra overrides, e.g. ["experiment=gpu_small", "optim.lr=3e-4"]."""
 
 
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -201,10 +201,10 @@ def render_sbatch(job: SlurmJob, cwd: Path | None = None) -> str:
         "SHUTDOWN_TIMEOUT": str(shutdown_timeout(job)),
         "PYTHON": job.python,
     }
-    if job.rdzv_port is not None:
-        params["RDZV_PORT"] = str(job.rdzv_port)
-    if job.rdzv_conf is not None:
-        params["RDZV_CONF"] = job.rdzv_conf
+    # always set, also when null (empty: the script's default), so a value the submitter happens to have exported
+    # (sbatch passes its environment on) cannot reach the job unchecked
+    params["RDZV_PORT"] = "" if job.rdzv_port is None else str(job.rdzv_port)
+    params["RDZV_CONF"] = job.rdzv_conf or ""
     lines += [f"{k}={q(v)}" for k, v in params.items()]
     lines += [f"export {k}={q(str(v))}" for k, v in job.env.items()]
     if job.setup:

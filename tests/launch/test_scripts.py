@@ -67,6 +67,7 @@ def test_multi_node_dry_run_takes_master_from_hosts_and_env():
     (["--rdzv-conf", "last_call_timeout=5,join_timeout=900"], {}, "--rdzv-conf=last_call_timeout=5,join_timeout=900"),
     ([], {"RDZV_CONF": "last_call_timeout=5"}, "--rdzv-conf=last_call_timeout=5"),
     ([], {"RDZV_CONF": ""}, None),
+    (["--rdzv-conf", ""], {"RDZV_CONF": "last_call_timeout=5"}, None),  # an exported value, cleared for one launch
 ])
 def test_multi_node_forwards_rendezvous_settings(args, env, expect):
     run = [str(REPO / "launch/multi_node.sh"), "-N", "1:2", "-n", "1", "--master-addr", "h", *args, "--dry-run"]

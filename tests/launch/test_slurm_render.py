@@ -44,6 +44,8 @@ def test_default_job_renders_expected_header_and_parameters():
         "MAX_REQUEUES=100",
         "SHUTDOWN_TIMEOUT=240",
         "PYTHON=python",
+        "RDZV_PORT=''",
+        "RDZV_CONF=''",
         "set --",
     ]
     # The template's body follows verbatim.
@@ -165,6 +167,11 @@ def test_dry_run_prints_script_commands_and_environment(capsys, monkeypatch):
         assert piece in srun_line
     assert "scontrol requeue 1234" in out
     assert "--rdzv-conf" not in srun_line  # torchrun's own rendezvous settings unless asked for
+    monkeypatch.setenv("RDZV_CONF", "last_call_timeout=5")  # exported for multi_node.sh: not for this job
+    monkeypatch.setenv("RDZV_PORT", "1")
+    assert cli(["submit", "--dry-run", "--no-check", "--", "model=tiny"]) == 0
+    srun_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("srun "))
+    assert "--rdzv-conf" not in srun_line and ":1 " not in srun_line
     assert cli(["submit", "--dry-run", "--no-check", "rdzv_conf=join_timeout=1800", "--", "model=tiny"]) == 0
     srun_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("srun "))
     assert "--rdzv-conf=join_timeout=1800" in srun_line.split()

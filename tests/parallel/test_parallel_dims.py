@@ -38,6 +38,9 @@ def test_fill_and_derived_degrees():
     (2, dict(ep=3, dp_shard=2), r"parallel.ep=3 must divide dp_shard\(2\)"),
     (6, dict(ep=3), r"parallel.ep=3 must divide model.num_experts=4"),
     (4, dict(tp=2, ep=4), r"parallel.ep=4 must divide dp_shard\(2\)"),
+    (3, dict(ep=2), r"parallel.ep=2 must divide dp_shard\(3\) .* choose ep in \[1\] "),  # 3 does not divide 4 experts
+    (8, dict(dp_shard=1), r"= 1 != WORLD_SIZE\(8\); set parallel.dp_shard=-1 \(fills to 8; the parallel=fsdp preset "
+                          r"does that\), or launch 1 process \(e.g"),
     (4, dict(cp=2, tp=2, sequence_parallel=True), r"sequence_parallel=true with parallel.cp=2 is not supported"),
     (2, dict(sequence_parallel=True), r"sequence_parallel=true needs parallel.tp > 1"),
 ])

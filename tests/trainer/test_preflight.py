@@ -41,7 +41,7 @@ CASES = [  # (overrides, world size, substrings of the one-line message)
     (["parallel.tp=3"], 1, ["parallel.tp=3 must divide model.num_attention_heads=4", "choose tp in [1, 2, 4]"]),
     (["parallel.tp=2"], 1, ["tp(2) = 2 != WORLD_SIZE(1)", "launch 2 processes"]),
     (["parallel=ep", "parallel.ep=3"], 2, ["parallel.ep=3 must divide dp_shard(2)"]),
-    (["parallel.dp_shard=2"], 4, ["= 2 != WORLD_SIZE(4)", "parallel.dp_shard=-1 (fills to 4)"]),
+    (["parallel.dp_shard=2"], 4, ["= 2 != WORLD_SIZE(4)", "parallel.dp_shard=-1 (fills to 4; the parallel=fsdp preset does that)"]),
     (["data.num_workers=-1"], 1, ["data.num_workers=-1", "integer >= 0"]),
     (["data.vocab_size=5"], 1, ["data.vocab_size=5", "260..1000000"]),
     (["data.vocab_size=4096"], 1, ["data.vocab_size=4096 is more than model.vocab_size=2048"]),
