@@ -170,3 +170,34 @@ def test_warns_when_several_processes_would_train_on_cpu_beside_gpus(monkeypatch
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     check_command(["experiment=debug", "parallel=ddp"], 2)  # no GPUs: CPU is the only choice
     assert "warning" not in capsys.readouterr().err
+
+
+def test_cuda_runs_need_cuda_and_a_gpu_per_local_process(monkeypatch):
+    """train.device=cuda is checked where the training runs (train.py, the launchers: local_procs given), not on a
+    SLURM login node (local_procs None)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.device=cuda but this machine has no usable CUDA GPU"):
+        check_command(["experiment=gpu_small"], 1, local_procs=1)
+    check_command(["experiment=gpu_small"], 16)  # submitted from a machine that does not train: not checked
+    check_command(["experiment=debug"], 1, local_procs=1)  # a CPU run needs no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ConfigError, match=r"4 processes on this machine with train.device=cuda, but it has 2 GPU\(s\) "
+                                          r"\(CUDA_VISIBLE_DEVICES='0,1'\): start at most 2 per machine"):
+        check_command(["experiment=gpu_small"], 8, local_procs=4)
+    check_command(["experiment=gpu_small"], 4, local_procs=2)
+
+
+def test_train_py_refuses_cuda_without_a_gpu_before_any_directory(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = _train(["experiment=gpu_small"], tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "train.device=cuda but this machine has no usable CUDA GPU" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
