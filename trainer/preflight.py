@@ -95,6 +95,11 @@ def explain(exc: BaseException, overrides: Sequence[str]) -> str:
     if isinstance(exc, OverrideParseException):
         bad = next((o for o in overrides if _syntax_error(o)), None)
         where = f"{bad!r}: " if bad else ""
+        key, _, value = (bad or "").partition("=")
+        if value and not value.startswith(("'", '"', "[", "{")) and re.search(r"[=,]", value):
+            # e.g. a run directory named by trainer/rundir.py (`parallel=fsdp-<hash>`): Hydra reads '=' and ','
+            return one_line(f"{where}not a valid override ({text.splitlines()[0]}); a value holding '=' or ',' "
+                            f"must be quoted for Hydra inside the shell's quotes: \"{key}='{value}'\"")
         return one_line(f"{where}not a valid override ({text.splitlines()[0]}); write key=value, quote lists "
                         "and braces for the shell, e.g. 'data.sources=[{path: corpus/*.jsonl}]'")
     if isinstance(exc, MissingConfigException):

@@ -38,6 +38,8 @@ CASES = [  # (overrides, world size, substrings of the one-line message)
     (["experiment=nope"], 1, ["experiment='nope'", "is not an experiment option: choose one of ['bench_3b', 'cpu_demo'"]),
     (["curriculum.stages=[{seq_len: 64, sq: 1}]"], 1, ["'sq' is not a key of StageConfig", "seq_len"]),
     (["optim.lr=[1,2"], 1, ["'optim.lr=[1,2': not a valid override"]),
+    (["hydra.run.dir=runs/debug/parallel=fsdp-88a93deb"], 1,
+     ["must be quoted for Hydra", "\"hydra.run.dir='runs/debug/parallel=fsdp-88a93deb'\""]),
     (["parallel.tp=3"], 1, ["parallel.tp=3 must divide model.num_attention_heads=4", "choose tp in [1, 2, 4]"]),
     (["parallel.tp=2"], 1, ["tp(2) = 2 != WORLD_SIZE(1)", "launch 2 processes"]),
     (["parallel=ep", "parallel.ep=3"], 2, ["parallel.ep=3 must divide dp_shard(2)"]),
