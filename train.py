@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import register_configs, to_object, validate_run
-from trainer.rundir import register_resolvers
+from trainer.rundir import config_changes, register_resolvers
 
 log = logging.getLogger("train")
 register_configs()
@@ -60,8 +60,14 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
     watchdog = make_watchdog(world.rank, world.world_size, t.collective_timeout_s)  # hangs become errors
     try:
         run_path = Path(run_dir)
+        previous = None  # the config of the run's previous start, to say what a resume changes
         if world.is_main:
             run_path.mkdir(parents=True, exist_ok=True)
+            if (run_path / "config.yaml").is_file():
+                try:
+                    previous = OmegaConf.to_container(OmegaConf.load(run_path / "config.yaml"), resolve=True)
+                except Exception as e:  # noqa: BLE001 - a damaged copy only costs the comparison
+                    log.warning("could not read the previous config.yaml of %s (%s): not comparing", run_path, e)
             OmegaConf.save(dcfg, run_path / "config.yaml", resolve=True)
         # 2. Model: meta -> to_empty -> init_weights (same seed on every rank) -> parallel layout.
         torch.use_deterministic_algorithms(t.deterministic)
@@ -93,6 +99,12 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
             if resumed:
                 log.info("run directory %s: resuming from %s (step %d of %d)", run_path,
                          ckpt.root / f"{CKPT_PREFIX}{trainer.state.step:09d}", trainer.state.step, t.max_steps)
+                changes = config_changes(previous, OmegaConf.to_container(dcfg, resolve=True)) if previous else []
+                if changes:
+                    log.warning("resuming with %d setting(s) changed since the run's previous start (the run goes "
+                                "on with the new values; a different run wants its own directory): %s%s",
+                                len(changes), "; ".join(changes[:8]), f"; ... {len(changes) - 8} more" if
+                                len(changes) > 8 else "")
             else:
                 log.info("run directory %s: starting fresh (no checkpoint%s)", run_path,
                          "" if cfg.checkpoint.resume else ": checkpoint.resume=false")

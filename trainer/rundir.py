@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Iterable, List
+from typing import Dict, Iterable, List
 
 BASE_LEAF = "base"
 """Leaf of a run with no identity-defining overrides."""
@@ -92,3 +92,22 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("run_leaf", lambda task: run_leaf(list(task or [])), replace=True)
+
+
+def _flat(tree, prefix: str = "") -> Dict[str, object]:
+    if isinstance(tree, dict):
+        out: Dict[str, object] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(previous: Dict, current: Dict) -> List[str]:
+    """What a restart changes of what the run trains: `key: old -> new` for every setting (nested dicts
+    flattened; lists compared whole) that differs between the resolved config of the previous start and this
+    one, leaving out the keys a restart may change (`ignored`: length, device, logging, checkpointing, ...)."""
+    old, new = _flat(previous), _flat(current)
+    changed = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
+               if not ignored(k) and old.get(k, "(unset)") != new.get(k, "(unset)")]
+    return changed

@@ -78,6 +78,7 @@ def test_rerun_resumes_and_extends_the_same_directory(tmp_path):
     assert list((tmp_path / "runs" / "debug").iterdir()) == [run_dir]
     assert f"run directory {run_dir}: resuming from {run_dir / 'checkpoints' / 'step_000000002'} (step 2 of 4)" \
         in r.stdout + r.stderr
+    assert "changed since the run's previous start" not in r.stdout + r.stderr  # operational keys only
     assert _steps(run_dir) == [1, 2, 3, 4]
     # a sweep point with the same overrides is that same run (already at step 4: nothing to do), and the other
     # point gets its own directory beside it, never inside it
@@ -88,3 +89,22 @@ def test_rerun_resumes_and_extends_the_same_directory(tmp_path):
     assert names == sorted([run_dir.name, other, run_leaf(["data.num_workers=0", "optim.lr=3e-3"])])
     assert not any(p.is_dir() and p.name not in ("checkpoints", ".hydra") for p in run_dir.iterdir())
     assert _steps(tmp_path / "runs" / "debug" / other) == [1, 2, 3, 4]
+    # another recipe forced into this run's directory (its name given by hand): it resumes, and says what changed
+    r = _train(["experiment=cpu_demo", "name=debug", "train.eval_every=0", "data.num_workers=0", "train.max_steps=21"],
+               tmp_path)  # (cpu_demo warms up for 20 steps)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "resuming from" in out and "setting(s) changed since the run's previous start" in out, out[-3000:]
+    assert "train.global_batch_tokens: 256 -> 4096" in out and "optim.warmup_steps" in out
+
+
+def test_config_changes_name_what_a_restart_changes():
+    from trainer.rundir import config_changes
+
+    old = {"name": "a", "optim": {"lr": 1e-3, "betas": [0.9, 0.95]}, "train": {"max_steps": 10, "seed": 1},
+           "logging": {"log_every": 10}, "model": {"vocab_size": 2048}}
+    new = {"name": "b", "optim": {"lr": 3e-4, "betas": [0.9, 0.99]}, "train": {"max_steps": 20, "seed": 1},
+           "logging": {"log_every": 1}, "model": {"vocab_size": 2048, "extra": True}}
+    assert config_changes(old, new) == ["model.extra: '(unset)' -> True", "optim.betas: [0.9, 0.95] -> [0.9, 0.99]",
+                                        "optim.lr: 0.001 -> 0.0003"]  # name, max_steps, logging: a restart may
+    assert config_changes(old, old) == []
