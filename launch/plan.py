@@ -168,8 +168,15 @@ def compose(overrides: Sequence[str]):
 
     register_configs()
     register_resolvers()  # ${run_leaf:...} of conf/config.yaml's hydra.run.dir
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return to_object(hydra_compose(config_name="config", overrides=list(overrides)))
+    from trainer.preflight import explain
+
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+            return to_object(hydra_compose(config_name="config", overrides=list(overrides)))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors: one line, as train.py says them
+        raise ConfigError(explain(e, overrides)) from None
 
 
 def resolve_layout(par, gpus: Optional[int], cp: Optional[int] = None) -> Dict[str, int]:

@@ -244,3 +244,13 @@ def test_fsdp_prices_its_own_copies_and_the_collectives_nothing_hides():
     assert "fsdp copies" not in {k for k, v in single.parts.items() if v}
     # what the measurement showed: FSDP on 2 GPUs is not faster per GPU than one GPU
     assert t.tokens_per_s_per_gpu < 1.05 * single.tokens_per_s_per_gpu
+
+
+def test_a_typo_is_one_line_as_in_train_py():
+    from jamba.config import ConfigError
+    from launch.plan import compose
+
+    with pytest.raises(ConfigError, match=r"optim.lrr=1: 'lrr' is not a key of OptimConfig; did you mean 'lr'\?"):
+        compose(["experiment=bench_3b", "optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"model='smal' is not a model option"):
+        compose(["model=smal"])
