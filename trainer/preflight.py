@@ -26,6 +26,7 @@ import difflib
 import itertools
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -315,6 +316,13 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
         try:
             dcfg = compose(point, config_name)
             launcher = _launcher_world(dcfg) if multirun else None
+            if launcher:
+                missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+                if missing:  # else submitit fails after the sweep started, with a traceback
+                    raise ConfigError(f"hydra/launcher=slurm_gpu submits every sweep point as a SLURM job, but "
+                                      f"{' and '.join(missing)} not found on PATH here: run the sweep on the "
+                                      f"cluster's login node, or drop hydra/launcher=slurm_gpu to run the points "
+                                      f"here one after another")
             worlds = [launcher] if launcher else [int(w) for w in ([world_size] if isinstance(world_size, int)
                                                                    else world_size)]
             dp = []

@@ -203,3 +203,14 @@ def test_train_py_refuses_cuda_without_a_gpu_before_any_directory(tmp_path):
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "train.device=cuda but this machine has no usable CUDA GPU" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_slurm_sweep_needs_slurm_here(tmp_path, monkeypatch):
+    sweep = ["hydra/launcher=slurm_gpu", "experiment=gpu_small", "optim.lr=1e-4,3e-4"]
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    with pytest.raises(ConfigError, match="sbatch and srun not found on PATH here: run the sweep on the cluster"):
+        check_command(sweep, multirun=True)
+    for tool in ("sbatch", "srun"):
+        (tmp_path / tool).write_text("#!/bin/sh\n")
+        (tmp_path / tool).chmod(0o755)
+    check_command(sweep, multirun=True)  # a login node
