@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def run(mode: str, args, extra: List[str]) -> Dict[str, object]:
                       # a recipe's warm-up is longer than these few steps (bench_3b: 200) and would be refused
                       "optim.warmup_steps=0",
                       f"checkpoint.async_save={'true' if mode == 'async' else 'false'}", *extra]
-    print("$", " ".join(cmd), flush=True)
+    print("$", shlex.join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -89,8 +90,9 @@ def main(argv=None) -> int:
         for s in r["saves"]:
             print(f"{mode:5s} step {s['step']:4d}: training waited {s['stall_s']:7.2f} s, "
                   f"background write {s['write_s']:7.2f} s")
-        print(f"{mode:5s} tokens/s: step after a save {r['tokens_per_s_after_save']}, "
-              f"other steps {r['tokens_per_s_other']} (medians)")
+        after, other = r["tokens_per_s_after_save"], r["tokens_per_s_other"]
+        print(f"{mode:5s} tokens/s: step after a save {after:,.0f}, other steps {other:,.0f} (medians)"
+              if after is not None and other is not None else f"{mode:5s} tokens/s: {after} / {other}")
     report_json(results, args.json, echo=False)
     return 0
 

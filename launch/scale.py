@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -524,7 +525,7 @@ def dry_run(args: argparse.Namespace) -> dict:
     for name in args.layouts:
         lay = layout(name, args.gpus, args.variants)
         cmds.append(torchrun(lay.gpus, "train.py", *train_overrides(args, lay, Path(args.out_dir) / name)))
-        print(" ".join([f"{k}={v}" for k, v in lay.env] + cmds[-1][2:]))
+        print(shlex.join([f"{k}={v}" for k, v in lay.env] + cmds[-1]))  # pastes into a shell as it is
     return {"meta": {}, "results": [], "commands": cmds}
 
 
