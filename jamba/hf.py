@@ -642,6 +642,11 @@ def open_our_checkpoint(path, cfg: JambaConfig) -> Tuple[List[str], Callable[[st
     our safetensors, or a .pt / .safetensors file (a state dict, possibly nested, e.g. under 'model').
     safetensors and .pt are read lazily (memory map); DCP is loaded once (the model's tensors only)."""
     path = Path(path)
+    for ckpts in (path / "checkpoints", path):  # a run directory, or its checkpoints/: name the checkpoint to give
+        steps = sorted(ckpts.glob("step_*/.metadata")) if path.is_dir() else []
+        if steps and not (path / ".metadata").exists():
+            raise ConfigError(f"{path} holds training checkpoints, not one: give one of them, e.g. the newest, "
+                              f"{steps[-1].parent}")
     if path.is_dir() and (path / ".metadata").exists():
         sd = _read_dcp(path, cfg)
         return list(sd), sd.__getitem__

@@ -255,6 +255,12 @@ def test_export_from_dcp_checkpoint(tmp_path):
     with torch.no_grad():
         err = rel_err(loaded(x).logits, want)
     assert err < 1e-4, err
+    # the run directory, or its checkpoints/, instead of one checkpoint: the newest is named
+    from jamba.config import ConfigError
+
+    for wrong in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        with pytest.raises(ConfigError, match=f"holds training checkpoints, not one: .* the newest, {ckpt}"):
+            hf.export_hf(wrong, tmp_path / "out2")
 
 
 @pytest.mark.parametrize("fmt", ["dcp", "safetensors", "pt"])
