@@ -28,7 +28,7 @@ import string
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -179,6 +179,7 @@ class MetricsLogger:
         self.bar = None
         self.wandb = None
         self._fh = None
+        self._bad_shown: List[str] = []  # the bad-data counts the last log line showed
         if not is_main:
             return
         moved = set_aside_replayed(self.run_dir / "metrics.jsonl", start_step)
@@ -250,8 +251,9 @@ class MetricsLogger:
         # empty documents (the stdlib's empty __init__.py files, blank lines) are counted, not called bad data
         bad = [f"{k[len('skipped_'):]} {record[k]:,}" for k in DATA_COUNTERS if k.startswith("skipped_")
                and k != "skipped_empty" and record.get(k)]
-        if bad:
+        if bad and bad != self._bad_shown:  # shown when they grow, not on every line (metrics.jsonl has them all)
             line += " | bad data skipped: " + ", ".join(bad)
+            self._bad_shown = bad
         self._print(line)
 
     def log_eval(self, record: Dict[str, Any]) -> None:
