@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import register_configs, to_object, validate_run
-from trainer.rundir import config_changes, register_resolvers
+from trainer.rundir import register_resolvers, warn_config_changes
 
 log = logging.getLogger("train")
 register_configs()
@@ -60,15 +60,12 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
     watchdog = make_watchdog(world.rank, world.world_size, t.collective_timeout_s)  # hangs become errors
     try:
         run_path = Path(run_dir)
-        previous = None  # the config of the run's previous start, to say what a resume changes
         if world.is_main:
             run_path.mkdir(parents=True, exist_ok=True)
-            if (run_path / "config.yaml").is_file():
-                try:
-                    previous = OmegaConf.to_container(OmegaConf.load(run_path / "config.yaml"), resolve=True)
-                except Exception as e:  # noqa: BLE001 - a damaged copy only costs the comparison
-                    log.warning("could not read the previous config.yaml of %s (%s): not comparing", run_path, e)
-            OmegaConf.save(dcfg, run_path / "config.yaml", resolve=True)
+            # before anything is built: a change that makes the restore fail (a model shape) is named first
+            warn_config_changes(run_path, OmegaConf.to_container(dcfg, resolve=True))
+            if not (run_path / "config.yaml").is_file():  # a new run: its config at once (a resume's: below)
+                OmegaConf.save(dcfg, run_path / "config.yaml", resolve=True)
         # 2. Model: meta -> to_empty -> init_weights (same seed on every rank) -> parallel layout.
         torch.use_deterministic_algorithms(t.deterministic)
         if t.num_threads:
@@ -99,15 +96,12 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
             if resumed:
                 log.info("run directory %s: resuming from %s (step %d of %d)", run_path,
                          ckpt.root / f"{CKPT_PREFIX}{trainer.state.step:09d}", trainer.state.step, t.max_steps)
-                changes = config_changes(previous, OmegaConf.to_container(dcfg, resolve=True)) if previous else []
-                if changes:
-                    log.warning("resuming with %d setting(s) changed since the run's previous start (the run goes "
-                                "on with the new values; a different run wants its own directory): %s%s",
-                                len(changes), "; ".join(changes[:8]), f"; ... {len(changes) - 8} more" if
-                                len(changes) > 8 else "")
             else:
                 log.info("run directory %s: starting fresh (no checkpoint%s)", run_path,
                          "" if cfg.checkpoint.resume else ": checkpoint.resume=false")
+            # a resume's only once its restore worked: config.yaml describes the start that runs (jamba.hf and
+            # launch.ep_balance read it, the next start compares with it)
+            OmegaConf.save(dcfg, run_path / "config.yaml", resolve=True)
         metrics = MetricsLogger(run_path, cfg.logging, world.is_main, t.max_steps, trainer.state.step,
                                 OmegaConf.to_container(dcfg, resolve=True))
         trainer.metrics = metrics

@@ -643,10 +643,12 @@ def open_our_checkpoint(path, cfg: JambaConfig) -> Tuple[List[str], Callable[[st
     safetensors and .pt are read lazily (memory map); DCP is loaded once (the model's tensors only)."""
     path = Path(path)
     for ckpts in (path / "checkpoints", path):  # a run directory, or its checkpoints/: name the checkpoint to give
-        steps = sorted(ckpts.glob("step_*/.metadata")) if path.is_dir() else []
+        # complete ones only, as trainer/checkpoint.py names and marks them (step_<n>/COMPLETE; not step_12.bak)
+        steps = sorted((int(m.group(1)), d) for d in (ckpts.iterdir() if ckpts.is_dir() else [])
+                       for m in [re.match(r"^step_(\d+)$", d.name)] if m and (d / "COMPLETE").exists())
         if steps and not (path / ".metadata").exists():
             raise ConfigError(f"{path} holds training checkpoints, not one: give one of them, e.g. the newest, "
-                              f"{steps[-1].parent}")
+                              f"{steps[-1][1]}")
     if path.is_dir() and (path / ".metadata").exists():
         sd = _read_dcp(path, cfg)
         return list(sd), sd.__getitem__

@@ -81,8 +81,13 @@ def top_k_of(run: Path) -> Optional[int]:
         return None
     from omegaconf import OmegaConf
 
-    k = OmegaConf.select(OmegaConf.load(cfg), "model.num_experts_per_tok")
-    return int(k) if k is not None else None
+    try:
+        k = OmegaConf.select(OmegaConf.load(cfg), "model.num_experts_per_tok")
+        return int(k) if k is not None else None
+    except Exception as e:  # noqa: BLE001 - a damaged copy only costs the chance column's top-k
+        print(f"ep_balance: could not read {cfg} ({type(e).__name__}: {e}); the chance column assumes top-1 "
+              f"(give --top-k)", file=sys.stderr)
+        return None
 
 
 def read_counts(path: Path, skip: int) -> List[Dict]:

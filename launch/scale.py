@@ -525,7 +525,8 @@ def dry_run(args: argparse.Namespace) -> dict:
     for name in args.layouts:
         lay = layout(name, args.gpus, args.variants)
         cmds.append(torchrun(lay.gpus, "train.py", *train_overrides(args, lay, Path(args.out_dir) / name)))
-        print(shlex.join([f"{k}={v}" for k, v in lay.env] + cmds[-1]))  # pastes into a shell as it is
+        # pastes into a shell as it is (from the repository root: train.py is relative)
+        print(" ".join([f"{k}={shlex.quote(str(v))}" for k, v in lay.env] + [shlex.join(cmds[-1])]))
     return {"meta": {}, "results": [], "commands": cmds}
 
 

@@ -110,7 +110,8 @@ class ParallelDims:
         product = self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != ws:
             # Advise only what fixes it: dp_shard=-1 fills WORLD_SIZE only if the other degrees divide it.
-            fix = (f"set parallel.dp_shard=-1 (fills to {ws // others}; the parallel=fsdp preset does that)"
+            preset = "; the parallel=fsdp preset does that" if others == 1 else ""  # fsdp sets tp, cp... to 1
+            fix = (f"set parallel.dp_shard=-1 (fills to {ws // others}{preset})"
                    if ws % others == 0 else f"choose degrees among the divisors of {ws}: {_divisors(ws)}")
             raise ConfigError(
                 f"dp_replicate({self.dp_replicate}) * dp_shard({self.dp_shard}) * cp({self.cp}) * tp({self.tp}) "

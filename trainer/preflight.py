@@ -299,12 +299,13 @@ def _launcher_world(dcfg) -> Optional[int]:
 
 
 def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]] = 1, multirun: bool = False,
-                  config_name: str = "config", data: bool = True, local_procs: Optional[int] = None) -> None:
+                  config_name: str = "config", data: bool = True, local_procs: Optional[int] = None) -> List[int]:
     """Raise ConfigError (one-line message) if this train.py command line cannot run. world_size: the number of
     processes, or every number an elastic launch may start it with (each is checked). local_procs: the processes
     that will train on this machine, when it is the one that trains (train.py, the launchers; not a SLURM login
-    node): then train.device=cuda needs that many visible GPUs here."""
+    node): then train.device=cuda needs that many visible GPUs here. Returns the world sizes checked."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
 
     overrides = list(overrides)
     try:
@@ -312,16 +313,18 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
         points = sweep_points(overrides) if multirun else [overrides]
     except Exception as e:  # noqa: BLE001
         raise ConfigError(explain(e, overrides)) from None
+    checked: List[int] = []
     for point in points:
         try:
             dcfg = compose(point, config_name)
             launcher = _launcher_world(dcfg) if multirun else None
-            if launcher:
+            target = str(OmegaConf.select(dcfg, "hydra.launcher._target_", default="") or "") if multirun else ""
+            if "Slurm" in target.rsplit(".", 1)[-1]:  # TorchSlurmLauncher, submitit's SlurmLauncher
                 missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
                 if missing:  # else submitit fails after the sweep started, with a traceback
-                    raise ConfigError(f"hydra/launcher=slurm_gpu submits every sweep point as a SLURM job, but "
+                    raise ConfigError(f"the sweep's launcher ({target}) submits every point as a SLURM job, but "
                                       f"{' and '.join(missing)} not found on PATH here: run the sweep on the "
-                                      f"cluster's login node, or drop hydra/launcher=slurm_gpu to run the points "
+                                      f"cluster's login node, or leave out hydra/launcher=... to run the points "
                                       f"here one after another")
             worlds = [launcher] if launcher else [int(w) for w in ([world_size] if isinstance(world_size, int)
                                                                    else world_size)]
@@ -335,6 +338,7 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
                     raise ConfigError(f"with {world} processes (the elastic range allows {worlds}): {one_line(e)}"
                                       ) from None
                 dp.append(dp_size)
+            checked += [w for w in worlds if w not in checked]
             if len(worlds) > 1:
                 check_elastic_readers(cfg, worlds, dp)
             if local_procs is not None:
@@ -346,6 +350,7 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             raise ConfigError(one_line(e)) from None
         except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors
             raise ConfigError(explain(e, point)) from None
+    return checked
 
 
 def visible_gpus() -> str:
@@ -355,19 +360,23 @@ def visible_gpus() -> str:
 
 
 def check_devices(cfg, local_procs: int) -> None:
-    """train.device=cuda on this machine: CUDA must work here and give each of its processes a GPU (torchrun
-    binds local rank r to GPU r). Otherwise every rank fails after the launch, with a traceback each."""
-    if cfg.train.device != "cuda":
+    """train.device=cuda (or auto, where CUDA works) on this machine: CUDA must work here and give each of its
+    processes a GPU (torchrun binds local rank r to GPU r). Otherwise ranks fail after the launch, each with a
+    traceback."""
+    if cfg.train.device not in ("cuda", "auto"):
         return
     import torch
 
+    if cfg.train.device == "auto" and not torch.cuda.is_available():
+        return  # auto trains on CPU here
     if not torch.cuda.is_available():
         raise ConfigError(f"train.device=cuda but this machine has no usable CUDA GPU (torch {torch.__version__}, "
                           f"built for CUDA {torch.version.cuda or 'none'}){visible_gpus()}: run it on a GPU "
                           f"machine, or train on CPU with train.device=cpu and a CPU batch (e.g. experiment=debug)")
     gpus = torch.cuda.device_count()
     if local_procs > gpus:
-        raise ConfigError(f"{local_procs} processes on this machine with train.device=cuda, but it has {gpus} "
+        raise ConfigError(f"{local_procs} processes on this machine with train.device={cfg.train.device} (CUDA), but "
+                          f"it has {gpus} "
                           f"GPU(s){visible_gpus()}: start at most {gpus} per machine (launch/single_node.sh -n "
                           f"{gpus})")
 
@@ -451,13 +460,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
-        check_command(args.overrides + train_args, args.world_size, args.multirun, data=not args.no_data,
-                      local_procs=args.local_procs)
+        checked = check_command(args.overrides + train_args, args.world_size, args.multirun, data=not args.no_data,
+                                local_procs=args.local_procs)
     except ConfigError as e:
         report(str(e))
         return EXIT_CONFIG_ERROR
-    worlds = ",".join(map(str, args.world_size))
-    print(f"python -m trainer.preflight: the command can run on {worlds} process(es)", file=sys.stderr)
+    print(f"python -m trainer.preflight: the command can run on {', '.join(map(str, sorted(checked)))} process(es)",
+          file=sys.stderr)
     return 0
 
 

@@ -25,9 +25,12 @@ with another parallel layout: checkpoints reshard).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
+from pathlib import Path
 from typing import Dict, Iterable, List
 
+log = logging.getLogger(__name__)
 BASE_LEAF = "base"
 """Leaf of a run with no identity-defining overrides."""
 IGNORED_KEYS = frozenset({
@@ -103,11 +106,43 @@ def _flat(tree, prefix: str = "") -> Dict[str, object]:
     return {prefix[:-1]: tree}
 
 
+# Besides the leaf's ignored keys, what a resume may change on purpose: the parallel layout (checkpoints reshard;
+# give hydra.run.dir=... to continue a run on another layout), the data workers (the readers are dealt anew),
+# timeouts and memory housekeeping.
+RESUMABLE_PREFIXES = ("parallel.",)
+RESUMABLE_KEYS = frozenset({"data.num_workers", "train.collective_timeout_s", "train.gc_freeze",
+                            "train.sharded_init"})
+
+
 def config_changes(previous: Dict, current: Dict) -> List[str]:
     """What a restart changes of what the run trains: `key: old -> new` for every setting (nested dicts
     flattened; lists compared whole) that differs between the resolved config of the previous start and this
-    one, leaving out the keys a restart may change (`ignored`: length, device, logging, checkpointing, ...)."""
+    one, leaving out the keys a restart may change (`ignored`: length, device, logging, checkpointing, ...; and
+    the layout, data workers and timeouts: RESUMABLE_*)."""
     old, new = _flat(previous), _flat(current)
     changed = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(set(old) | set(new))
-               if not ignored(k) and old.get(k, "(unset)") != new.get(k, "(unset)")]
+               if not ignored(k) and k not in RESUMABLE_KEYS and not k.startswith(RESUMABLE_PREFIXES)
+               and old.get(k, "(unset)") != new.get(k, "(unset)")]
     return changed
+
+
+def warn_config_changes(run_dir: Path, current: Dict, limit: int = 8) -> List[str]:
+    """Log a warning naming what this start changes of the run directory's previous start (its config.yaml,
+    written by train.py once a start has restored or begun); returns the changes."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return []
+    try:
+        from omegaconf import OmegaConf
+
+        previous = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # noqa: BLE001 - a damaged copy only costs the comparison
+        log.warning("could not read %s (%s): not comparing this start's settings with it", path, e)
+        return []
+    changes = config_changes(previous, current) if isinstance(previous, dict) else []
+    if changes:
+        more = f"; ... {len(changes) - limit} more" if len(changes) > limit else ""
+        log.warning("this start changes %d setting(s) of %s's previous start; a resume goes on with the new values "
+                    "(a different run wants its own directory): %s%s", len(changes), run_dir,
+                    "; ".join(changes[:limit]), more)
+    return changes

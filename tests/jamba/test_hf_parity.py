@@ -255,11 +255,17 @@ def test_export_from_dcp_checkpoint(tmp_path):
     with torch.no_grad():
         err = rel_err(loaded(x).logits, want)
     assert err < 1e-4, err
-    # the run directory, or its checkpoints/, instead of one checkpoint: the newest is named
+    # the run directory, or its checkpoints/, instead of one checkpoint: the newest complete one is named
     from jamba.config import ConfigError
 
+    import shutil
+    (ckpt / "COMPLETE").write_text("")  # as trainer/checkpoint.py marks a finished save
+    shutil.copytree(ckpt, ckpt.with_name("step_000000010.bak"))  # a set-aside copy: not a checkpoint
+    shutil.copytree(ckpt, ckpt.with_name("step_000000012"))
+    (ckpt.with_name("step_000000012") / "COMPLETE").unlink()  # a save that did not finish
+    shutil.copytree(ckpt, ckpt.with_name("step_000000009"))
     for wrong in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
-        with pytest.raises(ConfigError, match=f"holds training checkpoints, not one: .* the newest, {ckpt}"):
+        with pytest.raises(ConfigError, match=f"holds training checkpoints, not one: .* the newest, {ckpt}$"):
             hf.export_hf(wrong, tmp_path / "out2")
 
 

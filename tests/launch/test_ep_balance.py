@@ -74,6 +74,15 @@ def test_cli_prints_a_table_and_names_bad_input(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| 2 | 2 | 1.000 / 1.000 / 1.000 | 1.00 | 1.000 | 1.282 | 1 |" in table and "| 4 | 1 | 1.500" in table
     assert [r["ep"] for r in json.loads(out_json.read_text())["rows"]] == [2, 4]
+    # top-k from the run's config.yaml (train.py writes it): 2 of 4 experts per token shrink chance's excess
+    (tmp_path / "config.yaml").write_text("model:\n  num_experts_per_tok: 2\n")
+    assert main([str(tmp_path), "--ep", "2"]) == 0
+    assert f"| 1.000 | {1 + 0.282095 * math.sqrt(2 / 3):.3f} | 1 |" in capsys.readouterr().out
+    (tmp_path / "config.yaml").write_text("model: [unclosed\n")  # damaged: a note, then top-1
+    assert main([str(tmp_path), "--ep", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "could not read" in captured.err and "| 1.282 | 1 |" in captured.out
+    (tmp_path / "config.yaml").unlink()
     assert main([str(tmp_path), "--ep", "4,2,4"]) == 0 and capsys.readouterr().out.count("\n| ") == 2  # 2 and 4, once each
     assert main([str(tmp_path), "--ep", "2,3"]) == 0  # sizes that do not divide the experts are left out, said so
     captured = capsys.readouterr()

@@ -41,6 +41,8 @@ def test_fill_and_derived_degrees():
     (3, dict(ep=2), r"parallel.ep=2 must divide dp_shard\(3\) .* choose ep in \[1\] "),  # 3 does not divide 4 experts
     (8, dict(dp_shard=1), r"= 1 != WORLD_SIZE\(8\); set parallel.dp_shard=-1 \(fills to 8; the parallel=fsdp preset "
                           r"does that\), or launch 1 process \(e.g"),
+    (8, dict(dp_shard=1, tp=2), r"= 2 != WORLD_SIZE\(8\); set parallel.dp_shard=-1 \(fills to 4\), or launch 2 "
+                                r"processes"),  # no preset hint: parallel=fsdp would drop tp=2
     (4, dict(cp=2, tp=2, sequence_parallel=True), r"sequence_parallel=true with parallel.cp=2 is not supported"),
     (2, dict(sequence_parallel=True), r"sequence_parallel=true needs parallel.tp > 1"),
 ])

@@ -183,13 +183,16 @@ def test_cuda_runs_need_cuda_and_a_gpu_per_local_process(monkeypatch):
     with pytest.raises(ConfigError, match="train.device=cuda but this machine has no usable CUDA GPU"):
         check_command(["experiment=gpu_small"], 1, local_procs=1)
     check_command(["experiment=gpu_small"], 16)  # submitted from a machine that does not train: not checked
+    check_command(["experiment=gpu_small", "train.device=auto"], 1, local_procs=1)  # auto trains on CPU here
     check_command(["experiment=debug"], 1, local_procs=1)  # a CPU run needs no GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    with pytest.raises(ConfigError, match=r"4 processes on this machine with train.device=cuda, but it has 2 GPU\(s\) "
-                                          r"\(CUDA_VISIBLE_DEVICES='0,1'\): start at most 2 per machine"):
+    with pytest.raises(ConfigError, match=r"4 processes on this machine with train.device=cuda \(CUDA\), but it has 2 "
+                                          r"GPU\(s\) \(CUDA_VISIBLE_DEVICES='0,1'\): start at most 2 per machine"):
         check_command(["experiment=gpu_small"], 8, local_procs=4)
+    with pytest.raises(ConfigError, match=r"4 processes on this machine with train.device=auto \(CUDA\)"):
+        check_command(["experiment=gpu_small", "train.device=auto"], 8, local_procs=4)  # auto picks CUDA here
     check_command(["experiment=gpu_small"], 4, local_procs=2)
 
 
@@ -208,9 +211,13 @@ def test_train_py_refuses_cuda_without_a_gpu_before_any_directory(tmp_path):
 def test_a_slurm_sweep_needs_slurm_here(tmp_path, monkeypatch):
     sweep = ["hydra/launcher=slurm_gpu", "experiment=gpu_small", "optim.lr=1e-4,3e-4"]
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
-    with pytest.raises(ConfigError, match="sbatch and srun not found on PATH here: run the sweep on the cluster"):
+    with pytest.raises(ConfigError, match=r"the sweep's launcher \(hydra_plugins.jamba_launch.TorchSlurmLauncher\) "
+                                          r"submits every point as a SLURM job, but sbatch and srun not found on PATH"):
         check_command(sweep, multirun=True)
+    # submitit's local launcher also has nodes and tasks_per_node, and needs no SLURM
+    assert check_command(["hydra/launcher=submitit_local", "experiment=debug", "optim.lr=1e-3,3e-4"],
+                         multirun=True) == [1]
     for tool in ("sbatch", "srun"):
         (tmp_path / tool).write_text("#!/bin/sh\n")
         (tmp_path / tool).chmod(0o755)
-    check_command(sweep, multirun=True)  # a login node
+    assert check_command(sweep, multirun=True) == [8]  # a login node; slurm_gpu's 1 node x 8 tasks per point

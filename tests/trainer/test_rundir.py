@@ -78,7 +78,7 @@ def test_rerun_resumes_and_extends_the_same_directory(tmp_path):
     assert list((tmp_path / "runs" / "debug").iterdir()) == [run_dir]
     assert f"run directory {run_dir}: resuming from {run_dir / 'checkpoints' / 'step_000000002'} (step 2 of 4)" \
         in r.stdout + r.stderr
-    assert "changed since the run's previous start" not in r.stdout + r.stderr  # operational keys only
+    assert "setting(s) of" not in r.stdout + r.stderr  # operational keys only: no warning
     assert _steps(run_dir) == [1, 2, 3, 4]
     # a sweep point with the same overrides is that same run (already at step 4: nothing to do), and the other
     # point gets its own directory beside it, never inside it
@@ -94,7 +94,7 @@ def test_rerun_resumes_and_extends_the_same_directory(tmp_path):
                tmp_path)  # (cpu_demo warms up for 20 steps)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
-    assert "resuming from" in out and "setting(s) changed since the run's previous start" in out, out[-3000:]
+    assert "resuming from" in out and "this start changes" in out and "previous start" in out, out[-3000:]
     assert "train.global_batch_tokens: 256 -> 4096" in out and "optim.warmup_steps" in out
 
 
@@ -108,3 +108,23 @@ def test_config_changes_name_what_a_restart_changes():
     assert config_changes(old, new) == ["model.extra: '(unset)' -> True", "optim.betas: [0.9, 0.95] -> [0.9, 0.99]",
                                         "optim.lr: 0.001 -> 0.0003"]  # name, max_steps, logging: a restart may
     assert config_changes(old, old) == []
+    # what a resume may change on purpose: the layout (hydra.run.dir=... on another layout), workers, timeouts
+    assert config_changes({"parallel": {"dp_shard": 2}, "data": {"num_workers": 1}, "train": {"gc_freeze": True}},
+                          {"parallel": {"dp_shard": -1}, "data": {"num_workers": 4}, "train": {"gc_freeze": False}}) == []
+
+
+def test_a_failed_start_names_its_change_and_leaves_the_config(tmp_path):
+    """A change that breaks the restore (a model shape) is named before the error, and config.yaml keeps describing
+    the start that ran, so the next start with the original settings compares with it and says nothing."""
+    import yaml
+
+    run = tmp_path / "r"
+    common = ["experiment=debug", "train.eval_every=0", "data.num_workers=0", f"hydra.run.dir={run}"]
+    assert _train([*common, "train.max_steps=2"], tmp_path).returncode == 0
+    r = _train([*common, "train.max_steps=3", "model.vocab_size=4096"], tmp_path)
+    assert r.returncode != 0
+    assert "model.vocab_size: 2048 -> 4096" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["vocab_size"] == 2048
+    r = _train([*common, "train.max_steps=3"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "this start changes" not in r.stdout + r.stderr
