@@ -428,7 +428,18 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         kept = _missing_expert_biases(path, model_sd)  # keep their init values (zeros), read the rest
         state = {"model": {k: v for k, v in model_sd.items() if k not in kept}, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except (Exception, CheckpointException) as e:  # (a BaseException) every rank gets it: all exit alike
+            m = re.search(r"Size mismatch between saved (.+?) and current: (.+?) for (\S+)", str(e))
+            if m is None:
+                raise
+            raise ConfigError(f"checkpoint {path} does not fit this model: {m.group(3)} is {m.group(1)} there and "
+                              f"{m.group(2)} here; the model settings differ from those it was trained with (the "
+                              f"warning above names what changed): resume with those, or give this config its own "
+                              f"run directory") from None
         state["model"].update({k: model_sd[k] for k in kept})
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rank_state = None
