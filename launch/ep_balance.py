@@ -110,10 +110,6 @@ def experts_of(records: List[Dict]) -> int:
     return shapes.pop()
 
 
-def mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def summarise(records: List[Dict], eps: Sequence[int], top_k: int = 1) -> List[Dict]:
     rows = []
     pooled = [[0.0] * len(records[0]["moe_counts"][0]) for _ in records[0]["moe_counts"]]
@@ -125,13 +121,14 @@ def summarise(records: List[Dict], eps: Sequence[int], top_k: int = 1) -> List[D
         per_record = [loads for loads in per_record if loads]
         if not per_record:
             continue
-        means = [mean(loads) for loads in per_record]
+        means = [statistics.fmean(loads) for loads in per_record]
         emax = expected_max_normal(ep)
-        chance = [mean(c) for c in (chance_loads(r["moe_counts"], ep, emax, top_k) for r in records) if c]
+        chance = [statistics.fmean(c) for c in (chance_loads(r["moe_counts"], ep, emax, top_k) for r in records) if c]
         rows.append({"ep": ep, "experts_per_rank": len(records[0]["moe_counts"][0]) // ep, "records": len(means),
-                     "mean_load_median": statistics.median(means), "mean_load_mean": mean(means),
+                     "mean_load_median": statistics.median(means), "mean_load_mean": statistics.fmean(means),
                      "mean_load_worst": max(means), "worst_layer": max(max(loads) for loads in per_record),
-                     "pooled_load": mean(busiest_rank_loads(pooled, ep)), "chance_load": mean(chance)})
+                     "pooled_load": statistics.fmean(busiest_rank_loads(pooled, ep)),
+                     "chance_load": statistics.fmean(chance)})
     return rows
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from jamba.config import ConfigError
@@ -428,8 +429,6 @@ class CheckpointManager:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         kept = _missing_expert_biases(path, model_sd)  # keep their init values (zeros), read the rest
         state = {"model": {k: v for k, v in model_sd.items() if k not in kept}, "optim": optim_sd}
-        from torch.distributed.checkpoint.api import CheckpointException
-
         try:
             dcp.load(state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as e:  # (a BaseException) every rank gets it: all exit alike

@@ -376,9 +376,8 @@ def check_devices(cfg, local_procs: int) -> None:
     gpus = torch.cuda.device_count()
     if local_procs > gpus:
         raise ConfigError(f"{local_procs} processes on this machine with train.device={cfg.train.device} (CUDA), but "
-                          f"it has {gpus} "
-                          f"GPU(s){visible_gpus()}: start at most {gpus} per machine (launch/single_node.sh -n "
-                          f"{gpus})")
+                          f"it has {gpus} GPU(s){visible_gpus()}: start at most {gpus} per machine "
+                          f"(launch/single_node.sh -n {gpus})")
 
 
 def cpu_on_gpu_machine(cfg, world: int, overrides: Sequence[str]) -> Optional[str]:
