@@ -417,8 +417,9 @@ def preflight_or_exit(argv: Sequence[str]) -> None:
     if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
         return  # nothing to train, or a config tree other than conf/: Hydra's own checks apply
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    # a sweep's points may run elsewhere (a SLURM launcher); a plain run trains here, LOCAL_WORLD_SIZE of them
-    local = None if args.multirun else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # a sweep's points may run elsewhere (a SLURM launcher); a plain run trains here, LOCAL_WORLD_SIZE of them;
+    # `--cfg job` only prints the config, so this machine's GPUs do not matter
+    local = None if args.multirun or args.cfg else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     try:
         check_command(args.overrides, world, multirun=bool(args.multirun), config_name=args.config_name or "config",
                       local_procs=local)

@@ -206,6 +206,8 @@ def test_train_py_refuses_cuda_without_a_gpu_before_any_directory(tmp_path):
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "train.device=cuda but this machine has no usable CUDA GPU" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+    r = _train(["experiment=gpu_small", "--cfg", "job"], tmp_path)  # printing the config needs no GPU
+    assert r.returncode == 0 and "name: gpu-small" in r.stdout, r.stderr[-2000:]
 
 
 def test_a_slurm_sweep_needs_slurm_here(tmp_path, monkeypatch):
