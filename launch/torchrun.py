@@ -5,6 +5,8 @@
    exit code 1. Here it says what happened in one line and exits 75 when every worker exited 75 (they saved:
    requeue / re-run to resume), else 128 + the signal number. Likewise when the workers stopped by
    themselves after a signal (exit 75 with no restarts left): 75, after torchrun's failure summary.
+   Likewise a rank that stopped on a config error (exit 2, e.g. a checkpoint that does not fit the model): one
+   line and exit 2, not torchrun's traceback.
 2. A configurable worker shutdown timeout on torch versions without `--shutdown-timeout` (< 2.12, which
    hard-code 30 s, too short to save a large model): from $TORCH_ELASTIC_SHUTDOWN_TIMEOUT when set.
 
@@ -22,6 +24,7 @@ import sys
 from typing import Dict, Optional
 
 EXIT_PREEMPTED = 75  # trainer.signals.EXIT_PREEMPTED (not imported: this runs without the trainer's deps)
+EXIT_CONFIG_ERROR = 2  # trainer.preflight.EXIT_CONFIG_ERROR: the rank printed one line saying what to change
 _exit_codes: Dict[int, Optional[int]] = {}  # local rank -> exit code, recorded when torchrun closes workers
 
 
@@ -92,6 +95,13 @@ def main() -> None:
             print(f"launch.torchrun: the workers checkpointed and exited {EXIT_PREEMPTED} (a signal reached them): "
                   f"re-run the same command to resume", file=sys.stderr)
             sys.exit(EXIT_PREEMPTED)
+        rank, first = e.get_first_failure()
+        if first.exitcode == EXIT_CONFIG_ERROR:
+            # a config or checkpoint problem the rank already reported in one line: torchrun's traceback and
+            # failure summary would bury it
+            print(f"launch.torchrun: rank {rank} stopped on a config error (exit {EXIT_CONFIG_ERROR}; its "
+                  f"'config error:' line above says what to change)", file=sys.stderr)
+            sys.exit(EXIT_CONFIG_ERROR)
         raise
 
 

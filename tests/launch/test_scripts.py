@@ -113,3 +113,20 @@ def test_torchrun_wrapper_sets_the_shutdown_timeout():
             "from torch.distributed.elastic.multiprocessing import api\n"
             "assert patch_shutdown_timeout(240) and api.PContext.close.__defaults__[-1] == 240\n")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_torchrun_wrapper_passes_a_config_error_on_in_one_line(tmp_path):
+    """A rank that stops on a config error (exit 2: here the rank's own pre-flight check; in practice a checkpoint
+    that does not fit the model) ends launch.torchrun with exit 2 and one line, not torchrun's traceback."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc-per-node=2",
+                          str(REPO / "train.py"), "optim.lrr=1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out[-3000:]
+    assert "Traceback" not in out and "Root Cause" not in out, out[-3000:]
+    assert out.count("config error: optim.lrr=1") == 1, out[-3000:]
+    assert "launch.torchrun: rank 0 stopped on a config error" in out, out[-3000:]
+    assert list(tmp_path.iterdir()) == []
