@@ -1,7 +1,8 @@
 """The per-rank data loader: workers, deterministic batch order, exact resumable state.
 
     loader = build_dataloader(cfg, tok, seq_len=256, micro_batch_size=8, dp_rank=r, dp_world_size=n, seed=0)
-    for batch in loader: ...          # {"input_ids", "targets", "doc_ids"} (B, L) long; infinite for training
+    for batch in loader: ...          # {"input_ids", "targets", "doc_ids"} (B, L) long; infinite for training,
+                                      # validation: one pass, its last batch padded (ignored targets, -100)
     state = loader.state_dict()       # after the last batch handed out; save it per rank
     loader = build_dataloader(...); loader.load_state_dict(state)   # continues the identical token stream
     loader.set_shape(seq_len=1024, micro_batch_size=2)              # curriculum: position and remainder kept
@@ -104,7 +105,7 @@ class _Workers(IterableDataset):
         w = (info.id + self.offset) % p["num_workers"]
         stream = build_group(self.cfg, self.tokenizer, readers=p["worker_readers"][w], n_readers=p["n_readers"],
                              seed=p["seed"], split=p["split"], state=self.states[w])
-        for batch in stream.batches(p["seq_len"], p["micro_batch_size"], self.cfg.doc_ids):
+        for batch in stream.batches(p["seq_len"], p["micro_batch_size"], self.cfg.doc_ids, p["split"] != "train"):
             batch["_worker"] = w
             batch["_state"] = pickle.dumps(stream.state_dict(), protocol=pickle.HIGHEST_PROTOCOL)
             batch["_stats"] = dict(stream.stats)
@@ -172,7 +173,8 @@ class PackedLoader:
         self._live = build_group(self.cfg, self.tokenizer, readers=self.worker_readers[0], n_readers=self.n_readers,
                                  seed=self.seed, split=self.split, state=self._states[0])
         self._states[0] = None
-        yield from self._live.batches(self.seq_len, self.micro_batch_size, self.cfg.doc_ids)
+        yield from self._live.batches(self.seq_len, self.micro_batch_size, self.cfg.doc_ids,
+                                      pad_last=self.split != "train")
 
     def _iter_workers(self):
         W = self.num_workers

@@ -75,9 +75,10 @@ class ReaderGroup:
     def stats(self) -> Dict[str, int]:
         return sum_stats(s.stats for s in self.streams)
 
-    def batches(self, seq_len: int, micro_batch_size: int, doc_ids: bool = True) -> Iterator[Dict[str, torch.Tensor]]:
+    def batches(self, seq_len: int, micro_batch_size: int, doc_ids: bool = True,
+                pad_last: bool = False) -> Iterator[Dict[str, torch.Tensor]]:
         """Until one reader's (finite) stream ends: a training stream only ends to start its next epoch."""
-        gens = [s.batches(seq_len, micro_batch_size, doc_ids) for s in self.streams]
+        gens = [s.batches(seq_len, micro_batch_size, doc_ids, pad_last) for s in self.streams]
         while True:
             batch = next(gens[self.next], None)
             if batch is None:

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+IGNORE_TARGET = -100  # jamba.loss.IGNORE_INDEX: the loss skips these targets (tests check the two agree)
 STATE_VERSION = 2  # 1: documents as token bytes (still loaded)
 COUNTERS = ("docs", "tokens", "sequences", "split_docs", "skipped_empty", "skipped_utf8", "skipped_json",
             "skipped_field", "skipped_file")
@@ -162,21 +163,35 @@ class ReaderStream:
         self.stats["sequences"] += 1
         return self._window(seq_len + 1)
 
-    def batches(self, seq_len: int, micro_batch_size: int, doc_ids: bool = True) -> Iterator[Dict[str, torch.Tensor]]:
-        """Batches of {"input_ids", "targets"[, "doc_ids"]} [B, L] long, until a finite stream ends."""
+    def batches(self, seq_len: int, micro_batch_size: int, doc_ids: bool = True,
+                pad_last: bool = False) -> Iterator[Dict[str, torch.Tensor]]:
+        """Batches of {"input_ids", "targets"[, "doc_ids"]} [B, L] long, until a finite stream ends.
+
+        The last rows of a finite stream that do not fill a batch are dropped, or with pad_last (validation)
+        come as one last batch of the same shape whose missing rows have every target ignored (-100): a
+        validation split smaller than one micro-batch still gives a loss, and the shapes stay static."""
         while True:
             rows = []
             for _ in range(micro_batch_size):
                 row = self.next_row(seq_len)
                 if row is None:
-                    return  # the last partial batch of a finite (validation) stream is dropped
+                    break
                 rows.append(row)
-            tok = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))  # (B, L + 1)
-            batch = {"input_ids": tok[:, :-1].contiguous(), "targets": tok[:, 1:].contiguous()}
+            if not rows or (len(rows) < micro_batch_size and not pad_last):
+                return
+            tok = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))  # (b, L + 1), b <= B
+            batch = {"input_ids": tok[:, :-1], "targets": tok[:, 1:]}
             if doc_ids:
-                d = np.stack([r[1][:-1] - r[1][0] for r in rows])  # (B, L), 0 = first document of the row
+                d = np.stack([r[1][:-1] - r[1][0] for r in rows])  # (b, L), 0 = first document of the row
                 batch["doc_ids"] = torch.from_numpy(d)
+            missing = micro_batch_size - len(rows)
+            for key in batch:  # (B, L), contiguous; padding rows: token 0, document 0, target ignored
+                fill = IGNORE_TARGET if key == "targets" else 0
+                batch[key] = torch.cat([batch[key], batch[key].new_full((missing, seq_len), fill)]) if missing \
+                    else batch[key].contiguous()
             yield batch
+            if missing:
+                return
 
     # ---- state ----------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from jamba.log_once import LogOnce
+from jamba.loss import IGNORE_INDEX
 from trainer.checkpoint import EXIT_PREEMPTED, CheckpointManager, reseed_after_move, set_rng_state
 from trainer.config import RunConfig
 from trainer.curriculum import Curriculum, Stage
@@ -333,19 +334,24 @@ class Trainer:
                     out = self.model(_to(batch["input_ids"], self.device), targets=_to(batch["targets"], self.device),
                                      doc_ids=_to(batch.get("doc_ids"), self.device))
             self._compiled["eval"] = True
-            if real:
+            if real:  # weighted by its targets: the split's last batch may be part padding (data/stream.py)
                 lm = out.lm_loss if getattr(out, "lm_loss", None) is not None else out.loss
-                total[0] += lm.detach().double()
-                total[1] += 1.0
+                n = float((batch["targets"] != IGNORE_INDEX).sum())  # a CPU tensor still: no device sync
+                total[0] += lm.detach().double() * n
+                total[1] += n
         self.model.train()
         with watch.phase("all_reduce of the validation loss during evaluate", step):
             total = all_reduce_scalars(total, "sum").cpu()
         self._freeze_gc(("eval", stage.index))
         if total[1] == 0:
-            log.warning("validation split gave no batches: no validation loss")
+            log.warning("validation split gave no batches: it holds fewer than seq_len + 1 = %d tokens per "
+                        "data-parallel rank (%d of them); no validation loss. Fix: raise data.validation_fraction "
+                        "or give data.validation_sources", stage.seq_len + 1, self.dp_size)
             return None
         val = float(total[0] / total[1])
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        # tensor / context-parallel ranks of one data-parallel rank counted the same targets
+        tokens = int(total[1]) // max(1, self.world.world_size // self.dp_size)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": tokens}
 
     def _freeze_gc(self, after: Tuple[str, int]) -> None:
         """train.gc_freeze: once per fit after the first training step and the first validation of each
@@ -359,7 +365,7 @@ class Trainer:
     def _padding_batch(self, stage: Stage) -> Dict[str, torch.Tensor]:
         """A batch of the stage's shape whose targets are all ignored: keeps a rank in step with the others."""
         shape = (stage.micro_batch_size, stage.seq_len)
-        batch = {"input_ids": torch.zeros(shape, dtype=torch.long), "targets": torch.full(shape, -100)}
+        batch = {"input_ids": torch.zeros(shape, dtype=torch.long), "targets": torch.full(shape, IGNORE_INDEX)}
         if getattr(self.cfg.data, "doc_ids", False):
             batch["doc_ids"] = torch.zeros(shape, dtype=torch.long)
         return batch

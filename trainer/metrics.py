@@ -6,13 +6,13 @@ token copies per MoE layer and expert; metrics.jsonl only, for `python -m launch
 alloc_retries (CUDA caching-allocator retries: a run near its memory limit), gc_ms / gc_full (rank 0's time in
 Python's garbage collector since the previous record, and its full collections), and when
 non-zero the data counters skipped_json / skipped_utf8 / skipped_field / skipped_empty / skipped_file (bad
-documents skipped, each counted once) and split_docs; validation records carry val_loss and val_ppl. A
-resumed run moves the records of the steps it redoes to metrics.replayed.jsonl, so metrics.jsonl has each
-step once. wandb gets the same records. Its run id lives in <run_dir>/wandb_id, so a resumed or requeued
-job continues the same wandb run. Only wandb's public API is used (`init`, `Settings`, `Run.log`,
-`Run.finish`; tested with the range pinned in pyproject.toml): the run id is generated here, since
-`wandb.util.generate_id` is gone in wandb 0.31. A failing `wandb.init` never stops training but is reported
-loudly, once, with the exception and the fix.
+documents skipped, each counted once) and split_docs; validation records carry val_loss, val_ppl and
+val_tokens (the targets scored, over all ranks). A resumed run moves the records of the steps it redoes to
+metrics.replayed.jsonl, so metrics.jsonl has each step once. wandb gets the same records. Its run id lives
+in <run_dir>/wandb_id, so a resumed or requeued job continues the same wandb run. Only wandb's public API is
+used (`init`, `Settings`, `Run.log`, `Run.finish`; tested with the range pinned in pyproject.toml): the run
+id is generated here, since `wandb.util.generate_id` is gone in wandb 0.31. A failing `wandb.init` never stops
+training but is reported loudly, once, with the exception and the fix.
 """
 
 from __future__ import annotations
@@ -260,7 +260,9 @@ class MetricsLogger:
         if not self.is_main:
             return
         self.write(record)
-        self._print(f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}")
+        tokens = f" | {record['val_tokens']:,} tokens" if record.get("val_tokens") else ""
+        self._print(f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
+                    f"{tokens}")
 
     def _print(self, line: str) -> None:
         if self.bar is not None:

@@ -5,6 +5,7 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from data import DataConfig, SourceConfig, build_dataloader
 from data.sources import FileSource, iter_file_documents, make_source
@@ -157,3 +158,26 @@ def test_embedded_corpus_skips_misencoded_files_quietly(tmp_path, caplog, monkey
         src = make_source(SourceConfig(path=str(tmp_path)), **src_kw(stats=own))
         assert [src.next(), src.next()] == ["x = 1\n", None]
         assert own["skipped_utf8"] == 1 and len(caplog.records) == 1 and "not UTF-8" in caplog.text
+
+
+def test_validation_pass_pads_its_last_batch(tmp_path, tok):
+    """The rows that do not fill a last validation batch come in one batch of the same shape, padded with rows of
+    token 0, document 0 and ignored targets, so a split smaller than one micro-batch still gives a loss."""
+    from data.stream import IGNORE_TARGET
+    from jamba.loss import IGNORE_INDEX
+
+    assert IGNORE_TARGET == IGNORE_INDEX
+    write_jsonl(tmp_path / "v.jsonl", make_docs(12, seed=3, prefix="v"), field="text")
+    cfg = DataConfig(tokenizer=tok.path, sources=[SourceConfig(path=str(tmp_path / "v.jsonl"))],
+                     validation_sources=[SourceConfig(path=str(tmp_path / "v.jsonl"))])
+    rows, _ = one_pass(cfg, tok, seq_len=16, micro_batch_size=1)
+    n = len(rows)
+    assert n >= 3
+    for mbs in (n - 1, n + 3):  # one full batch and one of 1 row; one batch of n rows and 3 padding rows
+        batches, _ = one_pass(cfg, tok, seq_len=16, micro_batch_size=mbs)
+        assert [b["input_ids"].shape for b in batches] == [(mbs, 16)] * len(batches) and len(batches) == -(-n // mbs)
+        for key in ("input_ids", "targets", "doc_ids"):
+            got = torch.cat([b[key] for b in batches])
+            assert torch.equal(got[:n], torch.cat([r[key] for r in rows])), key
+            fill = IGNORE_TARGET if key == "targets" else 0
+            assert (got[n:] == fill).all() and got.is_contiguous(), key

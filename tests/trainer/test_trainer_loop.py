@@ -10,7 +10,7 @@ import torch
 from trainer.checkpoint import EXIT_PREEMPTED, MARKER, TMP_PREFIX, CheckpointManager
 from trainer.config import StageConfig
 from trainer.loop import NonFiniteError
-from trainer_standins import build_trainer, read_metrics, small_run_config, train_losses
+from trainer_standins import StandInLoader, build_trainer, read_metrics, small_run_config, train_losses
 
 
 def _uninterrupted(tmp_path, cfg, name="full"):
@@ -151,6 +151,25 @@ def test_validation_records(tmp_path):
     vals = [r for r in read_metrics(d) if "val_loss" in r]
     assert [r["step"] for r in vals] == [2, 4]
     assert all(abs(r["val_ppl"] - math.exp(r["val_loss"])) < 1e-9 * r["val_ppl"] for r in vals)
+
+
+def test_validation_weights_a_padded_last_batch_by_its_targets(tmp_path):
+    """A validation split's last batch comes padded with ignored targets (data/stream.py): the loss is the mean
+    over the real targets, as one full batch of the same rows gives, and val_tokens counts them."""
+    cfg = small_run_config(max_steps=1)
+    cfg.train.eval_every, cfg.train.eval_batches = 1, 10
+    trainer = build_trainer(cfg, tmp_path / "v")
+    stage = trainer.curriculum.stage_at(0)  # micro-batch 4, rows of 8
+    rows = next(iter(StandInLoader(8, 6, split="val")))  # 6 real rows: a full batch, then 2 rows and 2 padding
+    pad = trainer._padding_batch(stage)
+    batches = [{k: v[:4] for k, v in rows.items()},
+               {k: torch.cat([v[4:], pad[k][:2]]) for k, v in rows.items()}]
+    trainer.make_eval_loader = lambda stage: batches
+    got = trainer.evaluate(stage)
+    with torch.no_grad():
+        ref = trainer.model(rows["input_ids"], targets=rows["targets"]).lm_loss.item()
+    assert got["val_tokens"] == 6 * 8
+    assert abs(got["val_loss"] - ref) < 1e-5, (got, ref)
 
 
 def _world():
