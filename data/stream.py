@@ -168,8 +168,11 @@ class ReaderStream:
         """Batches of {"input_ids", "targets"[, "doc_ids"]} [B, L] long, until a finite stream ends.
 
         The last rows of a finite stream that do not fill a batch are dropped, or with pad_last (validation)
-        come as one last batch of the same shape whose missing rows have every target ignored (-100): a
-        validation split smaller than one micro-batch still gives a loss, and the shapes stay static."""
+        come as one last batch of the same shape, filled with copies of its rows whose every target is ignored
+        (-100): a validation split smaller than one micro-batch still gives a loss, the shapes stay static, and
+        the filler routes through the MoE layers like real text (a constant token would send every filler
+        token to the same experts, and under expert parallelism to one rank). A last row shorter than
+        seq_len + 1 tokens is still dropped."""
         while True:
             rows = []
             for _ in range(micro_batch_size):
@@ -185,11 +188,11 @@ class ReaderStream:
                 d = np.stack([r[1][:-1] - r[1][0] for r in rows])  # (b, L), 0 = first document of the row
                 batch["doc_ids"] = torch.from_numpy(d)
             missing = micro_batch_size - len(rows)
-            for key in batch:  # (B, L), contiguous; padding rows: token 0, document 0, target ignored
-                fill = IGNORE_TARGET if key == "targets" else 0
-                batch[key] = torch.cat([batch[key], batch[key].new_full((missing, seq_len), fill)]) if missing \
-                    else batch[key].contiguous()
-            yield batch
+            if missing:  # (B, L): rows 0, 1, ... again, their targets ignored
+                again = torch.arange(missing) % len(rows)
+                batch = {k: torch.cat([v, v[again] if k != "targets" else torch.full_like(v[again], IGNORE_TARGET)])
+                         for k, v in batch.items()}
+            yield {k: v.contiguous() for k, v in batch.items()}
             if missing:
                 return
 

@@ -5,8 +5,9 @@
    exit code 1. Here it says what happened in one line and exits 75 when every worker exited 75 (they saved:
    requeue / re-run to resume), else 128 + the signal number. Likewise when the workers stopped by
    themselves after a signal (exit 75 with no restarts left): 75, after torchrun's failure summary.
-   Likewise a rank that stopped on a config error (exit 2, e.g. a checkpoint that does not fit the model): one
-   line and exit 2, not torchrun's traceback.
+   Likewise when every failed worker exited 2 (a config error, e.g. a checkpoint that does not fit the model,
+   or a usage error): a line pointing at their message and exit 2, instead of torchrun's traceback and
+   failure summary (torchrun's own log lines about stopping the workers still come before it).
 2. A configurable worker shutdown timeout on torch versions without `--shutdown-timeout` (< 2.12, which
    hard-code 30 s, too short to save a large model): from $TORCH_ELASTIC_SHUTDOWN_TIMEOUT when set.
 
@@ -95,12 +96,12 @@ def main() -> None:
             print(f"launch.torchrun: the workers checkpointed and exited {EXIT_PREEMPTED} (a signal reached them): "
                   f"re-run the same command to resume", file=sys.stderr)
             sys.exit(EXIT_PREEMPTED)
-        rank, first = e.get_first_failure()
-        if first.exitcode == EXIT_CONFIG_ERROR:
-            # a config or checkpoint problem the rank already reported in one line: torchrun's traceback and
-            # failure summary would bury it
-            print(f"launch.torchrun: rank {rank} stopped on a config error (exit {EXIT_CONFIG_ERROR}; its "
-                  f"'config error:' line above says what to change)", file=sys.stderr)
+        failed = sorted(r for r, f in e.failures.items() if f.exitcode > 0)  # < 0: killed when another failed
+        if failed and all(e.failures[r].exitcode == EXIT_CONFIG_ERROR for r in failed):
+            # a config or usage problem the rank(s) already reported (train.py: one 'config error:' line; Python
+            # or argparse: their usage message): torchrun's traceback and failure summary would bury it
+            print(f"launch.torchrun: rank(s) {', '.join(map(str, failed))} exited {EXIT_CONFIG_ERROR}, a config or "
+                  f"usage error: see the message above", file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
         raise
 

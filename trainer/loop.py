@@ -312,7 +312,7 @@ class Trainer:
         (FSDP all-gathers, EP all-to-alls, TP all-reduces): a rank that stopped early would leave the others
         waiting forever (the first 2-GPU runs deadlocked here). So the ranks agree before each batch (one
         all-reduce of a have-data flag, MAX): they go on while any rank has data, and a rank whose split ran
-        out runs a padding batch (all targets ignored) whose loss it does not count."""
+        out runs a padding batch (its last batch again, all targets ignored) whose loss it does not count."""
         if self.make_eval_loader is None:
             return None
         step, watch = self.state.step, self.watch
@@ -320,15 +320,17 @@ class Trainer:
         it = iter(self.make_eval_loader(stage))
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, batches
         flag = torch.zeros(1, dtype=torch.float64, device=self.device)
+        last = None  # this rank's last real batch: the padding batch's tokens once its split ran out
         for _ in range(self.cfg.train.eval_batches):
             batch = next(it, None)
+            last = batch if batch is not None else last
             with watch.phase("all_reduce of the have-data flag during evaluate", step):
                 flag.fill_(0.0 if batch is None else 1.0)
                 if all_reduce_scalars(flag, "max").item() == 0:
                     break
             real = batch is not None
             if not real:
-                batch = self._padding_batch(stage)
+                batch = self._padding_batch(stage, last)
             with watch.phase("forward during evaluate", step, patient=not self._compiled["eval"]):
                 with autocast_context(self.device, self.cfg.train.precision):
                     out = self.model(_to(batch["input_ids"], self.device), targets=_to(batch["targets"], self.device),
@@ -362,9 +364,14 @@ class Trainer:
             gc.collect()
             gc.freeze()
 
-    def _padding_batch(self, stage: Stage) -> Dict[str, torch.Tensor]:
-        """A batch of the stage's shape whose targets are all ignored: keeps a rank in step with the others."""
+    def _padding_batch(self, stage: Stage, like: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+        """A batch of the stage's shape whose targets are all ignored: keeps a rank in step with the others.
+        Its tokens are those of `like` (the rank's last real batch) where there is one: they route through the
+        MoE layers like text, where a constant token would send all of them to the same experts (under expert
+        parallelism, to one rank)."""
         shape = (stage.micro_batch_size, stage.seq_len)
+        if like is not None:
+            return {**like, "targets": torch.full(shape, IGNORE_INDEX)}
         batch = {"input_ids": torch.zeros(shape, dtype=torch.long), "targets": torch.full(shape, IGNORE_INDEX)}
         if getattr(self.cfg.data, "doc_ids", False):
             batch["doc_ids"] = torch.zeros(shape, dtype=torch.long)

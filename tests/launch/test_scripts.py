@@ -128,5 +128,5 @@ def test_torchrun_wrapper_passes_a_config_error_on_in_one_line(tmp_path):
     assert res.returncode == 2, out[-3000:]
     assert "Traceback" not in out and "Root Cause" not in out, out[-3000:]
     assert out.count("config error: optim.lrr=1") == 1, out[-3000:]
-    assert "launch.torchrun: rank 0 stopped on a config error" in out, out[-3000:]
+    assert "launch.torchrun: rank(s) 0 exited 2, a config or usage error: see the message above" in out, out[-3000:]
     assert list(tmp_path.iterdir()) == []

@@ -170,6 +170,9 @@ def test_validation_weights_a_padded_last_batch_by_its_targets(tmp_path):
         ref = trainer.model(rows["input_ids"], targets=rows["targets"]).lm_loss.item()
     assert got["val_tokens"] == 6 * 8
     assert abs(got["val_loss"] - ref) < 1e-5, (got, ref)
+    # a rank whose split ran out repeats its last batch's tokens with every target ignored
+    filler = trainer._padding_batch(stage, batches[0])
+    assert torch.equal(filler["input_ids"], batches[0]["input_ids"]) and (filler["targets"] == -100).all()
 
 
 def _world():
