@@ -343,7 +343,9 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
                 check_elastic_readers(cfg, worlds, dp)
             if local_procs is not None:
                 check_devices(cfg, local_procs)
-            note = cpu_on_gpu_machine(cfg, max(worlds), point)
+            # about this machine's GPUs: only where the processes train (not a SLURM login node or sweep submitter)
+            trains_here = local_procs is not None or (multirun and "Slurm" not in target)
+            note = cpu_on_gpu_machine(cfg, max(worlds), point) if trains_here else None
             if note and _is_rank0() and not os.environ.get("JAMBA_PREFLIGHT_DONE"):  # the launcher printed it
                 print(f"train.py: warning: {note}", file=sys.stderr, flush=True)
         except ConfigError as e:

@@ -159,18 +159,19 @@ def test_warns_when_several_processes_would_train_on_cpu_beside_gpus(monkeypatch
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("JAMBA_PREFLIGHT_DONE", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    check_command(["experiment=debug", "parallel=ddp"], 2)
+    check_command(["experiment=debug", "parallel=ddp"], 2, local_procs=2)
     err = capsys.readouterr().err
     assert "warning: train.device=cpu from the recipe" in err and "these 2 processes train on CPU" in err, err
     assert "experiment=gpu_small" in err
-    check_command(["experiment=debug", "parallel=ddp", "train.device=cpu"], 2)
+    check_command(["experiment=debug", "parallel=ddp", "train.device=cpu"], 2, local_procs=2)
     assert "train.device=cpu on the command line" in capsys.readouterr().err
-    check_command(["experiment=debug"], 1)  # one process: the CPU demo on a GPU laptop is fine
+    check_command(["experiment=debug"], 1, local_procs=1)  # one process: the CPU demo on a GPU laptop is fine
+    check_command(["experiment=debug", "parallel=ddp"], 2)  # submitted from elsewhere (launch.slurm): not here
     monkeypatch.setenv("JAMBA_PREFLIGHT_DONE", "1")  # train.py under a launcher that printed it already
-    check_command(["experiment=debug", "parallel=ddp"], 2)
+    check_command(["experiment=debug", "parallel=ddp"], 2, local_procs=2)
     monkeypatch.delenv("JAMBA_PREFLIGHT_DONE")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    check_command(["experiment=debug", "parallel=ddp"], 2)  # no GPUs: CPU is the only choice
+    check_command(["experiment=debug", "parallel=ddp"], 2, local_procs=2)  # no GPUs: CPU is the only choice
     assert "warning" not in capsys.readouterr().err
 
 
