@@ -31,8 +31,9 @@ replays it on the measured runs), not one that only loses AdamW's moments; the C
 
 Validation split: a JSONL file of three documents; with two readers the first reader keeps documents 0 and 2
 and the second document 1 (data/sources.py deals documents j % readers), sized so that data-parallel rank 0
-has 3 validation batches and rank 1 has 1 (train.eval_batches is larger): ranks whose loop runs out at
-different points must still run the same collectives (the first 2-GPU runs deadlocked exactly there).
+has 3 full validation batches and rank 1 has 1, each then a padded half batch (train.eval_batches is larger):
+ranks whose loop runs out at different points must still run the same collectives (the first 2-GPU runs
+deadlocked exactly there).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ GPU_WINDOW_RTOL = 0.06  # 10-step means (3.9%)
 GPU_STEP_RTOL = 0.20  # any single step (11%)
 GPU_VAL_RTOL = 0.04  # validation losses (1.9%)
 NOISE = Path(__file__).parent / "data" / "gpu_loss_noise.json"
-VAL_BATCHES = (3, 1)  # validation batches of data-parallel ranks 0 and 1
-EVAL_BATCHES = 5  # > max(VAL_BATCHES): every rank's validation loader runs out
+VAL_BATCHES = (3, 1)  # full validation batches of data-parallel ranks 0 and 1 (each then a padded half batch)
+EVAL_BATCHES = 5  # > max(VAL_BATCHES) + 1: every rank's validation loader runs out
 
 
 @dataclass(frozen=True)
@@ -189,10 +190,10 @@ def rank_states(ckpt: Path) -> Dict[str, dict]:
 
 # ---- the validation split ---------------------------------------------------------------------------
 def validation_file(path: Path, seq_len: int, micro_batch: int) -> Path:
-    """Three documents such that reader 0 (documents 0 and 2) packs VAL_BATCHES[0] batches and reader 1
-    (document 1) VAL_BATCHES[1]. Rows are windows of seq_len + 1 tokens with a stride of seq_len, and a partial
-    last batch is dropped (data/stream.py), so n tokens give (n - 1) // seq_len rows: each reader gets half a
-    batch more than its count, a margin for the few tokens that re-encoding decoded text can change."""
+    """Three documents such that reader 0 (documents 0 and 2) packs VAL_BATCHES[0] full batches and reader 1
+    (document 1) VAL_BATCHES[1] full ones. Rows are windows of seq_len + 1 tokens with a stride of seq_len, so n
+    tokens give (n - 1) // seq_len rows: each reader gets half a batch more than its count (a margin for the few
+    tokens that re-encoding decoded text can change), which comes as one more batch, padded (data/stream.py)."""
     from data import load_tokenizer
     from data.config import DataConfig
 
