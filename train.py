@@ -15,7 +15,6 @@ Exit codes: 0 done, 2 config error, 75 checkpointed after SIGTERM/SIGINT/SIGUSR1
 import logging
 import os
 import sys
-import time
 
 # Less fragmentation at long context (measured on H100 with launch/bench.py: the longest trainable
 # bench-3b sequence went from 131,072 to 196,608 tokens). Before torch is imported; a user's value wins.
@@ -132,18 +131,7 @@ def main(dcfg: DictConfig) -> None:
     try:
         code = run(dcfg, HydraConfig.get().runtime.output_dir, stop)
     except ConfigError as e:  # a user mistake: the message names the key, the value and the fix
-        rank = int(os.environ.get("RANK", "0"))
-        if rank and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # Every rank usually meets the same error (a checkpoint that does not fit): let rank 0 say it once.
-            # torchrun ends this rank when rank 0 exits (default SIGTERM handling again for that); an error of
-            # this rank alone is still reported after the wait.
-            from trainer.preflight import NONZERO_RANK_WAIT_S
-
-            stop.restore()
-            time.sleep(NONZERO_RANK_WAIT_S)
-            log.error("(rank %d) config error: %s", rank, e)
-        else:
-            log.error("config error: %s", e)
+        log.error("config error: %s", e)
         sys.exit(2)
     except CheckpointDiskFull as e:  # says how much space a checkpoint needs; older checkpoints are intact
         log.error("%s", e)
