@@ -22,7 +22,7 @@ import functools
 import os
 import signal
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 EXIT_PREEMPTED = 75  # trainer.signals.EXIT_PREEMPTED (not imported: this runs without the trainer's deps)
 EXIT_CONFIG_ERROR = 2  # trainer.preflight.EXIT_CONFIG_ERROR: the rank printed one line saying what to change
@@ -62,6 +62,15 @@ def record_exit_codes() -> bool:
     return True
 
 
+def config_error_ranks(exit_codes: Dict[int, int]) -> List[int]:
+    """The failed ranks when every failure is a config or usage error (exit 2), else []. Workers that torchrun
+    stopped because another failed end by its SIGTERM (or SIGKILL after the shutdown timeout) and do not count;
+    any other death by signal (an OOM kill, a segfault, an abort) is a failure of its own."""
+    stopped = (-signal.SIGTERM, -signal.SIGKILL)
+    failed = {r: c for r, c in exit_codes.items() if c not in stopped}
+    return sorted(failed) if failed and all(c == EXIT_CONFIG_ERROR for c in failed.values()) else []
+
+
 def _codes() -> str:
     return ", ".join(f"local rank {r}: {c}" for r, c in sorted(_exit_codes.items())) or "none recorded"
 
@@ -96,12 +105,12 @@ def main() -> None:
             print(f"launch.torchrun: the workers checkpointed and exited {EXIT_PREEMPTED} (a signal reached them): "
                   f"re-run the same command to resume", file=sys.stderr)
             sys.exit(EXIT_PREEMPTED)
-        failed = sorted(r for r, f in e.failures.items() if f.exitcode > 0)  # < 0: killed when another failed
-        if failed and all(e.failures[r].exitcode == EXIT_CONFIG_ERROR for r in failed):
+        ranks = config_error_ranks({r: f.exitcode for r, f in e.failures.items()})
+        if ranks:
             # a config or usage problem the rank(s) already reported (train.py: one 'config error:' line; Python
             # or argparse: their usage message): torchrun's traceback and failure summary would bury it
-            print(f"launch.torchrun: rank(s) {', '.join(map(str, failed))} exited {EXIT_CONFIG_ERROR}, a config or "
-                  f"usage error: see the message above", file=sys.stderr)
+            print(f"launch.torchrun: rank(s) {', '.join(map(str, ranks))} exited {EXIT_CONFIG_ERROR}, a "
+                  f"config or usage error: see the message above", file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
         raise
 

@@ -371,7 +371,7 @@ class Trainer:
         parallelism, to one rank)."""
         shape = (stage.micro_batch_size, stage.seq_len)
         if like is not None:
-            return {**like, "targets": torch.full(shape, IGNORE_INDEX)}
+            return {**like, "targets": torch.full_like(like["targets"], IGNORE_INDEX)}
         batch = {"input_ids": torch.zeros(shape, dtype=torch.long), "targets": torch.full(shape, IGNORE_INDEX)}
         if getattr(self.cfg.data, "doc_ids", False):
             batch["doc_ids"] = torch.zeros(shape, dtype=torch.long)

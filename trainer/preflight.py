@@ -319,7 +319,8 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             dcfg = compose(point, config_name)
             launcher = _launcher_world(dcfg) if multirun else None
             target = str(OmegaConf.select(dcfg, "hydra.launcher._target_", default="") or "") if multirun else ""
-            if "Slurm" in target.rsplit(".", 1)[-1]:  # TorchSlurmLauncher, submitit's SlurmLauncher
+            slurm = "Slurm" in target.rsplit(".", 1)[-1]  # TorchSlurmLauncher, submitit's SlurmLauncher
+            if slurm:
                 missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
                 if missing:  # else submitit fails after the sweep started, with a traceback
                     raise ConfigError(f"the sweep's launcher ({target}) submits every point as a SLURM job, but "
@@ -344,7 +345,7 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             if local_procs is not None:
                 check_devices(cfg, local_procs)
             # about this machine's GPUs: only where the processes train (not a SLURM login node or sweep submitter)
-            trains_here = local_procs is not None or (multirun and "Slurm" not in target)
+            trains_here = local_procs is not None or (multirun and not slurm)
             note = cpu_on_gpu_machine(cfg, max(worlds), point) if trains_here else None
             if note and _is_rank0() and not os.environ.get("JAMBA_PREFLIGHT_DONE"):  # the launcher printed it
                 print(f"train.py: warning: {note}", file=sys.stderr, flush=True)

@@ -31,9 +31,9 @@ replays it on the measured runs), not one that only loses AdamW's moments; the C
 
 Validation split: a JSONL file of three documents; with two readers the first reader keeps documents 0 and 2
 and the second document 1 (data/sources.py deals documents j % readers), sized so that data-parallel rank 0
-has 3 full validation batches and rank 1 has 1, each then a padded half batch (train.eval_batches is larger):
-ranks whose loop runs out at different points must still run the same collectives (the first 2-GPU runs
-deadlocked exactly there).
+has 3 full validation batches and rank 1 has 1, usually each a padded partial one more (train.eval_batches is
+larger): ranks whose loop runs out at different points must still run the same collectives (the first 2-GPU
+runs deadlocked exactly there).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ GPU_WINDOW_RTOL = 0.06  # 10-step means (3.9%)
 GPU_STEP_RTOL = 0.20  # any single step (11%)
 GPU_VAL_RTOL = 0.04  # validation losses (1.9%)
 NOISE = Path(__file__).parent / "data" / "gpu_loss_noise.json"
-VAL_BATCHES = (3, 1)  # full validation batches of data-parallel ranks 0 and 1 (each then a padded half batch)
+VAL_BATCHES = (3, 1)  # full validation batches of data-parallel ranks 0 and 1 (usually a padded partial one more)
 EVAL_BATCHES = 5  # > max(VAL_BATCHES) + 1: every rank's validation loader runs out
 
 
@@ -193,7 +193,8 @@ def validation_file(path: Path, seq_len: int, micro_batch: int) -> Path:
     """Three documents such that reader 0 (documents 0 and 2) packs VAL_BATCHES[0] full batches and reader 1
     (document 1) VAL_BATCHES[1] full ones. Rows are windows of seq_len + 1 tokens with a stride of seq_len, so n
     tokens give (n - 1) // seq_len rows: each reader gets half a batch more than its count (a margin for the few
-    tokens that re-encoding decoded text can change), which comes as one more batch, padded (data/stream.py)."""
+    tokens that re-encoding decoded text can change), which comes as one more batch, padded (data/stream.py), when
+    a whole row of it survives."""
     from data import load_tokenizer
     from data.config import DataConfig
 
@@ -328,8 +329,9 @@ def skip_without_gpus(prof: Profile) -> None:
 
 
 def reference_run(sc: Scenario) -> Dict[str, Dict[int, List[dict]]]:
-    """Phase 1: uninterrupted. It trains, validates at every `every` steps (ranks with 3 and 1 batches) and
-    saves a checkpoint there. Returns its training and validation records by step."""
+    """Phase 1: uninterrupted. It trains, validates at every `every` steps (ranks with 3 and 1 full batches, and
+    usually a padded partial one each) and saves a checkpoint there. Returns its training and validation records by
+    step."""
     steps, every = sc.prof.steps, sc.prof.every
     ref_dir = sc.tmp / "ref"
     proc = sc.launch(ref_dir, "ref.log")

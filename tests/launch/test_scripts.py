@@ -130,3 +130,13 @@ def test_torchrun_wrapper_passes_a_config_error_on_in_one_line(tmp_path):
     assert out.count("config error: optim.lrr=1") == 1, out[-3000:]
     assert "launch.torchrun: rank(s) 0 exited 2, a config or usage error: see the message above" in out, out[-3000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_torchrun_wrapper_calls_it_a_config_error_only_when_every_failure_is_one():
+    from launch.torchrun import config_error_ranks
+
+    assert config_error_ranks({0: 2, 1: -15}) == [0]  # rank 1 stopped by torchrun after rank 0 failed
+    assert config_error_ranks({0: 2, 1: 2, 2: -9}) == [0, 1]  # SIGKILL after the shutdown timeout
+    assert config_error_ranks({0: 2, 1: 1}) == []  # a crash beside it keeps torchrun's summary
+    assert config_error_ranks({0: 2, 1: -11}) == []  # a segfault is a failure of its own
+    assert config_error_ranks({0: -15}) == [] and config_error_ranks({}) == []
