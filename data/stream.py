@@ -28,7 +28,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-IGNORE_TARGET = -100  # jamba.loss.IGNORE_INDEX: the loss skips these targets (tests check the two agree)
+from jamba.loss import IGNORE_INDEX
+
 STATE_VERSION = 2  # 1: documents as token bytes (still loaded)
 COUNTERS = ("docs", "tokens", "sequences", "split_docs", "skipped_empty", "skipped_utf8", "skipped_json",
             "skipped_field", "skipped_file")
@@ -190,7 +191,7 @@ class ReaderStream:
             missing = micro_batch_size - len(rows)
             if missing:  # (B, L): rows 0, 1, ... again, their targets ignored
                 again = torch.arange(missing) % len(rows)
-                batch = {k: torch.cat([v, v[again] if k != "targets" else torch.full_like(v[again], IGNORE_TARGET)])
+                batch = {k: torch.cat([v, v.new_full((missing, seq_len), IGNORE_INDEX) if k == "targets" else v[again]])
                          for k, v in batch.items()}
             yield {k: v.contiguous() for k, v in batch.items()}
             if missing:

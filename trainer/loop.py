@@ -318,7 +318,7 @@ class Trainer:
         step, watch = self.state.step, self.watch
         self.model.eval()
         it = iter(self.make_eval_loader(stage))
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, batches
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x targets summed, targets
         flag = torch.zeros(1, dtype=torch.float64, device=self.device)
         last = None  # this rank's last real batch: the padding batch's tokens once its split ran out
         for _ in range(self.cfg.train.eval_batches):
@@ -369,9 +369,9 @@ class Trainer:
         Its tokens are those of `like` (the rank's last real batch) where there is one: they route through the
         MoE layers like text, where a constant token would send all of them to the same experts (under expert
         parallelism, to one rank)."""
-        shape = (stage.micro_batch_size, stage.seq_len)
         if like is not None:
             return {**like, "targets": torch.full_like(like["targets"], IGNORE_INDEX)}
+        shape = (stage.micro_batch_size, stage.seq_len)
         batch = {"input_ids": torch.zeros(shape, dtype=torch.long), "targets": torch.full(shape, IGNORE_INDEX)}
         if getattr(self.cfg.data, "doc_ids", False):
             batch["doc_ids"] = torch.zeros(shape, dtype=torch.long)

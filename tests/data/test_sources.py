@@ -163,10 +163,8 @@ def test_embedded_corpus_skips_misencoded_files_quietly(tmp_path, caplog, monkey
 def test_validation_pass_pads_its_last_batch(tmp_path, tok):
     """The rows that do not fill a last validation batch come in one batch of the same shape, filled with copies
     of its rows whose targets are ignored, so a split smaller than one micro-batch still gives a loss."""
-    from data.stream import IGNORE_TARGET
     from jamba.loss import IGNORE_INDEX
 
-    assert IGNORE_TARGET == IGNORE_INDEX
     write_jsonl(tmp_path / "v.jsonl", make_docs(12, seed=3, prefix="v"), field="text")
     cfg = DataConfig(tokenizer=tok.path, sources=[SourceConfig(path=str(tmp_path / "v.jsonl"))],
                      validation_sources=[SourceConfig(path=str(tmp_path / "v.jsonl"))])
@@ -181,7 +179,7 @@ def test_validation_pass_pads_its_last_batch(tmp_path, tok):
             got, want = torch.cat([b[key] for b in batches]), torch.cat([r[key] for r in rows])
             assert torch.equal(got[:n], want) and all(b[key].is_contiguous() for b in batches), key
             if key == "targets":
-                assert (got[n:] == IGNORE_TARGET).all()
+                assert (got[n:] == IGNORE_INDEX).all()
             else:  # the last batch's rows again, in order
                 again = [last_start + i % (n - last_start) for i in range(len(got) - n)]
                 assert torch.equal(got[n:], want[again]), key

@@ -142,3 +142,11 @@ def test_exit_code_75_is_one_number():
     from trainer.signals import EXIT_PREEMPTED as signals
 
     assert launcher == checkpoint == signals == 75
+
+
+def test_exit_code_2_is_one_number():
+    """A config error: trainer.preflight names it, launch/torchrun.py (which runs without the trainer's deps) too."""
+    from launch.torchrun import EXIT_CONFIG_ERROR as launcher
+    from trainer.preflight import EXIT_CONFIG_ERROR as preflight
+
+    assert launcher == preflight == 2
