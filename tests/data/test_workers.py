@@ -11,6 +11,7 @@ from pathlib import Path
 
 from data import DataConfig, SourceConfig, build_dataloader
 from tests.data.conftest import make_docs, write_jsonl
+from tests.envs import pythonpath
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,6 +69,6 @@ def test_exit_with_live_workers_is_prompt_and_clean():
             "cfg = DataConfig(num_workers=2)\n"
             "it = iter(build_dataloader(cfg, load_tokenizer(cfg), seq_len=64, micro_batch_size=2))\n"
             "next(it)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=pythonpath()),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]

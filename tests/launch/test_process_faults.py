@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from trainer.jsonl import read_jsonl
+from tests.envs import pythonpath
 from tests.process_tree import run_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.slow
 def env():
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC", "TORCH_DISABLE_SHARE"))}
-    return dict(e, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    return dict(e, OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=pythonpath())
 
 
 def torchrun(run_dir, *opts):

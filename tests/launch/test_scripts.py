@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.envs import pythonpath
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("launch/slurm/*.sbatch")])
 
@@ -120,7 +122,7 @@ def test_torchrun_wrapper_passes_a_config_error_on_in_one_line(tmp_path):
     that does not fit the model) ends launch.torchrun with exit 2 and one line, not torchrun's traceback."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "TORCHELASTIC"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath())
     res = subprocess.run([sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc-per-node=2",
                           str(REPO / "train.py"), "optim.lrr=1"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=120)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.envs import pythonpath
 from tests.process_tree import run_tree
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +30,7 @@ def test_ep_compiled_graphs_do_not_depend_on_routing(tmp_path, layout):
     """Both exchanges: "sized" (split sizes read on the host) and "padded" (fixed-size blocks; a rank that
     receives no rows gets a block of padding only, which the experts skip)."""
     out = tmp_path / "ep.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath(), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "ep_compile_worker.py"), f"out={out}", "steps=5", f"layout={layout}"]
     proc = run_tree(cmd, cwd=ROOT, env=env, timeout=380)

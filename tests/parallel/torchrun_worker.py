@@ -8,6 +8,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from tests.envs import pythonpath
 from tests.process_tree import run_tree
 
 HERE = Path(__file__).resolve().parent
@@ -18,7 +19,7 @@ def run_worker(script: str, nproc: int, out: Path, *args: str, timeout: float) -
     """`torchrun --standalone --nproc_per_node nproc HERE/script out=OUT ARGS...`; one thread per rank. A failure
     raises with the command and the end of its stderr (where the failing rank's traceback is)."""
     # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT) prints where its threads were
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath(HERE), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(HERE / script), f"out={out}", *args]
     proc = run_tree(cmd, cwd=ROOT, env=env, timeout=timeout)  # a timeout takes the ranks down too

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from data.loader import merge_loader_states
+from tests.envs import pythonpath
 from tests.process_tree import run_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ COMMON = ["experiment=debug", "parallel=fsdp", "train.eval_every=0", "checkpoint
 
 def train(run_dir: Path, ranks: int, *overrides: str, expect: int = 0, launcher: str = "") -> str:
     """train.py on `ranks` processes: torchrun, or plain python for one unless launcher="torchrun"."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": pythonpath()}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
                 if ranks > 1 or launcher == "torchrun" else [sys.executable])
     r = run_tree(launcher + ["train.py", *COMMON, *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,

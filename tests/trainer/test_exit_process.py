@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.envs import pythonpath
 from tests.process_tree import kill_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +68,7 @@ def _run(tmp_path: Path, world: int, code: str, gloo: str = "default"):
         port = str(s.getsockname()[1])
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": pythonpath(), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(r), str(world), port, code, gloo],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(world)]

@@ -11,6 +11,7 @@ import pytest
 
 from jamba.config import ConfigError
 from trainer.preflight import check_command
+from tests.envs import pythonpath
 from tests.process_tree import run_tree
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,13 +102,13 @@ def test_typo_check_does_not_import_torch():
             "try:\n    check_command(['optim.lrr=1'])\nexcept ConfigError as e:\n    print(e)\n"
             "assert 'torch' not in sys.modules, 'torch imported for a typo'\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env={**os.environ, "PYTHONPATH": pythonpath()})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "'lrr' is not a key of OptimConfig" in r.stdout
 
 
 def test_preflight_cli_and_launch_script(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": pythonpath()}
     r = subprocess.run([sys.executable, "-m", "trainer.preflight", "--world-size", "4", "--", "parallel.tp=2"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "WORLD_SIZE(4)" in r.stderr, r.stderr

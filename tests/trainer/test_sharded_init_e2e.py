@@ -14,6 +14,7 @@ from jamba.config import get_preset
 from jamba.model import JambaForCausalLM
 from tests.process_tree import run_tree
 from trainer.build import auto_sharded_init
+from tests.envs import pythonpath
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ def test_auto_sharded_init_picks_large_models():
 
 def _losses(run_dir: Path, layout: str, sharded: str) -> list:
     """Losses of a 3-step 2-rank run; checks that parallel.init_weights ran exactly when sharded_init=true."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": pythonpath()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "experiment=debug", f"parallel={layout}", "train.max_steps=3", "train.eval_every=0", "checkpoint.every=0",
            "checkpoint.save_final=false", f"train.sharded_init={sharded}", f"hydra.run.dir={run_dir}"]

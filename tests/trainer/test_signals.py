@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from trainer.jsonl import read_jsonl
+from tests.envs import pythonpath
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="1")
@@ -129,7 +130,7 @@ def test_second_sigint_aborts_at_once(tmp_path):
               "os.kill(os.getpid(), signal.SIGINT)\n"
               "time.sleep(5)\n"
               "print('still alive', flush=True)\n")
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(ENV, PYTHONPATH=str(ROOT)),
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(ENV, PYTHONPATH=pythonpath()),
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.splitlines() == ["first"], r.stdout + r.stderr
     assert r.returncode == -signal.SIGINT, r.stdout + r.stderr

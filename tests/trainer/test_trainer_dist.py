@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.envs import pythonpath
 from tests.process_tree import run_tree
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +37,7 @@ def _start(out: Path, scenario: str, timeout_s: float):
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
+        env = {**os.environ, "PYTHONPATH": pythonpath(), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}
         log = open(out / f"log{rank}.txt", "w")
@@ -109,7 +110,7 @@ def test_a_stopped_or_dead_rank_becomes_an_error(tmp_path, scenario, waits_in):
 def test_train_py_validation_with_unequal_splits(tmp_path):
     """The user's path: torchrun, the real tiny model under FSDP2, the embedded corpus's held-out split
     (validation_fraction 0.005 gives the two ranks 50 and 12 batches of 2 x 64 tokens); it used to hang."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": pythonpath()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "experiment=debug", "parallel=fsdp", "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1000",
            "data.validation_fraction=0.005", "checkpoint.every=0", "checkpoint.save_final=false",
@@ -127,7 +128,7 @@ def test_train_py_stopped_rank_with_expert_parallelism(tmp_path):
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": pythonpath(),
                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}
         cmd = [sys.executable, "train.py", "experiment=debug", "parallel=ep", "train.max_steps=1000",
