@@ -72,7 +72,8 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
             torch.set_num_threads(t.num_threads)
         build.seed_everything(t.seed)
         model = layout.build_model(cfg.model, device, t.seed, t.sharded_init)
-        if t.compile if t.compile is not None else device.type == "cuda":
+        compiled = t.compile if t.compile is not None else device.type == "cuda"
+        if compiled:
             from parallel.compile import apply_compile
 
             apply_compile(model)
@@ -90,7 +91,7 @@ def run(dcfg: DictConfig, run_dir: str, stop=None) -> int:
                           layout.dp_size, flops_per_token=flops,
                           peak_tflops=gpu_peak_tflops(device, cfg.logging.peak_tflops), watchdog=watchdog,
                           dp_rank=layout.dp_rank)
-        trainer.stop = stop
+        trainer.stop, trainer.compiled = stop, compiled
         resumed = trainer.restore()
         if world.is_main:
             if resumed:

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -153,6 +154,7 @@ class Trainer:
         self._loader_stage = -1
         self.stop: Optional[StopSignal] = None
         self.watch = watchdog if watchdog is not None else NullWatchdog()
+        self.compiled = False  # the model's layers are torch.compiled (train.py sets it)
         self._compiled = {"train": False, "eval": False}  # first forward of each kind done in this process
         self._gc_frozen: set = set()  # train.gc_freeze: (phase, stage) after which the live objects were frozen
         # auxiliary-loss-free MoE balancing (model.moe_router_bias_update_rate): biases move after each step
@@ -316,6 +318,9 @@ class Trainer:
         if self.make_eval_loader is None:
             return None
         step, watch = self.state.step, self.watch
+        if self.compiled and not self._compiled["eval"]:  # else a silent pause of a minute on a GPU
+            log.info("step %d: validation; its first batch compiles the evaluation graphs first", step)
+        started = time.perf_counter()
         self.model.eval()
         it = iter(self.make_eval_loader(stage))
         total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss x targets summed, targets
@@ -353,7 +358,8 @@ class Trainer:
         val = float(total[0] / total[1])
         # tensor / context-parallel ranks of one data-parallel rank counted the same targets
         tokens = int(total[1]) // max(1, self.world.world_size // self.dp_size)
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": tokens}
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)), "val_tokens": tokens,
+                "val_s": round(time.perf_counter() - started, 3)}
 
     def _freeze_gc(self, after: Tuple[str, int]) -> None:
         """train.gc_freeze: once per fit after the first training step and the first validation of each

@@ -6,8 +6,9 @@ token copies per MoE layer and expert; metrics.jsonl only, for `python -m launch
 alloc_retries (CUDA caching-allocator retries: a run near its memory limit), gc_ms / gc_full (rank 0's time in
 Python's garbage collector since the previous record, and its full collections), and when
 non-zero the data counters skipped_json / skipped_utf8 / skipped_field / skipped_empty / skipped_file (bad
-documents skipped, each counted once) and split_docs; validation records carry val_loss, val_ppl and
-val_tokens (the targets scored, over all ranks). A resumed run moves the records of the steps it redoes to
+documents skipped, each counted once) and split_docs; validation records carry val_loss, val_ppl,
+val_tokens (the targets scored, over all ranks) and val_s (seconds the validation took, the first one with its
+compilation). A resumed run moves the records of the steps it redoes to
 metrics.replayed.jsonl, so metrics.jsonl has each step once. wandb gets the same records. Its run id lives
 in <run_dir>/wandb_id, so a resumed or requeued job continues the same wandb run. Only wandb's public API is
 used (`init`, `Settings`, `Run.log`, `Run.finish`; tested with the range pinned in pyproject.toml): the run
@@ -261,8 +262,9 @@ class MetricsLogger:
             return
         self.write(record)
         tokens = f" | {record['val_tokens']:,} tokens" if record.get("val_tokens") else ""
+        took = f" | {record['val_s']:.1f} s" if record.get("val_s") is not None else ""
         self._print(f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
-                    f"{tokens}")
+                    f"{tokens}{took}")
 
     def _print(self, line: str) -> None:
         if self.bar is not None:

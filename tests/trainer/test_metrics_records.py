@@ -285,3 +285,35 @@ def test_read_jsonl_skips_only_a_torn_last_line_unless_told(tmp_path):
     with pytest.raises(ValueError, match="line 2"):
         read_jsonl(f)
     assert read_jsonl(f, torn_anywhere=True) == [{"step": 1}, {"step": 3}]  # metrics.replayed.jsonl, tools
+
+
+def test_validation_line_says_how_long_it_took(tmp_path, caplog):
+    """The validation log line gives the targets scored and the seconds taken (the first validation of a compiled
+    run includes its compilation: a pause a user otherwise sees without a reason)."""
+    cfg = LoggingConfig(progress_bar=False)
+    cfg.wandb.mode = "disabled"
+    m = MetricsLogger(tmp_path, cfg, True, 20)
+    with caplog.at_level(logging.INFO):
+        m.log_eval({"step": 10, "val_loss": 4.25, "val_ppl": 70.1, "val_tokens": 40960, "val_s": 7.43})
+        m.log_eval({"step": 20, "val_loss": 4.0, "val_ppl": 54.6})  # records of older runs: no tokens or time
+    m.close()
+    lines = [r.getMessage() for r in caplog.records if "val loss" in r.getMessage()]
+    assert lines[0].endswith("val loss 4.2500 | val ppl 70.10 | 40,960 tokens | 7.4 s"), lines
+    assert lines[1].endswith("val loss 4.0000 | val ppl 54.60"), lines
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["val_s"] == 7.43
+
+
+def test_first_compiled_validation_is_announced(tmp_path, caplog):
+    """With train.compile on, the first validation says that it compiles first; later ones and uncompiled runs
+    say nothing before their result."""
+    for compile_ in (True, False):
+        cfg = small_run_config(max_steps=4)
+        cfg.train.eval_every, cfg.train.eval_batches = 2, 1
+        tr = build_trainer(cfg, tmp_path / f"run_{compile_}")
+        tr.compiled = compile_  # as train.py sets it (the stand-in model is not compiled: only the line is checked)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="trainer.loop"):
+            assert tr.fit() == 0
+        said = [r.getMessage() for r in caplog.records if "compiles the evaluation graphs" in r.getMessage()]
+        assert said == (["step 2: validation; its first batch compiles the evaluation graphs first"] if compile_
+                        else []), said

@@ -151,6 +151,7 @@ def test_validation_records(tmp_path):
     vals = [r for r in read_metrics(d) if "val_loss" in r]
     assert [r["step"] for r in vals] == [2, 4]
     assert all(abs(r["val_ppl"] - math.exp(r["val_loss"])) < 1e-9 * r["val_ppl"] for r in vals)
+    assert all(0 < r["val_s"] < 60 for r in vals), vals  # seconds the validation took
 
 
 def test_validation_weights_a_padded_last_batch_by_its_targets(tmp_path):
