@@ -27,6 +27,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -430,7 +431,10 @@ def preflight_or_exit(argv: Sequence[str]) -> None:
         if not _is_rank0():
             # Let rank 0 print the one line: torchrun ends all workers when the first one exits, so a quiet rank
             # that exited first would kill rank 0 before it reports. Rank 0 (same config, same checks) exits
-            # within seconds and torchrun then ends this wait; if it did not fail, say why this rank did.
+            # within seconds and torchrun then ends this wait (its SIGTERM: train.py's early handler, which would
+            # keep this rank waiting, gives way to the default action); if it did not fail, say why this rank did.
+            for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
             time.sleep(NONZERO_RANK_WAIT_S)
         report(str(e) if _is_rank0() else f"(rank {os.environ.get('RANK')}) {e}")
         sys.exit(EXIT_CONFIG_ERROR)

@@ -1,5 +1,7 @@
-"""Signals that stop a run cleanly, and what a rank does when its launcher dies. No torch import: train.py
-installs the handlers first thing, so a signal during start-up (imports, model build) is not lost.
+"""Signals that stop a run cleanly, and what a rank does when its launcher dies. Standard library only:
+train.py installs handlers for the default signals in its first lines, before Hydra, the command line's check
+and torch are imported, then hands over to the configured ones (`StopSignal.hand_over`), so a signal during
+start-up (imports, the check, model build, resume) is not lost.
 
 Saving signals (checkpoint.signals; default SIGTERM, SIGINT, SIGUSR1): the trainer finishes its step, every
 rank agrees, saves and exits 75. Schedulers and terminals signal the whole process group (torchrun's
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75
 """Exit code after a signal-triggered checkpoint (EX_TEMPFAIL): requeue; re-running the command resumes."""
 
+DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+"""checkpoint.signals' default (trainer.config), and the signals train.py catches before it has read the config."""
+
 
 class StopSignal:
     """Remembers the first of the given signals; the loop checks it (agreed across ranks) after each step."""
@@ -28,7 +33,8 @@ class StopSignal:
     def __init__(self, names: Iterable[str]):
         self.received: Optional[str] = None
         self._previous = {}
-        for name in names:
+        self._names = tuple(names)
+        for name in self._names:
             sig = getattr(signal, name)
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -45,6 +51,21 @@ class StopSignal:
             self.received = name
             log.warning("got %s: checkpointing after this step, then exiting with code %d%s", name,
                         EXIT_PREEMPTED, " (Ctrl-C again to abort without a checkpoint)" if name == "SIGINT" else "")
+
+    def hand_over(self, names: Iterable[str]) -> "StopSignal":
+        """Replace these handlers (installed before the config was read) by a StopSignal for the configured
+        `names`. A signal already received carries over when the config saves on it; otherwise it now gets the
+        action it would have had without the early handler (the process dies of it; SIGINT raises
+        KeyboardInterrupt). Called again (the next job of a sweep in this process) it only installs `names`."""
+        received, self.received = self.received, None
+        self.restore()
+        stop = StopSignal(names)
+        if received is not None:
+            if received in stop._names:
+                stop.received = received
+            else:
+                os.kill(os.getpid(), getattr(signal, received))
+        return stop
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -118,6 +118,40 @@ def test_signal_before_training_exits_75(tmp_path):
     assert complete_steps(tmp_path) == [1], out[-3000:]
 
 
+def signal_before_the_job_starts(proc, run_dir, sig=signal.SIGTERM):
+    """Send sig as soon as train.py handles it, and check that this was before Hydra started the job (its .hydra
+    folder): in the seconds when Hydra and torch are imported and the command line is checked."""
+    deadline = time.time() + 60
+    while not handles(proc.pid, sig):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.001)
+    assert not (Path(run_dir) / ".hydra").exists(), "the handler came only with the job"
+    os.killpg(proc.pid, sig)
+
+
+@pytest.mark.slow
+def test_signal_during_the_command_line_check_exits_75(tmp_path):
+    """train.py catches the default signals in its first lines: a SIGTERM before the config is even read still
+    ends in the first step's checkpoint and exit 75 (it died of the signal, exit -15, when the handlers came
+    with the job)."""
+    proc = start(tmp_path)
+    signal_before_the_job_starts(proc, tmp_path)
+    code, out = finish(proc)
+    assert code == 75, out[-3000:]
+    assert "got SIGTERM" in out and complete_steps(tmp_path) == [1], out[-3000:]
+
+
+@pytest.mark.slow
+def test_early_signal_the_config_does_not_save_on_kills(tmp_path):
+    """With checkpoint.signals=[SIGUSR1], a SIGTERM caught early gets its default action once the config is read:
+    the process dies of it, as it would have without the early handler; nothing is trained or saved."""
+    proc = start(tmp_path, "checkpoint.signals=[SIGUSR1]")
+    signal_before_the_job_starts(proc, tmp_path)
+    code, out = finish(proc)
+    assert code == -signal.SIGTERM, out[-3000:]
+    assert not losses(tmp_path) and complete_steps(tmp_path) == [], out[-3000:]
+
+
 def test_second_sigint_aborts_at_once(tmp_path):
     """Ctrl-C saves after the step; a second Ctrl-C aborts at once (the process dies of SIGINT)."""
     script = ("import os, signal, sys, time\n"
