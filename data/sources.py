@@ -1,6 +1,7 @@
 """Document sources with an exact, resumable position: local files (text / JSONL / Parquet) and HF hub datasets.
 
-A source instance belongs to one *reader* (a data-parallel rank x DataLoader worker) and yields that reader's
+A source instance belongs to one *reader* (one of the run's `data.readers` streams, data/readers.py) and yields
+that reader's
 documents as strings, forever (epoch after epoch, file order reshuffled per epoch) or once (validation).
 
 Sharding: with at least as many files as readers, files are dealt to readers (file i -> reader i % R);

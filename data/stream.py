@@ -1,6 +1,7 @@
 """One reader's token stream: source mixture -> tokenise -> shuffle buffer -> pack into fixed-length rows.
 
-A *reader* is one (data-parallel rank, DataLoader worker) pair. Its whole position is `state_dict()`:
+A *reader* is one of the run's `data.readers` logical streams (data/readers.py deals them to data-parallel ranks
+and DataLoader workers). Its whole position is `state_dict()`:
 every source's position, the mixture and buffer draw counters, the shuffle buffer's documents, the packing
 remainder and the counters. Randomness comes from a counter-based hash (seed, reader, stream, counter), so
 the RNG state is a pair of integers and restoring it is exact.

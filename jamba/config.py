@@ -254,7 +254,7 @@ def parse_layer_pattern(pattern: str) -> List[LayerSpec]:
 
 
 PRESETS = {
-    # CI / CPU demo: ~1-2M parameters, every layer kind present (attention at layer 2, MoE on odd layers).
+    # CI / CPU demo: 0.6M parameters, every layer kind present (attention at layer 2, MoE on odd layers).
     "tiny": dict(vocab_size=2048, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=128, attn_layer_period=4, attn_layer_offset=2,
                  expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,

@@ -1,6 +1,7 @@
 """Multi-GPU scaling of train.py: tokens/s per GPU on 1 and N GPUs per parallel layout, read from metrics.jsonl.
 
-    python -m launch.scale          # bench-3b, 4096 x 4 per data-parallel rank: 1 GPU, then fsdp, ep, tp, hsdp on 2
+    python -m launch.scale          # bench-3b, 4096 x 4 per data-parallel rank: 1 GPU, then fsdp, ep (sized, padded,
+                                    # overlapped exchange), tp, hsdp on 2
     python -m launch.scale --layouts single,fsdp,ep --compile --json scale.json --md scale.md
     python -m launch.scale --layouts single,fsdp,ep --compile --repeat 3   # medians of 3 interleaved rounds
     python -m launch.scale --device cpu --preset tiny --seq 64 --micro-batch 2 --steps 4 --warmup 2 --log-every 2 \

@@ -67,7 +67,8 @@ class ParallelConfig:
     group (activation memory / tp there; needs seq_len % tp == 0). See parallel/sequence_parallel.py."""
     param_dtype: str = "auto"
     """Dtype of the unsharded parameters used in forward/backward (FSDP2 MixedPrecisionPolicy).
-    auto = bfloat16 on GPU, float32 on CPU. Master weights and optimizer state stay float32."""
+    auto = bfloat16 on GPU; on CPU the parameters' own dtype, uncast (float32 for train.py's models). Master
+    weights and optimizer state stay float32."""
     reduce_dtype: str = "auto"
     """Dtype of gradient reduce-scatter / all-reduce. auto = float32."""
     reshard_after_forward: Optional[bool] = None

@@ -3,7 +3,7 @@ the one device mesh (and its named views) that everything in `parallel/` uses.
 
 Validation needs no process group, so a bad layout fails before `torchrun` workers do any work:
 
-    dims = ParallelDims(ParallelConfig(tp=3), world_size=8, model=get_preset("small"))
+    dims = ParallelDims(ParallelConfig(tp=3), world_size=6, model=get_preset("small"))
     -> ConfigError: parallel.tp=3 must divide model.num_attention_heads=8: choose tp in [1, 2, 4, 8]
 
 Mesh layout (outermost first; tp innermost so a TP group sits on one node's NVLink):

@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 from omegaconf import MISSING
 
 from jamba.config import ConfigError, JambaConfig
+from trainer.signals import DEFAULT_SIGNALS
 
 try:  # PARALLEL's schema (conf/parallel/*.yaml); a plain dict until it lands
     from parallel.config import ParallelConfig  # type: ignore
@@ -110,7 +111,7 @@ class TrainConfig:
     on one device. Both give every layout exactly the single-process initial weights while one fp32 copy of
     the model is at most 8 GiB (parallel/init.py); beyond that sharded init draws each shard with its own seed.
     null (default) = sharded when there are several ranks and one fp32 copy of the model would take over a
-    quarter of a GPU's memory (over 8 GiB on CPU): jamba-v0.1 (208 GiB) is, bench-3b (12 GiB) is not."""
+    quarter of a GPU's memory (over 8 GiB on CPU): jamba-v0.1 (192 GiB) is, bench-3b (11 GiB) is not."""
     compile: Optional[bool] = None
     """torch.compile each decoder layer and the loss chunks (parallel/compile.py). null (default) = on for
     CUDA, off on CPU. On GPUs it fuses the element-wise work between the kernels (bench-3b on one H100: about
@@ -148,8 +149,9 @@ class WandbConfig:
 class LoggingConfig:
     log_every: int = 10
     """A log line (rank 0) and a metrics.jsonl record every N steps."""
-    progress_bar: bool = True
-    """tqdm progress bar with ETA on rank 0 (only when stderr is a terminal unless forced to true)."""
+    progress_bar: Optional[bool] = None
+    """tqdm progress bar with ETA on rank 0. null (default) = when rank 0's stderr is a terminal: in a batch or
+    SLURM log its redraws would be noise (the log lines say the same); true forces it, false turns it off."""
     peak_tflops: Optional[float] = None
     """Peak dense bf16 TFLOP/s of one accelerator for MFU; None = looked up from the GPU name."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -179,7 +181,7 @@ class CheckpointConfig:
     verify: bool = True
     """Check every file of a checkpoint against its recorded CRC32 before loading it (a corrupt one is
     skipped, loudly, for the newest intact one). Reads each file once."""
-    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    signals: List[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
     """On these signals: finish the current step, save, exit with code 75 (EXIT_PREEMPTED; requeue)."""
 
 

@@ -188,7 +188,7 @@ class MetricsLogger:
             log.info("metrics.jsonl: %d records after step %d (redone by this run) moved to %s", moved, start_step,
                      REPLAYED)
         self._fh = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        if cfg.progress_bar:
+        if cfg.progress_bar if cfg.progress_bar is not None else sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                             dynamic_ncols=True, file=sys.stderr, mininterval=1.0)

@@ -11,8 +11,8 @@ Three layers, all bounded by `train.collective_timeout_s` (T):
    process group's store every few seconds, which peers stopped answering and where they were:
 
        rank 0 of 2: all_reduce of the step's losses and flags at step 7 failed after 10.0 s (limit
-       train.collective_timeout_s=10): rank 1 (host a, pid 123) sent no heartbeat for 11 s; it was in
-       'forward and backward' at step 7 -- stopped, hung or dead.
+       train.collective_timeout_s=10): rank 1 (host a, pid 123) sent no heartbeat for 11 s; its last one
+       placed it in 'forward and backward' at step 7 -- stopped, hung or dead.
 
 3. A thread of this process warns when one phase has made no progress for T/2 (with NCCL, whose watchdog
    takes the process down at T, the log then names the phase first), and ends the process with exit code

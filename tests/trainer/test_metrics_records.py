@@ -317,3 +317,23 @@ def test_first_compiled_validation_is_announced(tmp_path, caplog):
         said = [r.getMessage() for r in caplog.records if "compiles the evaluation graphs" in r.getMessage()]
         assert said == (["step 2: validation; its first batch compiles the evaluation graphs first"] if compile_
                         else []), said
+
+
+def test_progress_bar_only_on_a_terminal_unless_forced(tmp_path, monkeypatch):
+    """logging.progress_bar null (default): a bar when rank 0's stderr is a terminal, none in a batch or SLURM
+    log (a file, a pipe); true and false force it either way."""
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    for setting, tty, bar in ((None, False, False), (None, True, True), (True, False, True), (False, True, False)):
+        monkeypatch.setattr("sys.stderr", Tty() if tty else io.StringIO())
+        cfg = LoggingConfig(progress_bar=setting)
+        cfg.wandb.mode = "disabled"
+        run = tmp_path / f"{setting}_{tty}"
+        run.mkdir()
+        m = MetricsLogger(run, cfg, True, 20)
+        assert (m.bar is not None) == bar, (setting, tty)
+        m.close()
