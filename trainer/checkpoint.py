@@ -428,6 +428,7 @@ class CheckpointManager:
         self._check_data(path, trainer_state)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         kept = _missing_expert_biases(path, model_sd)  # keep their init values (zeros), read the rest
+        _check_model_keys(path, model_sd, kept)
         state = {"model": {k: v for k, v in model_sd.items() if k not in kept}, "optim": optim_sd}
         try:
             dcp.load(state, checkpoint_id=str(path))
@@ -459,6 +460,29 @@ class CheckpointManager:
             raise ConfigError(f"resuming {path} would not continue its data stream: {'; '.join(changes)}. Pass "
                               f"checkpoint.allow_data_change=true to resume anyway, or use another run directory")
         log.warning("resuming %s with changed data (checkpoint.allow_data_change=true): %s", path, "; ".join(changes))
+
+
+def _check_model_keys(path: Path, model_sd: Dict[str, Any], kept: List[str]) -> None:
+    """Refuse a checkpoint whose model tensors are not this model's (another layer count, mixer or layer
+    pattern): DCP fails with a traceback on a tensor the checkpoint lacks, and silently ignores the tensors it
+    holds beyond the model's (resuming 4 trained layers into 2 dropped the other two). The MoE expert biases
+    have their own rule (`_missing_expert_biases`)."""
+    saved = {k[len("model."):] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+             if k.startswith("model.")}
+    ours = set(model_sd)
+    missing = sorted(k for k in ours - saved if k not in kept)
+    extra = sorted(k for k in saved - ours if not k.endswith("expert_bias"))
+    if not missing and not extra:
+        return
+
+    def some(keys: List[str]) -> str:
+        return f"model.{keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+
+    what = "; ".join(([f"this model has {some(missing)}, which the checkpoint lacks"] if missing else [])
+                     + ([f"the checkpoint has {some(extra)}, which this model lacks"] if extra else []))
+    raise ConfigError(f"checkpoint {path} does not fit this model: {what}; the model settings differ from those it "
+                      f"was trained with (the warning above names what changed): resume with those, or give this "
+                      f"config its own run directory")
 
 
 def _missing_expert_biases(path: Path, model_sd: Dict[str, Any]) -> List[str]:

@@ -130,3 +130,16 @@ def test_a_failed_start_names_its_change_and_leaves_the_config(tmp_path):
     r = _train([*common, "train.max_steps=3"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "this start changes" not in r.stdout + r.stderr
+
+def test_a_resume_into_other_layers_is_refused_in_one_line(tmp_path):
+    """Tensors the checkpoint lacks (more layers) or holds beyond the model (fewer layers: DCP ignored them, and the
+    resume dropped two trained layers silently) are named in one line, exit 2; the checkpoint stays."""
+    run = tmp_path / "r"
+    common = ["experiment=debug", "train.eval_every=0", "data.num_workers=0", f"hydra.run.dir={run}"]
+    assert _train([*common, "train.max_steps=2"], tmp_path).returncode == 0
+    for layers, says in ((2, "the checkpoint has model.model.layers.2."), (8, "this model has model.model.layers.4.")):
+        r = _train([*common, "train.max_steps=3", f"model.num_hidden_layers={layers}"], tmp_path)
+        out = r.stdout + r.stderr
+        assert r.returncode == 2 and f"model.num_hidden_layers: 4 -> {layers}" in out, out[-3000:]
+        assert "does not fit this model: " + says in out and "Traceback" not in out, out[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000000002"]
