@@ -252,6 +252,11 @@ def validate_run(cfg: RunConfig, dp_size: int) -> None:
     _need(ck.keep_last >= 1, f"checkpoint.keep_last={ck.keep_last} must be >= 1")
     for s in ck.signals:
         _one_of("checkpoint.signals[]", s, SIGNALS)
+    if t.eval_every and not getattr(cfg.data, "validation_sources", None):
+        _need((getattr(cfg.data, "validation_fraction", 0.0) or 0.0) > 0,
+              f"train.eval_every={t.eval_every} but data.validation_fraction=0 and data.validation_sources=[]: there "
+              f"is no validation split; fix: data.validation_fraction=0.02 (held-out files of the sources), "
+              f"data.validation_sources=[...], or train.eval_every=0 (no validation)")
     readers = getattr(cfg.data, "readers", 0) or 0
     _need(readers == 0 or readers >= dp_size,
           f"data.readers={readers} but the {dp_size} data-parallel ranks need one reader each; fix: data.readers >= "

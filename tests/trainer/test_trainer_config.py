@@ -61,11 +61,18 @@ def test_schema_errors_name_the_key(overrides, needle):
     (["checkpoint.signals=[SIGKILL]"], 1, "checkpoint.signals[]='SIGKILL' is not allowed"),
     (["data.readers=2", "train.global_batch_tokens=4096"], 4,
      "data.readers=2 but the 4 data-parallel ranks need one reader each; fix: data.readers >= 4"),
+    (["data.validation_fraction=0"], 1, "train.eval_every=100 but data.validation_fraction=0 and "
+                                        "data.validation_sources=[]: there is no validation split"),
 ])
 def test_impossible_combinations(overrides, dp, needle):
     with pytest.raises(ConfigError) as info:
         validate_run(to_object(_compose(*overrides)), dp_size=dp)
     assert needle in str(info.value)
+
+
+def test_no_validation_split_is_fine_without_validation():
+    validate_run(to_object(_compose("data.validation_fraction=0", "train.eval_every=0")), dp_size=1)
+    validate_run(to_object(_compose("data.validation_fraction=0", "data.validation_sources=[{path: v.txt}]")), 1)
 
 
 def test_model_presets_match_jamba_presets():
