@@ -245,6 +245,47 @@ def check_data(cfg) -> None:
     elif d.vocab_size > vocab:
         raise ConfigError(f"data.vocab_size={d.vocab_size} is more than model.vocab_size={vocab}; set "
                           f"model.vocab_size={d.vocab_size} (or more) or lower data.vocab_size")
+    if not d.tokenizer:  # the default tokenizer is trained into, and read from, this cache
+        from data.tokenizer import default_cache_dir
+
+        key = "data.tokenizer_cache_dir" if d.tokenizer_cache_dir else "$JAMBA_CACHE_DIR" \
+            if os.environ.get("JAMBA_CACHE_DIR") else "the tokenizer cache (~/.cache/jamba-train)"
+        check_writable_dir(d.tokenizer_cache_dir or default_cache_dir(), key, "set $JAMBA_CACHE_DIR to a folder")
+
+
+def check_writable_dir(path: str, key: str, fix: str) -> None:
+    """path is a directory this process may write into, or one it can create (its nearest existing ancestor is a
+    writable directory). Otherwise train.py would fail after start-up with a traceback (FileExistsError,
+    NotADirectoryError, PermissionError) on every rank."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}={path}: {p} exists and is not a directory; fix: {fix}")
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}={path}: {probe} is a file, so {p} cannot be created; fix: {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: {probe} is not writable{' (read-only or permissions)'}; fix: {fix}")
+
+
+def check_run_dir(dcfg, multirun: bool) -> None:
+    """The run directory (Hydra's output dir) and its checkpoints folder can be created and written."""
+    from omegaconf import OmegaConf
+
+    if multirun:
+        base, sub = OmegaConf.select(dcfg, "hydra.sweep.dir"), OmegaConf.select(dcfg, "hydra.sweep.subdir")
+        run_dir, key = (os.path.join(str(base), str(sub)) if base else None), "hydra.sweep.dir/subdir"
+    else:
+        run_dir, key = OmegaConf.select(dcfg, "hydra.run.dir"), "hydra.run.dir"
+    if not run_dir:
+        return
+    fix = "give hydra.run.dir a folder of its own (or leave it out: runs/<name>/<overrides>)"
+    check_writable_dir(str(run_dir), key, fix)
+    ckpts = Path(os.path.expanduser(str(run_dir))) / "checkpoints"
+    if ckpts.exists() and not ckpts.is_dir():
+        raise ConfigError(f"{key}={run_dir}: {ckpts} exists and is not a directory (the run's checkpoints go there); "
+                          f"fix: move it away, or {fix}")
 
 
 def _check_documents(key: str, source, files: Sequence[str]) -> None:
@@ -343,6 +384,8 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             checked += [w for w in worlds if w not in checked]
             if len(worlds) > 1:
                 check_elastic_readers(cfg, worlds, dp)
+            if data:
+                check_run_dir(dcfg, multirun)
             if local_procs is not None:
                 check_devices(cfg, local_procs)
             # about this machine's GPUs: only where the processes train (not a SLURM login node or sweep submitter)

@@ -26,6 +26,8 @@ def corpus(tmp_path):
     (d / "nofield.jsonl").write_text('{"txt": "a"}\n{"txt": "b"}\n')
     (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (d / "tok.model").write_bytes(b"not a sentencepiece model")
+    (d / "run").mkdir()
+    (d / "run" / "checkpoints").write_text("not a folder")
     return d
 
 
@@ -57,6 +59,11 @@ CASES = [  # (overrides, world size, substrings of the one-line message)
     (["data.sources=[{path: CORPUS/nofield.jsonl}]"], 1, ["no usable document", "no string field 'text'"]),
     (["data.sources=[{path: CORPUS/latin1.txt}]"], 1, ["no usable document", "not UTF-8"]),
     (["data.tokenizer=CORPUS/tok.model"], 1, ["is not a sentencepiece model"]),
+    (["hydra.run.dir=CORPUS/good.jsonl"], 1, ["hydra.run.dir=", "good.jsonl exists and is not a directory",
+                                               "give hydra.run.dir a folder of its own"]),
+    (["hydra.run.dir=CORPUS/good.jsonl/run"], 1, ["good.jsonl is a file, so", "good.jsonl/run cannot be created"]),
+    (["hydra.run.dir=CORPUS/run"], 1, ["run/checkpoints exists and is not a directory", "move it away"]),
+    (["data.tokenizer_cache_dir=CORPUS/good.jsonl"], 1, ["data.tokenizer_cache_dir=", "is not a directory"]),
 ]
 
 
@@ -69,6 +76,13 @@ def test_config_problems_are_one_line(overrides, world, needles, corpus):
     assert "\n" not in msg and len(msg) < 600, msg
     for needle in needles:
         assert needle in msg, (needle, msg)
+
+
+def test_a_cache_dir_that_is_a_file_is_named(corpus, monkeypatch):
+    monkeypatch.setenv("JAMBA_CACHE_DIR", str(corpus / "good.jsonl"))
+    with pytest.raises(ConfigError, match=r"\$JAMBA_CACHE_DIR=.*good.jsonl exists and is not a directory; fix: set "):
+        check_command(["experiment=debug"])
+    check_command(["experiment=debug", f"data.tokenizer_cache_dir={corpus}/cache"])  # the setting wins; created later
 
 
 def test_good_configs_pass(corpus):
