@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import glob
 import hashlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -159,15 +159,16 @@ def ensure_default_tokenizer(cache_dir: Optional[str] = None, vocab_size: int = 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
 def _expand(inputs: Sequence[str]) -> List[str]:
+    """--input's files, as data.sources reads a path (a file, a directory's files, a glob's files)."""
+    from data.sources import expand_path
+
     files: List[str] = []
     for item in inputs:
-        if os.path.isdir(item):
-            files += sorted(str(p) for p in Path(item).rglob("*") if p.is_file())
-        else:
-            hits = sorted(glob.glob(item, recursive=True))
-            if not hits:
-                raise FileNotFoundError(f"--input {item!r} matches no file")
-            files += hits
+        hits = expand_path(item)
+        if not hits:
+            raise ValueError(f"--input {item!r} matches no file; give files, directories or globs ('**' is "
+                             f"recursive, e.g. 'corpus/**/*.jsonl')")
+        files += hits
     return files
 
 
@@ -203,16 +204,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("text")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.cmd == "train":
-        tok = train_tokenizer(_cli_texts(args.input, args.text_field), args.vocab_size, args.output,
-                              model_type=args.model_type, max_chars=args.max_chars, num_threads=args.threads)
-        print(f"wrote {args.output}: vocab_size={tok.vocab_size} eos_id={tok.eos_id} bos_id={tok.bos_id}")
-    else:
-        tok = Tokenizer(args.model)
-        ids = tok.encode(args.text)
-        print(ids)
-        print(repr(tok.decode(ids)))
+    try:
+        if args.cmd == "train":
+            if args.input != ["python_stdlib"]:
+                _expand(args.input)  # a path that matches nothing fails here, not inside sentencepiece's reader
+            tok = train_tokenizer(_cli_texts(args.input, args.text_field), args.vocab_size, args.output,
+                                  model_type=args.model_type, max_chars=args.max_chars, num_threads=args.threads)
+            print(f"wrote {args.output}: vocab_size={tok.vocab_size} eos_id={tok.eos_id} bos_id={tok.bos_id}")
+        else:
+            tok = Tokenizer(args.model)
+            ids = tok.encode(args.text)
+            print(ids)
+            print(repr(tok.decode(ids)))
+    except (ValueError, OSError, RuntimeError) as e:  # a user's input: one line, not a traceback
+        print(f"python -m data.tokenizer: error: {_explain(e, args)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _explain(e: BaseException, args) -> str:
+    text = " ".join(str(e).split())
+    m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text)
+    if m:  # sentencepiece's message names neither the cause nor our flags
+        return (f"--vocab-size {m.group(1)}: this text (its first --max-chars={args.max_chars:,} characters) gives "
+                f"at most {m.group(2)} pieces; lower --vocab-size, or give more text (--input, --max-chars)")
+    m = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text)
+    if m:
+        return (f"--vocab-size {m.group(1)}: this text needs at least {m.group(2)} pieces (its distinct characters, "
+                f"the byte pieces and the specials); raise --vocab-size")
+    if args.cmd == "encode" and not os.path.isfile(args.model):
+        return f"--model {args.model!r}: no such file"
+    return text
 
 
 if __name__ == "__main__":

@@ -33,6 +33,22 @@ def test_cli_trains_on_jsonl(tmp_path):
     assert t.decode(t.encode("alpha beta\n")) == "alpha beta\n"
 
 
+@pytest.mark.parametrize("args,says", [
+    (["--input", "NOPE/*.txt", "--vocab-size", "300"], "--input 'NOPE/*.txt' matches no file"),
+    (["--input", "DIR", "--vocab-size", "32000"], "--vocab-size 32000: this text (its first --max-chars=4,000,000 "
+                                                  "characters) gives at most"),
+    (["--input", "DIR", "--vocab-size", "100"], "vocab_size=100 is too small"),
+])
+def test_cli_mistakes_are_one_line(tmp_path, capsys, args, says):
+    """A user's mistake ends in one line and exit 2 (sentencepiece's own messages name neither cause nor flag)."""
+    write_jsonl(tmp_path / "c.jsonl", make_docs(20, seed=8))
+    args = [a.replace("NOPE", str(tmp_path / "nope")).replace("DIR", str(tmp_path)) for a in args]
+    assert tokenizer_cli(["train", *args, "--output", str(tmp_path / "t.model"), "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m data.tokenizer: error: ") and "\n" not in err, err
+    assert says.replace("NOPE", str(tmp_path / "nope")) in err, err
+
+
 def _build_default(cache, q):
     q.put(ensure_default_tokenizer(cache, 512).fingerprint())
 
