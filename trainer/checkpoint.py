@@ -245,6 +245,8 @@ class CheckpointManager:
         """Collective: the newest intact checkpoint. Corrupt newer ones are named in the log and moved to
         invalid-<name>/ (then a later save of the same step can be written); none intact is an error."""
         names = broadcast_object([p.name for p in self.complete()] if self.world.is_main else None)
+        if not names:
+            self._refuse_unmarked()
         skipped: List[Tuple[str, List[str]]] = []
         for name in reversed(names):
             problems = self.verify(self.root / name)
@@ -266,6 +268,19 @@ class CheckpointManager:
                 + "; ".join(f"{b}: {', '.join(p[:3])}" for b, p in skipped)
                 + ". Move them away to start afresh (or pass checkpoint.overwrite=true)")
         return None
+
+    def _refuse_unmarked(self) -> None:
+        """Collective. Checkpoint folders without a COMPLETE marker and none with one: a run directory copied or
+        edited by hand (every save writes the marker before the folder gets its name, and a prune removes it first
+        only from checkpoints older than a complete one). Starting afresh would train from scratch and overwrite
+        them at the same steps: refused, as corrupt checkpoints are."""
+        unmarked = broadcast_object(sorted(p.name for p in self.root.iterdir() if _NAME.match(p.name) and p.is_dir())
+                                    if self.world.is_main and self.root.is_dir() else [])
+        if unmarked:
+            shown = ", ".join(unmarked[-3:]) + (f" and {len(unmarked) - 3} more" if len(unmarked) > 3 else "")
+            raise ConfigError(f"{self.root} holds checkpoints without their {MARKER} marker ({shown}) and none with "
+                              f"one: a partial copy of a run directory? Copy the whole folders (the marker is "
+                              f"written last), or move them away to start afresh (or pass checkpoint.overwrite=true)")
 
     # ---- save ---------------------------------------------------------------------------------
     def wait(self) -> None:

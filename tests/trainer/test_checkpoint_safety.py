@@ -169,6 +169,19 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path, reference)
         build_trainer(cfg, d)
 
 
+def test_checkpoints_without_their_marker_are_an_error_not_a_fresh_start(tmp_path, reference):
+    """A run directory copied without the COMPLETE markers: starting afresh would overwrite those steps."""
+    cfg, ref, crashed = reference
+    d = _copy(crashed, tmp_path / "run")
+    for c in (d / "checkpoints").iterdir():
+        (c / MARKER).unlink()
+    before = sorted(p.name for p in (d / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match=r"holds checkpoints without their COMPLETE marker \(step_000000002, "
+                                          r"step_000000004, step_000000006\) and none with one"):
+        build_trainer(cfg, d)
+    assert sorted(p.name for p in (d / "checkpoints").iterdir()) == before  # untouched
+
+
 # ---- 5. data changes ------------------------------------------------------------------------------
 def test_changed_data_is_refused_unless_allowed(tmp_path, reference):
     cfg, ref, crashed = reference
