@@ -309,6 +309,9 @@ def _check_documents(key: str, source, files: Sequence[str]) -> None:
              "skipped_json": "invalid JSON lines: check the format", "skipped_utf8": "not UTF-8 text",
              "skipped_empty": "empty documents", "skipped_file": "unreadable files: check the format"}
     why = "; ".join(f"{n} x {hints.get(k, k)}" for k, n in sorted(stats.items())) or "nothing to read"
+    unreadable = [msg % args for reason, msg, args in stats.pending if reason == "skipped_file"]
+    if unreadable:  # the reader's reason says what is wrong (e.g. a Parquet file without the text column)
+        why += f"; the first: {unreadable[0][:200]}"
     raise ConfigError(f"{key}.path={source.path!r}: no usable document in {scanned} ({why}); "
                       f"fix the files or the source's format/text_field/text_unit")
 

@@ -26,6 +26,10 @@ def corpus(tmp_path):
     (d / "nofield.jsonl").write_text('{"txt": "a"}\n{"txt": "b"}\n')
     (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (d / "tok.model").write_bytes(b"not a sentencepiece model")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["hello world"]}), d / "body.parquet")
     (d / "run").mkdir()
     (d / "run" / "checkpoints").write_text("not a folder")
     return d
@@ -59,6 +63,8 @@ CASES = [  # (overrides, world size, substrings of the one-line message)
     (["data.sources=[{path: CORPUS/nofield.jsonl}]"], 1, ["no usable document", "no string field 'text'"]),
     (["data.sources=[{path: CORPUS/latin1.txt}]"], 1, ["no usable document", "not UTF-8"]),
     (["data.tokenizer=CORPUS/tok.model"], 1, ["is not a sentencepiece model"]),
+    (["data.sources=[{path: CORPUS/body.parquet}]"], 1, ["no usable document", "body.parquet: no column 'text' "
+                                                         "(columns: ['body'])"]),
     (["hydra.run.dir=CORPUS/good.jsonl"], 1, ["hydra.run.dir=", "good.jsonl exists and is not a directory",
                                                "give hydra.run.dir a folder of its own"]),
     (["hydra.run.dir=CORPUS/good.jsonl/run"], 1, ["good.jsonl is a file, so", "good.jsonl/run cannot be created"]),
