@@ -102,10 +102,12 @@ class ParallelDims:
         others = self.dp_replicate * self.cp * self.tp
         if self.dp_shard == -1:
             if ws % others:
+                tps = self._model_tps([t for t in _divisors(ws) if ws % (t * self.dp_replicate * self.cp) == 0])
                 raise ConfigError(
                     f"WORLD_SIZE({ws}) is not divisible by dp_replicate({self.dp_replicate}) * cp({self.cp}) * "
-                    f"tp({self.tp}) = {others}, so parallel.dp_shard=-1 cannot fill it; choose tp and "
-                    f"dp_replicate among the divisors of {ws}: {_divisors(ws)}")
+                    f"tp({self.tp}) = {others}, so parallel.dp_shard=-1 cannot fill it; choose tp in {tps} "
+                    f"(dividing {ws}{' and suiting the model' if self.model is not None else ''}), or launch a "
+                    f"multiple of {others} processes")
             self.dp_shard = ws // others
         product = self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != ws:
@@ -207,11 +209,20 @@ class ParallelDims:
             raise ConfigError(
                 f"sequence length {seq_len} must be divisible by parallel.cp={cp} (each cp rank holds seq_len / cp "
                 f"tokens): use a multiple of {cp} for every curriculum stage, or choose cp in "
-                f"{[c for c in _divisors(seq_len, 64)]}")
+                f"{[c for c in _divisors(seq_len, 64) if self.world_size % (c * tp * self.dp_replicate) == 0]}")
         if self.cfg.sequence_parallel and seq_len % (tp * cp):
             raise ConfigError(
                 f"sequence length {seq_len} must be divisible by tp({tp}) * cp({cp}) with "
                 f"parallel.sequence_parallel=true; change the sequence length or turn it off")
+
+    def _model_tps(self, tps: List[int]) -> List[int]:
+        """The tensor-parallel degrees among `tps` that the model (when known) can be sharded by."""
+        m = self.model
+        if m is None:
+            return tps
+        specs = m.layer_specs()
+        has_attn, has_mamba = any(s.mixer == "attention" for s in specs), any(s.mixer == "mamba" for s in specs)
+        return [t for t in tps if self._tp_problem(m, t, has_attn, has_mamba) is None]
 
     @staticmethod
     def _tp_problem(m: JambaConfig, tp: int, has_attn: bool, has_mamba: bool):

@@ -13,6 +13,7 @@ Groups owned elsewhere: `model` is `jamba.config.JambaConfig` (MODEL/lead), `par
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -269,6 +270,11 @@ def validate_curriculum(cur: CurriculumConfig, global_batch_tokens: int, max_ste
     _need(len(cur.stages) > 0, "curriculum.stages is empty; give at least one stage")
     _need(global_batch_tokens > 0, f"train.global_batch_tokens={global_batch_tokens} must be > 0")
     for i, s in enumerate(cur.stages):
+        _need(s.seq_len > 0, f"curriculum.stages[{i}].seq_len={s.seq_len} must be > 0")
+        _need(s.micro_batch_size > 0, f"curriculum.stages[{i}].micro_batch_size={s.micro_batch_size} must be > 0")
+    # a suggested global batch must suit every stage: a multiple of all their micro-batches over the ranks
+    every = math.lcm(*(s.seq_len * s.micro_batch_size * dp_size for s in cur.stages))
+    for i, s in enumerate(cur.stages):
         key = f"curriculum.stages[{i}]"
         _need(s.seq_len > 0, f"{key}.seq_len={s.seq_len} must be > 0")
         _need(s.micro_batch_size > 0, f"{key}.micro_batch_size={s.micro_batch_size} must be > 0")
@@ -281,7 +287,8 @@ def validate_curriculum(cur: CurriculumConfig, global_batch_tokens: int, max_ste
               f"{key}: train.global_batch_tokens={global_batch_tokens} is not a multiple of seq_len({s.seq_len}) * "
               f"micro_batch_size({s.micro_batch_size}) * dp({dp_size}) = {per_micro}; pick values so that the "
               f"gradient accumulation count is a whole number (e.g. global_batch_tokens="
-              f"{max(1, round(global_batch_tokens / per_micro)) * per_micro})")
+              f"{max(1, round(global_batch_tokens / every)) * every}"
+              f"{', a multiple of every stage' if len(cur.stages) > 1 else ''})")
         _need(s.steps is None or s.tokens is None,
               f"{key}: give its length as steps ({s.steps}) or tokens ({s.tokens}), not both")
         if s.tokens is not None:

@@ -88,13 +88,21 @@ def test_schema_errors():
         ParallelConfig(dp_replicate=-1, dp_shard=-1)
 
 
+def test_a_world_that_tp_does_not_divide_suggests_degrees_that_work():
+    """3 processes with tp=2: the advice lists only degrees dividing 3 that the model's 4 heads allow (not 3)."""
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE\(3\) is not divisible by .* tp\(2\) = 2, .* choose tp in \[1\] "
+                                          r"\(dividing 3 and suiting the model\), or launch a multiple of 2 processes"):
+        ParallelDims(ParallelConfig(tp=2), world_size=3, model=TINY)
+
+
 def test_context_parallel_layouts():
     d = dims(8, cp=2, tp=2, ep=4, seq_len=96)
     assert (d.dp_shard, d.cp, d.tp, d.efsdp, d.dp_size, d.dp_cp_size) == (2, 2, 2, 1, 2, 4)
     dims(4, cp=4, seq_len=96)  # 96 is not a power of two; 24 tokens per rank
     # every curriculum stage is checked, not only the longest
+    # (suggested: the divisors of 90 that also fit 4 processes)
     with pytest.raises(ConfigError, match=r"sequence length 90 must be divisible by parallel.cp=4 .* choose cp in "
-                                          r"\[1, 2, 3, 5, 6, 9"):
+                                          r"\[1, 2\]$"):
         ParallelDims(ParallelConfig(cp=4), world_size=4, model=TINY, seq_len=[64, 90, 1024])
     # Mamba channels split over tp * cp: tiny's d_inner = 128 cannot split 256 ways
     with pytest.raises(ConfigError, match=r"d_inner .* = 128\) must be divisible by tp\(2\) \* cp\(128\)"):

@@ -61,6 +61,9 @@ def test_schema_errors_name_the_key(overrides, needle):
     (["checkpoint.signals=[SIGKILL]"], 1, "checkpoint.signals[]='SIGKILL' is not allowed"),
     (["data.readers=2", "train.global_batch_tokens=4096"], 4,
      "data.readers=2 but the 4 data-parallel ranks need one reader each; fix: data.readers >= 4"),
+    (["curriculum.stages=[{seq_len: 64, micro_batch_size: 2, steps: 5}, {seq_len: 100, micro_batch_size: 1}]",
+      "train.global_batch_tokens=256"], 1,
+     "(e.g. global_batch_tokens=3200, a multiple of every stage)"),  # 3200 = lcm(128, 100): fits both stages
     (["data.validation_fraction=0"], 1, "train.eval_every=100 but data.validation_fraction=0 and "
                                         "data.validation_sources=[]: there is no validation split"),
 ])
