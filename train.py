@@ -18,13 +18,11 @@ import sys
 
 # First thing, before Hydra, the command line's check and torch are imported (seconds): a SIGTERM/SIGINT/SIGUSR1
 # from here on ends in a checkpoint after the first step and exit 75, not in death by -15. main() hands over to
-# checkpoint.signals. Only when run as a script: tests import this module.
+# checkpoint.signals. Only for a run of this script (tests import it), and not for a sweep's submitter.
 if __name__ == "__main__":
-    from trainer.signals import DEFAULT_SIGNALS, StopSignal
+    from trainer.signals import catch_early
 
-    EARLY_STOP = StopSignal(DEFAULT_SIGNALS)
-else:
-    EARLY_STOP = None
+    catch_early(sys.argv[1:])
 
 # Less fragmentation at long context (measured on H100 with launch/bench.py: the longest trainable
 # bench-3b sequence went from 131,072 to 196,608 tokens). Before torch is imported; a user's value wins.
@@ -132,12 +130,11 @@ def main(dcfg: DictConfig) -> None:
     from jamba.config import ConfigError
     from trainer.checkpoint_integrity import CheckpointDiskFull
     from trainer.config import SIGNALS
-    from trainer.signals import StopSignal, watch_launcher
+    from trainer.signals import hand_over, watch_launcher
 
     # Names the config does not allow are reported by validation. A signal caught since train.py's first lines
     # carries over when the config saves on it.
-    names = [s for s in dcfg.checkpoint.signals if s in SIGNALS]
-    stop = EARLY_STOP.hand_over(names) if EARLY_STOP is not None else StopSignal(names)
+    stop = hand_over([s for s in dcfg.checkpoint.signals if s in SIGNALS])
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: stop when the agent dies (kill -9 of torchrun)
         watch_launcher(float(os.environ.get("JAMBA_ORPHAN_GRACE_S", "300")))
     try:

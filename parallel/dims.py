@@ -103,11 +103,12 @@ class ParallelDims:
         if self.dp_shard == -1:
             if ws % others:
                 tps = self._model_tps([t for t in _divisors(ws) if ws % (t * self.dp_replicate * self.cp) == 0])
+                choose = (f"choose tp in {tps} (dividing {ws}{' and suiting the model' if self.model else ''}), or "
+                          if tps else "")
                 raise ConfigError(
                     f"WORLD_SIZE({ws}) is not divisible by dp_replicate({self.dp_replicate}) * cp({self.cp}) * "
-                    f"tp({self.tp}) = {others}, so parallel.dp_shard=-1 cannot fill it; choose tp in {tps} "
-                    f"(dividing {ws}{' and suiting the model' if self.model is not None else ''}), or launch a "
-                    f"multiple of {others} processes")
+                    f"tp({self.tp}) = {others}, so parallel.dp_shard=-1 cannot fill it; {choose}launch a multiple "
+                    f"of {others} processes")
             self.dp_shard = ws // others
         product = self.dp_replicate * self.dp_shard * self.cp * self.tp
         if product != ws:
@@ -209,7 +210,8 @@ class ParallelDims:
             raise ConfigError(
                 f"sequence length {seq_len} must be divisible by parallel.cp={cp} (each cp rank holds seq_len / cp "
                 f"tokens): use a multiple of {cp} for every curriculum stage, or choose cp in "
-                f"{[c for c in _divisors(seq_len, 64) if self.world_size % (c * tp * self.dp_replicate) == 0]}")
+                f"{[c for c in _divisors(seq_len, 64) if self.world_size % (c * tp * self.dp_replicate) == 0]}"
+                f"{' with parallel.dp_shard=-1 (it fills the rest)' if self.cfg.dp_shard != -1 else ''}")
         if self.cfg.sequence_parallel and seq_len % (tp * cp):
             raise ConfigError(
                 f"sequence length {seq_len} must be divisible by tp({tp}) * cp({cp}) with "

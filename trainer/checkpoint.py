@@ -168,7 +168,7 @@ class CheckpointManager:
         self._lock.acquire()
         atexit.register(self._lock.release)
         self.root.mkdir(parents=True, exist_ok=True)
-        earlier = [p.name for p in self.complete()]
+        earlier = [p.name for p in self.folders()]  # complete or not: a fresh run's saves would overwrite both
         metrics = self.run_dir / "metrics.jsonl"
         has_metrics = metrics.is_file() and metrics.stat().st_size > 0
         if (earlier or has_metrics) and self.cfg.overwrite:
@@ -213,13 +213,16 @@ class CheckpointManager:
             self._lock.release()
 
     # ---- discovery ----------------------------------------------------------------------------
-    def complete(self) -> List[Path]:
-        """Checkpoints with a COMPLETE marker (not yet verified), oldest first."""
+    def folders(self) -> List[Path]:
+        """Checkpoint folders (step_N), complete or not, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir()
-                 if (m := _NAME.match(p.name)) and p.is_dir() and (p / MARKER).is_file()]
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
         return [p for _, p in sorted(found)]
+
+    def complete(self) -> List[Path]:
+        """Checkpoints with a COMPLETE marker (not yet verified), oldest first."""
+        return [p for p in self.folders() if (p / MARKER).is_file()]
 
     def latest(self) -> Optional[Path]:
         ckpts = self.complete()
@@ -274,8 +277,7 @@ class CheckpointManager:
         edited by hand (every save writes the marker before the folder gets its name, and a prune removes it first
         only from checkpoints older than a complete one). Starting afresh would train from scratch and overwrite
         them at the same steps: refused, as corrupt checkpoints are."""
-        unmarked = broadcast_object(sorted(p.name for p in self.root.iterdir() if _NAME.match(p.name) and p.is_dir())
-                                    if self.world.is_main and self.root.is_dir() else [])
+        unmarked = broadcast_object([p.name for p in self.folders()] if self.world.is_main else [])
         if unmarked:
             shown = ", ".join(unmarked[-3:]) + (f" and {len(unmarked) - 3} more" if len(unmarked) > 3 else "")
             raise ConfigError(f"{self.root} holds checkpoints without their {MARKER} marker ({shown}) and none with "

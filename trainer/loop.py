@@ -155,6 +155,7 @@ class Trainer:
         self.stop: Optional[StopSignal] = None
         self.watch = watchdog if watchdog is not None else NullWatchdog()
         self.compiled = False  # the model's layers are torch.compiled (train.py sets it)
+        self._evaluated_stages: set = set()  # curriculum stages validated in this process (graphs compiled)
         self._compiled = {"train": False, "eval": False}  # first forward of each kind done in this process
         self._gc_frozen: set = set()  # train.gc_freeze: (phase, stage) after which the live objects were frozen
         # auxiliary-loss-free MoE balancing (model.moe_router_bias_update_rate): biases move after each step
@@ -318,8 +319,10 @@ class Trainer:
         if self.make_eval_loader is None:
             return None
         step, watch = self.state.step, self.watch
-        if self.compiled and not self._compiled["eval"]:  # else a silent pause of a minute on a GPU
-            log.info("step %d: validation; its first batch compiles the evaluation graphs first", step)
+        if self.compiled and stage.index not in self._evaluated_stages:  # else a silent pause of a minute on a GPU
+            log.info("step %d: validation; its first batch compiles the evaluation graphs first%s", step,
+                     f" (curriculum stage {stage.index}'s shapes)" if stage.index else "")
+        self._evaluated_stages.add(stage.index)
         started = time.perf_counter()
         self.model.eval()
         it = iter(self.make_eval_loader(stage))

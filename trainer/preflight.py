@@ -245,44 +245,61 @@ def check_data(cfg) -> None:
     elif d.vocab_size > vocab:
         raise ConfigError(f"data.vocab_size={d.vocab_size} is more than model.vocab_size={vocab}; set "
                           f"model.vocab_size={d.vocab_size} (or more) or lower data.vocab_size")
-    if not d.tokenizer:  # the default tokenizer is trained into, and read from, this cache
-        from data.tokenizer import default_cache_dir
+    else:
+        check_tokenizer_cache(d)
 
-        key = "data.tokenizer_cache_dir" if d.tokenizer_cache_dir else "$JAMBA_CACHE_DIR" \
-            if os.environ.get("JAMBA_CACHE_DIR") else "the tokenizer cache (~/.cache/jamba-train)"
-        check_writable_dir(d.tokenizer_cache_dir or default_cache_dir(), key, "set $JAMBA_CACHE_DIR to a folder")
+def check_tokenizer_cache(d) -> None:
+    """The default tokenizer's cache can be a folder (it may be read-only when it holds the tokenizer already)."""
+    from data.tokenizer import default_cache_dir
+
+    if d.tokenizer_cache_dir:
+        key, fix = "data.tokenizer_cache_dir", "give data.tokenizer_cache_dir a folder"
+    elif os.environ.get("JAMBA_CACHE_DIR"):
+        key, fix = "$JAMBA_CACHE_DIR", "set $JAMBA_CACHE_DIR to a folder"
+    else:
+        key, fix = "the tokenizer cache", "set $JAMBA_CACHE_DIR to a folder"
+    check_dir_path(d.tokenizer_cache_dir or default_cache_dir(), key, fix)
 
 
-def check_writable_dir(path: str, key: str, fix: str) -> None:
-    """path is a directory this process may write into, or one it can create (its nearest existing ancestor is a
-    writable directory). Otherwise train.py would fail after start-up with a traceback (FileExistsError,
-    NotADirectoryError, PermissionError) on every rank."""
-    p = Path(os.path.expanduser(str(path)))
+def check_dir_path(path: str, key: str, fix: str, writable: bool = False) -> None:
+    """path is a directory, or can be created (its nearest existing ancestor is a directory; with `writable`, one
+    this process may write into). Otherwise train.py would fail after start-up with a traceback
+    (FileExistsError, NotADirectoryError, PermissionError) on every rank. No `~` expansion: Hydra and the
+    tokenizer cache take the path as given."""
+    p = Path(str(path))
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{key}={path}: {p} exists and is not a directory; fix: {fix}")
-    probe = p
+    probe = p.absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(f"{key}={path}: {probe} is a file, so {p} cannot be created; fix: {fix}")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={path}: {probe} is not writable{' (read-only or permissions)'}; fix: {fix}")
+    if writable and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path}: {probe} is not writable (read-only or permissions); fix: {fix}")
 
 
 def check_run_dir(dcfg, multirun: bool) -> None:
-    """The run directory (Hydra's output dir) and its checkpoints folder can be created and written."""
+    """The run directory (Hydra's output dir) and its checkpoints folder can be created and written. A path that
+    needs Hydra's runtime to resolve (${hydra:job.name}, ${hydra.job.num}) is left to Hydra."""
     from omegaconf import OmegaConf
 
+    def select(key):
+        try:
+            return OmegaConf.select(dcfg, key, throw_on_resolution_failure=False)
+        except Exception:  # noqa: BLE001 - a resolver that needs HydraConfig at run time
+            return None
+
     if multirun:
-        base, sub = OmegaConf.select(dcfg, "hydra.sweep.dir"), OmegaConf.select(dcfg, "hydra.sweep.subdir")
-        run_dir, key = (os.path.join(str(base), str(sub)) if base else None), "hydra.sweep.dir/subdir"
+        base, sub = select("hydra.sweep.dir"), select("hydra.sweep.subdir")
+        run_dir, key = (os.path.join(str(base), str(sub)) if base and sub is not None else None), \
+            "hydra.sweep.dir/subdir"
     else:
-        run_dir, key = OmegaConf.select(dcfg, "hydra.run.dir"), "hydra.run.dir"
+        run_dir, key = select("hydra.run.dir"), "hydra.run.dir"
     if not run_dir:
         return
     fix = "give hydra.run.dir a folder of its own (or leave it out: runs/<name>/<overrides>)"
-    check_writable_dir(str(run_dir), key, fix)
-    ckpts = Path(os.path.expanduser(str(run_dir))) / "checkpoints"
+    check_dir_path(str(run_dir), key, fix, writable=True)
+    ckpts = Path(str(run_dir)) / "checkpoints"
     if ckpts.exists() and not ckpts.is_dir():
         raise ConfigError(f"{key}={run_dir}: {ckpts} exists and is not a directory (the run's checkpoints go there); "
                           f"fix: move it away, or {fix}")
@@ -344,11 +361,13 @@ def _launcher_world(dcfg) -> Optional[int]:
 
 
 def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]] = 1, multirun: bool = False,
-                  config_name: str = "config", data: bool = True, local_procs: Optional[int] = None) -> List[int]:
+                  config_name: str = "config", data: bool = True, local_procs: Optional[int] = None,
+                  run_dir: bool = True) -> List[int]:
     """Raise ConfigError (one-line message) if this train.py command line cannot run. world_size: the number of
     processes, or every number an elastic launch may start it with (each is checked). local_procs: the processes
     that will train on this machine, when it is the one that trains (train.py, the launchers; not a SLURM login
-    node): then train.device=cuda needs that many visible GPUs here. Returns the world sizes checked."""
+    node): then train.device=cuda needs that many visible GPUs here. run_dir: check the run directory too (with
+    `data`; not for `--cfg`, which writes nothing). Returns the world sizes checked."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
@@ -387,7 +406,7 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             checked += [w for w in worlds if w not in checked]
             if len(worlds) > 1:
                 check_elastic_readers(cfg, worlds, dp)
-            if data:
+            if data and run_dir:
                 check_run_dir(dcfg, multirun)
             if local_procs is not None:
                 check_devices(cfg, local_procs)
@@ -472,15 +491,19 @@ def preflight_or_exit(argv: Sequence[str]) -> None:
     local = None if args.multirun or args.cfg else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     try:
         check_command(args.overrides, world, multirun=bool(args.multirun), config_name=args.config_name or "config",
-                      local_procs=local)
+                      local_procs=local, run_dir=not args.cfg)
     except ConfigError as e:
         if not _is_rank0():
             # Let rank 0 print the one line: torchrun ends all workers when the first one exits, so a quiet rank
             # that exited first would kill rank 0 before it reports. Rank 0 (same config, same checks) exits
             # within seconds and torchrun then ends this wait (its SIGTERM: train.py's early handler, which would
             # keep this rank waiting, gives way to the default action); if it did not fail, say why this rank did.
-            for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+            from trainer.signals import DEFAULT_SIGNALS, early_signal
+
+            for name in DEFAULT_SIGNALS:
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
+            if early_signal() is not None:  # torchrun's SIGTERM came during the check: rank 0 has exited already
+                os.kill(os.getpid(), getattr(signal, early_signal()))  # its default action, as without the handler
             time.sleep(NONZERO_RANK_WAIT_S)
         report(str(e) if _is_rank0() else f"(rank {os.environ.get('RANK')}) {e}")
         sys.exit(EXIT_CONFIG_ERROR)

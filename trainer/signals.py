@@ -1,6 +1,6 @@
 """Signals that stop a run cleanly, and what a rank does when its launcher dies. Standard library only:
 train.py installs handlers for the default signals in its first lines, before Hydra, the command line's check
-and torch are imported, then hands over to the configured ones (`StopSignal.hand_over`), so a signal during
+and torch are imported (`catch_early`), then hands over to the configured ones (`hand_over`), so a signal during
 start-up (imports, the check, model build, resume) is not lost.
 
 Saving signals (checkpoint.signals; default SIGTERM, SIGINT, SIGUSR1): the trainer finishes its step, every
@@ -52,25 +52,56 @@ class StopSignal:
             log.warning("got %s: checkpointing after this step, then exiting with code %d%s", name,
                         EXIT_PREEMPTED, " (Ctrl-C again to abort without a checkpoint)" if name == "SIGINT" else "")
 
-    def hand_over(self, names: Iterable[str]) -> "StopSignal":
-        """Replace these handlers (installed before the config was read) by a StopSignal for the configured
-        `names`. A signal already received carries over when the config saves on it; otherwise it now gets the
-        action it would have had without the early handler (the process dies of it; SIGINT raises
-        KeyboardInterrupt). Called again (the next job of a sweep in this process) it only installs `names`."""
-        received, self.received = self.received, None
-        self.restore()
-        stop = StopSignal(names)
-        if received is not None:
-            if received in stop._names:
-                stop.received = received
-            else:
-                os.kill(os.getpid(), getattr(signal, received))
-        return stop
-
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
+
+
+# ---- train.py's first lines: signals before the config is read ---------------------------------------------
+_early: Optional[StopSignal] = None
+
+# Hydra flags under which train.py trains nothing here (a sweep's submitter pickles main() to other processes or
+# SLURM jobs; --cfg/--help print and exit): they keep the default signal actions.
+NOT_A_RUN = frozenset({"-m", "--multirun", "-c", "--cfg", "-h", "--help", "--hydra-help", "-i", "--info", "-sc",
+                       "--shell-completion"})
+
+
+def catch_early(argv: Iterable[str]) -> None:
+    """Catch the default signals from train.py's first lines (before Hydra, the command line's check and torch
+    are imported: seconds), for a plain run; `hand_over` passes them on to the configured ones."""
+    global _early
+    argv = list(argv)
+    if _early is None and not (NOT_A_RUN & set(argv)) and "hydra.mode=MULTIRUN" not in argv:
+        _early = StopSignal(DEFAULT_SIGNALS)
+
+
+def early_signal() -> Optional[str]:
+    """The signal caught since train.py's first lines and not yet handed over, if any."""
+    return _early.received if _early is not None else None
+
+
+def hand_over(names: Iterable[str]) -> StopSignal:
+    """A StopSignal for the configured `names`, replacing the early handlers (once; later calls, e.g. the next
+    job of a sweep in this process, only install `names`). A signal already received carries over when the
+    config saves on it; otherwise it now gets the action it would have had without the early handler (the
+    process dies of it; SIGINT raises KeyboardInterrupt). A carried SIGINT leaves SIGINT at its default action:
+    the next Ctrl-C aborts at once, as after a first Ctrl-C during training."""
+    global _early
+    early, _early = _early, None
+    received = None
+    if early is not None:
+        received, early.received = early.received, None
+        early.restore()
+    stop = StopSignal(names)
+    if received is not None:
+        if received in stop._names:
+            stop.received = received
+            if received == "SIGINT":
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+        else:
+            os.kill(os.getpid(), getattr(signal, received))
+    return stop
 
 
 def watch_launcher(grace_s: float, interval_s: float = 1.0) -> Optional[threading.Thread]:

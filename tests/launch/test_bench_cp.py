@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.envs import pythonpath
 from tests.process_tree import run_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ def test_bench_cp_cpu_smoke(tmp_path, mixer):
     """Mamba-2 with one B/C group all-gathers B and C (the ranks share the group); with two groups at cp=2
     each rank's heads read their own group, which travels in the heads' all-to-all (no all-gather)."""
     out = tmp_path / "cp.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath()}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "launch" / "bench_cp.py"), "--device", "cpu", "--preset", "tiny", "--cp", "2", "--seq", "96",
            "--steps", "2", "--warmup", "1", "--profile", "--json", str(out)]

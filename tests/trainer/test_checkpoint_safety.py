@@ -171,7 +171,10 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(tmp_path, reference)
 
 def test_checkpoints_without_their_marker_are_an_error_not_a_fresh_start(tmp_path, reference):
     """A run directory copied without the COMPLETE markers: starting afresh would overwrite those steps."""
+    import copy
+
     cfg, ref, crashed = reference
+    cfg = copy.deepcopy(cfg)  # shared by the module's tests
     d = _copy(crashed, tmp_path / "run")
     for c in (d / "checkpoints").iterdir():
         (c / MARKER).unlink()
@@ -180,6 +183,16 @@ def test_checkpoints_without_their_marker_are_an_error_not_a_fresh_start(tmp_pat
                                           r"step_000000004, step_000000006\) and none with one"):
         build_trainer(cfg, d)
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == before  # untouched
+    # the fix the message names works also without metrics.jsonl (only checkpoints/ was copied)
+    (d / "metrics.jsonl").unlink()
+    cfg.checkpoint.resume = False
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=false but the run directory .* holds an earlier run "
+                                          r"\(checkpoints up to step_000000006\)"):
+        build_trainer(cfg, d)
+    cfg.checkpoint.resume, cfg.checkpoint.overwrite = True, True
+    tr = build_trainer(cfg, d)
+    assert tr.state.step == 0 and not list((d / "checkpoints").iterdir())
+    assert sorted(p.name for p in next(d.glob("previous-*")).joinpath("checkpoints").iterdir()) == before
 
 
 # ---- 5. data changes ------------------------------------------------------------------------------

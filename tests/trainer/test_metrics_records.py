@@ -304,19 +304,24 @@ def test_validation_line_says_how_long_it_took(tmp_path, caplog):
 
 
 def test_first_compiled_validation_is_announced(tmp_path, caplog):
-    """With train.compile on, the first validation says that it compiles first; later ones and uncompiled runs
-    say nothing before their result."""
+    """With train.compile on, the first validation of each curriculum stage (new shapes) says that it compiles
+    first; later ones and uncompiled runs say nothing before their result."""
+    from trainer.config import StageConfig
+
     for compile_ in (True, False):
-        cfg = small_run_config(max_steps=4)
+        cfg = small_run_config(max_steps=6)
         cfg.train.eval_every, cfg.train.eval_batches = 2, 1
+        cfg.curriculum.stages = [StageConfig(seq_len=8, micro_batch_size=4, steps=4),
+                                 StageConfig(seq_len=16, micro_batch_size=2)]
         tr = build_trainer(cfg, tmp_path / f"run_{compile_}")
         tr.compiled = compile_  # as train.py sets it (the stand-in model is not compiled: only the line is checked)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="trainer.loop"):
             assert tr.fit() == 0
         said = [r.getMessage() for r in caplog.records if "compiles the evaluation graphs" in r.getMessage()]
-        assert said == (["step 2: validation; its first batch compiles the evaluation graphs first"] if compile_
-                        else []), said
+        assert said == (["step 2: validation; its first batch compiles the evaluation graphs first",
+                         "step 6: validation; its first batch compiles the evaluation graphs first (curriculum stage "
+                         "1's shapes)"] if compile_ else []), said
 
 
 def test_progress_bar_only_on_a_terminal_unless_forced(tmp_path, monkeypatch):

@@ -69,7 +69,8 @@ CASES = [  # (overrides, world size, substrings of the one-line message)
                                                "give hydra.run.dir a folder of its own"]),
     (["hydra.run.dir=CORPUS/good.jsonl/run"], 1, ["good.jsonl is a file, so", "good.jsonl/run cannot be created"]),
     (["hydra.run.dir=CORPUS/run"], 1, ["run/checkpoints exists and is not a directory", "move it away"]),
-    (["data.tokenizer_cache_dir=CORPUS/good.jsonl"], 1, ["data.tokenizer_cache_dir=", "is not a directory"]),
+    (["data.tokenizer_cache_dir=CORPUS/good.jsonl"], 1, ["data.tokenizer_cache_dir=", "is not a directory",
+                                                         "fix: give data.tokenizer_cache_dir a folder"]),
 ]
 
 
@@ -89,6 +90,15 @@ def test_a_cache_dir_that_is_a_file_is_named(corpus, monkeypatch):
     with pytest.raises(ConfigError, match=r"\$JAMBA_CACHE_DIR=.*good.jsonl exists and is not a directory; fix: set "):
         check_command(["experiment=debug"])
     check_command(["experiment=debug", f"data.tokenizer_cache_dir={corpus}/cache"])  # the setting wins; created later
+
+
+def test_run_dirs_hydra_resolves_at_run_time_are_left_to_it(tmp_path, corpus):
+    """A run directory built from Hydra's runtime (${hydra:job.name}, a sweep's ${hydra.job.num}) cannot be known
+    before the job starts: not refused (it was, as 'config error: None'); `--cfg` writes nothing: not checked."""
+    check_command(["experiment=debug", f"hydra.run.dir={tmp_path}/${{hydra:job.name}}"])
+    check_command(["experiment=debug", f"hydra.sweep.dir={tmp_path}/s", "hydra.sweep.subdir=${hydra.job.num}",
+                   "optim.lr=1e-3,2e-3"], multirun=True)
+    check_command(["experiment=debug", f"hydra.run.dir={corpus}/good.jsonl"], run_dir=False)
 
 
 def test_good_configs_pass(corpus):

@@ -152,12 +152,19 @@ def test_early_signal_the_config_does_not_save_on_kills(tmp_path):
     assert not losses(tmp_path) and complete_steps(tmp_path) == [], out[-3000:]
 
 
-def test_second_sigint_aborts_at_once(tmp_path):
-    """Ctrl-C saves after the step; a second Ctrl-C aborts at once (the process dies of SIGINT)."""
-    script = ("import os, signal, sys, time\n"
-              "from trainer.signals import StopSignal\n"
-              "stop = StopSignal(['SIGTERM', 'SIGINT'])\n"
-              "os.kill(os.getpid(), signal.SIGINT)\n"
+@pytest.mark.parametrize("first_during", ["training", "start-up"])
+def test_second_sigint_aborts_at_once(tmp_path, first_during):
+    """Ctrl-C saves after the step; a second Ctrl-C aborts at once (the process dies of SIGINT), also when the
+    first came before the config was read (caught early, then handed over)."""
+    start = ("from trainer.signals import StopSignal\n"
+             "stop = StopSignal(['SIGTERM', 'SIGINT'])\n"
+             "os.kill(os.getpid(), signal.SIGINT)\n") if first_during == "training" else (
+             "from trainer.signals import catch_early, hand_over\n"
+             "catch_early([])\n"
+             "os.kill(os.getpid(), signal.SIGINT)\n"
+             "time.sleep(0.2)\n"
+             "stop = hand_over(['SIGTERM', 'SIGINT'])\n")
+    script = ("import os, signal, sys, time\n" + start +
               "time.sleep(0.2)\n"
               "assert stop.received == 'SIGINT', stop.received\n"
               "print('first', flush=True)\n"
@@ -168,6 +175,26 @@ def test_second_sigint_aborts_at_once(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.stdout.splitlines() == ["first"], r.stdout + r.stderr
     assert r.returncode == -signal.SIGINT, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("argv,caught", [([], True), (["optim.lr=1e-3"], True), (["-m", "optim.lr=1e-3,2e-3"], False),
+                                         (["--multirun"], False), (["--cfg", "job"], False), (["--help"], False),
+                                         (["hydra.mode=MULTIRUN"], False)])
+def test_early_handlers_only_for_a_run_here(argv, caught):
+    """A sweep's submitter (which pickles main() to other processes or SLURM jobs) and --cfg/--help keep the
+    default signal actions: an early handler there swallowed SIGTERM and travelled into the jobs."""
+    script = ("import os, signal, sys, time\n"
+              "from trainer.signals import catch_early, early_signal\n"
+              f"catch_early({argv!r})\n"
+              "os.kill(os.getpid(), signal.SIGTERM)\n"
+              "time.sleep(0.2)\n"
+              "print('caught', early_signal(), flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(ENV, PYTHONPATH=pythonpath()),
+                       capture_output=True, text=True, timeout=60)
+    if caught:
+        assert r.returncode == 0 and r.stdout.strip() == "caught SIGTERM", r.stdout + r.stderr
+    else:
+        assert r.returncode == -signal.SIGTERM and not r.stdout, r.stdout + r.stderr
 
 
 def test_exit_code_75_is_one_number():
