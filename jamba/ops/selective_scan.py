@@ -160,13 +160,16 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     u's dtype, and the final state (B, D, N) in the compute dtype when return_last_state.
     """
     dtype_in = u.dtype
-    u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
-    if return_last_state:  # rarely needed (tests): recompute the final state separately
-        a = torch.exp(delta.permute(2, 0, 1).unsqueeze(-1) * A).contiguous()
-        b = ((delta * u).permute(2, 0, 1).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)).contiguous()
-        last = _scan(a.detach(), b.detach(), chunk_size=chunk_size)[-1]
-    y = _SelectiveScanCore.apply(delta, u, A, B.contiguous(), C.contiguous(), chunk_size)  # (B, D, L)
-    out = _finish(y, u, D, z, dtype_in)
+    # fp32 as promised also under autocast (bf16 on CPU: its matmuls would run in bf16, and the hand-written
+    # backward would meet a bf16 gradient beside fp32 states)
+    with torch.autocast(u.device.type, enabled=False):
+        u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
+        if return_last_state:  # rarely needed (tests): recompute the final state separately
+            a = torch.exp(delta.permute(2, 0, 1).unsqueeze(-1) * A).contiguous()
+            b = ((delta * u).permute(2, 0, 1).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)).contiguous()
+            last = _scan(a.detach(), b.detach(), chunk_size=chunk_size)[-1]
+        y = _SelectiveScanCore.apply(delta, u, A, B.contiguous(), C.contiguous(), chunk_size)  # (B, D, L)
+        out = _finish(y, u, D, z, dtype_in)
     return (out, last) if return_last_state else out
 
 
