@@ -168,9 +168,10 @@ def compose(overrides: Sequence[str]):
 
     register_configs()
     register_resolvers()  # ${run_leaf:...} of conf/config.yaml's hydra.run.dir
-    from trainer.preflight import explain
+    from trainer.preflight import check_choices, compose as compose_with_hydra, explain
 
     try:
+        check_choices(overrides, compose_with_hydra(overrides))  # a group choice the experiment overrides
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             return to_object(hydra_compose(config_name="config", overrides=list(overrides)))
     except ConfigError:

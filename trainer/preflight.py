@@ -195,6 +195,71 @@ def check_config(dcfg, world_size: int, data: bool = True):
     return cfg, dims.dp_size
 
 
+def check_choices(overrides: Sequence[str], dcfg) -> None:
+    """Refuse group choices that the experiment recipe overrides (`overridden_choices`)."""
+    lost = overridden_choices(overrides, dcfg)
+    if lost:
+        raise ConfigError(f"{'; '.join(lost)}. Fix: drop the recipe ('~experiment', then give the settings you "
+                          f"want from it), or give those keys on the command line")
+
+
+def overridden_choices(overrides: Sequence[str], dcfg) -> List[str]:
+    """Group options chosen on the command line (`curriculum=long_context`) whose settings the experiment recipe,
+    composed after the groups, replaced: one description per such group. An experiment file may set a group's
+    keys directly (cpu_demo sets curriculum.stages and train.global_batch_tokens), so a choice made beside it
+    lost those settings without a word (curriculum=long_context trained 300 steps at 128 tokens)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} - {"experiment", "hydra"}
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    explicit = [o.key_or_group for o in parsed if o.key_or_group not in groups]  # a.b.c=... the user's own
+    out = []
+    for o in parsed:
+        value = o.value() if o.key_or_group in groups and not o.package and not o.is_delete() else None
+        path = CONF_DIR / o.key_or_group / f"{value}.yaml" if isinstance(value, str) else None
+        if path is None or not path.is_file():
+            continue
+        text = path.read_text()
+        given = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        given.pop("defaults", None)
+        if "@package _global_" not in text.split("\n\n", 1)[0]:
+            given = {o.key_or_group: given}
+        lost = [k for k, v in _leaves(given) if not any(k == e or k.startswith(e + ".") or e.startswith(k + ".")
+                                                          for e in explicit)
+                and not _same(OmegaConf.select(dcfg, k, default=None, throw_on_resolution_failure=False), v)]
+        if lost:
+            experiment = OmegaConf.select(dcfg, "hydra.runtime.choices.experiment", default=None)
+            shown = ", ".join(lost[:4]) + (f" and {len(lost) - 4} more" if len(lost) > 4 else "")
+            out.append(f"{o.key_or_group}={value} sets {shown}, but experiment={experiment} (composed after the "
+                       f"groups) sets them differently and wins")
+    return out
+
+
+def _leaves(tree, prefix: str = ""):
+    """(dotted key, value) of a yaml tree's leaves; a list is one leaf (compared whole, see _same)."""
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, key + ".")
+        elif not (isinstance(v, str) and "${" in v):  # an interpolation: resolved elsewhere, not compared
+            yield key, v
+
+
+def _same(have, given) -> bool:
+    """Whether the composed value `have` is what the group file gave (dicts: the keys it gave; lists: item by
+    item), so a schema's added defaults do not count as a change."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(have):
+        have = OmegaConf.to_container(have, resolve=True)
+    if isinstance(given, dict):
+        return isinstance(have, dict) and all(_same(have.get(k), v) for k, v in given.items())
+    if isinstance(given, list):
+        return isinstance(have, list) and len(have) == len(given) and all(map(_same, have, given))
+    return have == given
+
+
 def check_elastic_readers(cfg, worlds: Sequence[int], dp: Sequence[int]) -> None:
     """An elastic range may restart the run with more data-parallel ranks than it started with; each needs one of
     the data readers, whose number is fixed when the run starts (data/readers.py). dp[i]: the data-parallel size
@@ -381,6 +446,7 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
     for point in points:
         try:
             dcfg = compose(point, config_name)
+            check_choices(point, dcfg)
             launcher = _launcher_world(dcfg) if multirun else None
             target = str(OmegaConf.select(dcfg, "hydra.launcher._target_", default="") or "") if multirun else ""
             slurm = "Slurm" in target.rsplit(".", 1)[-1]  # TorchSlurmLauncher, submitit's SlurmLauncher

@@ -101,6 +101,23 @@ def test_run_dirs_hydra_resolves_at_run_time_are_left_to_it(tmp_path, corpus):
     check_command(["experiment=debug", f"hydra.run.dir={corpus}/good.jsonl"], run_dir=False)
 
 
+def test_a_group_choice_the_experiment_overrides_is_refused():
+    """The default experiment (cpu_demo) sets curriculum.stages and train.global_batch_tokens itself, after the
+    groups: curriculum=long_context beside it trained 300 steps at 128 tokens without a word."""
+    with pytest.raises(ConfigError) as info:
+        check_command(["curriculum=long_context"])
+    msg = str(info.value)
+    assert msg.startswith("curriculum=long_context sets train.global_batch_tokens, train.max_steps, "
+                          "curriculum.stages, but experiment=cpu_demo (composed after the groups) sets them "
+                          "differently and wins. Fix: drop the recipe ('~experiment'"), msg
+    # without the recipe, or with its keys given on the command line, the choice stands
+    check_command(["~experiment", "curriculum=long_context"], data=False)
+    check_command(["curriculum=long_context", "train.global_batch_tokens=4194304", "train.max_steps=32000",
+                   "curriculum.stages=[{seq_len: 128, micro_batch_size: 8}]"], data=False)
+    # a choice whose keys the experiment leaves alone, or sets to the same values, passes
+    check_command(["experiment=debug", "parallel=fsdp", "optim=adamw_wsd", "logging=quiet"], world_size=2)
+
+
 def test_good_configs_pass(corpus):
     check_command([])
     check_command(["experiment=debug", f"data.sources=[{{path: {corpus}/good.jsonl}}]", "parallel=fsdp"],
