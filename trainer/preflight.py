@@ -283,6 +283,8 @@ def check_data(cfg) -> None:
     d, vocab = cfg.data, cfg.model.vocab_size
     for kind, sources in (("sources", d.sources), ("validation_sources", d.validation_sources)):
         for i, s in enumerate(sources):
+            if s.name:
+                _check_local_dataset(f"data.{kind}[{i}]", s)
             if not s.path:
                 continue
             key = f"data.{kind}[{i}].path"
@@ -368,6 +370,31 @@ def check_run_dir(dcfg, multirun: bool) -> None:
     if ckpts.exists() and not ckpts.is_dir():
         raise ConfigError(f"{key}={run_dir}: {ckpts} exists and is not a directory (the run's checkpoints go there); "
                           f"fix: move it away, or {fix}")
+
+
+def _check_local_dataset(key: str, source) -> None:
+    """A `name:` source that is a local folder (not a hub id, which needs the network and is left to the run):
+    `datasets` can stream its split, and its first record holds the text field. Otherwise every rank failed
+    in its DataLoader with a traceback after the model was built."""
+    name = source.name
+    if not (name.startswith(("/", "./", "../", "~")) or os.path.exists(name)):
+        return  # a hub id
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        raise ConfigError(f"{key}.name={name!r}: no such local dataset folder; give a folder of data files that "
+                          f"`datasets.load_dataset` reads, or a hub id (org/name), or use path: for plain files")
+    try:
+        from datasets import load_dataset
+
+        first = next(iter(load_dataset(path, source.subset, split=source.split, streaming=True)), None)
+    except Exception as e:  # noqa: BLE001 - datasets' errors: a bad split, no data files, a bad config
+        raise ConfigError(f"{key}.name={name!r} (split={source.split!r}): `datasets` cannot stream it: "
+                          f"{one_line(e)[:300]}") from None
+    if first is None:
+        raise ConfigError(f"{key}.name={name!r} (split={source.split!r}) holds no records")
+    if not isinstance(first.get(source.text_field), str):
+        raise ConfigError(f"{key}.text_field={source.text_field!r}: the first record of {name!r} has no string "
+                          f"field {source.text_field!r} (fields: {sorted(first)}); set text_field")
 
 
 def _check_documents(key: str, source, files: Sequence[str]) -> None:

@@ -31,6 +31,8 @@ def corpus(tmp_path):
 
     pq.write_table(pa.table({"body": ["hello world"]}), d / "body.parquet")
     (d / "run").mkdir()
+    (d / "ds").mkdir()  # a local folder for `datasets` (name: sources)
+    (d / "ds" / "train.jsonl").write_text('{"body": "hello world"}\n{"body": "more"}\n')
     (d / "run" / "checkpoints").write_text("not a folder")
     return d
 
@@ -63,6 +65,10 @@ CASES = [  # (overrides, world size, substrings of the one-line message)
     (["data.sources=[{path: CORPUS/nofield.jsonl}]"], 1, ["no usable document", "no string field 'text'"]),
     (["data.sources=[{path: CORPUS/latin1.txt}]"], 1, ["no usable document", "not UTF-8"]),
     (["data.tokenizer=CORPUS/tok.model"], 1, ["is not a sentencepiece model"]),
+    (["data.sources=[{name: CORPUS/nope_ds}]"], 1, ["data.sources[0].name=", "no such local dataset folder"]),
+    (["data.sources=[{name: CORPUS/ds, split: validation}]"], 1, ["`datasets` cannot stream it", "Bad split"]),
+    (["data.sources=[{name: CORPUS/ds}]"], 1, ["data.sources[0].text_field='text'", "no string field 'text' "
+                                               "(fields: ['body']); set text_field"]),
     (["data.sources=[{path: CORPUS/body.parquet}]"], 1, ["no usable document", "body.parquet: no column 'text' "
                                                          "(columns: ['body'])"]),
     (["hydra.run.dir=CORPUS/good.jsonl"], 1, ["hydra.run.dir=", "good.jsonl exists and is not a directory",
@@ -123,6 +129,7 @@ def test_good_configs_pass(corpus):
     check_command(["experiment=debug", f"data.sources=[{{path: {corpus}/good.jsonl}}]", "parallel=fsdp"],
                   world_size=2)
     check_command(["experiment=bench_3b"], world_size=8, data=False)
+    check_command(["experiment=debug", f"data.sources=[{{name: {corpus}/ds, text_field: body}}]"])
     # a sweep: every point is checked
     check_command(["experiment=debug", "optim.lr=1e-3,3e-4"], multirun=True)
     with pytest.raises(ConfigError, match="optim.lr=abc"):
