@@ -168,10 +168,12 @@ def compose(overrides: Sequence[str]):
 
     register_configs()
     register_resolvers()  # ${run_leaf:...} of conf/config.yaml's hydra.run.dir
-    from trainer.preflight import check_choices, compose as compose_with_hydra, explain
+    from trainer.preflight import choices_note, compose as compose_with_hydra, explain
 
     try:
-        check_choices(overrides, compose_with_hydra(overrides))  # a group choice the experiment overrides
+        note = choices_note(overrides, compose_with_hydra(overrides))  # a group choice the experiment overrides
+        if note:
+            print(f"launch.plan: warning: {note}", file=sys.stderr)
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             return to_object(hydra_compose(config_name="config", overrides=list(overrides)))
     except ConfigError:

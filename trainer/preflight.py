@@ -195,12 +195,12 @@ def check_config(dcfg, world_size: int, data: bool = True):
     return cfg, dims.dp_size
 
 
-def check_choices(overrides: Sequence[str], dcfg) -> None:
-    """Refuse group choices that the experiment recipe overrides (`overridden_choices`)."""
+def choices_note(overrides: Sequence[str], dcfg) -> Optional[str]:
+    """A warning for group choices whose settings the experiment recipe replaces (`overridden_choices`). Not an
+    error: a recipe may tune a chosen group on purpose (bench_3b sets parallel.reduce_dtype for any layout)."""
     lost = overridden_choices(overrides, dcfg)
-    if lost:
-        raise ConfigError(f"{'; '.join(lost)}. Fix: drop the recipe ('~experiment', then give the settings you "
-                          f"want from it), or give those keys on the command line")
+    return (f"{'; '.join(lost)}. To use the group's values, drop the recipe ('~experiment', then give the "
+            f"settings you want from it) or give those keys on the command line") if lost else None
 
 
 def overridden_choices(overrides: Sequence[str], dcfg) -> List[str]:
@@ -232,7 +232,7 @@ def overridden_choices(overrides: Sequence[str], dcfg) -> List[str]:
             experiment = OmegaConf.select(dcfg, "hydra.runtime.choices.experiment", default=None)
             shown = ", ".join(lost[:4]) + (f" and {len(lost) - 4} more" if len(lost) > 4 else "")
             out.append(f"{o.key_or_group}={value} sets {shown}, but experiment={experiment} (composed after the "
-                       f"groups) sets them differently and wins")
+                       f"groups) sets them differently, and its values are used")
     return out
 
 
@@ -473,7 +473,7 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
     for point in points:
         try:
             dcfg = compose(point, config_name)
-            check_choices(point, dcfg)
+            overridden = choices_note(point, dcfg)
             launcher = _launcher_world(dcfg) if multirun else None
             target = str(OmegaConf.select(dcfg, "hydra.launcher._target_", default="") or "") if multirun else ""
             slurm = "Slurm" in target.rsplit(".", 1)[-1]  # TorchSlurmLauncher, submitit's SlurmLauncher
@@ -506,8 +506,9 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             # about this machine's GPUs: only where the processes train (not a SLURM login node or sweep submitter)
             trains_here = local_procs is not None or (multirun and not slurm)
             note = cpu_on_gpu_machine(cfg, max(worlds), point) if trains_here else None
-            if note and _is_rank0() and not os.environ.get("JAMBA_PREFLIGHT_DONE"):  # the launcher printed it
-                print(f"train.py: warning: {note}", file=sys.stderr, flush=True)
+            for line in filter(None, (overridden, note)):
+                if _is_rank0() and not os.environ.get("JAMBA_PREFLIGHT_DONE"):  # else the launcher printed it
+                    print(f"train.py: warning: {line}", file=sys.stderr, flush=True)
         except ConfigError as e:
             raise ConfigError(one_line(e)) from None
         except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors
