@@ -11,12 +11,16 @@ Our parameter names mirror transformers' except two layouts, converted here:
 
 Import accepts both HF layouts; export writes the 5.x layout (what transformers >= 5 loads natively).
 Options of ours without an HF equivalent (RoPE, Mamba-2, renormalised top-k, a head_dim other than
-hidden/heads, a layer pattern not expressible as periods/offsets) raise `ConfigError` on export.
+hidden/heads, a layer pattern not expressible as periods/offsets, expert biases, forced round-robin routing)
+raise `ConfigError` on export.
 
 Command line (run from the repository root):
 
     python -m jamba.hf export CHECKPOINT OUT_DIR [--config CFG] [--dtype bf16] [--tokenizer SP_MODEL]
     python -m jamba.hf import HF_DIR OUT [--dtype bf16] [--max-shard-size 5GB]
+
+HF_DIR is a local folder (config.json + safetensors), not a hub id: nothing is downloaded (get one with
+`hf download ai21labs/Jamba-v0.1 --local-dir DIR` on a machine with network).
 
 CHECKPOINT is one of: a directory written by `import` (jamba_config.json + safetensors), a torch
 Distributed Checkpoint directory (has `.metadata`; only the model's tensors are read), or a `.pt` /
@@ -82,15 +86,21 @@ def config_to_hf(cfg: JambaConfig, *, use_mamba_kernels: bool = True, **hf_overr
     """
     import transformers
 
-    def unsupported(key, value, why):
+    def unsupported(key, value, why, fix=""):
         raise ConfigError(f"model.{key}={value!r} has no equivalent in transformers' JambaForCausalLM ({why}); "
-                          "this model cannot be exported to the HF format")
+                          f"this model cannot be exported to the HF format{fix}")
 
     if cfg.mamba_mixer != "mamba1":
         unsupported("mamba_mixer", cfg.mamba_mixer, "HF Jamba only has the Mamba-1 mixer")
     if cfg.moe_router_bias_update_rate:
         unsupported("moe_router_bias_update_rate", cfg.moe_router_bias_update_rate,
                     "its router has no expert bias, so the exported model would route tokens differently")
+    if cfg.moe_force_balance:
+        # The checkpoint holds no trace of it (no buffer): only the run's config says so. HF picks each token's
+        # experts by the router's top-k, which this model never used, so its logits would differ.
+        unsupported("moe_force_balance", cfg.moe_force_balance,
+                    "its MoE layers route by the router's top-k, while this model routed tokens round-robin",
+                    "; moe_force_balance is for benchmarking only: train without it for a model to export")
     if cfg.use_rope:
         unsupported("use_rope", cfg.use_rope, "HF Jamba attention has no positional embedding")
     if cfg.moe_renormalize:
@@ -181,7 +191,8 @@ def config_from_hf(hf_cfg, base: Optional[JambaConfig] = None) -> JambaConfig:
         mamba_mixer="mamba1", mamba_d_state=d.get("mamba_d_state", 16), mamba_d_conv=d.get("mamba_d_conv", 4),
         mamba_expand=d.get("mamba_expand", 2), mamba_dt_rank=dt_rank,
         mamba_conv_bias=d.get("mamba_conv_bias", True), mamba_proj_bias=d.get("mamba_proj_bias", False),
-        use_rope=False, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        use_rope=False, moe_force_balance=False,  # HF routes by the router, whatever a base config says
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         tie_word_embeddings=d.get("tie_word_embeddings", False),
         initializer_range=d.get("initializer_range", 0.02),
     )
@@ -415,11 +426,13 @@ class SafetensorsSource:
 
 
 def _parse_size(size) -> int:
+    """Bytes of a shard size like '5GB' (ConfigError, a ValueError, naming the value otherwise)."""
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(size).upper())
     if not m:
-        raise ValueError(f"max_shard_size={size!r}: use bytes or a size like '5GB', '500MB'")
+        raise ConfigError(f"--max-shard-size {str(size)!r} is not a size: give a number of bytes or one with "
+                          f"KB, MB, GB or TB, e.g. 5GB or 500MB")
     return int(float(m.group(1)) * 1000 ** " KMGT".index(m.group(2) or " "))
 
 
@@ -544,7 +557,7 @@ def load_hf(hf_dir, *, dtype: Optional[torch.dtype] = None, device="cpu"):
     """Our JambaForCausalLM (eval mode) from an HF Jamba directory (config.json + safetensors, either
     expert layout). `model(input_ids).logits` is [B, L, V]. dtype None keeps the checkpoint's dtype.
     Tensors are read shard by shard and assigned into a meta-built model: memory is one copy of the weights."""
-    hf_dir = Path(hf_dir)
+    hf_dir = _check_hf_dir(hf_dir)
     base = None
     if (hf_dir / OUR_CONFIG_NAME).exists():
         base = load_our_config(hf_dir / OUR_CONFIG_NAME)
@@ -763,21 +776,21 @@ def export_hf(checkpoint, out_dir, config=None, *, dtype: Optional[torch.dtype] 
     stacks the experts (transformers >= 5); "4.x" writes per-expert tensors (transformers 4.x and 5.x)."""
     if layout not in ("5.x", "4.x"):
         raise ValueError(f"layout={layout!r}: choose '5.x' (stacked experts) or '4.x' (per-expert tensors)")
+    # Everything that can refuse (shard size, tokenizer, config, checkpoint) runs before out_dir is made, so
+    # a refusal leaves nothing behind; the cheap checks first, before a (DCP: whole) checkpoint is read.
+    _parse_size(max_shard_size)
     out_dir = Path(out_dir)
-    if hasattr(checkpoint, "state_dict"):
-        cfg = _model_config(checkpoint)
-        sd = checkpoint.state_dict()
-        keys, get = list(sd), sd.__getitem__
-    else:
-        cfg = _resolve_config(Path(checkpoint), config)
-        keys, get = open_our_checkpoint(checkpoint, cfg)  # lazy: one tensor (group) at a time
-    tok_ids = {}
-    if tokenizer is not None:
-        tok_ids = _export_tokenizer(tokenizer, out_dir, cfg.vocab_size)
-    for k, v in tok_ids.items():
+    cfg = _model_config(checkpoint) if hasattr(checkpoint, "state_dict") else _resolve_config(Path(checkpoint), config)
+    tok = _load_tokenizer(tokenizer, cfg.vocab_size) if tokenizer is not None else None
+    for k, v in (_special_token_ids(tok) if tok is not None else {}).items():
         hf_overrides.setdefault(k, v)
     hf_overrides.setdefault("pad_token_id", None)
     hf_cfg = config_to_hf(cfg, use_mamba_kernels=use_mamba_kernels, **hf_overrides)
+    if hasattr(checkpoint, "state_dict"):
+        sd = checkpoint.state_dict()
+        keys, get = list(sd), sd.__getitem__
+    else:
+        keys, get = open_our_checkpoint(checkpoint, cfg)  # lazy: one tensor (group) at a time
     plan = plan_to_hf(keys, cfg)
     expected = set(hf_expected_keys(hf_cfg))
     produced = {t for t, _, _ in plan}
@@ -791,6 +804,8 @@ def export_hf(checkpoint, out_dir, config=None, *, dtype: Optional[torch.dtype] 
     items = run_plan(plan, get)
     save_safetensors(split_experts_4x(items) if layout == "4.x" else items, out_dir,
                      max_shard_size=max_shard_size, dtype=dtype)
+    if tok is not None:
+        _save_tokenizer(tok, Path(tokenizer), out_dir)
     hf_cfg.save_pretrained(str(out_dir))
     (out_dir / OUR_CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log.info("exported %d tensors to %s", len(plan), out_dir)
@@ -800,18 +815,37 @@ def export_hf(checkpoint, out_dir, config=None, *, dtype: Optional[torch.dtype] 
 def _export_tokenizer(tokenizer, out_dir: Path, vocab_size: int) -> dict:
     """Save a sentencepiece model (or an HF tokenizer directory) as an HF tokenizer in out_dir
     (Llama-style: tokenizer.model + tokenizer.json, no BOS/EOS added); returns its special token ids."""
+    tok = _load_tokenizer(tokenizer, vocab_size)
+    _save_tokenizer(tok, Path(tokenizer), Path(out_dir))
+    return _special_token_ids(tok)
+
+
+def _load_tokenizer(tokenizer, vocab_size: int):
+    """transformers' tokenizer for a sentencepiece model or an HF tokenizer directory, checked against the
+    model's vocab_size; writes nothing (export checks it before making its output directory)."""
     import tempfile
 
     import transformers
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     path = Path(tokenizer)
+    fix = ("give the run's sentencepiece model (e.g. runs/NAME/tokenizer.model) or an HF tokenizer folder, or "
+           "export without --tokenizer")
+    if not path.exists():
+        raise ConfigError(f"--tokenizer {str(path)!r}: no such file or folder; {fix}")
     if path.is_dir():  # already an HF tokenizer directory
-        tok = transformers.AutoTokenizer.from_pretrained(str(path))
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"--tokenizer {str(path)!r} is not an HF tokenizer folder ({_one_line(err)}); "
+                              f"{fix}") from err
     else:
         import sentencepiece as spm
 
-        sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as err:  # sentencepiece reports a bad file as RuntimeError
+            raise ConfigError(f"--tokenizer {str(path)!r} is not a sentencepiece model ({_one_line(err)}); "
+                              f"{fix}") from err
         tc = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": False}
         for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()),
                         ("pad_token", sp.pad_id())):
@@ -833,18 +867,34 @@ def _export_tokenizer(tokenizer, out_dir: Path, vocab_size: int) -> dict:
                          if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))).replace("\u2581", " ")
         if tok.encode(sample, add_special_tokens=False) != sp.encode(sample):
             log.warning("the HF tokenizer built from %s does not encode like sentencepiece on a sample", path)
-        shutil.copy(path, out_dir / "tokenizer.model")
     if len(tok) > vocab_size:
         raise ConfigError(f"tokenizer {path} has {len(tok)} tokens but model.vocab_size={vocab_size}")
+    return tok
+
+
+def _save_tokenizer(tok, path: Path, out_dir: Path) -> None:
+    """Write `tok` (from `_load_tokenizer(path)`) into out_dir, with the sentencepiece model when it is one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        shutil.copy(path, out_dir / "tokenizer.model")
     tok.save_pretrained(str(out_dir))
+
+
+def _special_token_ids(tok) -> dict:
     return {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
             if getattr(tok, k, None) is not None}
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (the command line prints one line per error)."""
+    return " ".join(str(err).split())
 
 
 def import_hf(hf_dir, out_dir, *, dtype: Optional[torch.dtype] = None, max_shard_size="5GB") -> JambaConfig:
     """Convert an HF Jamba directory (5.x or 4.x expert layout) to our checkpoint directory
     (jamba_config.json + safetensors), tensor by tensor (memory: one output shard + one tensor group)."""
-    hf_dir = Path(hf_dir)
+    _parse_size(max_shard_size)  # before anything is written
+    hf_dir = _check_hf_dir(hf_dir)
     base = load_our_config(hf_dir / OUR_CONFIG_NAME) if (hf_dir / OUR_CONFIG_NAME).exists() else None
     cfg = config_from_hf(hf_dir / "config.json", base=base)
     src = SafetensorsSource(hf_dir)
@@ -854,8 +904,33 @@ def import_hf(hf_dir, out_dir, *, dtype: Optional[torch.dtype] = None, max_shard
     return cfg
 
 
+def _check_hf_dir(hf_dir) -> Path:
+    """`hf_dir` as a Path if it is a folder with a config.json, else ConfigError saying what to give instead.
+    Only local files are read: a hub id (README's ai21labs/Jamba-v0.1) is not downloaded, since training
+    machines often have no network; and one of our own checkpoints converts the other way, with `export`."""
+    path = Path(hf_dir)
+    what = "an HF checkpoint is read from a local folder (config.json + *.safetensors)"
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if (path / ".metadata").exists() or (path / "checkpoints").is_dir() or (path / OUR_CONFIG_NAME).exists():
+        raise ConfigError(f"{str(path)!r} is one of our own checkpoints (or a run directory), not an HF one; "
+                          f"to convert it to HF use `python -m jamba.hf export {path} OUT_DIR`")
+    if path.is_dir():
+        raise ConfigError(f"{str(path)!r} has no config.json, so it is not an HF checkpoint folder: {what}")
+    if path.exists():
+        raise ConfigError(f"{str(path)!r} is a file: {what}; give the folder that holds it")
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(hf_dir)):  # not shaped like a hub id (OWNER/NAME)
+        raise ConfigError(f"{str(path)!r}: no such folder; {what}")
+    raise ConfigError(f"{str(path)!r} is not a local folder: {what}, a hub id is not downloaded; on a machine with "
+                      f"network run `hf download {hf_dir} --local-dir DIR` (older huggingface_hub: "
+                      f"`huggingface-cli download`), then pass DIR in its place")
+
+
+PROG = "python -m jamba.hf"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jamba.hf", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="our checkpoint -> HF Jamba directory (from_pretrained-able)")
     e.add_argument("checkpoint", help="DCP dir, our safetensors dir, or a .pt/.safetensors state-dict file")
@@ -868,7 +943,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--hf-layout", choices=["5.x", "4.x"], default="5.x",
                    help="expert tensors stacked (transformers>=5, default) or per expert (also loads in 4.x)")
     i = sub.add_parser("import", help="HF Jamba directory -> our checkpoint (jamba_config.json + safetensors)")
-    i.add_argument("hf_dir")
+    i.add_argument("hf_dir", help="local folder of an HF Jamba checkpoint (config.json + safetensors; a hub id is "
+                                  "not downloaded: `hf download ID --local-dir DIR` first)")
     i.add_argument("out")
     i.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep)")
     i.add_argument("--max-shard-size", default="5GB")
@@ -884,8 +960,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             cfg = import_hf(args.hf_dir, args.out, dtype=dtype, max_shard_size=args.max_shard_size)
             print(f"wrote {args.out} ({cfg.num_hidden_layers} layers, layout {cfg.layer_pattern_string()})")
-    except (ConfigError, KeyError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, KeyError, FileNotFoundError) as err:  # a user's input: one line, not a traceback
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

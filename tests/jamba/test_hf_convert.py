@@ -97,6 +97,7 @@ def test_periodic_layer_pattern_exports_as_periods():
     (dict(moe_renormalize=True), "moe_renormalize"),
     (dict(head_dim=16), "head_dim"),
     (dict(moe_router_bias_update_rate=1e-3), "moe_router_bias_update_rate"),
+    (dict(moe_force_balance=True), "moe_force_balance"),
 ])
 def test_export_refuses_what_hf_cannot_express(kw, key):
     with pytest.raises(ConfigError, match=key):
@@ -209,6 +210,72 @@ def test_cli_refuses_unexportable_config(tmp_path, capsys):
     rc = hf.main(["export", str(tmp_path / "ck.pt"), str(tmp_path / "out"), "--config", str(tmp_path / "c.json")])
     assert rc == 2
     assert "use_rope" in capsys.readouterr().err
+
+
+def _our_checkpoint(tmp_path, cfg):
+    """A .pt checkpoint of ours (random weights, via the HF layout: no model built) and its config JSON."""
+    torch.save({"model": hf.state_dict_from_hf(_hf_random_state_dict(cfg), cfg)}, tmp_path / "ck.pt")
+    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
+    return str(tmp_path / "ck.pt"), str(tmp_path / "c.json")
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m jamba.hf: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("option, value", [("--tokenizer", "nope.model"), ("--tokenizer", "garbage.model"),
+                                           ("--max-shard-size", "5XB")])
+def test_cli_bad_export_option_is_one_line_before_anything_is_written(tmp_path, capsys, option, value):
+    """A missing or unreadable tokenizer, or a shard size that is no size: one line naming the value, exit 2,
+    and no (empty) output directory left behind."""
+    ck, c = _our_checkpoint(tmp_path, tiny())
+    (tmp_path / "garbage.model").write_text("not a sentencepiece model")
+    if option == "--tokenizer":
+        value = str(tmp_path / value)
+    rc = hf.main(["export", ck, str(tmp_path / "out"), "--config", c, option, value])
+    assert rc == 2
+    err = _one_error_line(capsys)
+    assert f"{option} {value!r}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_force_balanced_run(tmp_path, capsys):
+    """model.moe_force_balance=true lives only in the run's config.yaml (the checkpoint has no trace of it); HF
+    would route by the router instead of round-robin, so export refuses, before writing anything."""
+    import torch.distributed.checkpoint as dcp
+    from omegaconf import OmegaConf
+
+    cfg = tiny(moe_force_balance=True)
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_000000010"  # trainer/checkpoint.py's layout, its config found 2 levels up
+    weights = hf.state_dict_from_hf(_hf_random_state_dict(tiny()), cfg)  # the flag changes no tensor
+    dcp.save({"model": weights}, checkpoint_id=str(ckpt), no_dist=True)
+    OmegaConf.save(OmegaConf.create({"name": "x", "model": cfg.to_dict()}), run / "config.yaml")
+    assert "moe_force_balance: true" in (run / "config.yaml").read_text()
+    assert hf.main(["export", str(ckpt), str(tmp_path / "out")]) == 2
+    err = _one_error_line(capsys)
+    assert "model.moe_force_balance=True" in err and "benchmarking only" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_import_needs_a_local_hf_folder(tmp_path, capsys, monkeypatch):
+    """A hub id (README's ai21labs/Jamba-v0.1) is not downloaded: say how to get the folder; one of our own
+    checkpoints converts with export."""
+    monkeypatch.chdir(tmp_path)
+    assert hf.main(["import", "ai21labs/Jamba-v0.1", "out"]) == 2
+    err = _one_error_line(capsys)
+    assert "'ai21labs/Jamba-v0.1' is not a local folder" in err
+    assert "hf download ai21labs/Jamba-v0.1 --local-dir DIR" in err
+    step = tmp_path / "run" / "checkpoints" / "step_000000010"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"")
+    assert hf.main(["import", str(step), "out"]) == 2
+    assert f"`python -m jamba.hf export {step} OUT_DIR`" in _one_error_line(capsys)
+    assert hf.main(["import", str(tmp_path), "out"]) == 2
+    assert "has no config.json" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("dummy_prefix", [True, False])  # data/ trains without the dummy prefix
