@@ -171,6 +171,20 @@ def new_wandb_run_id(length: int = 8) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(length))
 
 
+def _wandb_fix(e: Exception, mode: str, version: str) -> str:
+    """What to do about a failed wandb.init: it depends on why (the key, the network, the package)."""
+    text = str(e).lower()
+    if version == "not installed" or isinstance(e, (ImportError, AttributeError, TypeError)):
+        return ("pip install -e . (pins a tested wandb range, see pyproject.toml), or set "
+                "logging.wandb.mode=disabled to run without it")
+    off = "or logging.wandb.mode=offline (logs locally; `wandb sync` later) or =disabled"
+    if mode == "online" and ("api key" in text or "login" in text or "401" in text or "permission" in text):
+        return f"`wandb login` or set WANDB_API_KEY (and a logging.wandb.entity/project it may write to), {off}"
+    if mode == "online":
+        return f"check the network and the wandb server (logging.wandb.init_timeout_s), {off}"
+    return "set logging.wandb.mode=disabled to run without it"
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks' calls are no-ops. `log(record)` for training, `log_eval` for validation."""
 
@@ -214,10 +228,8 @@ class MetricsLogger:
             log.info("wandb: mode %s, run id %s, files in %s", mode, run_id, self.run_dir / "wandb")
         except Exception as e:  # never let the logger stop a training run, but never hide that it is off
             ver = getattr(sys.modules.get("wandb"), "__version__", "not installed")
-            log.warning("WANDB IS OFF for this run: wandb.init failed in mode %s (%s: %s; wandb %s). Fix: pip "
-                        "install -e . (pins a tested wandb range, see pyproject.toml), or set "
-                        "logging.wandb.mode=disabled to run without it", mode, type(e).__name__, " ".join(str(e).split())[:300],
-                        ver)
+            log.warning("WANDB IS OFF for this run: wandb.init failed in mode %s (%s: %s; wandb %s). Fix: %s",
+                        mode, type(e).__name__, " ".join(str(e).split())[:300], ver, _wandb_fix(e, mode, ver))
             self.wandb = None
 
     def write(self, record: Dict[str, Any]) -> None:

@@ -112,3 +112,20 @@ def test_run_ids_are_wandb_safe_and_distinct():
     ids = {new_wandb_run_id() for _ in range(200)}
     assert len(ids) == 200
     assert all(len(i) == 8 and set(i) <= set(string.ascii_lowercase + string.digits) for i in ids)
+
+
+def test_online_without_an_api_key_names_that_fix(tmp_path, monkeypatch, caplog):
+    """A real wandb.init online with no key (no network needed: wandb refuses at once) says to log in or go
+    offline, not to reinstall the package."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cfg = LoggingConfig(progress_bar=False)
+    cfg.wandb.mode, cfg.wandb.init_timeout_s = "online", 5
+    (tmp_path / "run").mkdir()
+    with caplog.at_level(logging.WARNING, logger="trainer.metrics"):
+        logger = MetricsLogger(tmp_path / "run", cfg, is_main=True, total_steps=1)
+        logger.close()
+    msg = " ".join(r.getMessage() for r in caplog.records if "WANDB IS OFF" in r.getMessage())
+    assert "No API key" in msg and "Fix: `wandb login` or set WANDB_API_KEY" in msg, msg
+    assert "logging.wandb.mode=offline" in msg and "pip install" not in msg, msg
