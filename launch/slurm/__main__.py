@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.slurm.render import render_sbatch
+from launch.slurm.render import render_sbatch, validate
 from launch.slurm.submit import dry_run, load_job, submit
 
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.overrides, args.config)
         if train_args:
             job.train_args = list(job.train_args) + train_args
+        validate(job)  # before the training-config check, which would misreport e.g. nodes=0 as WORLD_SIZE(0)
         if args.command == "submit" and not args.no_check:
             check_training_config(job)
         if args.command == "render":

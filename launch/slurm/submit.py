@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -32,7 +33,7 @@ def load_job(overrides: Sequence[str] = (), config: str | os.PathLike | None = N
     try:
         merged = [schema]
         if config is not None:
-            merged.append(OmegaConf.load(config))
+            merged.append(load_config_file(config))
             raw = yaml.load(Path(config).read_text(), Loader=yaml.BaseLoader) or {}
             if isinstance(raw, dict) and "time" in raw:
                 time_text.insert(0, str(raw["time"]))
@@ -45,6 +46,17 @@ def load_job(overrides: Sequence[str] = (), config: str | os.PathLike | None = N
         raise ValueError(f"bad SLURM job setting: {e}\nvalid keys: {fields}\n"
                          "(train.py overrides go after `--`)") from None
     return OmegaConf.to_object(cfg)
+
+
+def load_config_file(config: str | os.PathLike):
+    """The --config YAML file; a missing, unreadable or malformed one is one line (ValueError), not a traceback."""
+    try:
+        return OmegaConf.load(config)
+    except OSError as e:
+        raise ValueError(f"--config {config}: {e.strerror or e}; pass an existing YAML file of SlurmJob keys") from None
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())
+        raise ValueError(f"--config {config} is not valid YAML: {reason}") from None
 
 
 def write_script(job: SlurmJob, log_dir: Path) -> Path:
@@ -81,6 +93,9 @@ def dry_run(job: SlurmJob, out=None) -> str:
     environment and srun/torchrun command for N nodes x G GPUs. Submits and starts nothing."""
     paths = resolved_paths(job)
     script = render_sbatch(job)
+    # The script runs here (for the environment and command it prints) without the job's `setup` lines:
+    # those are meant for the nodes (`module load`, activating a venv, ...) and must not run on this machine.
+    local_script = render_sbatch(replace(job, setup=[]))
     hosts = [f"node{i:03d}" for i in range(1, job.nodes + 1)]
     text = [f"# ===== sbatch script ({job.nodes} node(s) x {job.gpus_per_node} GPUs) =====", script.rstrip("\n"),
             "# ===== submit =====",
@@ -98,7 +113,7 @@ def dry_run(job: SlurmJob, out=None) -> str:
     else:
         env.pop("SLURM_CPUS_PER_TASK", None)
     with tempfile.NamedTemporaryFile("w", suffix=".sbatch", delete=False) as f:
-        f.write(script)
+        f.write(local_script)
     try:
         res = subprocess.run(["bash", f.name], env=env, capture_output=True, text=True)
     finally:
@@ -106,8 +121,12 @@ def dry_run(job: SlurmJob, out=None) -> str:
     if res.returncode != 0:
         raise RuntimeError(f"the rendered script's dry run failed ({res.returncode}):\n{res.stdout}{res.stderr}")
     text.append(res.stdout.rstrip("\n"))
-    if res.stderr.strip():
-        text.append("# notes:\n" + "\n".join("#   " + line for line in res.stderr.strip().splitlines()))
+    notes = res.stderr.strip().splitlines()
+    if job.setup:
+        notes.append(f"the {len(job.setup)} setup line(s) were not run here; on the nodes they run first and may "
+                     "change the environment and the python above")
+    if notes:
+        text.append("# notes:\n" + "\n".join("#   " + line for line in notes))
     if job.cpus_per_task is None:
         text.append("# (OMP_NUM_THREADS above is from this machine's CPUs; on the nodes it is their CPUs / "
                     f"{job.gpus_per_node} unless cpus_per_task or OMP_NUM_THREADS is set)")

@@ -177,6 +177,32 @@ def test_dry_run_prints_script_commands_and_environment(capsys, monkeypatch):
     assert "--rdzv-conf=join_timeout=1800" in srun_line.split()
 
 
+def test_dry_run_does_not_run_setup_lines_here(tmp_path, capsys):
+    # setup lines are for the nodes (module load, venv activation): the dry run shows them but runs none
+    marker = tmp_path / "SETUP_RAN"
+    assert cli(["submit", "--dry-run", "--no-check", "nodes=1", "gpus_per_node=1",
+                f"setup=[touch {marker},module load cuda/12]", "--", "model=tiny"]) == 0
+    captured = capsys.readouterr()
+    assert not marker.exists()
+    assert f"touch {marker}" in captured.out and "module load cuda/12" in captured.out
+    assert "command not found" not in captured.out + captured.err
+    assert "the 2 setup line(s) were not run here" in captured.out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--config", "/nonexistent/job.yaml"], "--config /nonexistent/job.yaml: No such file or directory"),
+    (["--config", "{bad_yaml}"], "is not valid YAML"),
+    (["nodes=0", "--", "model=tiny"], "nodes=0 must be >= 1"),  # not the training check's 'WORLD_SIZE(0)'
+    (["gpus_per_node=0", "--", "model=tiny"], "gpus_per_node=0 must be >= 1"),
+])
+def test_cli_refuses_bad_job_in_one_line(args, match, tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("nodes: [\n")
+    assert cli(["submit", "--dry-run", *[a.format(bad_yaml=bad_yaml) for a in args]]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_submit_writes_script_and_calls_sbatch(tmp_path, monkeypatch, capsys):
     calls = tmp_path / "calls"
     fake = tmp_path / "sbatch"
