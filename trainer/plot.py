@@ -1,8 +1,9 @@
-"""Plot a run's metrics.jsonl:  python -m trainer.plot RUN_DIR [--out DIR] [--smooth 0.9]
+"""Plot a run's metrics.jsonl:  python -m trainer.plot RUN_DIR|METRICS_JSONL [--out DIR] [--smooth 0.9]
 
 Writes loss.png (training loss: the logged single-step values, thin, and their exponential moving average,
 bold; validation loss where present), lr.png and throughput.png (tokens/s, and MFU where logged) into the run
-directory (or --out). Works on a run that is still going.
+directory (or --out). Works on a run that is still going; one without a logged training step yet is an error
+(exit 2), not three blank plots.
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from typing import Dict, List
 from trainer.jsonl import read_jsonl
 
 
-def load_metrics(run_dir: Path) -> List[Dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+def metrics_path(run: Path) -> Path:
+    """The metrics file of `run`: a run directory's metrics.jsonl, or `run` itself when it is a file (the path
+    a user tab-completes to, as launch.ep_balance takes it)."""
+    run = Path(run)
+    return run if run.is_file() else run / "metrics.jsonl"
+
+
+def load_metrics(run: Path) -> List[Dict]:
+    """The records of a run directory's metrics.jsonl (or of that file), one per step and kind."""
+    path = metrics_path(run)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: give the run directory (it holds metrics.jsonl)")
     records = read_jsonl(path, torn_anywhere=True)  # a line cut short by a crash is skipped
@@ -24,6 +33,10 @@ def load_metrics(run_dir: Path) -> List[Dict]:
     for r in records:  # a resumed run may log a step twice: the last one wins
         by_step[(r["step"], "val_loss" in r)] = r
     return [by_step[k] for k in sorted(by_step)]
+
+
+class NoRecords(ValueError):
+    """metrics.jsonl holds no training step yet (a run that failed at start leaves an empty one)."""
 
 
 def ema(values: List[float], beta: float) -> List[float]:
@@ -42,12 +55,16 @@ def plot_run(run_dir: Path, out_dir: Path = None, smooth: float = 0.9) -> List[P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recs = load_metrics(run_dir)
+    path = metrics_path(run_dir)
+    run_dir = path.parent
+    recs = load_metrics(path)
     train = [r for r in recs if r.get("loss") is not None]
     val = [r for r in recs if r.get("val_loss") is not None]
+    if not train:  # checked before anything is written: blank PNGs would look like a plotting bug
+        raise NoRecords(f"{path}: no records yet (no training step logged), nothing to plot; "
+                        "try again once the run has logged its first steps")
+    out_dir = Path(out_dir) if out_dir else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(fig, name):
@@ -97,17 +114,20 @@ def plot_run(run_dir: Path, out_dir: Path = None, smooth: float = 0.9) -> List[P
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.plot", description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", type=Path, help="run directory (holds metrics.jsonl)")
+    p.add_argument("run_dir", type=Path, help="run directory (holds metrics.jsonl), or its metrics.jsonl")
     p.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: the run directory)")
     p.add_argument("--smooth", type=float, default=0.9,
                    help="EMA factor of the smoothed loss line, in [0, 1) (0: raw line only; default 0.9)")
     args = p.parse_args(argv)
     if not 0 <= args.smooth < 1:
         p.error(f"--smooth={args.smooth}: give a factor in [0, 1), e.g. 0.9")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file: give a directory for the PNGs", file=sys.stderr)
+        return 2
     try:
         for path in plot_run(args.run_dir, args.out, args.smooth):
             print(path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NoRecords) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -107,6 +107,31 @@ def test_plot_writes_pngs(tmp_path):
     assert main([str(tmp_path / "nope")]) == 2
 
 
+def test_plot_takes_the_metrics_file_for_its_run_directory(tmp_path, capsys):
+    import json
+
+    from trainer.plot import main
+
+    run = tmp_path / "base"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5 / s, "lr": 1e-3,
+                                                           "tokens_per_s": 1.0}) + "\n" for s in range(1, 6)))
+    assert main([str(run / "metrics.jsonl")]) == 0  # as launch.ep_balance takes it: the PNGs go next to it
+    assert sorted(p.name for p in run.glob("*.png")) == ["loss.png", "lr.png", "throughput.png"]
+    assert main([str(run), "--out", str(run / "metrics.jsonl")]) == 2  # --out must be a directory
+    assert "--out" in capsys.readouterr().err
+
+
+def test_plot_refuses_a_run_without_records(tmp_path, capsys):
+    from trainer.plot import main
+
+    (tmp_path / "metrics.jsonl").write_text("")  # what a run that failed at start leaves
+    assert main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert "no records yet" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "plots").exists() and not list(tmp_path.glob("*.png"))  # nothing written
+
+
 def test_plot_smooths_the_loss_with_an_ema(tmp_path, monkeypatch):
     import json
 
