@@ -282,6 +282,24 @@ def search(cfg, seq_len: int, micro_batch: int, gpus: Optional[int], gpu, weight
     return tried, best
 
 
+POSITIVE_ARGS = {"seq": "a sequence length in tokens", "micro_batch": "sequences per micro-batch",
+                 "gpus": "the world size", "gpus_per_node": "GPUs per node", "gpu_mem": "GiB per GPU",
+                 "matmul_tflops": "bf16 TFLOP/s", "link_gbs": "GB/s per GPU", "inter_node_gbs": "GB/s per GPU"}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """One ConfigError line for a value that is not a plan's: a 0 would otherwise read as 'not given' (the
+    stage's default) and a --margin of 1 or more leaves no memory to fit in."""
+    for key, what in POSITIVE_ARGS.items():
+        value = getattr(args, key)
+        if value is not None and not value > 0:  # `not >` also refuses nan
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} {value} must be positive ({what}); leave {flag} out for the default")
+    if not 0 <= args.margin < 1:
+        raise ConfigError(f"--margin {args.margin} must be in [0, 1): the fraction of the usable memory a plan "
+                          "leaves free (default 0.05)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -306,6 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--calibrate", action="store_true", help="refit the constants to the measured points")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     args = ap.parse_intermixed_args(argv)
+    check_args(args)
 
     if args.calibrate:
         points = load_points()
@@ -321,15 +340,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gpu = GPUS[args.gpu]
     changes = {k: v for k, v in (("mem_gib", args.gpu_mem), ("matmul_tflops", args.matmul_tflops),
                                  ("link_gbs", args.link_gbs), ("inter_node_gbs", args.inter_node_gbs),
-                                 ("gpus_per_node", args.gpus_per_node)) if v}
+                                 ("gpus_per_node", args.gpus_per_node)) if v is not None}
     gpu = replace(gpu, **changes)
     compiled = not args.eager and cfg.train.compile is not False
     stages = [(st.seq_len, st.micro_batch_size) for st in cfg.curriculum.stages]
-    if args.seq:
+    if args.seq is not None:
         stages = [(args.seq, args.micro_batch or 1)]
     elif not args.search:
         stages = [max(stages)]
-    if args.micro_batch:
+    if args.micro_batch is not None:
         stages = [(sq, args.micro_batch) for sq, _ in stages]
 
     results = []

@@ -254,3 +254,21 @@ def test_a_typo_is_one_line_as_in_train_py():
         compose(["experiment=bench_3b", "optim.lrr=1"])
     with pytest.raises(ConfigError, match=r"model='smal' is not a model option"):
         compose(["model=smal"])
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--seq", "0"], r"--seq 0 must be positive"),  # was planned as the default 128 tokens
+    (["--micro-batch", "0"], r"--micro-batch 0 must be positive"),  # was the stage's micro-batch
+    (["--seq", "-5"], r"--seq -5 must be positive"),
+    (["--gpus", "0"], r"--gpus 0 must be positive \(the world size\)"),  # was 'WORLD_SIZE(0)'
+    (["--gpu-mem", "0"], r"--gpu-mem 0.0 must be positive"),  # was --gpu's memory
+    (["--margin", "2"], r"--margin 2.0 must be in \[0, 1\)"),  # was 'DOES NOT FIT with a 200% margin'
+    (["--margin", "-0.1"], r"--margin -0.1 must be in \[0, 1\)"),
+])
+def test_cli_refuses_values_that_are_no_plan(args, match, monkeypatch):
+    def no_compose(overrides):
+        raise AssertionError("composed a config for arguments that should have been refused")
+
+    monkeypatch.setattr(plan, "compose", no_compose)
+    with pytest.raises(ConfigError, match=match):
+        plan.main(args)
