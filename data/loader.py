@@ -333,13 +333,48 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _check_cli_args(args)
+        loader, tok = _cli_loader(args)
+    except (ValueError, OSError, RuntimeError) as e:  # a user's input: one line, not a traceback; nothing started
+        print(f"python -m data.loader: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    _measure(loader, tok, args)
+    return 0
+
+
+def _check_cli_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for a value the loader cannot take (its own checks name data.* keys)."""
+    for flag, value, least in (("--seq-len", args.seq_len, 1), ("--batch", args.batch, 1),
+                               ("--batches", args.batches, 1), ("--workers", args.workers, 0),
+                               ("--readers", args.readers, 0)):
+        if value < least:
+            raise ValueError(f"{flag} {value} must be >= {least}")
+    if args.path and not expand_path(args.path):
+        raise ValueError(f"--path {args.path!r} matches no file; give an existing file, directory or glob "
+                         "(e.g. 'corpus/**/*.jsonl')")
+    if args.tokenizer and not os.path.isfile(os.path.expanduser(args.tokenizer)):
+        raise ValueError(f"--tokenizer {args.tokenizer!r}: no such file; give a .model file (python -m data.tokenizer "
+                         "train ...) or leave --tokenizer out for the default")
+
+
+def _cli_loader(args: argparse.Namespace):
+    """The tokenizer and the loader main() measures (nothing iterated yet: no worker started)."""
     from data.config import SourceConfig
     from data.tokenizer import load_tokenizer
 
     cfg = DataConfig(num_workers=args.workers, readers=args.readers, tokenizer=args.tokenizer,
                      sources=[SourceConfig(path=args.path)] if args.path else [SourceConfig(builtin="python_stdlib")])
-    tok = load_tokenizer(cfg)
-    loader = build_dataloader(cfg, tok, seq_len=args.seq_len, micro_batch_size=args.batch)
+    try:
+        tok = load_tokenizer(cfg)
+    except RuntimeError as e:  # sentencepiece's own message names neither the flag nor the file
+        if not args.tokenizer:
+            raise
+        raise ValueError(f"--tokenizer {args.tokenizer!r} is not a sentencepiece model ({e})") from None
+    return build_dataloader(cfg, tok, seq_len=args.seq_len, micro_batch_size=args.batch), tok
+
+
+def _measure(loader: PackedLoader, tok, args: argparse.Namespace) -> None:
     it = iter(loader)
     for _ in range(max(1, loader.n_readers)):  # startup (workers, each reader's first buffer fill) not timed
         next(it)
@@ -351,7 +386,6 @@ def main(argv=None) -> int:
     state = len(pickle.dumps(loader.state_dict(), protocol=pickle.HIGHEST_PROTOCOL))
     print(f"{n / dt:,.0f} tokens/s ({args.batches} batches of {args.batch}x{args.seq_len}, workers={args.workers}, "
           f"readers={loader.n_readers}, vocab={tok.vocab_size}); state {state:,} bytes; stats {loader.stats()}")
-    return 0
 
 
 if __name__ == "__main__":

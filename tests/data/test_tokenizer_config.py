@@ -1,4 +1,5 @@
-"""Tokenizer (train / load / round trip / default built offline with a lock), DataConfig validation."""
+"""Tokenizer (train / load / round trip / default built offline with a lock), DataConfig validation, the data
+CLIs' one-line mistakes."""
 
 import multiprocessing as mp
 import pickle
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 
 from data import DataConfig, SourceConfig, build_dataloader, ensure_default_tokenizer, load_tokenizer
 from data.corpus import stdlib_files
+from data.loader import main as loader_cli
 from data.tokenizer import main as tokenizer_cli
 from tests.data.conftest import make_docs, write_jsonl
 
@@ -47,6 +49,25 @@ def test_cli_mistakes_are_one_line(tmp_path, capsys, args, says):
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m data.tokenizer: error: ") and "\n" not in err, err
     assert says.replace("NOPE", str(tmp_path / "nope")) in err, err
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--path", "NOPE/*.jsonl"], "--path 'NOPE/*.jsonl' matches no file"),
+    (["--tokenizer", "NOPE.model"], "--tokenizer 'NOPE.model': no such file"),
+    (["--tokenizer", "JUNK"], "--tokenizer 'JUNK' is not a sentencepiece model"),
+    (["--seq-len", "0"], "--seq-len 0 must be >= 1"),
+    (["--batch", "0"], "--batch 0 must be >= 1"),
+    (["--workers", "-1"], "--workers -1 must be >= 0"),
+])
+def test_loader_cli_mistakes_are_one_line(tmp_path, capsys, monkeypatch, args, says):
+    """python -m data.loader: exit 2 and one line naming the flag, before any worker starts (was a traceback)."""
+    monkeypatch.setattr("data.loader.PackedLoader.__iter__", lambda self: pytest.fail("started reading"))
+    (tmp_path / "junk").write_text("not a model")
+    args = [a.replace("NOPE", str(tmp_path / "nope")).replace("JUNK", str(tmp_path / "junk")) for a in args]
+    assert loader_cli([*args, "--batches", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m data.loader: error: ") and "\n" not in err, err
+    assert says.replace("NOPE", str(tmp_path / "nope")).replace("JUNK", str(tmp_path / "junk")) in err, err
 
 
 def _build_default(cache, q):
