@@ -105,22 +105,6 @@ cmd=("${PYTHON:-python}" -m launch.torchrun
   --max-restarts="$max_restarts"
   "${TRAIN_SCRIPT:-$repo_dir/train.py}" "$@")
 
-# Check the training config for this world size before torchrun starts: a bad override is one line and exit
-# code 2 here, instead of an error per rank plus torchrun's failure report (trainer/preflight.py).
-# An elastic range (MIN:MAX) is checked for every node count in it: torchrun may (re)start with any of them.
-# A dry run checks it too, without this machine's GPUs (it need not be one that trains).
-local_procs=(--local-procs "$nproc")
-(( dry_run )) && local_procs=()
-if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
-  worlds="$(( ${nnodes##*:} * nproc ))"
-  if [[ "$nnodes" == *:* ]]; then
-    worlds=""
-    for (( n = ${nnodes%%:*}; n <= ${nnodes##*:}; n++ )); do worlds+="${worlds:+,}$(( n * nproc ))"; done
-  fi
-  PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
-    --world-size "$worlds" ${local_procs[@]+"${local_procs[@]}"} -- "$@" || exit $?
-  export JAMBA_PREFLIGHT_DONE=1  # train.py checks again, without repeating the warnings printed here
-fi
 if (( dry_run )); then
   echo "# environment"
   jamba_print_env
@@ -128,5 +112,18 @@ if (( dry_run )); then
   printf '%q ' "${cmd[@]}"
   echo
   exit 0
+fi
+# Check the training config for this world size before torchrun starts: a bad override is one line and exit
+# code 2 here, instead of an error per rank plus torchrun's failure report (trainer/preflight.py).
+# An elastic range (MIN:MAX) is checked for every node count in it: torchrun may (re)start with any of them.
+if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
+  worlds="$(( ${nnodes##*:} * nproc ))"
+  if [[ "$nnodes" == *:* ]]; then
+    worlds=""
+    for (( n = ${nnodes%%:*}; n <= ${nnodes##*:}; n++ )); do worlds+="${worlds:+,}$(( n * nproc ))"; done
+  fi
+  PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
+    --world-size "$worlds" --local-procs "$nproc" -- "$@" || exit $?
+  export JAMBA_PREFLIGHT_DONE=1  # train.py checks again, without repeating the warnings printed here
 fi
 exec "${cmd[@]}"

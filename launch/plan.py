@@ -4,7 +4,7 @@ same Hydra config as train.py (no model is built, nothing runs on a GPU).
     python -m launch.plan experiment=bench_3b parallel.cp=2 model.activation_checkpointing=[all] \\
         model.moe_token_chunk=65536 --seq 1048576 --gpus 2 --gpu h200
     python -m launch.plan model=jamba-v0.1 parallel.ep=8 --seq 1048576 --gpus 64 --search   # smallest cp / AC
-    python -m launch.plan experiment=bench_3b curriculum=long_context --gpus 2 --gpu h200 --search  # every stage
+    python -m launch.plan '~experiment' model=bench-3b curriculum=long_context --gpus 2 --gpu h200 --search  # stages
     python -m launch.plan --calibrate          # refit the constants to launch/plan_points.jsonl, print errors
 
 Positional arguments are Hydra overrides (as for train.py); the options choose what the config does not

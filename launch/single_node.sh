@@ -6,7 +6,8 @@
 #   -n, --nproc-per-node N   processes (default: number of GPUs that nvidia-smi lists, else 1)
 #   -r, --max-restarts N     torchrun restarts the workers up to N times after a failure; they resume
 #                            from the newest checkpoint in the run directory (default 0)
-#   --dry-run                print the environment and the command, start nothing
+#   --dry-run                print the environment and the command, start nothing (the config is not
+#                            checked: `python -m trainer.preflight --world-size N -- OVERRIDES` does that)
 #
 # Everything else goes to train.py, e.g.
 #   launch/single_node.sh -n 8 experiment=gpu_small hydra.run.dir=runs/small-8gpu
@@ -28,7 +29,7 @@ while (( $# )); do
     -r|--max-restarts) max_restarts="${2:?$1 needs a value}"; shift 2 ;;
     --max-restarts=*) max_restarts="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -61,16 +62,6 @@ cmd=("${PYTHON:-python}" -m launch.torchrun
   --max-restarts="$max_restarts"
   "${TRAIN_SCRIPT:-$repo_dir/train.py}" "$@")
 
-# Check the training config for this world size before torchrun starts: a bad override is one line and exit
-# code 2 here, instead of an error per rank plus torchrun's failure report (trainer/preflight.py).
-# A dry run checks it too, without this machine's GPUs (it need not be one that trains).
-local_procs=(--local-procs "$nproc")
-(( dry_run )) && local_procs=()
-if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
-  PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
-    --world-size "$nproc" ${local_procs[@]+"${local_procs[@]}"} -- "$@" || exit $?
-  export JAMBA_PREFLIGHT_DONE=1  # train.py checks again, without repeating the warnings printed here
-fi
 if (( dry_run )); then
   echo "# environment"
   jamba_print_env
@@ -78,5 +69,12 @@ if (( dry_run )); then
   printf '%q ' "${cmd[@]}"
   echo
   exit 0
+fi
+# Check the training config for this world size before torchrun starts: a bad override is one line and exit
+# code 2 here, instead of an error per rank plus torchrun's failure report (trainer/preflight.py).
+if [[ -z "${TRAIN_SCRIPT:-}" ]]; then
+  PYTHONPATH="$repo_dir${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m trainer.preflight \
+    --world-size "$nproc" --local-procs "$nproc" -- "$@" || exit $?
+  export JAMBA_PREFLIGHT_DONE=1  # train.py checks again, without repeating the warnings printed here
 fi
 exec "${cmd[@]}"

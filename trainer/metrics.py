@@ -178,7 +178,7 @@ def _wandb_fix(e: Exception, mode: str, version: str) -> str:
         return ("pip install -e . (pins a tested wandb range, see pyproject.toml), or set "
                 "logging.wandb.mode=disabled to run without it")
     off = "or logging.wandb.mode=offline (logs locally; `wandb sync` later) or =disabled"
-    if mode == "online" and ("api key" in text or "login" in text or "401" in text or "permission" in text):
+    if mode == "online" and ("api key" in text or "wandb login" in text or "401" in text):
         return f"`wandb login` or set WANDB_API_KEY (and a logging.wandb.entity/project it may write to), {off}"
     if mode == "online":
         return f"check the network and the wandb server (logging.wandb.init_timeout_s), {off}"

@@ -204,16 +204,20 @@ def choices_note(overrides: Sequence[str], dcfg) -> Optional[str]:
 
 
 def overridden_choices(overrides: Sequence[str], dcfg) -> List[str]:
-    """Group options chosen on the command line (`curriculum=long_context`) whose settings the experiment recipe,
+    """A curriculum chosen on the command line (`curriculum=long_context`) whose settings the experiment recipe,
     composed after the groups, replaced: one description per such group. An experiment file may set a group's
     keys directly (cpu_demo sets curriculum.stages and train.global_batch_tokens), so a choice made beside it
     lost those settings without a word (curriculum=long_context trained 300 steps at 128 tokens)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} - {"experiment", "hydra"}
+    # Only the curriculum: a recipe's curriculum (stages, tokens per step, steps) replaces a chosen one whole,
+    # while recipes tune single keys of other groups on purpose for any option (bench_3b's
+    # parallel.reshard_after_forward under parallel=ep, gpu_small's model.vocab_size)
+    groups = {"curriculum"}
+    all_groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     parsed = OverridesParser.create().parse_overrides(list(overrides))
-    explicit = [o.key_or_group for o in parsed if o.key_or_group not in groups]  # a.b.c=... the user's own
+    explicit = [o.key_or_group for o in parsed if o.key_or_group not in all_groups]  # a.b.c=... the user's own
     out = []
     for o in parsed:
         value = o.value() if o.key_or_group in groups and not o.package and not o.is_delete() else None
@@ -228,12 +232,29 @@ def overridden_choices(overrides: Sequence[str], dcfg) -> List[str]:
         lost = [k for k, v in _leaves(given) if not any(k == e or k.startswith(e + ".") or e.startswith(k + ".")
                                                           for e in explicit)
                 and not _same(OmegaConf.select(dcfg, k, default=None, throw_on_resolution_failure=False), v)]
+        experiment = OmegaConf.select(dcfg, "hydra.runtime.choices.experiment", default=None)
+        if lost and _recipe_choice(experiment, o.key_or_group) == value:
+            lost = []  # the recipe's own choice, which it tunes on purpose (long_context_2gpu + long_context)
         if lost:
-            experiment = OmegaConf.select(dcfg, "hydra.runtime.choices.experiment", default=None)
             shown = ", ".join(lost[:4]) + (f" and {len(lost) - 4} more" if len(lost) > 4 else "")
             out.append(f"{o.key_or_group}={value} sets {shown}, but experiment={experiment} (composed after the "
                        f"groups) sets them differently, and its values are used")
     return out
+
+
+def _recipe_choice(experiment: Optional[str], group: str) -> Optional[str]:
+    """The option an experiment file picks for a group in its defaults list (`override /curriculum: x`)."""
+    path = CONF_DIR / "experiment" / f"{experiment}.yaml"
+    if not experiment or not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    for entry in OmegaConf.to_container(OmegaConf.load(path)).get("defaults", []) or []:
+        if isinstance(entry, dict):
+            for k, v in entry.items():
+                if k.replace("override", "").strip().lstrip("/") == group:
+                    return v
+    return None
 
 
 def _leaves(tree, prefix: str = ""):
@@ -242,7 +263,7 @@ def _leaves(tree, prefix: str = ""):
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
             yield from _leaves(v, key + ".")
-        elif not (isinstance(v, str) and "${" in v):  # an interpolation: resolved elsewhere, not compared
+        elif "${" not in repr(v):  # an interpolation (also inside a list): resolved elsewhere, not compared
             yield key, v
 
 
@@ -257,6 +278,8 @@ def _same(have, given) -> bool:
         return isinstance(have, dict) and all(_same(have.get(k), v) for k, v in given.items())
     if isinstance(given, list):
         return isinstance(have, list) and len(have) == len(given) and all(map(_same, have, given))
+    if isinstance(have, str) != isinstance(given, str):  # the schema made a string of a yaml number (or back)
+        return str(have) == str(given)
     return have == given
 
 
@@ -376,25 +399,29 @@ def _check_local_dataset(key: str, source) -> None:
     """A `name:` source that is a local folder (not a hub id, which needs the network and is left to the run):
     `datasets` can stream its split, and its first record holds the text field. Otherwise every rank failed
     in its DataLoader with a traceback after the model was built."""
-    name = source.name
+    name = source.name  # as the run's loader takes it (data/sources.py HubSource): no `~` expansion
     if not (name.startswith(("/", "./", "../", "~")) or os.path.exists(name)):
         return  # a hub id
-    path = os.path.expanduser(name)
-    if not os.path.exists(path):
-        raise ConfigError(f"{key}.name={name!r}: no such local dataset folder; give a folder of data files that "
-                          f"`datasets.load_dataset` reads, or a hub id (org/name), or use path: for plain files")
+    if not os.path.exists(name):
+        tilde = " (`~` is not expanded: give the full path)" if name.startswith("~") else ""
+        raise ConfigError(f"{key}.name={name!r}: no such local dataset folder{tilde}; give a folder of data files "
+                          f"that `datasets.load_dataset` reads, or a hub id (org/name), or use path: for plain files")
+    from itertools import islice
+
     try:
         from datasets import load_dataset
 
-        first = next(iter(load_dataset(path, source.subset, split=source.split, streaming=True)), None)
+        records = list(islice(load_dataset(name, source.subset, split=source.split, streaming=True),
+                              DOC_SCAN_LIMIT // 20))
     except Exception as e:  # noqa: BLE001 - datasets' errors: a bad split, no data files, a bad config
         raise ConfigError(f"{key}.name={name!r} (split={source.split!r}): `datasets` cannot stream it: "
                           f"{one_line(e)[:300]}") from None
-    if first is None:
+    if not records:
         raise ConfigError(f"{key}.name={name!r} (split={source.split!r}) holds no records")
-    if not isinstance(first.get(source.text_field), str):
-        raise ConfigError(f"{key}.text_field={source.text_field!r}: the first record of {name!r} has no string "
-                          f"field {source.text_field!r} (fields: {sorted(first)}); set text_field")
+    if not any(isinstance(r.get(source.text_field), str) for r in records):  # the loader skips such records
+        raise ConfigError(f"{key}.text_field={source.text_field!r}: none of the first {len(records)} records of "
+                          f"{name!r} has a string field {source.text_field!r} (fields: {sorted(records[0])}); set "
+                          f"text_field")
 
 
 def _check_documents(key: str, source, files: Sequence[str]) -> None:
@@ -470,6 +497,7 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
     except Exception as e:  # noqa: BLE001
         raise ConfigError(explain(e, overrides)) from None
     checked: List[int] = []
+    said: set = set()
     for point in points:
         try:
             dcfg = compose(point, config_name)
@@ -507,7 +535,8 @@ def check_command(overrides: Sequence[str], world_size: Union[int, Sequence[int]
             trains_here = local_procs is not None or (multirun and not slurm)
             note = cpu_on_gpu_machine(cfg, max(worlds), point) if trains_here else None
             for line in filter(None, (overridden, note)):
-                if _is_rank0() and not os.environ.get("JAMBA_PREFLIGHT_DONE"):  # else the launcher printed it
+                if line not in said and _is_rank0() and not os.environ.get("JAMBA_PREFLIGHT_DONE"):
+                    said.add(line)  # once per command (a sweep's points repeat it); else the launcher printed it
                     print(f"train.py: warning: {line}", file=sys.stderr, flush=True)
         except ConfigError as e:
             raise ConfigError(one_line(e)) from None

@@ -19,6 +19,7 @@ instead of an autograd graph over every step. Memory: the states, O(B * D * L * 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -162,7 +163,7 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B:
     dtype_in = u.dtype
     # fp32 as promised also under autocast (bf16 on CPU: its matmuls would run in bf16, and the hand-written
     # backward would meet a bf16 gradient beside fp32 states)
-    with torch.autocast(u.device.type, enabled=False):
+    with torch.autocast(u.device.type, enabled=False) if u.device.type in ("cpu", "cuda") else nullcontext():
         u, delta, A, B, C = _prepare(u, delta, A, B, C, delta_bias, delta_softplus)
         if return_last_state:  # rarely needed (tests): recompute the final state separately
             a = torch.exp(delta.permute(2, 0, 1).unsqueeze(-1) * A).contiguous()
