@@ -172,14 +172,15 @@ def _expand(inputs: Sequence[str]) -> List[str]:
     return files
 
 
-def _cli_texts(inputs: Sequence[str], text_field: str) -> Iterator[str]:
+def _cli_texts(files: Optional[List[str]], text_field: str) -> Iterator[str]:
+    """The documents of `files` (None: the embedded corpus's train split)."""
     from data.corpus import stdlib_documents
     from data.sources import iter_file_documents
 
-    if list(inputs) == ["python_stdlib"]:
+    if files is None:
         yield from stdlib_documents("train")
         return
-    for f in _expand(inputs):
+    for f in files:
         for _, text in iter_file_documents(f, text_field=text_field):
             if text is not None:
                 yield text
@@ -206,9 +207,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "train":
-            if args.input != ["python_stdlib"]:
-                _expand(args.input)  # a path that matches nothing fails here, not inside sentencepiece's reader
-            tok = train_tokenizer(_cli_texts(args.input, args.text_field), args.vocab_size, args.output,
+            # expanded first: a path that matches nothing fails here, not inside sentencepiece's reader
+            files = None if args.input == ["python_stdlib"] else _expand(args.input)
+            tok = train_tokenizer(_cli_texts(files, args.text_field), args.vocab_size, args.output,
                                   model_type=args.model_type, max_chars=args.max_chars, num_threads=args.threads)
             print(f"wrote {args.output}: vocab_size={tok.vocab_size} eos_id={tok.eos_id} bos_id={tok.bos_id}")
         else:

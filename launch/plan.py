@@ -40,7 +40,6 @@ from launch.plan_memory import MemoryPlan, plan_memory as _plan_memory, usable_g
 from launch.plan_time import TimePlan, plan_time as _plan_time
 from parallel.dims import ParallelDims
 
-REPO = Path(__file__).resolve().parents[1]
 POINTS = Path(__file__).resolve().parent / "plan_points.jsonl"
 DEFAULT_CHUNK = 65536
 
@@ -161,21 +160,14 @@ def print_point_table(rows: Sequence[dict], out=sys.stdout) -> None:
 
 def compose(overrides: Sequence[str]):
     """conf/ composed with `overrides` onto train.py's schema (trainer.config.RunConfig), validated."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from trainer.config import register_configs, to_object
-    from trainer.rundir import register_resolvers
-
-    register_configs()
-    register_resolvers()  # ${run_leaf:...} of conf/config.yaml's hydra.run.dir
-    from trainer.preflight import choices_note, compose as compose_with_hydra, explain
+    from trainer.preflight import choices_note, compose as compose_with_hydra, explain, run_config
 
     try:
-        note = choices_note(overrides, compose_with_hydra(overrides))  # a group choice the experiment overrides
+        dcfg = compose_with_hydra(overrides)  # as train.py's job sees it (its hydra node names the choices)
+        note = choices_note(overrides, dcfg)  # a curriculum choice the experiment overrides
         if note:
             print(f"launch.plan: warning: {note}", file=sys.stderr)
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-            return to_object(hydra_compose(config_name="config", overrides=list(overrides)))
+        return run_config(dcfg)
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - Hydra / OmegaConf / schema errors: one line, as train.py says them

@@ -141,7 +141,7 @@ class ParallelDims:
         has_attn = any(s.mixer == "attention" for s in specs)
         has_mamba = any(s.mixer == "mamba" for s in specs)
         has_moe = any(s.ffn == "moe" for s in specs)
-        valid_tp = [t for t in range(1, 65) if self._tp_problem(m, t, has_attn, has_mamba) is None]
+        valid_tp = self._model_tps(list(range(1, 65)))
         problem = self._tp_problem(m, tp, has_attn, has_mamba)
         if problem is not None:
             hint = f"choose tp in {valid_tp}" if problem[1] else "set parallel.tp=1"

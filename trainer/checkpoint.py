@@ -444,8 +444,9 @@ class CheckpointManager:
         trainer_state = json.loads((path / "trainer.json").read_text())
         self._check_data(path, trainer_state)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        kept = _missing_expert_biases(path, model_sd)  # keep their init values (zeros), read the rest
-        _check_model_keys(path, model_sd, kept)
+        saved = _saved_model_keys(path)
+        kept = _missing_expert_biases(path, saved, model_sd)  # keep their init values (zeros), read the rest
+        _check_model_keys(path, saved, model_sd, kept)
         state = {"model": {k: v for k, v in model_sd.items() if k not in kept}, "optim": optim_sd}
         try:
             dcp.load(state, checkpoint_id=str(path))
@@ -454,9 +455,7 @@ class CheckpointManager:
             if m is None:
                 raise
             raise ConfigError(f"checkpoint {path} does not fit this model: {m.group(3)} is {m.group(1)} there and "
-                              f"{m.group(2)} here; the model settings differ from those it was trained with (the "
-                              f"warning above names what changed): resume with those, or give this config its own "
-                              f"run directory") from None
+                              f"{m.group(2)} here; {DOES_NOT_FIT_FIX}") from None
         state["model"].update({k: model_sd[k] for k in kept})
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rank_state = None
@@ -479,13 +478,21 @@ class CheckpointManager:
         log.warning("resuming %s with changed data (checkpoint.allow_data_change=true): %s", path, "; ".join(changes))
 
 
-def _check_model_keys(path: Path, model_sd: Dict[str, Any], kept: List[str]) -> None:
-    """Refuse a checkpoint whose model tensors are not this model's (another layer count, mixer or layer
-    pattern): DCP fails with a traceback on a tensor the checkpoint lacks, and silently ignores the tensors it
-    holds beyond the model's (resuming 4 trained layers into 2 dropped the other two). The MoE expert biases
-    have their own rule (`_missing_expert_biases`)."""
-    saved = {k[len("model."):] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-             if k.startswith("model.")}
+DOES_NOT_FIT_FIX = ("the model settings differ from those it was trained with (the warning above names what "
+                    "changed): resume with those, or give this config its own run directory")
+
+
+def _saved_model_keys(path: Path) -> set:
+    """The model's tensor names in a DCP checkpoint (its metadata, without the `model.` prefix)."""
+    return {k[len("model."):] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+            if k.startswith("model.")}
+
+
+def _check_model_keys(path: Path, saved: set, model_sd: Dict[str, Any], kept: List[str]) -> None:
+    """Refuse a checkpoint whose model tensors (`saved`) are not this model's (another layer count, mixer or
+    layer pattern): DCP fails with a traceback on a tensor the checkpoint lacks, and silently ignores the
+    tensors it holds beyond the model's (resuming 4 trained layers into 2 dropped the other two). The MoE
+    expert biases have their own rule (`_missing_expert_biases`)."""
     ours = set(model_sd)
     missing = sorted(k for k in ours - saved if k not in kept)
     extra = sorted(k for k in saved - ours if not k.endswith("expert_bias"))
@@ -497,18 +504,15 @@ def _check_model_keys(path: Path, model_sd: Dict[str, Any], kept: List[str]) -> 
 
     what = "; ".join(([f"this model has {some(missing)}, which the checkpoint lacks"] if missing else [])
                      + ([f"the checkpoint has {some(extra)}, which this model lacks"] if extra else []))
-    raise ConfigError(f"checkpoint {path} does not fit this model: {what}; the model settings differ from those it "
-                      f"was trained with (the warning above names what changed): resume with those, or give this "
-                      f"config its own run directory")
+    raise ConfigError(f"checkpoint {path} does not fit this model: {what}; {DOES_NOT_FIT_FIX}")
 
 
-def _missing_expert_biases(path: Path, model_sd: Dict[str, Any]) -> List[str]:
+def _missing_expert_biases(path: Path, saved_keys: set, model_sd: Dict[str, Any]) -> List[str]:
     """`model.moe_router_bias_update_rate` changed between the checkpoint and this run. Turned on: the model's
     MoE `expert_bias` buffers are not in the checkpoint; returned, so they start from their init (zero) while
     everything else resumes. Turned off: the checkpoint's biases have no place in the model and are dropped,
     so the routing changes; said loudly either way."""
-    saved = {k[len("model."):] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-             if k.startswith("model.") and k.endswith("expert_bias")}
+    saved = {k for k in saved_keys if k.endswith("expert_bias")}
     ours = {k for k in model_sd if k.endswith("expert_bias")}
     missing, dropped = sorted(ours - saved), sorted(saved - ours)
     if missing:

@@ -276,8 +276,6 @@ def validate_curriculum(cur: CurriculumConfig, global_batch_tokens: int, max_ste
     every = math.lcm(*(s.seq_len * s.micro_batch_size * dp_size for s in cur.stages))
     for i, s in enumerate(cur.stages):
         key = f"curriculum.stages[{i}]"
-        _need(s.seq_len > 0, f"{key}.seq_len={s.seq_len} must be > 0")
-        _need(s.micro_batch_size > 0, f"{key}.micro_batch_size={s.micro_batch_size} must be > 0")
         per_micro = s.seq_len * s.micro_batch_size * dp_size
         _need(per_micro <= global_batch_tokens,
               f"{key}: one micro-batch over all data-parallel ranks is seq_len({s.seq_len}) * micro_batch_size("

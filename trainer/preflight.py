@@ -154,19 +154,26 @@ def _syntax_error(override: str) -> bool:
 
 
 # ---- checks --------------------------------------------------------------------------------------
-def check_config(dcfg, world_size: int, data: bool = True):
-    """Schema, values, parallel layout (for `world_size` processes) and data inputs. Returns the RunConfig and
-    its data-parallel size on `world_size` processes."""
+def run_config(dcfg):
+    """train.py's typed RunConfig from a composed DictConfig (its `hydra` node, if any, left out)."""
     from omegaconf import OmegaConf, open_dict
 
-    from trainer.config import to_object, validate_run
+    from trainer.config import to_object
 
     dcfg = dcfg.copy()
     if "hydra" in dcfg:
         with open_dict(dcfg):
             del dcfg["hydra"]
     OmegaConf.set_readonly(dcfg, False)
-    cfg = to_object(dcfg)
+    return to_object(dcfg)
+
+
+def check_config(dcfg, world_size: int, data: bool = True):
+    """Schema, values, parallel layout (for `world_size` processes) and data inputs. Returns the RunConfig and
+    its data-parallel size on `world_size` processes."""
+    from trainer.config import validate_run
+
+    cfg = run_config(dcfg)
     seq_len = max(s.seq_len for s in cfg.curriculum.stages) if cfg.curriculum.stages else None
     from parallel.config import ParallelConfig
     from parallel.dims import ParallelDims  # imports torch: only once the cheap checks passed
@@ -218,6 +225,7 @@ def overridden_choices(overrides: Sequence[str], dcfg) -> List[str]:
     all_groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     explicit = [o.key_or_group for o in parsed if o.key_or_group not in all_groups]  # a.b.c=... the user's own
+    experiment = OmegaConf.select(dcfg, "hydra.runtime.choices.experiment", default=None)
     out = []
     for o in parsed:
         value = o.value() if o.key_or_group in groups and not o.package and not o.is_delete() else None
@@ -225,14 +233,13 @@ def overridden_choices(overrides: Sequence[str], dcfg) -> List[str]:
         if path is None or not path.is_file():
             continue
         text = path.read_text()
-        given = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        given = OmegaConf.to_container(OmegaConf.create(text), resolve=False) or {}
         given.pop("defaults", None)
         if "@package _global_" not in text.split("\n\n", 1)[0]:
             given = {o.key_or_group: given}
         lost = [k for k, v in _leaves(given) if not any(k == e or k.startswith(e + ".") or e.startswith(k + ".")
                                                           for e in explicit)
                 and not _same(OmegaConf.select(dcfg, k, default=None, throw_on_resolution_failure=False), v)]
-        experiment = OmegaConf.select(dcfg, "hydra.runtime.choices.experiment", default=None)
         if lost and _recipe_choice(experiment, o.key_or_group) == value:
             lost = []  # the recipe's own choice, which it tunes on purpose (long_context_2gpu + long_context)
         if lost:
@@ -337,6 +344,7 @@ def check_data(cfg) -> None:
                           f"model.vocab_size={d.vocab_size} (or more) or lower data.vocab_size")
     else:
         check_tokenizer_cache(d)
+
 
 def check_tokenizer_cache(d) -> None:
     """The default tokenizer's cache can be a folder (it may be read-only when it holds the tokenizer already)."""
@@ -625,8 +633,9 @@ def preflight_or_exit(argv: Sequence[str]) -> None:
 
             for name in DEFAULT_SIGNALS:
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
-            if early_signal() is not None:  # torchrun's SIGTERM came during the check: rank 0 has exited already
-                os.kill(os.getpid(), getattr(signal, early_signal()))  # its default action, as without the handler
+            caught = early_signal()
+            if caught is not None:  # torchrun's SIGTERM came during the check: rank 0 has exited already
+                os.kill(os.getpid(), getattr(signal, caught))  # its default action, as without the handler
             time.sleep(NONZERO_RANK_WAIT_S)
         report(str(e) if _is_rank0() else f"(rank {os.environ.get('RANK')}) {e}")
         sys.exit(EXIT_CONFIG_ERROR)

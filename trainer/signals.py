@@ -33,8 +33,7 @@ class StopSignal:
     def __init__(self, names: Iterable[str]):
         self.received: Optional[str] = None
         self._previous = {}
-        self._names = tuple(names)
-        for name in self._names:
+        for name in names:
             sig = getattr(signal, name)
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -88,6 +87,7 @@ def hand_over(names: Iterable[str]) -> StopSignal:
     process dies of it; SIGINT raises KeyboardInterrupt). A carried SIGINT leaves SIGINT at its default action:
     the next Ctrl-C aborts at once, as after a first Ctrl-C during training."""
     global _early
+    names = list(names)
     early, _early = _early, None
     received = None
     if early is not None:
@@ -95,7 +95,7 @@ def hand_over(names: Iterable[str]) -> StopSignal:
         early.restore()
     stop = StopSignal(names)
     if received is not None:
-        if received in stop._names:
+        if received in names:
             stop.received = received
             if received == "SIGINT":
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
